@@ -1,0 +1,1 @@
+"""Triton kernels for ReSAM-dist (imported as `resam_kernels`)."""

@@ -1,0 +1,336 @@
+"""One typed config per run: project sections plus the DeepSpeed block.
+
+`load_config(path)` reads a JSON file into a `Config` dataclass tree. Keys are strict: an
+unknown key, a missing required key or a wrongly typed value raises `ValueError` naming the
+key and the file. The `"deepspeed"` block is kept as a dict for `deepspeed.initialize`; its
+`"auto"` batch keys are filled from the `train` section by `deepspeed_dict(cfg, world_size)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    """Training shards: a folder holding `manifest.json` from resam-prep, or a brace pattern
+    such as `data/nwpu/train-{000000..000007}.tar`. Relative paths resolve against the config file."""
+    test_annotations: str = ""
+    """COCO JSON of the evaluation split (relative to the config file)."""
+    test_images: str = ""
+    """Image folder of the evaluation split."""
+    num_points: int = 1
+    """Positive (and as many negative) point prompts per instance: 1, 2 or 3."""
+    max_instances: int = 50
+    """Instances per image per decoder chunk; more are processed in chunks."""
+    reader_threads: int = 2
+    """DALI CPU threads per rank."""
+    prefetch_batches: int = 2
+    """DALI prefetch queue depth."""
+    shuffle: bool = True
+    """Shuffle samples inside the reader (seeded)."""
+    seed: int = 0
+    """Seed of the data order and of the augmentations."""
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["tiny", "vit_b", "vit_l", "vit_h"] = "vit_b"
+    """SAM variant from the registry in resam_dist/model/build.py."""
+    checkpoint: str | None = None
+    """Local path of a SAM checkpoint in the official key layout (None: random init)."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4
+    """LoRA rank."""
+    alpha: float = 4.0
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    dropout: float = 0.0
+    """LoRA dropout during training (never at evaluation)."""
+    start_block: int = 6
+    """First image-encoder block whose attention `qkv` gets an adapter."""
+
+
+@dataclass
+class ResamConfig:
+    method: Literal["resam", "selftrain", "supervised", "pointsam"] = "resam"
+    """Training method: ReSAM; self-training only (no Refine/Requery/SSA); supervised on GT
+    masks (upper bound); PointSAM-style (benchmark baseline)."""
+    refine: bool = True
+    """Apply Refine (entropy filter + overlap suppression)."""
+    requery: bool = True
+    """Apply Requery (box prompts from refined masks)."""
+    entropy_eps: float = 0.5
+    """Keep a pixel when p * (1 - H) > entropy_eps (0.5 public code, 0.2 paper)."""
+    overlap_mode: Literal["drop", "argmax"] = "drop"
+    """drop: a pixel kept by several instances leaves all of them; argmax: the most confident keeps it."""
+    empty_policy: Literal["keep_point_mask", "drop"] = "keep_point_mask"
+    """An instance whose refined mask is empty keeps its point-prompted mask, or is dropped."""
+    focal_weight: float = 20.0
+    """Weight of the focal term."""
+    ssa_weight: float = 0.1
+    """beta, the weight of the SSA term (0 turns SSA off)."""
+    ssa_tau: float = 0.07
+    """Temperature of the SSA soft targets."""
+    queue_size: int = 128
+    """FIFO queue length of weak-view instance embeddings."""
+    loss_spike_factor: float = 4.0
+    """Skip a step whose loss exceeds this factor times the running mean."""
+    loss_window: int = 50
+    """Number of recent losses in the running mean of the guard."""
+
+
+@dataclass
+class TrainConfig:
+    images_per_rank: int = 1
+    """Images per rank per micro-step (DeepSpeed train_micro_batch_size_per_gpu)."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    warmup_steps: int = 250
+    """Linear warm-up steps."""
+    milestones: list[int] = field(default_factory=list)
+    """Optimizer steps at which the lr is multiplied by `lr_gamma`."""
+    lr_gamma: float = 0.1
+    """LR decay factor at each milestone."""
+    epochs: int = 10
+    """Epochs over the training shards (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run `epochs`)."""
+    grad_clip: float = 1.0
+    """Gradient clipping norm (0: off)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 where the device supports it, else fp32."""
+    seed: int = 42
+    """Seed of model init, LoRA init and prompt sampling."""
+    output_dir: str = "runs/default"
+    """Folder for logs, checkpoints and exports (relative to the working directory)."""
+    log_every: int = 1
+    """Console/JSON-lines log period in steps."""
+    collective_timeout_s: int = 300
+    """Timeout of collectives: a dead rank ends the job instead of hanging it."""
+
+
+@dataclass
+class EvalConfig:
+    num_points: int = 1
+    """Point prompts per instance at evaluation."""
+    seed: int = 1337
+    """Seed of the evaluation prompts."""
+    batch_size: int = 4
+    """Images per evaluation forward."""
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    """Serve Prometheus metrics."""
+    base_port: int = 9400
+    """Rank r serves on base_port + local_rank (0: pick free ports)."""
+    jsonl: bool = True
+    """Write a JSON-lines log next to the checkpoints."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    """Checkpoint period in optimizer steps (0: only at the end)."""
+    keep_last: int = 3
+    """Number of checkpoints kept."""
+    resume: bool = True
+    """Resume from `latest` in output_dir when it exists."""
+
+
+@dataclass
+class KernelsConfig:
+    enabled: bool = True
+    """Use the Triton kernels (on CUDA; under TRITON_INTERPRET=1 on CPU), else the torch references."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    resam: ResamConfig = field(default_factory=ResamConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Handed to deepspeed.initialize after `"auto"` keys are filled."""
+    source: str = ""
+    """The file this config was read from (set by load_config, not a JSON key)."""
+
+
+_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def _check_value(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Return `value` converted to `annotation`, or raise ValueError naming key and file."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    bad = ValueError(f"{source}: key '{key}' must be {annotation!s}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check_value(value, arg, key, source)
+            except ValueError:
+                continue
+        raise bad
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{source}: key '{key}' must be one of {list(args)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_check_value(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+
+
+def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: section '{prefix.rstrip('.')}' must be an object, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    for key in raw:
+        if key not in fields:
+            raise ValueError(f"{source}: unknown key '{prefix}{key}' (known: {sorted(fields)})")
+    kwargs = {}
+    for name, value in raw.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _check_value(value, annotation, f"{prefix}{name}", source)
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; raise ValueError naming the key and the file."""
+    src = cfg.source or "<config>"
+    positive = {
+        "data.num_points": cfg.data.num_points, "data.max_instances": cfg.data.max_instances,
+        "train.images_per_rank": cfg.train.images_per_rank, "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "lora.rank": cfg.lora.rank, "resam.queue_size": cfg.resam.queue_size + 1,
+        "eval.batch_size": cfg.eval.batch_size, "eval.num_points": cfg.eval.num_points,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"{src}: key '{key}' must be positive, got {value}")
+    for key, value in (("data.num_points", cfg.data.num_points), ("eval.num_points", cfg.eval.num_points)):
+        if value not in (1, 2, 3):
+            raise ValueError(f"{src}: key '{key}' must be 1, 2 or 3, got {value}")
+    if sorted(cfg.train.milestones) != cfg.train.milestones:
+        raise ValueError(f"{src}: key 'train.milestones' must be increasing, got {cfg.train.milestones}")
+    if not 0.0 <= cfg.resam.entropy_eps < 1.0:
+        raise ValueError(f"{src}: key 'resam.entropy_eps' must be in [0, 1), got {cfg.resam.entropy_eps}")
+    if cfg.lora.start_block < 0:
+        raise ValueError(f"{src}: key 'lora.start_block' must be >= 0, got {cfg.lora.start_block}")
+    ds = cfg.deepspeed
+    for key in _BATCH_KEYS + ("gradient_clipping",):
+        if key in ds and ds[key] != "auto" and not isinstance(ds[key], (int, float)):
+            raise ValueError(f"{src}: key 'deepspeed.{key}' must be a number or \"auto\", got {ds[key]!r}")
+    expected = {"train_micro_batch_size_per_gpu": cfg.train.images_per_rank,
+                "gradient_accumulation_steps": cfg.train.grad_accum_steps}
+    for key, value in expected.items():
+        if key in ds and ds[key] != "auto" and ds[key] != value:
+            raise ValueError(f"{src}: key 'deepspeed.{key}' is {ds[key]} but the train section gives {value}")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ValueError(f"{src}: keys 'deepspeed.optimizer'/'deepspeed.scheduler' are not used: the trainer "
+                         "builds a torch AdamW and the warm-up/milestone schedule from the train section")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{src}: key 'deepspeed.zero_optimization.stage' must be 0-3, got {stage!r}")
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read, type-check and validate a config file. `overrides` maps dotted keys to values."""
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{source}: config file not found") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: not valid JSON ({err})") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    cfg = _build(Config, raw, "", source)
+    cfg.source = source
+    base = path.resolve().parent
+    for name in ("train_shards", "test_annotations", "test_images"):
+        value = getattr(cfg.data, name)
+        if value and not Path(value).is_absolute():
+            setattr(cfg.data, name, str(base / value))
+    if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_absolute():
+        cfg.model.checkpoint = str(base / cfg.model.checkpoint)
+    validate(cfg)
+    return cfg
+
+
+def deepspeed_dict(cfg: Config, world_size: int, bf16_supported: bool) -> dict[str, Any]:
+    """The DeepSpeed block with "auto" filled and batch sizes checked against the world size."""
+    src = cfg.source or "<config>"
+    ds = json.loads(json.dumps(cfg.deepspeed))  # deep copy
+    micro, accum = cfg.train.images_per_rank, cfg.train.grad_accum_steps
+    filled = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+              "train_batch_size": micro * accum * world_size, "gradient_clipping": cfg.train.grad_clip}
+    for key, value in filled.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    if ds["train_batch_size"] != micro * accum * world_size:
+        raise ValueError(f"{src}: key 'deepspeed.train_batch_size' is {ds['train_batch_size']} but "
+                         f"images_per_rank x grad_accum_steps x world_size = {micro} x {accum} x {world_size}")
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and bf16_supported)
+    if cfg.train.precision == "bf16" and not bf16_supported:
+        raise ValueError(f"{src}: key 'train.precision' is bf16 but this device does not support bf16")
+    ds.setdefault("bf16", {})
+    if ds["bf16"].get("enabled", "auto") == "auto":
+        ds["bf16"]["enabled"] = use_bf16
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise ValueError(f"{src}: key 'deepspeed.fp16.enabled': fp16 is not supported, use train.precision bf16")
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
