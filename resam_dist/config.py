@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -304,9 +305,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     for name in ("train_shards", "test_annotations", "test_images"):
         value = getattr(cfg.data, name)
         if value and not Path(value).is_absolute():
-            setattr(cfg.data, name, str(base / value))
+            setattr(cfg.data, name, os.path.normpath(base / value))
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_absolute():
-        cfg.model.checkpoint = str(base / cfg.model.checkpoint)
+        cfg.model.checkpoint = os.path.normpath(base / cfg.model.checkpoint)
     validate(cfg)
     return cfg
 
