@@ -1,0 +1,122 @@
+"""Strict typed configs: every shipped config loads; bad keys, types and batch sizes are refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from resam_dist.config import deepspeed_dict, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def demo_dict() -> dict:
+    return json.loads((CONFIGS / "demo.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["nwpu", "whu", "hrsid", "demo"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / f"{name}.json")
+    assert cfg.source.endswith(f"{name}.json")
+    ds = deepspeed_dict(cfg, world_size=4, bf16_supported=True)
+    assert ds["train_batch_size"] == cfg.train.images_per_rank * cfg.train.grad_accum_steps * 4
+    assert ds["bf16"]["enabled"] is (cfg.train.precision in ("auto", "bf16"))
+
+
+def test_dataset_configs_carry_spec_values():
+    expected = {"nwpu": (6, [2000, 4000]), "whu": (1, [8000, 15000]), "hrsid": (1, [1500, 2000])}
+    for name, (start_block, milestones) in expected.items():
+        cfg = load_config(CONFIGS / f"{name}.json")
+        assert cfg.lora.start_block == start_block
+        assert cfg.train.milestones == milestones
+        assert cfg.train.lr == 5e-4 and cfg.train.warmup_steps == 250
+        assert cfg.lora.rank == 4 and cfg.data.max_instances == 50
+        assert cfg.resam.ssa_weight == 0.1 and cfg.resam.ssa_tau == 0.07 and cfg.resam.queue_size == 128
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    data = demo_dict()
+    data["train"]["learning_rate"] = 1e-3
+    path = write(tmp_path, data)
+    with pytest.raises(ValueError, match=r"run\.json.*unknown key 'train\.learning_rate'"):
+        load_config(path)
+
+
+def test_unknown_section(tmp_path):
+    data = demo_dict()
+    data["optimiser"] = {}
+    with pytest.raises(ValueError, match="unknown key 'optimiser'"):
+        load_config(write(tmp_path, data))
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("train", "lr", "fast"), ("train", "images_per_rank", 2.5), ("train", "images_per_rank", True),
+    ("kernels", "enabled", 1), ("resam", "overlap_mode", "max"), ("train", "milestones", [1, "2"]),
+    ("model", "name", "vit_x"),
+])
+def test_wrong_types_name_the_key(tmp_path, section, key, value):
+    data = demo_dict()
+    data[section][key] = value
+    with pytest.raises(ValueError, match=rf"run\.json.*'{section}\.{key}"):
+        load_config(write(tmp_path, data))
+
+
+def test_int_accepted_for_float(tmp_path):
+    data = demo_dict()
+    data["train"]["lr"] = 1
+    assert load_config(write(tmp_path, data)).train.lr == 1.0
+
+
+def test_inconsistent_batch_sizes(tmp_path):
+    data = demo_dict()
+    data["deepspeed"]["train_micro_batch_size_per_gpu"] = 7
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
+        load_config(write(tmp_path, data))
+    data = demo_dict()
+    data["deepspeed"]["train_batch_size"] = 5
+    cfg = load_config(write(tmp_path, data))
+    with pytest.raises(ValueError, match="train_batch_size"):
+        deepspeed_dict(cfg, world_size=2, bf16_supported=False)
+
+
+def test_auto_keys_filled(tmp_path):
+    cfg = load_config(CONFIGS / "demo.json")
+    ds = deepspeed_dict(cfg, world_size=2, bf16_supported=False)
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.train.images_per_rank
+    assert ds["gradient_accumulation_steps"] == cfg.train.grad_accum_steps
+    assert ds["gradient_clipping"] == cfg.train.grad_clip
+    assert ds["bf16"]["enabled"] is False
+    assert "auto" not in json.dumps(ds)
+
+
+def test_bad_values(tmp_path):
+    for section, key, value, pattern in [("data", "num_points", 4, "data.num_points"),
+                                         ("train", "milestones", [5, 2], "milestones"),
+                                         ("resam", "entropy_eps", 1.5, "entropy_eps")]:
+        data = demo_dict()
+        data[section][key] = value
+        with pytest.raises(ValueError, match=pattern):
+            load_config(write(tmp_path, data))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_config(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        load_config(bad)
+
+
+def test_overrides_and_relative_paths(tmp_path):
+    cfg = load_config(CONFIGS / "demo.json", {"train.max_steps": 3, "model.checkpoint": "ck.pth"})
+    assert cfg.train.max_steps == 3
+    assert cfg.model.checkpoint == str(CONFIGS / "ck.pth")
+    with pytest.raises(ValueError, match="unknown key 'train.maxsteps'"):
+        load_config(CONFIGS / "demo.json", {"train.maxsteps": 3})
