@@ -1,0 +1,202 @@
+"""SAM with batched prompting: many instances of many images through the mask decoder at once.
+
+`PromptableSam` holds segment-anything's parts under the official attribute names
+(`image_encoder`, `prompt_encoder`, `mask_decoder`), so its state dict has the key layout of the
+official checkpoints. Images come in already SAM-normalised (the data pipeline does that).
+
+Coordinates are continuous (x, y) positions on the S x S canvas, pixel centres at +0.5
+(`resam_dist.resam.prompts`). SAM's prompt encoder expects integer pixel indices and adds half a
+pixel itself, so `decode` subtracts 0.5 before handing prompts over: the positional encoding is
+then evaluated exactly at the given position (a box (x0, y0, x1, y1) with exclusive x1/y1 is
+encoded at its outer edges).
+
+ZeRO-3 note: every parameter is used inside the `forward()` of a module. `PromptEncoder` and
+`BatchedMaskDecoder` read some of their children's weights directly (embedding tables), so the
+trainer marks them as DeepSpeed leaf modules: `PromptableSam.leaf_modules()`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
+from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
+
+
+class Fp32PositionEmbedding(PositionEmbeddingRandom):
+    """SAM's random-Fourier positional encoding, always evaluated in float32.
+
+    SAM's version multiplies float32 coordinates with its (possibly bf16) frequency buffer, which
+    fails once the module is cast to bf16, and the sine arguments need float32 precision anyway.
+    The result is returned in the buffer's dtype. Same buffer name, so the same state-dict key.
+    """
+
+    def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
+        frequencies = self.positional_encoding_gaussian_matrix  # 2 x F
+        coords = 2 * coords.float() - 1  # ... x 2 in [-1, 1]
+        angles = 2 * math.pi * (coords @ frequencies.float())  # ... x F
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1).to(frequencies.dtype)  # ... x 2F
+
+
+class BatchedMaskDecoder(MaskDecoder):
+    """SAM's mask decoder taking prompts of many images at once, single-mask output.
+
+    Same submodules and state-dict keys as `MaskDecoder`. SAM's `predict_masks` takes one image
+    per call and repeats its embedding for every prompt; here each prompt carries the index of
+    its image and the embeddings are gathered by that index. Only the first mask token (SAM's
+    single-mask output) is turned into a mask.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        image_embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_embeddings B x C x h x w; image_index N (image of each prompt); image_pe
+        1 x C x h x w; sparse N x T x C; dense N x C x h x w (or broadcastable).
+        Returns (low-res mask logits N x 1 x 4h x 4w, iou N x 1)."""
+        dtype = self.iou_token.weight.dtype
+        num_prompts = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)  # (1 + M) x C
+        output_tokens = output_tokens.unsqueeze(0).expand(num_prompts, -1, -1)  # N x (1 + M) x C
+        tokens = torch.cat([output_tokens, sparse_prompt_embeddings.to(dtype)], dim=1)  # N x T' x C
+
+        src = image_embeddings.to(dtype)[image_index] + dense_prompt_embeddings.to(dtype)  # N x C x h x w
+        pos_src = image_pe.to(dtype).expand(num_prompts, -1, -1, -1)  # N x C x h x w
+        n, c, h, w = src.shape
+
+        hs, src = self.transformer(src, pos_src, tokens)  # N x T' x C, N x hw x C
+        iou_token_out = hs[:, 0, :]  # N x C
+        mask_token_out = hs[:, 1, :]  # N x C, the single-mask token
+
+        src = src.transpose(1, 2).reshape(n, c, h, w)
+        upscaled = self.output_upscaling(src)  # N x C/8 x 4h x 4w
+        hyper_in = self.output_hypernetworks_mlps[0](mask_token_out).unsqueeze(1)  # N x 1 x C/8
+        n, c_up, h_up, w_up = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(n, c_up, h_up * w_up)).reshape(n, 1, h_up, w_up)  # N x 1 x 4h x 4w
+        iou_pred = self.iou_prediction_head(iou_token_out)[:, :1]  # N x 1
+        return masks, iou_pred
+
+
+class PromptableSam(nn.Module):
+    """SAM image encoder + prompt encoder + batched mask decoder.
+
+    Attributes: `image_size` (S), `feature_stride` (16), `embed_dim` (channels of the feature
+    map, 256).
+    """
+
+    feature_stride = 16
+
+    def __init__(self, *, image_encoder: ImageEncoderViT, prompt_encoder: PromptEncoder,
+                 mask_decoder: BatchedMaskDecoder) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.image_size = int(image_encoder.img_size)
+        self.embed_dim = int(prompt_encoder.embed_dim)
+
+    def leaf_modules(self) -> list[nn.Module]:
+        """Modules that read their children's parameters without calling the children's forward:
+        ZeRO-3 must gather all their parameters when their own forward starts."""
+        return [self.prompt_encoder, self.mask_decoder]
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images B x 3 x S x S (SAM-normalised) -> features B x 256 x S/16 x S/16."""
+        size = self.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"images must be B x 3 x {size} x {size}, got {tuple(images.shape)}")
+        return self.image_encoder(images)
+
+    def decode(self, features: torch.Tensor, counts: torch.Tensor, points: torch.Tensor | None = None,
+               point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
+               max_instances: int = 50, *, min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for K prompted instances per image.
+
+        features B x C x h x w (from `encode`); counts B (instances k >= counts[b] are padding);
+        points B x K x P x 2 (x, y) with point_labels B x K x P (1 positive, 0 negative,
+        -1 ignored); boxes B x K x 4 (x0, y0, x1, y1); points, boxes or both.
+        Returns (logits B x K x S x S float32, iou B x K float32); padding instances get zeros
+        and are not computed. The instances of all images go through the decoder together, in
+        chunks of at most `max_instances` instances per image. At least `min_chunks` decoder
+        calls are made (empty ones included): under ZeRO-3 every rank must make the same number
+        of calls, so pass the maximum over ranks there.
+        """
+        num_images, _, feat_h, feat_w = features.shape
+        num_instances = self._check_prompts(features, counts, points, point_labels, boxes)
+        if max_instances < 1:
+            raise ValueError(f"max_instances must be >= 1, got {max_instances}")
+        size = self.image_size
+        logits = torch.zeros(num_images, num_instances, size, size, device=features.device,
+                             dtype=torch.float32)  # B x K x S x S
+        iou = torch.zeros(num_images, num_instances, device=features.device, dtype=torch.float32)  # B x K
+        image_pe = self.prompt_encoder.get_dense_pe()  # 1 x C x h x w (a buffer, no parameters)
+
+        instance_ids = torch.arange(num_instances, device=features.device)  # K
+        valid = instance_ids.unsqueeze(0) < counts.to(features.device).unsqueeze(1)  # B x K
+        num_chunks = max(math.ceil(num_instances / max_instances), min_chunks)
+        for chunk in range(num_chunks):
+            start = chunk * max_instances
+            chunk_valid = valid[:, start:start + max_instances]  # B x k
+            image_index, chunk_index = chunk_valid.nonzero(as_tuple=True)  # N, N
+            instance_index = chunk_index + start  # N
+            prompt_points = None
+            if points is not None:
+                coords = points[image_index, instance_index] - 0.5  # N x P x 2, SAM adds the half pixel back
+                prompt_points = (coords, point_labels[image_index, instance_index])  # N x P
+            prompt_boxes = None if boxes is None else boxes[image_index, instance_index] - 0.5  # N x 4
+            sparse, dense = self.prompt_encoder(points=prompt_points, boxes=prompt_boxes, masks=None)
+            low_res, iou_pred = self.mask_decoder(features, image_index, image_pe, sparse, dense)
+            upsampled = F.interpolate(low_res.float(), (size, size), mode="bilinear",
+                                      align_corners=False)  # N x 1 x S x S
+            logits[image_index, instance_index] = upsampled[:, 0]
+            iou[image_index, instance_index] = iou_pred[:, 0].float()
+        return logits, iou
+
+    def forward(self, images: torch.Tensor, counts: torch.Tensor, points: torch.Tensor | None = None,
+                point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
+                max_instances: int = 50, *, min_chunks: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """encode + decode: (logits B x K x S x S, iou B x K, features B x 256 x S/16 x S/16)."""
+        features = self.encode(images)
+        logits, iou = self.decode(features, counts, points, point_labels, boxes, max_instances,
+                                  min_chunks=min_chunks)
+        return logits, iou, features
+
+    def _check_prompts(self, features: torch.Tensor, counts: torch.Tensor, points: torch.Tensor | None,
+                       point_labels: torch.Tensor | None, boxes: torch.Tensor | None) -> int:
+        """Validate prompt shapes; returns K."""
+        num_images = features.shape[0]
+        side = self.image_size // self.feature_stride
+        if features.dim() != 4 or tuple(features.shape[1:]) != (self.embed_dim, side, side):
+            raise ValueError(f"features must be B x {self.embed_dim} x {side} x {side}, "
+                             f"got {tuple(features.shape)}")
+        if points is None and boxes is None:
+            raise ValueError("decode needs points (with point_labels), boxes, or both")
+        if (points is None) != (point_labels is None):
+            raise ValueError("points and point_labels must be given together")
+        num_instances = None
+        if points is not None:
+            if points.dim() != 4 or points.shape[0] != num_images or points.shape[-1] != 2:
+                raise ValueError(f"points must be B x K x P x 2 with B={num_images}, got {tuple(points.shape)}")
+            if tuple(point_labels.shape) != tuple(points.shape[:3]):
+                raise ValueError(f"point_labels must be B x K x P = {tuple(points.shape[:3])}, "
+                                 f"got {tuple(point_labels.shape)}")
+            num_instances = points.shape[1]
+        if boxes is not None:
+            if boxes.dim() != 3 or boxes.shape[0] != num_images or boxes.shape[-1] != 4:
+                raise ValueError(f"boxes must be B x K x 4 with B={num_images}, got {tuple(boxes.shape)}")
+            if num_instances is not None and boxes.shape[1] != num_instances:
+                raise ValueError(f"points give K={num_instances} instances but boxes give K={boxes.shape[1]}")
+            num_instances = boxes.shape[1]
+        if tuple(counts.shape) != (num_images,):
+            raise ValueError(f"counts must have shape ({num_images},), got {tuple(counts.shape)}")
+        if num_images > 0 and (int(counts.max()) > num_instances or int(counts.min()) < 0):
+            raise ValueError(f"counts must lie in [0, K={num_instances}], got {counts.tolist()}")
+        return num_instances
