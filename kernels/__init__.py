@@ -1,1 +1,79 @@
-"""Triton kernels for ReSAM-dist (imported as `resam_kernels`)."""
+"""Triton kernels for ReSAM-dist (imported as `resam_kernels`).
+
+Each dispatcher runs the Triton kernel when `use_triton` is true and the input is a CUDA tensor,
+or a CPU tensor while Triton's interpreter is on (`TRITON_INTERPRET=1` in the environment when
+the kernel modules were first imported); otherwise, or with `use_triton=False`, the torch
+reference (the specification, `*_reference` in each module) runs.
+
+- `entropy_filter(logits, eps, *, return_confidence=False, use_triton=True)`
+- `confidence(logits, *, use_triton=True)`
+- `suppress_overlap(masks, confidence, counts, mode, *, use_triton=True)`
+- `ssa_loss(student, weak, queue, tau, *, use_triton=True)`
+"""
+
+from __future__ import annotations
+
+import torch
+
+from resam_kernels.entropy import (INTERPRET, confidence_reference, entropy_filter_reference,
+                                   entropy_filter_triton)
+from resam_kernels.overlap import (MODES, suppress_overlap_reference, suppress_overlap_triton,
+                                   tight_boxes_reference)
+from resam_kernels.ssa import ssa_loss_reference, ssa_loss_triton
+
+__all__ = [
+    "MODES", "confidence", "confidence_reference", "entropy_filter", "entropy_filter_reference",
+    "runs_triton", "ssa_loss", "ssa_loss_reference", "suppress_overlap",
+    "suppress_overlap_reference", "tight_boxes_reference",
+]
+
+
+def runs_triton(tensor: torch.Tensor, use_triton: bool = True) -> bool:
+    """Whether a dispatcher given `tensor` runs the Triton kernel (else the torch reference)."""
+    if not use_triton:
+        return False
+    return tensor.is_cuda or (INTERPRET and tensor.device.type == "cpu")
+
+
+def entropy_filter(logits: torch.Tensor, eps: float, *, return_confidence: bool = False,
+                   use_triton: bool = True):
+    """Refine's entropy filter. logits: B x K x H x W (fp32/bf16/fp16).
+
+    Returns keep (B x K x H x W bool, confidence > eps), or (keep, confidence float32 of the same
+    shape) with `return_confidence` (what `suppress_overlap(..., mode="argmax")` needs).
+    """
+    if runs_triton(logits, use_triton):
+        return entropy_filter_triton(logits, eps, return_confidence=return_confidence)
+    return entropy_filter_reference(logits, eps, return_confidence=return_confidence)
+
+
+def confidence(logits: torch.Tensor, *, use_triton: bool = True) -> torch.Tensor:
+    """Per-pixel confidence c = p (1 - H): logits ... -> float32 of the same shape."""
+    if runs_triton(logits, use_triton):
+        return entropy_filter_triton(logits, 0.0, return_confidence=True)[1]
+    return confidence_reference(logits)
+
+
+def suppress_overlap(masks: torch.Tensor, confidence: torch.Tensor | None, counts: torch.Tensor,
+                     mode: str, *, use_triton: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overlap suppression and tight boxes, in one pass without host synchronisation.
+
+    masks B x K x H x W bool, confidence B x K x H x W float (read in mode "argmax" only; may be
+    None in mode "drop"), counts B int (instances k >= counts[b] are padding: ignored, output
+    empty), mode "drop" (pixel kept by several instances removed from all) or "argmax" (kept by
+    the most confident one, ties -> lowest k).
+    Returns (masks B x K x H x W bool, boxes B x K x 4 float32 (x0, y0, x1, y1), x1/y1 exclusive,
+    empty masks -> zeros).
+    """
+    if runs_triton(masks, use_triton):
+        return suppress_overlap_triton(masks, confidence, counts, mode)
+    return suppress_overlap_reference(masks, confidence, counts, mode)
+
+
+def ssa_loss(student: torch.Tensor, weak: torch.Tensor, queue: torch.Tensor, tau: float, *,
+             use_triton: bool = True) -> torch.Tensor:
+    """Soft Semantic Alignment loss (float32 scalar). student N x C (grad), weak N x C, queue q x C;
+    all rows L2-normalised inside; gradient to `student` only. See `resam_kernels.ssa`."""
+    if runs_triton(student, use_triton):
+        return ssa_loss_triton(student, weak, queue, tau)
+    return ssa_loss_reference(student, weak, queue, tau)
