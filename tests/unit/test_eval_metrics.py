@@ -1,0 +1,263 @@
+"""Micro-imagewise scores and COCO mask AP on hand-counted tiny cases."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from resam_dist.eval.metrics import (
+    ImagewiseMeter, batch_image_counts, coco_mask_ap, image_scores, masks_to_rle,
+    micro_imagewise, score_coco_results, scores_from_counts,
+)
+
+
+def t(rows):
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+# Image 1: two instances on a 2 x 2 image.
+#   instance 0: gt [[1,1],[0,0]] pred [[1,0],[0,0]] -> tp 1 fp 0 fn 1
+#   instance 1: gt [[0,0],[1,1]] pred [[1,0],[1,1]] -> tp 2 fp 1 fn 0
+#   stack: tp 3 fp 1 fn 1 -> IoU 3/5, F1 6/8, P 3/4, R 3/4
+GT1 = t([[[1, 1], [0, 0]], [[0, 0], [1, 1]]])
+PRED1 = t([[[1, 0], [0, 0]], [[1, 0], [1, 1]]])
+# Image 2: one instance covering the image, one pixel predicted -> tp 1 fp 0 fn 3
+#   IoU 1/4, F1 2/5, P 1, R 1/4
+GT2 = t([[[1, 1], [1, 1]]])
+PRED2 = t([[[1, 0], [0, 0]]])
+
+
+def test_image_scores_hand_counted():
+    assert image_scores(PRED1, GT1) == (3, 1, 1)
+    assert image_scores(PRED2, GT2) == (1, 0, 3)
+
+
+def test_stack_counts_pixel_instance_pairs_not_union():
+    # Two instances side by side, predictions swapped: the union is perfect, the stack is not.
+    gt = t([[[1, 0]], [[0, 1]]])
+    pred = t([[[0, 1]], [[1, 0]]])
+    assert image_scores(pred, gt) == (0, 2, 2)
+
+
+def test_mean_of_image_ious_not_pooled():
+    meter = ImagewiseMeter()
+    meter.update(PRED1, GT1)
+    meter.update(PRED2, GT2)
+    result = meter.compute()
+    assert result["miou"] == pytest.approx((3 / 5 + 1 / 4) / 2)  # 0.425
+    assert result["f1"] == pytest.approx((6 / 8 + 2 / 5) / 2)
+    assert result["precision"] == pytest.approx((3 / 4 + 1.0) / 2)
+    assert result["recall"] == pytest.approx((3 / 4 + 1 / 4) / 2)
+    pooled_iou = 4 / (4 + 1 + 4)
+    assert abs(result["miou"] - pooled_iou) > 0.01
+    assert result["images"] == 2 and result["instances"] == 3 and result["skipped_images"] == 0
+
+
+def test_batched_update_with_padding_counts_and_logits():
+    # Batch of the two images, K = 2, image 2's second instance is padding (garbage must be ignored).
+    gt = torch.stack([GT1, torch.cat([GT2, t([[[1, 1], [1, 1]]])])])  # 2 x 2 x 2 x 2
+    pred = torch.stack([PRED1, torch.cat([PRED2, t([[[1, 1], [1, 1]]])])])
+    logits = torch.where(pred, torch.tensor(3.0), torch.tensor(-2.0))
+    counts = torch.tensor([2, 1])
+    assert batch_image_counts(logits, gt, counts).tolist() == [[3, 1, 1], [1, 0, 3]]
+    meter = ImagewiseMeter()
+    per_image = meter.update(logits, gt, counts)
+    assert per_image.tolist() == [[3, 1, 1], [1, 0, 3]]
+    assert meter.compute()["miou"] == pytest.approx(0.425)
+    assert meter.compute()["instances"] == 3
+    # Without counts the garbage instance would count.
+    assert batch_image_counts(pred, gt)[1].tolist() == [5, 0, 3]
+
+
+def test_perfect_and_empty_predictions():
+    perfect = ImagewiseMeter()
+    perfect.update(GT1, GT1)
+    perfect.update(GT2, GT2)
+    assert perfect.compute()["miou"] == 1.0
+    assert perfect.compute()["f1"] == 1.0
+    empty = ImagewiseMeter()
+    empty.update(torch.zeros_like(GT1), GT1)
+    result = empty.compute()
+    # Empty prediction: TP + FP = 0 -> precision 0 by definition; IoU, F1, recall are 0.
+    assert (result["miou"], result["f1"], result["precision"], result["recall"]) == (0.0, 0.0, 0.0, 0.0)
+    assert result["images"] == 1
+
+
+def test_images_without_gt_are_skipped():
+    meter = ImagewiseMeter()
+    meter.update(PRED2, GT2)
+    meter.update(torch.ones(0, 2, 2, dtype=torch.bool), torch.zeros(0, 2, 2, dtype=torch.bool))  # K = 0
+    meter.update(t([[[1, 1], [0, 0]]]), t([[[0, 0], [0, 0]]]))  # only an empty GT mask
+    result = meter.compute()
+    assert result["images"] == 1 and result["skipped_images"] == 2
+    assert result["miou"] == pytest.approx(0.25)
+    with pytest.warns(UserWarning, match="no image"):
+        assert math.isnan(ImagewiseMeter().compute()["miou"])
+
+
+def test_scores_from_counts_zero_division():
+    scores = scores_from_counts(torch.tensor([[0, 0, 4], [2, 2, 0]]))
+    assert scores["precision"].tolist() == [0.0, 0.5]
+    assert scores["iou"].tolist() == [0.0, 0.5]
+    assert scores["recall"].tolist() == [0.0, 1.0]
+
+
+def test_micro_imagewise_from_triples():
+    result = micro_imagewise([(3, 1, 1), (1, 0, 3)])
+    assert result["miou"] == pytest.approx(0.425)
+    assert result["images"] == 2
+
+
+def test_meter_state_merge_and_round_trip():
+    first, second, both = ImagewiseMeter(), ImagewiseMeter(), ImagewiseMeter()
+    first.update(PRED1, GT1)
+    second.update(PRED2, GT2)
+    both.update(PRED1, GT1)
+    both.update(PRED2, GT2)
+    first.merge(second)
+    assert torch.equal(first.state, both.state)
+    restored = ImagewiseMeter()
+    restored.load_state_dict(json.loads(json.dumps(both.state_dict())))
+    assert restored.compute() == both.compute()
+    with pytest.raises(ValueError, match="lacks fields"):
+        restored.load_state_dict({"iou_sum": 1.0})
+    first.all_reduce()  # not initialised: a no-op
+    assert torch.equal(first.state, both.state)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="equal shapes"):
+        batch_image_counts(torch.zeros(1, 2, 2, 2, dtype=torch.bool), torch.zeros(1, 1, 2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool masks or float logits"):
+        image_scores(torch.zeros(1, 2, 2, dtype=torch.int64), GT2)
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO: one 8 x 8 image, two instances of category 1
+# ----------------------------------------------------------------------------------------------
+
+def _gt_masks():
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[0, 0:2, 0:4] = True  # 8 pixels
+    masks[1, 5:8, 4:8] = True  # 12 pixels
+    return masks
+
+
+def _gt_dict():
+    masks = _gt_masks()
+    rles = masks_to_rle(masks)
+    annotations = [{"id": 10 + k, "image_id": 7, "category_id": 1, "segmentation": rle, "iscrowd": 0}
+                   for k, rle in enumerate(rles)]
+    return {"images": [{"id": 7, "file_name": "a.png", "height": 8, "width": 8}],
+            "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
+
+
+def _results(masks, scores, gt_ids=None):
+    out = []
+    for k, rle in enumerate(masks_to_rle(masks)):
+        entry = {"image_id": 7, "category_id": 1, "segmentation": rle, "score": scores[k]}
+        if gt_ids is not None:
+            entry["gt_id"] = gt_ids[k]
+        out.append(entry)
+    return out
+
+
+def test_coco_ap_perfect(tmp_path):
+    gt_file = tmp_path / "gt.json"
+    gt_file.write_text(json.dumps(_gt_dict()))
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps(_results(_gt_masks(), [0.9, 0.8])))
+    ap = coco_mask_ap(gt_file, results_file)
+    assert ap == {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0), "ap75": pytest.approx(1.0)}
+
+
+def test_coco_ap_known_partial_cases():
+    # One of two instances found exactly: precision 1 up to recall 0.5 -> 51 of 101 recall points.
+    ap = coco_mask_ap(_gt_dict(), _results(_gt_masks()[:1], [0.9]))
+    for key in ("ap", "ap50", "ap75"):
+        assert ap[key] == pytest.approx(51 / 101)
+    # Single GT of 8 pixels, prediction covers 5 of them: IoU 0.625 matches at 0.50, 0.55, 0.60.
+    gt = _gt_dict()
+    gt["annotations"] = gt["annotations"][:1]
+    pred = np.zeros((1, 8, 8), dtype=bool)
+    pred[0, 0:2, 0:2] = True
+    pred[0, 0, 2] = True
+    ap = coco_mask_ap(gt, _results(pred, [0.7]))
+    assert ap["ap50"] == pytest.approx(1.0)
+    assert ap["ap75"] == pytest.approx(0.0)
+    assert ap["ap"] == pytest.approx(0.3)
+
+
+def test_coco_ap_empty_results_warns():
+    with pytest.warns(UserWarning, match="no results"):
+        assert coco_mask_ap(_gt_dict(), []) == {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
+
+
+def test_malformed_results_raise_clear_errors(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json.*not valid JSON"):
+        coco_mask_ap(_gt_dict(), bad_json)
+    not_list = tmp_path / "dict.json"
+    not_list.write_text(json.dumps({"image_id": 7}))
+    with pytest.raises(ValueError, match="dict.json.*JSON list"):
+        coco_mask_ap(_gt_dict(), not_list)
+    no_score = tmp_path / "no_score.json"
+    entry = _results(_gt_masks()[:1], [0.9])[0]
+    del entry["score"]
+    no_score.write_text(json.dumps([entry]))
+    with pytest.raises(ValueError, match="no_score.json: result #0 lacks the key 'score'"):
+        coco_mask_ap(_gt_dict(), no_score)
+    wrong_image = _results(_gt_masks()[:1], [0.9])
+    wrong_image[0]["image_id"] = 99
+    with pytest.raises(ValueError, match="image_id 99 is not in the ground truth"):
+        coco_mask_ap(_gt_dict(), wrong_image)
+    wrong_size = _results(np.zeros((1, 4, 8), dtype=bool), [0.9])
+    with pytest.raises(ValueError, match=r"segmentation size \[4, 8\] differs"):
+        coco_mask_ap(_gt_dict(), wrong_size)
+    with pytest.raises(ValueError, match="results file not found"):
+        coco_mask_ap(_gt_dict(), tmp_path / "missing.json")
+
+
+def test_score_results_oracle_gt_id_and_best_iou():
+    masks = _gt_masks()
+    oracle = _results(masks, [0.9, 0.8], gt_ids=[10, 11])
+    scored = score_coco_results(_gt_dict(), oracle)
+    assert scored.matching == "gt_id"
+    assert scored.scores["miou"] == 1.0 and scored.scores["instances"] == 2
+    # Without gt_id, in reversed order: paired by best IoU, still perfect.
+    scored = score_coco_results(_gt_dict(), _results(masks[::-1].copy(), [0.8, 0.9]))
+    assert scored.matching == "best_iou"
+    assert scored.scores["miou"] == 1.0
+
+
+def test_score_results_partial_and_unpaired():
+    masks = _gt_masks()
+    # Instance 10 found exactly; a stray 4-pixel result overlaps nothing: 4 FP pixels, and
+    # instance 11 (12 pixels) is missed: tp 8, fp 4, fn 12 -> IoU 8/24.
+    stray = np.zeros((1, 8, 8), dtype=bool)
+    stray[0, 3:5, 0:2] = True
+    results = _results(np.concatenate([masks[:1], stray]), [0.9, 0.5])
+    scored = score_coco_results(_gt_dict(), results)
+    row = scored.per_image[0]
+    assert (row["tp"], row["fp"], row["fn"]) == (8, 4, 12)
+    assert scored.scores["miou"] == pytest.approx(8 / 24)
+    # The same with gt_id: only instance 10 predicted, no stray -> tp 8 fp 0 fn 12.
+    scored = score_coco_results(_gt_dict(), _results(masks[:1], [0.9], gt_ids=[10]))
+    assert scored.scores["miou"] == pytest.approx(8 / 20)
+
+
+def test_score_results_bad_pairing_raises():
+    masks = _gt_masks()
+    mixed = _results(masks, [0.9, 0.8], gt_ids=[10, 11])
+    del mixed[1]["gt_id"]
+    with pytest.raises(ValueError, match="either all or none"):
+        score_coco_results(_gt_dict(), mixed)
+    twice = _results(masks, [0.9, 0.8], gt_ids=[10, 10])
+    with pytest.raises(ValueError, match="both name gt_id 10"):
+        score_coco_results(_gt_dict(), twice)
+    unknown = _results(masks[:1], [0.9], gt_ids=[55])
+    with pytest.raises(ValueError, match="gt_id 55 is not an annotation id"):
+        score_coco_results(_gt_dict(), unknown)
