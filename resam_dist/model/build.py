@@ -69,7 +69,7 @@ def build_sam(name: str, checkpoint: str | Path | None = None, *, seed: int | No
         state_dict = _read_checkpoint(Path(checkpoint))
         with torch.device("meta"):
             model = _build(spec)
-        check_state_dict(model, state_dict, source=str(checkpoint))
+        check_state_dict(model, state_dict, source=str(checkpoint), target=f"SAM {name!r}")
         model.load_state_dict(state_dict, strict=True, assign=True)
         leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         assert not leftover, f"tensors not filled by the checkpoint: {leftover[:5]}"
@@ -136,8 +136,10 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return {key: value.float() if value.is_floating_point() else value for key, value in state_dict.items()}
 
 
-def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
-    """Raise ValueError (naming `source`) unless `state_dict` has exactly the model's keys and shapes."""
+def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str,
+                     target: str = "the model") -> None:
+    """Raise ValueError (naming `source` and `target`) unless `state_dict` has exactly the keys and
+    shapes of `model`'s state dict."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -151,4 +153,4 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, s
             shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
             problems.append(f"{len(items)} {label}: {shown}")
     if problems:
-        raise ValueError(f"checkpoint {source} does not match the model: " + "; ".join(problems))
+        raise ValueError(f"checkpoint {source} does not match {target}: " + "; ".join(problems))
