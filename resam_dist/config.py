@@ -88,6 +88,17 @@ class ResamConfig:
     """Skip a step whose loss exceeds this factor times the running mean."""
     loss_window: int = 50
     """Number of recent losses in the running mean of the guard."""
+    pointsam_store_size: int = 256
+    """method "pointsam": FIFO length of the point-feature store (PointSAM uses 128-512)."""
+    pointsam_cluster_every: int = 30
+    """method "pointsam": iterations between FINCH clusterings of the store into prototypes."""
+    pointsam_target_images: int = 128
+    """method "pointsam": the point features of this many first training images form the target prototypes."""
+    pointsam_overlap_iou: float = 0.1
+    """method "pointsam": Negative Prompt Calibration treats two instances as overlapping above this
+    IoU of their teacher masks (each then takes the other's positive points as negatives)."""
+    pointsam_proto_weight: float = 1.0
+    """method "pointsam": weight of the prototype-based regularisation loss."""
 
 
 @dataclass
