@@ -156,10 +156,12 @@ _LOG2E = 1.4426950408889634
 
 
 def _queue_launch_shape(num_rows: int, queue_len: int, block_n: int, block_q: int,
-                        device: torch.device) -> tuple[int, int]:
+                        device: torch.device, wanted_splits: int | None) -> tuple[int, int]:
     """(tiles_per_split, num_splits): enough programs to fill the GPU, every split non-empty."""
     num_tiles = triton.cdiv(queue_len, block_q)
-    if INTERPRET or device.type != "cuda":
+    if wanted_splits is not None:
+        wanted_splits = max(1, wanted_splits)
+    elif INTERPRET or device.type != "cuda":
         wanted_splits = 1
     else:
         programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -169,8 +171,11 @@ def _queue_launch_shape(num_rows: int, queue_len: int, block_n: int, block_q: in
 
 
 def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.Tensor,
-                       tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (loss float32 scalar, d loss / d student N x C float32). Needs N >= 1."""
+                       tau: float, *, queue_splits: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (loss float32 scalar, d loss / d student N x C float32). Needs N >= 1.
+
+    `queue_splits` (tests) asks for that many queue splits instead of the launch heuristic."""
     num_rows, dim = student.shape
     student = student.detach().contiguous()
     weak = weak.detach().contiguous()
@@ -183,8 +188,8 @@ def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.T
     if INTERPRET:
         block_n, block_q = 64, 128
     scale_log2 = _LOG2E / tau
-    tiles_per_split, num_splits = (_queue_launch_shape(num_rows, queue_len, block_n, block_q, device)
-                                   if queue_len > 0 else (0, 0))
+    tiles_per_split, num_splits = (_queue_launch_shape(num_rows, queue_len, block_n, block_q, device,
+                                                       queue_splits) if queue_len > 0 else (0, 0))
     part_max = torch.empty((num_rows, num_splits), dtype=torch.float32, device=device)
     part_sum = torch.empty((num_rows, num_splits), dtype=torch.float32, device=device)
     part_acc = torch.empty((num_rows, num_splits, dim), dtype=torch.float32, device=device)
@@ -194,7 +199,8 @@ def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.T
         _ssa_queue_partial_kernel[grid](weak, queue, part_max, part_sum, part_acc,
                                         num_rows, queue_len, dim, tiles_per_split, scale_log2,
                                         BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_C=block_c,
-                                        PRECISION=precision, num_warps=4)
+                                        PRECISION=precision,
+                                        num_warps=8 if block_c >= 256 else 4)
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=device)
     grad = torch.empty((num_rows, dim), dtype=torch.float32, device=device)
     merge_block_n = 64 if INTERPRET else 16

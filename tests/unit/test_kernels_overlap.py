@@ -1,0 +1,96 @@
+"""Overlap suppression + boxes: Triton kernel against the torch reference and masks_to_boxes."""
+
+import pytest
+import torch
+
+import resam_kernels
+from resam_dist.resam.prompts import masks_to_boxes
+from resam_kernels.overlap import suppress_overlap_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_instances(batch, num_instances, height, width, seed):
+    """Overlapping rectangles with holes, and confidences quantised to force argmax ties."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(batch, num_instances, height, width, dtype=torch.bool)
+    for b in range(batch):
+        for k in range(num_instances):
+            y0 = int(torch.randint(0, height, (1,), generator=generator))
+            x0 = int(torch.randint(0, width, (1,), generator=generator))
+            y1 = y0 + 1 + int(torch.randint(0, max(1, height // 2), (1,), generator=generator))
+            x1 = x0 + 1 + int(torch.randint(0, max(1, width // 2), (1,), generator=generator))
+            masks[b, k, y0:y1, x0:x1] = True
+    masks &= torch.rand(masks.shape, generator=generator) > 0.1
+    confidence = torch.randint(0, 4, masks.shape, generator=generator).float() / 4  # many ties
+    return masks, confidence
+
+
+# (B, K, H, W, counts): every K in {0, 1, 7, 50} and H, W in {1, 63, 256, 257}; counts < K, = K,
+# 0 and > K; 257 x 257 crosses the GPU block of 2048 pixels and the interpreter's of 65536.
+CASES = [
+    (2, 0, 63, 63, [0, 0]),
+    (2, 1, 1, 1, [1, 0]),
+    (1, 1, 257, 256, [1]),
+    (2, 7, 63, 257, [7, 3]),
+    (1, 7, 256, 1, [9]),
+    (1, 50, 257, 257, [37]),
+    (2, 50, 63, 63, [50, 0]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: "x".join(map(str, case[:4])))
+@pytest.mark.parametrize("mode", ["drop", "argmax"])
+def test_triton_matches_reference(case, mode):
+    batch, num_instances, height, width, counts = case
+    masks, confidence = random_instances(batch, num_instances, height, width, seed=sum(case[:4]))
+    masks, confidence = masks.to(DEVICE), confidence.to(DEVICE)
+    counts = torch.tensor(counts, dtype=torch.int64, device=DEVICE)
+    assert resam_kernels.runs_triton(masks)
+    out, boxes = resam_kernels.suppress_overlap(masks, confidence, counts, mode)
+    out_ref, boxes_ref = suppress_overlap_reference(masks, confidence, counts, mode)
+    assert out.dtype == torch.bool and out.shape == masks.shape
+    assert boxes.dtype == torch.float32 and boxes.shape == (batch, num_instances, 4)
+    assert torch.equal(out, out_ref)
+    assert torch.equal(boxes, boxes_ref)
+    assert torch.equal(boxes, masks_to_boxes(out))
+    # invariants of the result: at most one instance per pixel, padding instances empty
+    assert (out.sum(dim=1) <= 1).all()
+    padding = torch.arange(num_instances, device=DEVICE)[None, :] >= counts[:, None]
+    assert not out[padding].any()
+
+
+def test_hand_example_both_modes():
+    # three instances on a 2 x 3 image; instance 2 is padding (counts = 2)
+    masks = torch.tensor([[[[1, 1, 0], [0, 1, 0]],
+                           [[0, 1, 1], [0, 1, 0]],
+                           [[1, 1, 1], [1, 1, 1]]]], dtype=torch.bool, device=DEVICE)
+    confidence = torch.tensor([[[[0.9, 0.5, 0.0], [0.0, 0.7, 0.0]],
+                                [[0.0, 0.5, 0.8], [0.0, 0.8, 0.0]],
+                                [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]]], device=DEVICE)
+    counts = torch.tensor([2], device=DEVICE)
+    for use_triton in (True, False):
+        out, boxes = resam_kernels.suppress_overlap(masks, confidence, counts, "drop",
+                                                    use_triton=use_triton)
+        assert out[0, 0].int().tolist() == [[1, 0, 0], [0, 0, 0]]
+        assert out[0, 1].int().tolist() == [[0, 0, 1], [0, 0, 0]]
+        assert not out[0, 2].any()
+        assert boxes[0].tolist() == [[0, 0, 1, 1], [2, 0, 3, 1], [0, 0, 0, 0]]
+        out, boxes = resam_kernels.suppress_overlap(masks, confidence, counts, "argmax",
+                                                    use_triton=use_triton)
+        # (0, 1) ties at 0.5 -> instance 0; (1, 1) goes to the more confident instance 1
+        assert out[0, 0].int().tolist() == [[1, 1, 0], [0, 0, 0]]
+        assert out[0, 1].int().tolist() == [[0, 0, 1], [0, 1, 0]]
+        assert boxes[0].tolist() == [[0, 0, 2, 1], [1, 0, 3, 2], [0, 0, 0, 0]]
+
+
+def test_drop_mode_accepts_no_confidence_and_bad_mode_is_rejected():
+    masks, _ = random_instances(1, 3, 8, 8, seed=3)
+    counts = torch.tensor([3])
+    out, _ = resam_kernels.suppress_overlap(masks.to(DEVICE), None, counts.to(DEVICE), "drop")
+    out_ref, _ = suppress_overlap_reference(masks, None, counts, "drop")
+    assert torch.equal(out.cpu(), out_ref)
+    with pytest.raises(ValueError, match="mode"):
+        resam_kernels.suppress_overlap(masks, None, counts, "union")
+    with pytest.raises(ValueError, match="confidence"):
+        resam_kernels.suppress_overlap(masks.to(DEVICE), None, counts.to(DEVICE), "argmax")
