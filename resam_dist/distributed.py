@@ -1,0 +1,140 @@
+"""Process-group set-up and the few collectives the trainer needs.
+
+Ranks come from the launcher's environment (`deepspeed`, `torchrun`, Slurm + torchrun all set
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT). Without them the process is a world
+of one on a free loopback port. The device is chosen by the LOCAL rank (one GPU per local rank),
+the data shard by the GLOBAL rank.
+
+`init_distributed` creates the torch.distributed group itself (gloo on CPU, nccl on CUDA) with the
+configured timeout, so that a rank that dies ends the job with an error after at most that long
+instead of hanging it; DeepSpeed then reuses the group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int           # global rank: selects the data shard
+    world_size: int
+    local_rank: int     # rank on this node: selects the device and the metrics port
+    device: torch.device
+    backend: str        # "gloo" or "nccl"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> DistInfo:
+    """Initialise torch.distributed from the launcher's environment (idempotent).
+
+    timeout_s: timeout of every collective (config `train.collective_timeout_s`).
+    local_rank_arg: `--local_rank` as the deepspeed launcher passes it; LOCAL_RANK wins when set.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"collective timeout must be positive, got {timeout_s} s (train.collective_timeout_s)")
+    if "RANK" not in os.environ:  # a plain `python launch/train.py`: a world of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ["RANK"] = "0"
+        os.environ["WORLD_SIZE"] = "1"
+        os.environ.setdefault("LOCAL_RANK", str(local_rank_arg or 0))
+    global_rank = _env_int("RANK", 0)
+    world = _env_int("WORLD_SIZE", 1)
+    local = _env_int("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0)
+    os.environ["LOCAL_RANK"] = str(local)  # DeepSpeed reads it
+    if not 0 <= global_rank < world:
+        raise ValueError(f"RANK={global_rank} is outside WORLD_SIZE={world}")
+
+    if torch.cuda.is_available():
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local} but this node has {torch.cuda.device_count()} CUDA devices")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, rank=global_rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
+                    device=device, backend=backend)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    """Rank on this node, from the launcher's LOCAL_RANK (0 when unset)."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def barrier() -> None:
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """All-gather tensors whose first dimension differs per rank.
+
+    tensor: N_r x ... on this rank (same trailing shape, dtype and device kind on every rank).
+    Returns the list of every rank's tensor, in rank order (N_0 x ..., N_1 x ..., ...). Without a
+    process group (or a world of one) the list holds `tensor` alone.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [tensor]
+    world = dist.get_world_size()
+    tensor = tensor.contiguous()
+    count = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)  # 1
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    largest = max(sizes)
+    trailing = tuple(tensor.shape[1:])
+    if largest == 0:
+        return [tensor.new_zeros((0, *trailing)) for _ in range(world)]
+    padded = tensor.new_zeros((largest, *trailing))  # max(N) x ...
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return [chunk[:size] for chunk, size in zip(gathered, sizes)]
+
+
+def close() -> None:
+    """Destroy the process group (safe to call twice)."""
+    if is_initialized():
+        dist.destroy_process_group()
