@@ -242,7 +242,9 @@ def load_coco_gt(gt: str | Path | dict | COCO) -> COCO:
     """A pycocotools COCO object from a file path, a loaded dict or a COCO object.
 
     Annotations without `iscrowd` get 0 and without `area` get their mask area (COCOeval needs
-    both). Unreadable files raise ValueError naming the file.
+    both). Annotations whose mask has no pixel are removed: no prompt can be sampled from them
+    and no prediction can match them (resam_dist.data.coco leaves them out as well).
+    Unreadable files raise ValueError naming the file.
     """
     if isinstance(gt, COCO):
         return gt
@@ -268,13 +270,25 @@ def load_coco_gt(gt: str | Path | dict | COCO) -> COCO:
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
+    kept = []
     for ann in dataset["annotations"]:
         if ann.get("image_id") not in coco.imgs:
             raise ValueError(f"{source}: annotation {ann.get('id')} refers to unknown image "
                              f"{ann.get('image_id')}")
+        try:
+            pixels = float(mask_utils.area(coco.annToRLE(ann)))
+        except Exception as err:  # pycocotools raises assorted errors on bad segmentations
+            raise ValueError(f"{source}: annotation {ann.get('id')}: segmentation cannot be decoded "
+                             f"({err})") from None
+        if pixels == 0:
+            continue
         ann.setdefault("iscrowd", 0)
-        if "area" not in ann:
-            ann["area"] = float(mask_utils.area(coco.annToRLE(ann)))
+        ann.setdefault("area", pixels)
+        kept.append(ann)
+    if len(kept) != len(dataset["annotations"]):
+        dataset["annotations"] = kept
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
     return coco
 
 
@@ -404,7 +418,8 @@ def score_coco_results(gt: str | Path | dict | COCO, results: str | Path | list,
                        *, image_ids: Sequence[int] | None = None) -> ResultsScores:
     """Micro-imagewise mIoU/F1/precision/recall of COCO results against the GT instances.
 
-    Ground truth: the non-crowd annotations of each image (crowd annotations are ignored).
+    Ground truth: the non-crowd, non-empty annotations of each image (crowd annotations are
+    ignored, as resam_dist.data.coco does by default).
     Each GT instance is one layer of the image's stack; its prediction is the mask of the
     result paired with it, or an empty mask when none is. Pairing:
 
