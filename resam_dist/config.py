@@ -172,6 +172,20 @@ class KernelsConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Fault injection for the tests of the loss guard and of exact resume (all off by default)."""
+
+    nan_loss_step: int = 0
+    """Multiply the loss of rank `nan_loss_rank` by NaN at the first micro-step of this optimizer
+    step (1-based; 0: off). Fires once per process."""
+    nan_loss_rank: int = 0
+    """The rank whose loss `nan_loss_step` poisons."""
+    kill_after_step: int = 0
+    """Every rank SIGKILLs itself right after optimizer step N (and its checkpoint, when one is
+    due) is complete: a hard crash, no clean-up (0: off)."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -182,6 +196,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Handed to deepspeed.initialize after `"auto"` keys are filled."""
     source: str = ""
