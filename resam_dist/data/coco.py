@@ -116,6 +116,7 @@ class CocoSplit:
         self.skip_bad = skip_bad
         self.include_crowd = include_crowd
         self.skipped: list[dict[str, Any]] = []
+        self._skipped_image_ids: set[Any] = set()
         try:
             with open(self.annotation_file, encoding="utf-8") as f:
                 data = json.load(f)
@@ -169,12 +170,15 @@ class CocoSplit:
             missing = [key for key in ("file_name", "width", "height") if key not in info]
             if missing:
                 self._bad("image", image_id, f"missing key(s) {missing}")
+                self._skipped_image_ids.add(image_id)
                 continue
             if not isinstance(info["file_name"], str) or not info["file_name"]:
                 self._bad("image", image_id, "'file_name' must be a non-empty string")
+                self._skipped_image_ids.add(image_id)
                 continue
             if not (_is_int(info["width"]) and _is_int(info["height"]) and info["width"] > 0 and info["height"] > 0):
                 self._bad("image", image_id, f"invalid size width={info['width']!r} height={info['height']!r}")
+                self._skipped_image_ids.add(image_id)
                 continue
             if image_id in self._records:
                 self._bad("image", image_id, "duplicate image id")
@@ -199,6 +203,8 @@ class CocoSplit:
             if missing:
                 self._bad("annotation", ann_id, f"missing key(s) {missing}")
                 continue
+            if _is_int(ann["image_id"]) and ann["image_id"] in self._skipped_image_ids:
+                continue   # the image itself was skipped (and recorded)
             record = self._records.get(ann["image_id"]) if _is_int(ann["image_id"]) else None
             if record is None:
                 self._bad("annotation", ann_id, f"unknown image id {ann['image_id']!r}")
@@ -242,6 +248,12 @@ class CocoSplit:
                     return f"uncompressed RLE counts sum to {sum(counts)}, expected {height * width}"
                 return None
             if isinstance(counts, (str, bytes)):
+                try:
+                    runs = rle_string_counts(counts)
+                except (ValueError, UnicodeEncodeError) as err:
+                    return f"invalid compressed RLE ({err})"
+                if (runs < 0).any() or int(runs.sum()) != height * width:
+                    return f"compressed RLE counts sum to {int(runs.sum())}, expected {height * width}"
                 return None
             return "RLE needs 'counts' (list or string)"
         return "segmentation must be a polygon list or an RLE object"
@@ -353,45 +365,80 @@ class CocoSplit:
         )
 
 
+def rle_string_counts(counts: str | bytes) -> np.ndarray:
+    """Run lengths of a compressed COCO RLE string (the inverse of COCO's rleToString)."""
+    data = counts.encode("ascii") if isinstance(counts, str) else counts
+    runs: list[int] = []
+    position = 0
+    while position < len(data):
+        value = shift = 0
+        more = True
+        while more:
+            if position >= len(data):
+                raise ValueError("truncated RLE string")
+            chunk = data[position] - 48
+            if not 0 <= chunk < 64:
+                raise ValueError(f"invalid character {chr(data[position])!r} in RLE string")
+            value |= (chunk & 0x1F) << shift
+            more = bool(chunk & 0x20)
+            position += 1
+            shift += 5
+            if not more and chunk & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return np.asarray(runs, dtype=np.int64)
+
+
+def _rle_runs(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Run lengths (column-major, zeros first) of a polygon list or an RLE of an H x W image."""
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        return rle_string_counts(rle["counts"])
+    if isinstance(segmentation["counts"], list):
+        return np.asarray(segmentation["counts"], dtype=np.int64)
+    return rle_string_counts(segmentation["counts"])
+
+
+def crop_from_runs(runs: np.ndarray, height: int, width: int) -> tuple[int, int, np.ndarray] | None:
+    """(x0, y0, tight h x w bool mask) of run lengths over an H x W image; None when empty.
+
+    Only the columns the instance touches are expanded, so large scenes stay cheap.
+    """
+    ends = np.cumsum(runs)          # column-major flat index where each run stops
+    starts = ends - runs
+    one_starts, one_ends = starts[1::2], ends[1::2]
+    nonempty = one_ends > one_starts
+    one_starts, one_ends = one_starts[nonempty], one_ends[nonempty]
+    if one_starts.size == 0:
+        return None
+    first_col = int(one_starts.min()) // height
+    last_col = int(one_ends.max() - 1) // height
+    offset = first_col * height
+    length = (last_col - first_col + 1) * height
+    edges = np.zeros(length + 1, dtype=np.int32)
+    np.add.at(edges, one_starts - offset, 1)
+    np.add.at(edges, one_ends - offset, -1)
+    columns = (np.cumsum(edges[:-1]) > 0).reshape(last_col - first_col + 1, height)   # w x H
+    region = columns.T                                                                  # H x w
+    rows = np.flatnonzero(region.any(axis=1))
+    cols = np.flatnonzero(region.any(axis=0))
+    mask = np.ascontiguousarray(region[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+    return first_col + int(cols[0]), int(rows[0]), mask
+
+
 def decode_instance(ann: dict[str, Any], height: int, width: int) -> InstanceCrop | None:
     """Rasterise one (already validated) annotation into a tight crop; None when empty.
 
-    Polygons are rasterised inside their own bounding box only (fast on large scenes);
-    RLE is decoded at full size and cropped.
+    The pixels are exactly pycocotools' (`annToMask`), but never materialised at full image
+    size: polygons go through pycocotools' RLE and only the touched columns are expanded.
     """
-    segmentation = ann["segmentation"]
-    if isinstance(segmentation, list):
-        coords = np.concatenate([np.asarray(p, dtype=np.float64) for p in segmentation])
-        xs, ys = coords[0::2], coords[1::2]
-        x0 = int(np.clip(np.floor(xs.min()) - 1, 0, width))
-        y0 = int(np.clip(np.floor(ys.min()) - 1, 0, height))
-        x1 = int(np.clip(np.ceil(xs.max()) + 1, 0, width))
-        y1 = int(np.clip(np.ceil(ys.max()) + 1, 0, height))
-        if x1 <= x0 or y1 <= y0:
-            return None
-        shifted = []
-        for polygon in segmentation:
-            p = np.asarray(polygon, dtype=np.float64).copy()
-            p[0::2] -= x0
-            p[1::2] -= y0
-            shifted.append(p.tolist())
-        rles = mask_utils.frPyObjects(shifted, y1 - y0, x1 - x0)
-        region = mask_utils.decode(mask_utils.merge(rles)).astype(bool)  # h x w
-    else:
-        rle = segmentation
-        if isinstance(rle["counts"], list):
-            rle = mask_utils.frPyObjects(rle, height, width)
-        elif isinstance(rle["counts"], str):
-            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-        region = mask_utils.decode(rle).astype(bool)  # H x W
-        x0 = y0 = 0
-    rows = np.flatnonzero(region.any(axis=1))
-    cols = np.flatnonzero(region.any(axis=0))
-    if rows.size == 0:
+    crop = crop_from_runs(_rle_runs(ann["segmentation"], height, width), height, width)
+    if crop is None:
         return None
-    mask = np.ascontiguousarray(region[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
-    return InstanceCrop(annotation_id=ann["id"], category_id=ann["category_id"],
-                        x0=x0 + int(cols[0]), y0=y0 + int(rows[0]), mask=mask)
+    x0, y0, mask = crop
+    return InstanceCrop(annotation_id=ann["id"], category_id=ann["category_id"], x0=x0, y0=y0, mask=mask)
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:

@@ -186,6 +186,30 @@ def build_tile(image: np.ndarray, crops: list[InstanceCrop], *, image_id: int, f
     return sample, num_instances
 
 
+@dataclass
+class DecodedSample:
+    """A shard sample decoded back into arrays (reference reader; the trainer uses DALI)."""
+    key: str
+    image: np.ndarray     # H x W x 3 uint8
+    masks: np.ndarray     # K x H x W bool, from labels.png
+    prompts: np.ndarray   # K x 6 x 3 float32
+    boxes: np.ndarray     # K x 4 float32
+    meta: dict[str, Any]
+
+
+def decode_sample(sample: dict[str, Any]) -> DecodedSample:
+    """Decode the raw components of one sample (as read by `webdataset.WebDataset`)."""
+    meta = json.loads(sample["meta.json"])
+    num_instances = len(meta["instance_ids"])
+    image = np.asarray(Image.open(io.BytesIO(sample["image.png"])).convert("RGB"))
+    labels = np.asarray(Image.open(io.BytesIO(sample["labels.png"])))   # H x W x 3
+    values = np.arange(1, num_instances + 1, dtype=np.uint8)[:, None, None, None]
+    masks = (labels[None] == values).any(axis=-1)   # K x H x W
+    prompts = np.frombuffer(sample["prompts.f32"], dtype="<f4").reshape(num_instances, 2 * POINTS_PER_SIGN, 3)
+    boxes = np.frombuffer(sample["boxes.f32"], dtype="<f4").reshape(num_instances, 4)
+    return DecodedSample(key=sample["__key__"], image=image, masks=masks, prompts=prompts, boxes=boxes, meta=meta)
+
+
 def process_image(split: CocoSplit, image_id: int, options: TileOptions) -> ImageResult:
     """Tile one image into samples (pure function of the split, the id and the options)."""
     info = split.image_info(image_id)

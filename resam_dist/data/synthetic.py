@@ -102,8 +102,8 @@ def _building_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
     mix = _smooth_noise(rng, height, width, max(8, int(40 * scale)))[..., None]
     grass = np.array([84, 104, 64], dtype=np.float32)
     soil = np.array([146, 132, 104], dtype=np.float32)
-    ground = grass * (1 - mix) + soil * mix + rng.normal(0, 7, (height, width, 1)).astype(np.float32)
-    ground += rng.normal(0, 3, (height, width, 3)).astype(np.float32)
+    ground = grass * (1 - mix) + soil * mix + 7 * rng.standard_normal((height, width, 1), dtype=np.float32)
+    ground += 3 * rng.standard_normal((height, width, 3), dtype=np.float32)
     # Trees: dark green blobs on the ground (not instances).
     tree_field = _smooth_noise(rng, height, width, max(3, int(6 * scale)))
     trees = tree_field > 0.82
@@ -124,7 +124,7 @@ def _building_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
         road[:, x:x + road_width] = True
     for y in ys_cuts[1:-1]:
         road[y:y + road_width, :] = True
-    asphalt = np.array([98, 98, 102], dtype=np.float32) + rng.normal(0, 4, (height, width, 1)).astype(np.float32)
+    asphalt = np.array([98, 98, 102], dtype=np.float32) + 4 * rng.standard_normal((height, width, 1), dtype=np.float32)
     ground = np.where(road[..., None], asphalt, ground)
 
     polygons: list[list[float]] = []
@@ -139,34 +139,40 @@ def _building_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
             block_colour = _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS))]
             y = top
             while y < bottom - int(10 * scale):
-                row_height = min(int(rng.integers(int(16 * scale), int(32 * scale) + 1)), bottom - y)
+                row_height = min(int(rng.integers(int(20 * scale), int(40 * scale) + 1)), bottom - y)
                 x = left
                 while x < right - int(8 * scale):
-                    building_width = min(int(rng.integers(int(10 * scale), int(30 * scale) + 1)), right - x)
+                    building_width = min(int(rng.integers(int(14 * scale), int(38 * scale) + 1)), right - x)
                     if building_width < int(6 * scale) or row_height < int(6 * scale):
                         break
                     x0, y0, x1, y1 = x, y, x + building_width, y + row_height
+                    # Integer-cornered axis-aligned polygons: pycocotools' raster of such a
+                    # polygon is exactly the pixel slices below (tests check it), so no
+                    # rasterisation call per building is needed.
+                    mask = np.zeros((height, width), dtype=bool)
+                    mask[y0:y1, x0:x1] = True
+                    polygon = [x0, y0, x1, y0, x1, y1, x0, y1]
                     # Sometimes an L shape: cut a corner out.
                     if rng.random() < 0.3 and building_width >= 12 * scale and row_height >= 12 * scale:
-                        cut_w = int(building_width * rng.uniform(0.35, 0.55))
-                        cut_h = int(row_height * rng.uniform(0.35, 0.55))
+                        cut_w = max(1, int(building_width * rng.uniform(0.35, 0.55)))
+                        cut_h = max(1, int(row_height * rng.uniform(0.35, 0.55)))
                         if rng.random() < 0.5:  # notch at the bottom-right corner
                             polygon = [x0, y0, x1, y0, x1, y1 - cut_h, x1 - cut_w, y1 - cut_h, x1 - cut_w, y1, x0, y1]
+                            mask[y1 - cut_h:y1, x1 - cut_w:x1] = False
                         else:                   # notch at the top-left corner
                             polygon = [x0 + cut_w, y0, x1, y0, x1, y1, x0, y1, x0, y0 + cut_h, x0 + cut_w, y0 + cut_h]
-                    else:
-                        polygon = [x0, y0, x1, y0, x1, y1, x0, y1]
-                    mask = _rasterise([float(v) for v in polygon], height, width)
-                    if mask is not None:
-                        polygons.append([float(v) for v in polygon])
-                        masks.append(mask)
-                        roofs.append(np.clip(block_colour + rng.normal(0, 7, 3), 0, 255).astype(np.float32))
+                            mask[y0:y0 + cut_h, x0:x0 + cut_w] = False
+                    polygons.append([float(v) for v in polygon])
+                    masks.append(mask)
+                    roofs.append(np.clip(block_colour + rng.normal(0, 7, 3), 0, 255).astype(np.float32))
                     x = x1 + (int(rng.integers(3, 9) * scale) if rng.random() < 0.15 else 0)
                 y += row_height + (int(rng.integers(3, 8) * scale) if rng.random() < 0.5 else 0)
 
     image = ground
     if masks:
-        union = np.any(np.stack(masks), axis=0)
+        union = np.zeros((height, width), dtype=bool)
+        for mask in masks:
+            union |= mask
         # Cast shadows: sun from the upper left, shadows fall to the lower right on the ground.
         shift = max(2, int(rng.integers(3, 6) * scale))
         shadow = np.zeros_like(union)
@@ -185,7 +191,7 @@ def _building_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
                 shade[:, : (x1 - x0) // 2] = 1.08
             box = image[y0:y1, x0:x1]
             box[region] = (roof * shade)[region]
-        image = image + np.where(union[..., None], rng.normal(0, 3, (height, width, 3)), 0)
+        image[union] += 3 * rng.standard_normal((int(union.sum()), 3), dtype=np.float32)
     image = np.clip(image, 0, 255).astype(np.uint8)
     return _finish(image, polygons, masks, [1] * len(masks))
 
@@ -278,7 +284,7 @@ def _shapes_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
     colour_b = rng.uniform(170, 235, 3).astype(np.float32)
     weight = rng.uniform(0.2, 0.8)
     ramp = weight * rows + (1 - weight) * cols
-    image = colour_a * (1 - ramp) + colour_b * ramp + rng.normal(0, 2, (height, width, 1)).astype(np.float32)
+    image = colour_a * (1 - ramp) + colour_b * ramp + 2 * rng.standard_normal((height, width, 1), dtype=np.float32)
 
     polygons: list[list[float]] = []
     masks: list[np.ndarray] = []
