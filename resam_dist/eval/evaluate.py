@@ -69,6 +69,9 @@ class EvalResult:
     per_image: list[dict[str, Any]] = field(default_factory=list)
     """One row per image: image_id, file_name, instances, evaluated, tp, fp, fn, iou, f1,
     precision, recall."""
+    meter: ImagewiseMeter | None = None
+    """The micro-imagewise sums behind `scores`: ranks that evaluated different images can
+    `meter.all_reduce()` and `meter.compute()` the scores of the whole split."""
 
 
 @dataclass
@@ -286,7 +289,7 @@ def evaluate_model(model: Any, split: Any, *, num_points: int, seed: int = 1337,
         scores.update({key: math.nan for key in AP_KEYS})
     scores["seconds"] = time.perf_counter() - started
     rows = [per_image[int(image_id)] for image_id in chosen if int(image_id) in per_image]
-    return EvalResult(scores=scores, coco_results=coco_results, per_image=rows)
+    return EvalResult(scores=scores, coco_results=coco_results, per_image=rows, meter=meter)
 
 
 # --------------------------------------------------------------------------------------------
