@@ -108,11 +108,13 @@ class PromptableSam(nn.Module):
         return [self.prompt_encoder, self.mask_decoder]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images B x 3 x S x S (SAM-normalised) -> features B x 256 x S/16 x S/16."""
+        """images B x 3 x S x S (SAM-normalised) -> features B x 256 x S/16 x S/16, in the
+        parameters' dtype (images are cast to it, e.g. bf16 after DeepSpeed converts the model)."""
         size = self.image_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(f"images must be B x 3 x {size} x {size}, got {tuple(images.shape)}")
-        return self.image_encoder(images)
+        dtype = self.image_encoder.patch_embed.proj.weight.dtype  # metadata only, also under ZeRO-3
+        return self.image_encoder(images.to(dtype))
 
     def decode(self, features: torch.Tensor, counts: torch.Tensor, points: torch.Tensor | None = None,
                point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
