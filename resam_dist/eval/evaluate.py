@@ -54,8 +54,9 @@ from resam_dist.eval.metrics import (
 )
 from resam_dist.resam.prompts import sample_points
 
-ADAPTER_SUBDIRS = ("adapter", "final/adapter", "export/adapter", "exports/adapter")
-"""Where a run directory may hold the exported LoRA adapter (relative to the run directory)."""
+ADAPTER_SUBDIRS = ("export/adapter", "adapter")
+"""Where a run directory may hold the exported LoRA adapter (relative to the run directory);
+the trainer (resam_dist.train.engine) exports to `<output_dir>/export/adapter`."""
 
 
 @dataclass
@@ -315,7 +316,9 @@ def load_model(cfg: Any, checkpoint: str | Path | None = None) -> tuple[Any, str
     """The model to evaluate and a description of what was loaded.
 
     cfg: a resam_dist.config.Config. checkpoint:
-    * None: the base model of the config (`model.name`, `model.checkpoint`);
+    * None: the base model of the config (`model.name`, `model.checkpoint`; without a checkpoint
+      the random initialisation is seeded with `train.seed`, as the trainer does, so an adapter
+      trained on a randomly initialised base finds the same base here);
     * a file: a full SAM checkpoint in the official layout, replacing `model.checkpoint`;
     * a folder holding an adapter (`adapter_config.json` from save_adapter), or a run directory
       with one in `adapter/` (or another of ADAPTER_SUBDIRS): the base model plus that adapter.
@@ -323,8 +326,11 @@ def load_model(cfg: Any, checkpoint: str | Path | None = None) -> tuple[Any, str
     """
     from resam_dist.model.build import build_sam
 
+    def base_model() -> Any:
+        return build_sam(cfg.model.name, cfg.model.checkpoint, seed=cfg.train.seed)
+
     if checkpoint is None:
-        return build_sam(cfg.model.name, cfg.model.checkpoint), f"base {cfg.model.name}"
+        return base_model(), f"base {cfg.model.name}"
     path = Path(checkpoint)
     if path.is_file():
         return build_sam(cfg.model.name, path), f"SAM checkpoint {path}"
@@ -336,8 +342,7 @@ def load_model(cfg: Any, checkpoint: str | Path | None = None) -> tuple[Any, str
                          f"{path} and in its subfolders {list(ADAPTER_SUBDIRS)})")
     from resam_dist.model import lora
 
-    model = build_sam(cfg.model.name, cfg.model.checkpoint)
-    model = lora.load_adapter(model, adapter)
+    model = lora.load_adapter(base_model(), adapter)
     return model, f"base {cfg.model.name} + adapter {adapter}"
 
 

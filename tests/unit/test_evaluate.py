@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from resam_dist.config import load_config
 from resam_dist.data.coco import CocoSplit
 from resam_dist.eval.evaluate import (
-    canvas_logits_to_masks, evaluate_model, main, prepare_canvas, resized_shape, sample_prompts,
+    canvas_logits_to_masks, evaluate_model, load_model, main, prepare_canvas, resized_shape, sample_prompts,
 )
 from resam_dist.eval.metrics import masks_to_rle, score_coco_results
 from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD, build_sam
@@ -163,24 +164,21 @@ def test_cli_model_mode_writes_all_keys(coco_set, tiny_model, tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
 
 
-def test_cli_loads_lora_adapter_from_run_dir(coco_set, tiny_model, tmp_path):
+def test_cli_loads_lora_adapter_from_run_dir(coco_set, tmp_path):
     from resam_dist.model.lora import apply_lora, save_adapter
 
     gt_file, image_dir = coco_set
-    sam_file = tmp_path / "tiny_sam.pth"
-    torch.save(tiny_model.state_dict(), sam_file)
     config = _config(tmp_path, gt_file, image_dir)
-    raw = json.loads(config.read_text())
-    raw["model"]["checkpoint"] = str(sam_file)
-    config.write_text(json.dumps(raw))
-    # A trained-looking adapter: non-zero B so that it changes the masks.
-    adapted = apply_lora(build_sam("tiny", sam_file), rank=4, alpha=4.0, dropout=0.1, start_block=0, seed=1)
+    train_seed = json.loads(config.read_text())["train"]["seed"]
+    # As the trainer does: base = tiny SAM seeded with train.seed (no checkpoint), adapter exported
+    # to <run>/export/adapter. A trained-looking adapter: non-zero B, so it changes the masks.
+    adapted = apply_lora(build_sam("tiny", seed=train_seed), rank=4, alpha=4.0, dropout=0.1, start_block=0, seed=1)
     with torch.no_grad():
         for name, parameter in adapted.named_parameters():
             if ".lora_B." in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
     run_dir = tmp_path / "run"
-    save_adapter(adapted, run_dir / "adapter")
+    save_adapter(adapted, run_dir / "export" / "adapter")
     split = CocoSplit(gt_file, image_dir)
     expected = evaluate_model(adapted, split, num_points=1, batch_size=4, device="cpu", image_ids=[1])
     out = tmp_path / "adapter_scores.json"
@@ -192,12 +190,15 @@ def test_cli_loads_lora_adapter_from_run_dir(coco_set, tiny_model, tmp_path):
     assert report["scores"]["images"] == 1 and report["scores"]["instances"] == 2
     assert report["scores"]["miou"] == pytest.approx(expected.scores["miou"], abs=1e-9)
     assert json.loads(adapter_results.read_text()) == json.loads(json.dumps(expected.coco_results))
-    # Without --checkpoint: the config's base model, whose masks differ from the adapted ones.
-    base_results = tmp_path / "base_results.json"
-    assert main(["--config", str(config), "--device", "cpu", "--save-results", str(base_results),
-                 "--max-images", "1"]) == 0
-    base = json.loads(base_results.read_text())
-    assert [r["segmentation"] for r in base] != [r["segmentation"] for r in expected.coco_results]
+    # load_model: the adapter on the trainer's base; without --checkpoint, that base alone.
+    cfg = load_config(config)
+    loaded, _ = load_model(cfg, run_dir)
+    assert loaded.state_dict().keys() == adapted.state_dict().keys()
+    assert all(torch.equal(value, adapted.state_dict()[key]) for key, value in loaded.state_dict().items())
+    base, description = load_model(cfg)
+    assert description == "base tiny"
+    reference = build_sam("tiny", seed=train_seed).state_dict()
+    assert all(torch.equal(value, reference[key]) for key, value in base.state_dict().items())
     # A folder without an adapter is a clear error.
     (tmp_path / "empty_run").mkdir()
     assert main(["--config", str(config), "--checkpoint", str(tmp_path / "empty_run")]) == 2
