@@ -37,6 +37,8 @@ class DataConfig:
     """DALI prefetch queue depth."""
     shuffle: bool = True
     """Shuffle samples inside the reader (seeded)."""
+    shuffle_buffer: int = 256
+    """Encoded samples held per rank by the reader's shuffle buffer (DALI `initial_fill`)."""
     seed: int = 0
     """Seed of the data order and of the augmentations."""
 
