@@ -91,9 +91,10 @@ class _Prepared:
 
 
 def resized_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
-    """(h', w') with the longest side equal to `image_size` (SAM's rounding)."""
+    """(h', w') with the longest side equal to `image_size` (SAM's rounding, at least 1 pixel;
+    the same sizes as the training pipeline, resam_dist.data.pipeline)."""
     scale = image_size / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
 
 
 def prepare_canvas(image: np.ndarray, image_size: int, device: torch.device | str) -> tuple[torch.Tensor, tuple[int, int]]:
