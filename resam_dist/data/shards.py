@@ -36,18 +36,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from PIL import Image
 
 from resam_dist.data.coco import CocoSplit, InstanceCrop, encode_rle
-from resam_dist.resam.prompts import masks_to_boxes, sample_points
+from resam_dist.resam.prompts import sample_points
 
 FORMAT_VERSION = 1
 POINTS_PER_SIGN = 3          # positives (and negatives) stored per instance
 MAX_INSTANCES_PER_TILE = 255
 NUM_LAYERS = 3
 COMPONENTS = ("boxes.f32", "image.png", "labels.png", "meta.json", "prompts.f32")
-PNG_COMPRESS_LEVEL = 3
+PNG_COMPRESS_LEVEL = 1   # ~2x faster than 3-6 on aerial imagery for a few % more bytes
 
 DROP_SMALL = "below_min_area"
 DROP_LAYERS = "needs_more_than_3_layers"
@@ -153,17 +152,23 @@ def build_tile(image: np.ndarray, crops: list[InstanceCrop], *, image_id: int, f
         kept.append((crop, col, row, piece, layer))
 
     num_instances = len(kept)
-    masks = np.zeros((num_instances, height, width), dtype=bool)   # K x H x W
-    for k, (_, col, row, piece, _) in enumerate(kept):
-        masks[k, row:row + piece.shape[0], col:col + piece.shape[1]] = piece
     prompts = np.zeros((num_instances, 2 * POINTS_PER_SIGN, 3), dtype=np.float32)   # K x 6 x 3
+    boxes = np.zeros((num_instances, 4), dtype=np.float32)                           # K x 4
+    rles: list[dict[str, Any]] = []
     rng = np.random.default_rng([options.seed, image_id & 0xFFFFFFFFFFFFFFFF, tile_index])
-    for k in range(num_instances):
-        positives, negatives = sample_points(masks[k], POINTS_PER_SIGN, rng)   # 3 x 2 each
+    mask = np.zeros((height, width), dtype=bool)   # H x W, one instance at a time (bounded memory)
+    for k, (_, col, row, piece, _) in enumerate(kept):
+        mask[:] = False
+        mask[row:row + piece.shape[0], col:col + piece.shape[1]] = piece
+        positives, negatives = sample_points(mask, POINTS_PER_SIGN, rng)   # 3 x 2 each
         prompts[k, :POINTS_PER_SIGN, :2] = positives
         prompts[k, :POINTS_PER_SIGN, 2] = 1.0
         prompts[k, POINTS_PER_SIGN:, :2] = negatives
-    boxes = masks_to_boxes(torch.from_numpy(masks)).numpy()   # K x 4
+        rows = np.flatnonzero(piece.any(axis=1))
+        cols = np.flatnonzero(piece.any(axis=0))
+        # Tight box, x1/y1 exclusive (the convention of resam_dist.resam.prompts.masks_to_boxes).
+        boxes[k] = (col + cols[0], row + rows[0], col + cols[-1] + 1, row + rows[-1] + 1)
+        rles.append(encode_rle(mask))
     meta = {
         "image_id": image_id,
         "file_name": file_name,
@@ -173,7 +178,7 @@ def build_tile(image: np.ndarray, crops: list[InstanceCrop], *, image_id: int, f
         "instance_ids": [int(item[0].annotation_id) for item in kept],
         "category_ids": [int(item[0].category_id) for item in kept],
         "layers": [int(item[4]) for item in kept],
-        "rles": [encode_rle(masks[k]) for k in range(num_instances)],
+        "rles": rles,
     }
     sample = {
         "__key__": f"{image_id}_{tile_index}",
@@ -253,7 +258,6 @@ _WORKER_OPTIONS: TileOptions | None = None
 def _init_worker(split: CocoSplit, options: TileOptions) -> None:
     global _WORKER_SPLIT, _WORKER_OPTIONS
     _WORKER_SPLIT, _WORKER_OPTIONS = split, options
-    torch.set_num_threads(1)
 
 
 def _process_in_worker(image_id: int) -> ImageResult:
@@ -341,7 +345,16 @@ class ShardWriter:
 
 def _remove_stale_outputs(out_dir: Path, prefix: str) -> None:
     """A new run first invalidates what an earlier run into the same folder left behind."""
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.exists():
+        try:
+            old_prefix = json.loads(manifest_path.read_text(encoding="utf-8")).get("prefix")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            old_prefix = None
+        if old_prefix is not None and old_prefix != prefix:
+            raise ValueError(f"{out_dir} already holds shards with prefix {old_prefix!r}; "
+                             f"write each split into its own folder")
+        manifest_path.unlink()
     pattern = re.compile(rf"^\.?{re.escape(prefix)}-\d{{6}}\.(tar|idx)(\.partial)?$")
     for path in out_dir.iterdir():
         if pattern.match(path.name) or path.name == ".manifest.json.partial":

@@ -306,3 +306,7 @@ def test_invalid_options_are_reported(tmp_path, capsys):
     assert "overlap" in capsys.readouterr().err
     assert _prep(annotation_file, tmp_path / "out", "--prefix", "a.b") == 1
     assert "prefix" in capsys.readouterr().err
+    assert _prep(annotation_file, tmp_path / "out", "--prefix", "train") == 0
+    assert _prep(annotation_file, tmp_path / "out", "--prefix", "test") == 1   # one split per folder
+    assert "already holds shards with prefix 'train'" in capsys.readouterr().err
+    assert (tmp_path / "out" / "manifest.json").exists()
