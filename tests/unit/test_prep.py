@@ -1,6 +1,7 @@
 """resam-prep end to end: tiling, sample format, determinism, bad input, atomic output."""
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -122,7 +123,6 @@ def _component(out: Path, key: str, name: str):
                 member = tar.getmember(f"{key}.{name}")
             except KeyError:
                 continue
-            import io
             return io.BytesIO(tar.extractfile(member).read())
     raise AssertionError(f"{key}.{name} not found")
 
