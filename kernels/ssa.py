@@ -12,11 +12,23 @@ graph of `student`. Gradient flows to `student` (through its normalisation) only
 
 Since sum_j w_ij = 1, L = mean_i (1 - s_i . k_i) with the weighted key mean
 k_i = sum_j w_ij K_ij, and dL/ds_i = -k_i / N. The Triton path therefore never forms the
-N x (q + 1) similarity matrix: it streams the queue in tiles with an online softmax (running max
-and sum), accumulating k_i as a C-vector per row, split over the queue across programs
-(flash-decoding style) and merged by a second kernel that also adds the h_i key, writes the
-per-row loss and the gradient wrt the raw student rows (through the L2 normalisation). The
-gradient is computed in the forward and only scaled by the incoming gradient in the backward.
+N x (q + 1) similarity matrix: it streams the queue in tiles, accumulating the softmax sum and
+k_i (a C-vector per row) in registers, split over the queue across programs (flash-decoding
+style); a second kernel adds the h_i key, merges the splits, and writes the per-row loss and the
+gradient wrt the raw student rows (through the L2 normalisation). The gradient is computed in
+the forward and only scaled by the incoming gradient in the backward.
+
+Softmax shift. An online softmax tracks a running row maximum because it is unknown. Here it is
+known: for unit vectors h_i . Q_j <= 1 = h_i . h_i, so the self logit h_i . h_i / tau bounds
+every logit of row i (for a zero h_i all logits are 0 and equal to it). Every exponent is
+therefore <= 0 (up to rounding) and the self term is exp(0) = 1: no running maximum, no
+rescaling of the accumulator, and the splits merge by plain sums.
+
+Precision. float32 inputs: both products run as tf32x3 on tensor cores (about float32
+accuracy). bfloat16 inputs: h . Q runs on the raw bf16 values (exact products, float32
+accumulation; the norms are applied afterwards in float32), and the weights enter the second
+product split into a bf16 high and low part (about 16 mantissa bits). Other dtypes are upcast to
+float32. The interpreter computes all of it in float32 numpy.
 """
 
 from __future__ import annotations
@@ -62,12 +74,22 @@ def ssa_loss_reference(student: torch.Tensor, weak: torch.Tensor, queue: torch.T
 
 
 @triton.jit
-def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
-                              num_rows, queue_len, dim, tiles_per_split, scale_log2,
+def _bf16_dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b for bf16 a, b with float32 accumulation. Triton's interpreter multiplies bf16
+    operands as raw integers, so there (UPCAST) they go through float32, which is exact."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
+                              num_rows, queue_len, dim, split_len, scale_log2,
                               BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
-                              PRECISION: tl.constexpr):
-    """One (row block, queue split): online softmax of h_i . Q_j / tau over the split's queue rows.
-    Writes running max m (log2 units), sum l and acc = sum_j exp2(t_ij - m) Qn_j per row."""
+                              BF16_DOT: tl.constexpr, UPCAST_BF16_DOT: tl.constexpr):
+    """One (row block, queue split): over the split's queue rows j, with t_ij = h_i . Qn_j / tau
+    in log2 units and the fixed shift m_i = h_i . h_i / tau, writes per row
+    sum_j exp2(t_ij - m_i) and acc_i = sum_j exp2(t_ij - m_i) Qn_j (Qn: normalised queue rows)."""
     row_block = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -76,69 +98,87 @@ def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_max_ptr, part_sum_ptr, p
     row_ok = rows < num_rows
     channel_ok = channels < dim
     weak = tl.load(weak_ptr + rows[:, None].to(tl.int64) * dim + channels[None, :],
-                   mask=row_ok[:, None] & channel_ok[None, :], other=0.0).to(tl.float32)
-    inv_weak_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(weak * weak, axis=1)), 1e-12)  # BLOCK_N
+                   mask=row_ok[:, None] & channel_ok[None, :], other=0.0)  # BLOCK_N x BLOCK_C
+    weak_f32 = weak.to(tl.float32)
+    weak_sq = tl.sum(weak_f32 * weak_f32, axis=1)  # BLOCK_N
+    inv_weak_norm = 1.0 / tl.maximum(tl.sqrt(weak_sq), 1e-12)
+    shift = weak_sq * inv_weak_norm * inv_weak_norm * scale_log2  # self logit, log2 units
+    row_scale = inv_weak_norm * scale_log2
+    if not BF16_DOT:
+        weak = weak_f32
 
-    running_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    first = split * tiles_per_split * BLOCK_Q
-    last = tl.minimum(first + tiles_per_split * BLOCK_Q, queue_len)
+    first = split * split_len
+    last = tl.minimum(first + split_len, queue_len)
     for start in range(first, last, BLOCK_Q):
         keys = start + tl.arange(0, BLOCK_Q)  # BLOCK_Q
         key_ok = keys < queue_len
         queue = tl.load(queue_ptr + keys[:, None].to(tl.int64) * dim + channels[None, :],
-                        mask=key_ok[:, None] & channel_ok[None, :], other=0.0).to(tl.float32)
-        inv_key_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(queue * queue, axis=1)), 1e-12)  # BLOCK_Q
-        dots = tl.dot(weak, tl.trans(queue), input_precision=PRECISION)  # BLOCK_N x BLOCK_Q
-        # target logits in log2 units: h_i . Qn_j / tau * log2(e)
-        logits = dots * inv_weak_norm[:, None] * (inv_key_norm * scale_log2)[None, :]
-        logits = tl.where(key_ok[None, :], logits, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        rescale = tl.exp2(running_max - new_max)
-        probs = tl.exp2(logits - new_max[:, None])  # BLOCK_N x BLOCK_Q
-        running_sum = running_sum * rescale + tl.sum(probs, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(probs * inv_key_norm[None, :], queue,
-                                              input_precision=PRECISION)
-        running_max = new_max
+                        mask=key_ok[:, None] & channel_ok[None, :], other=0.0)  # BLOCK_Q x BLOCK_C
+        queue_f32 = queue.to(tl.float32)
+        inv_key_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(queue_f32 * queue_f32, axis=1)), 1e-12)
+        if BF16_DOT:
+            dots = _bf16_dot(weak, tl.trans(queue), tl.zeros([BLOCK_N, BLOCK_Q], tl.float32),
+                             UPCAST_BF16_DOT)  # exact bf16 products, float32 sums
+        else:
+            queue = queue_f32
+            dots = tl.dot(weak, tl.trans(queue), input_precision="tf32x3")
+        logits = dots * row_scale[:, None] * inv_key_norm[None, :]  # BLOCK_N x BLOCK_Q
+        weights = tl.exp2(logits - shift[:, None])
+        weights = tl.where(key_ok[None, :], weights, 0.0)
+        total += tl.sum(weights, axis=1)
+        scaled = weights * inv_key_norm[None, :]  # weights of the raw queue rows
+        if BF16_DOT:
+            high = scaled.to(tl.bfloat16)
+            low = (scaled - high.to(tl.float32)).to(tl.bfloat16)
+            acc = _bf16_dot(high, queue, acc, UPCAST_BF16_DOT)
+            acc = _bf16_dot(low, queue, acc, UPCAST_BF16_DOT)
+        else:
+            acc = tl.dot(scaled, queue, acc, input_precision="tf32x3")
 
     part = rows.to(tl.int64) * num_splits + split  # N x splits layout
-    tl.store(part_max_ptr + part, running_max, mask=row_ok)
-    tl.store(part_sum_ptr + part, running_sum, mask=row_ok)
+    tl.store(part_sum_ptr + part, total, mask=row_ok)
     tl.store(part_acc_ptr + part[:, None] * dim + channels[None, :], acc,
              mask=row_ok[:, None] & channel_ok[None, :])
 
 
+# The GPU picks its tile shape on first use per (dim, dtype); configs that do not fit the
+# device's shared memory or registers are dropped by the autotuner.
+_PARTIAL_CONFIGS = [
+    triton.Config({"BLOCK_N": 32, "BLOCK_Q": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_Q": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_Q": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 128, "BLOCK_Q": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_Q": 32}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_N": 128, "BLOCK_Q": 64}, num_warps=8, num_stages=1),
+]
+_ssa_queue_partial_kernel_tuned = triton.autotune(configs=_PARTIAL_CONFIGS, key=["dim"])(
+    _ssa_queue_partial_kernel)
+# split_len is a multiple of every BLOCK_Q above, so splits never share a queue tile
+_SPLIT_QUANTUM = 128
+
+
 @triton.jit
-def _ssa_merge_kernel(student_ptr, weak_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
-                      row_loss_ptr, grad_ptr, num_rows, dim, num_splits, scale_log2, grad_scale,
+def _ssa_merge_kernel(student_ptr, weak_ptr, part_sum_ptr, part_acc_ptr, row_loss_ptr, grad_ptr,
+                      num_rows, dim, num_splits, grad_scale,
                       BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Adds the h_i key, merges the queue splits, writes loss_i = 1 - s_i . k_i and
-    d(mean loss)/d(raw student row) = J_normalise^T (-k_i / N)."""
+    """Adds the h_i key (weight exp2(0) = 1), sums the queue splits, and writes
+    loss_i = 1 - s_i . k_i and d(mean loss)/d(raw student row) = J_normalise^T (-k_i / N)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # BLOCK_N
     channels = tl.arange(0, BLOCK_C)
     row_ok = rows < num_rows
     tile_ok = row_ok[:, None] & (channels < dim)[None, :]
     tile = rows[:, None].to(tl.int64) * dim + channels[None, :]
     weak = tl.load(weak_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)  # BLOCK_N x BLOCK_C
-    weak = weak / tl.maximum(tl.sqrt(tl.sum(weak * weak, axis=1)), 1e-12)[:, None]
-    # the key h_i itself: logit h_i . h_i / tau, weight exp2(0) = 1 relative to its own max
-    running_max = tl.sum(weak * weak, axis=1) * scale_log2  # BLOCK_N
-    running_sum = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
-    acc = weak
+    total = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    acc = weak / tl.maximum(tl.sqrt(tl.sum(weak * weak, axis=1)), 1e-12)[:, None]  # h_i
     for split in range(0, num_splits):
         part = rows.to(tl.int64) * num_splits + split
-        part_max = tl.load(part_max_ptr + part, mask=row_ok, other=float("-inf"))
-        part_sum = tl.load(part_sum_ptr + part, mask=row_ok, other=0.0)
-        part_acc = tl.load(part_acc_ptr + part[:, None] * dim + channels[None, :], mask=tile_ok,
-                           other=0.0)
-        new_max = tl.maximum(running_max, part_max)
-        old_factor = tl.exp2(running_max - new_max)
-        part_factor = tl.exp2(part_max - new_max)
-        running_sum = running_sum * old_factor + part_sum * part_factor
-        acc = acc * old_factor[:, None] + part_acc * part_factor[:, None]
-        running_max = new_max
-    key_mean = acc / running_sum[:, None]  # k_i, BLOCK_N x BLOCK_C
+        total += tl.load(part_sum_ptr + part, mask=row_ok, other=0.0)
+        acc += tl.load(part_acc_ptr + part[:, None] * dim + channels[None, :], mask=tile_ok,
+                       other=0.0)
+    key_mean = acc / total[:, None]  # k_i, BLOCK_N x BLOCK_C
 
     student = tl.load(student_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
     norm = tl.sqrt(tl.sum(student * student, axis=1))  # BLOCK_N
@@ -155,19 +195,17 @@ def _ssa_merge_kernel(student_ptr, weak_ptr, part_max_ptr, part_sum_ptr, part_ac
 _LOG2E = 1.4426950408889634
 
 
-def _queue_launch_shape(num_rows: int, queue_len: int, block_n: int, block_q: int,
-                        device: torch.device, wanted_splits: int | None) -> tuple[int, int]:
-    """(tiles_per_split, num_splits): enough programs to fill the GPU, every split non-empty."""
-    num_tiles = triton.cdiv(queue_len, block_q)
-    if wanted_splits is not None:
-        wanted_splits = max(1, wanted_splits)
-    elif INTERPRET or device.type != "cuda":
-        wanted_splits = 1
-    else:
-        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-        wanted_splits = max(1, programs // triton.cdiv(num_rows, block_n))
-    tiles_per_split = triton.cdiv(num_tiles, min(wanted_splits, num_tiles))
-    return tiles_per_split, triton.cdiv(num_tiles, tiles_per_split)
+def _queue_split_len(num_rows: int, queue_len: int, device: torch.device,
+                     wanted_splits: int | None) -> int:
+    """Queue rows per split (a multiple of _SPLIT_QUANTUM): enough programs to fill the GPU."""
+    if wanted_splits is None:
+        if INTERPRET or device.type != "cuda":
+            wanted_splits = 1
+        else:
+            programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+            wanted_splits = programs // triton.cdiv(num_rows, 64)
+    split_len = triton.cdiv(queue_len, max(1, wanted_splits))
+    return triton.cdiv(split_len, _SPLIT_QUANTUM) * _SPLIT_QUANTUM
 
 
 def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.Tensor,
@@ -177,37 +215,38 @@ def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.T
 
     `queue_splits` (tests) asks for that many queue splits instead of the launch heuristic."""
     num_rows, dim = student.shape
-    student = student.detach().contiguous()
-    weak = weak.detach().contiguous()
-    queue = queue.detach().reshape(-1, dim).contiguous()
-    queue_len = queue.shape[0]
     device = student.device
+    student = student.detach().contiguous()
+    weak = weak.detach()
+    queue = queue.detach().reshape(-1, dim)
+    bf16_dot = weak.dtype == torch.bfloat16 and queue.dtype == torch.bfloat16
+    if not bf16_dot:  # float32 path; other dtypes are upcast (no copy for float32)
+        weak, queue = weak.float(), queue.float()
+    weak, queue = weak.contiguous(), queue.contiguous()
+    queue_len = queue.shape[0]
     block_c = max(16, triton.next_power_of_2(dim))
-    block_n = 64 if block_c <= 256 else 32
-    block_q = 64 if block_c <= 256 else 32
-    if INTERPRET:
-        block_n, block_q = 64, 128
     scale_log2 = _LOG2E / tau
-    tiles_per_split, num_splits = (_queue_launch_shape(num_rows, queue_len, block_n, block_q, device,
-                                                       queue_splits) if queue_len > 0 else (0, 0))
-    part_max = torch.empty((num_rows, num_splits), dtype=torch.float32, device=device)
+
+    split_len = _queue_split_len(num_rows, queue_len, device, queue_splits) if queue_len else 1
+    num_splits = triton.cdiv(queue_len, split_len)
     part_sum = torch.empty((num_rows, num_splits), dtype=torch.float32, device=device)
     part_acc = torch.empty((num_rows, num_splits, dim), dtype=torch.float32, device=device)
     if num_splits > 0:
-        precision = "tf32x3" if device.type == "cuda" else "ieee"
-        grid = (triton.cdiv(num_rows, block_n), num_splits)
-        _ssa_queue_partial_kernel[grid](weak, queue, part_max, part_sum, part_acc,
-                                        num_rows, queue_len, dim, tiles_per_split, scale_log2,
-                                        BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_C=block_c,
-                                        PRECISION=precision,
-                                        num_warps=8 if block_c >= 256 else 4)
+        args = (weak, queue, part_sum, part_acc, num_rows, queue_len, dim, split_len, scale_log2)
+        if INTERPRET:
+            _ssa_queue_partial_kernel[(triton.cdiv(num_rows, 64), num_splits)](
+                *args, BLOCK_N=64, BLOCK_Q=_SPLIT_QUANTUM, BLOCK_C=block_c, BF16_DOT=bf16_dot,
+                UPCAST_BF16_DOT=True)
+        else:
+            grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_splits)
+            _ssa_queue_partial_kernel_tuned[grid](*args, BLOCK_C=block_c, BF16_DOT=bf16_dot,
+                                                  UPCAST_BF16_DOT=False)
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=device)
     grad = torch.empty((num_rows, dim), dtype=torch.float32, device=device)
     merge_block_n = 64 if INTERPRET else 16
     _ssa_merge_kernel[(triton.cdiv(num_rows, merge_block_n),)](
-        student, weak, part_max, part_sum, part_acc, row_loss, grad,
-        num_rows, dim, num_splits, scale_log2, 1.0 / num_rows,
-        BLOCK_N=merge_block_n, BLOCK_C=block_c, num_warps=4)
+        student, weak, part_sum, part_acc, row_loss, grad, num_rows, dim, num_splits,
+        1.0 / num_rows, BLOCK_N=merge_block_n, BLOCK_C=block_c, num_warps=4)
     return row_loss.mean(), grad
 
 

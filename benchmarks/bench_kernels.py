@@ -1,0 +1,216 @@
+"""Benchmark the Triton kernels against the torch eager reference and torch.compile of it.
+
+    python benchmarks/bench_kernels.py [--out benchmarks/results] [--cpu-smoke]
+
+Median times come from `triton.testing.do_bench`; GB/s counts the bytes each operation must
+move at least (inputs read once, outputs written once) and is set against the measured
+device-to-device copy bandwidth (read + write of a 1 GiB tensor). Writes `kernels.json` and
+`kernels.md` with the device name into the output folder.
+
+Without CUDA it refuses to run (exit code 2) unless `--cpu-smoke`: tiny shapes through Triton's
+interpreter and a wall-clock timer, only to test this script; those numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for kernels.json and kernels.md (default: benchmarks/results, "
+                             "or benchmarks/results/smoke with --cpu-smoke)")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny shapes on CPU through the Triton interpreter (tests the script only)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile baseline")
+    return parser.parse_args(argv)
+
+
+def shapes(smoke: bool) -> dict:
+    if smoke:
+        return {"filter": [(1, 3, 16, 16)], "ssa": [(4, 16, 32), (4, 16, 0)]}
+    return {
+        # B x K x H x W: K = 50 instances on the 256 (tiny) and 1024 (ViT) model canvas
+        "filter": [(8, 50, 256, 256), (2, 50, 1024, 1024)],
+        # N x C x q: 400 instances a step, 256 channels, queue lengths 128 .. 65536
+        "ssa": [(400, 256, q) for q in (128, 1024, 8192, 65536)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.out is None:  # smoke numbers never overwrite real results
+        args.out = DEFAULT_OUT / "smoke" if args.cpu_smoke else DEFAULT_OUT
+    if args.cpu_smoke:
+        # must happen before any Triton kernel module is imported
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("bench_kernels: no CUDA device; the kernel benchmark needs a GPU "
+              "(use --cpu-smoke only to test this script on CPU)", file=sys.stderr)
+        return 2
+    import triton.testing
+
+    import resam_kernels
+    from resam_kernels.entropy import entropy_filter_reference
+    from resam_kernels.overlap import suppress_overlap_reference
+    from resam_kernels.ssa import ssa_loss_reference
+
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    device_name = ("cpu (Triton interpreter, smoke test: numbers are meaningless)"
+                   if args.cpu_smoke else torch.cuda.get_device_name(device))
+    use_compile = not args.cpu_smoke and not args.no_compile
+
+    def median_ms(fn: Callable[[], object]) -> float:
+        fn()  # warm-up: Triton/torch.compile compilation happens here
+        if args.cpu_smoke:
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times)
+        return float(triton.testing.do_bench(fn, return_mode="median"))
+
+    def compiled(fn):
+        return torch.compile(fn, dynamic=False) if use_compile else None
+
+    # device-to-device copy bandwidth: read + write
+    copy_numel = (1 << 18) if args.cpu_smoke else (1 << 28)  # float32: 1 MiB / 1 GiB
+    copy_src = torch.empty(copy_numel, dtype=torch.float32, device=device).fill_(1.0)
+    copy_dst = torch.empty_like(copy_src)
+    copy_ms = median_ms(lambda: copy_dst.copy_(copy_src))
+    copy_gbps = 2 * copy_src.numel() * 4 / (copy_ms * 1e-3) / 1e9
+    del copy_src, copy_dst
+
+    rows: list[dict] = []
+
+    def record(kernel: str, shape: str, impls: dict[str, Callable | None], num_bytes: int) -> None:
+        """Times each implementation ("torch_eager" first: the others' speed-up refers to it)."""
+        eager_ms = None
+        for impl, fn in impls.items():
+            row = {"kernel": kernel, "shape": shape, "impl": impl, "bytes": num_bytes}
+            if fn is None:
+                row.update(ms=None, gbps=None, pct_copy_bw=None, speedup_vs_eager=None,
+                           note="skipped")
+            else:
+                try:
+                    ms = median_ms(fn)
+                except Exception as error:  # a baseline that fails to compile is reported, not fatal
+                    row.update(ms=None, gbps=None, pct_copy_bw=None, speedup_vs_eager=None,
+                               note=f"failed: {type(error).__name__}: {error}"[:300])
+                    rows.append(row)
+                    continue
+                gbps = num_bytes / (ms * 1e-3) / 1e9
+                if impl == "torch_eager":
+                    eager_ms = ms
+                row.update(ms=ms, gbps=gbps, pct_copy_bw=100.0 * gbps / copy_gbps,
+                           speedup_vs_eager=(eager_ms / ms) if eager_ms else None)
+            rows.append(row)
+            print(f"{kernel:18s} {shape:28s} {impl:14s} "
+                  + (f"{row['ms']:9.4f} ms {row['gbps']:8.1f} GB/s" if row["ms"] else row["note"]),
+                  flush=True)
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    for batch, num_instances, height, width in shapes(args.cpu_smoke)["filter"]:
+        shape = f"{batch}x{num_instances}x{height}x{width}"
+        numel = batch * num_instances * height * width
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.randn(batch, num_instances, height, width, device=device,
+                                 dtype=dtype, generator=generator) * 4
+            compiled_filter = compiled(entropy_filter_reference)
+            record(f"entropy_filter/{str(dtype)[6:]}", shape, {
+                "torch_eager": lambda: entropy_filter_reference(logits, 0.5, return_confidence=True),
+                "triton": lambda: resam_kernels.entropy_filter(logits, 0.5, return_confidence=True),
+                "torch_compile": compiled_filter and (
+                    lambda: compiled_filter(logits, 0.5, return_confidence=True)),
+            }, num_bytes=numel * (logits.element_size() + 1 + 4))  # logits in, keep + confidence out
+        keep, confidence = resam_kernels.entropy_filter(logits, 0.5, return_confidence=True)
+        del logits
+        counts = torch.full((batch,), num_instances, dtype=torch.int64, device=device)
+        counts[0] = max(0, num_instances - 7)
+        for mode in ("drop", "argmax"):
+            read_confidence = 4 if mode == "argmax" else 0
+            compiled_overlap = compiled(suppress_overlap_reference)
+            record(f"suppress_overlap/{mode}", shape, {
+                "torch_eager": lambda: suppress_overlap_reference(keep, confidence, counts, mode),
+                "triton": lambda: resam_kernels.suppress_overlap(keep, confidence, counts, mode),
+                "torch_compile": compiled_overlap and (
+                    lambda: compiled_overlap(keep, confidence, counts, mode)),
+            }, num_bytes=numel * (1 + read_confidence + 1) + batch * num_instances * 16)
+        del keep, confidence
+
+    tau = 0.07
+    for num_rows, dim, queue_len in shapes(args.cpu_smoke)["ssa"]:
+        shape = f"N{num_rows}xC{dim}xq{queue_len}"
+        for dtype in (torch.float32, torch.bfloat16):
+            student = torch.randn(num_rows, dim, device=device, dtype=dtype, generator=generator)
+            student.requires_grad_(True)
+            weak = torch.randn(num_rows, dim, device=device, dtype=dtype, generator=generator)
+            queue = torch.randn(queue_len, dim, device=device, dtype=dtype, generator=generator)
+
+            def forward_backward(loss_fn):
+                return lambda: torch.autograd.grad(loss_fn(student, weak, queue, tau), student)
+
+            compiled_ssa = compiled(ssa_loss_reference)
+            element = student.element_size()
+            record(f"ssa_loss_fwd_bwd/{str(dtype)[6:]}", shape, {
+                "torch_eager": forward_backward(ssa_loss_reference),
+                "triton": forward_backward(resam_kernels.ssa_loss),
+                "torch_compile": compiled_ssa and forward_backward(compiled_ssa),
+            }, num_bytes=(queue_len + 2 * num_rows) * dim * element + num_rows * dim * element)
+
+    result = {
+        "device": device_name,
+        "smoke": args.cpu_smoke,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "copy_bandwidth_gbps": copy_gbps,
+        "timer": "wall clock, median of 3" if args.cpu_smoke else "triton.testing.do_bench median",
+        "bytes_note": "minimum bytes moved: inputs read once, outputs written once",
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "kernels.md").write_text(markdown(result))
+    print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.md'}")
+    return 0
+
+
+def markdown(result: dict) -> str:
+    def number(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    lines = [
+        "# Kernel benchmark",
+        "",
+        f"Device: **{result['device']}** (torch {result['torch']}, triton {result['triton']}). "
+        f"Measured device-to-device copy bandwidth: {result['copy_bandwidth_gbps']:.1f} GB/s. "
+        f"Median time ({result['timer']}); GB/s = minimum bytes moved / time; "
+        "% copy = GB/s against that copy bandwidth; speed-up against torch eager.",
+        "",
+        "| kernel | shape | impl | median ms | GB/s | % copy BW | speed-up vs eager |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        ms = number(row["ms"], ".4f") if row["ms"] is not None else row.get("note", "-")
+        lines.append(f"| {row['kernel']} | {row['shape']} | {row['impl']} | {ms} | "
+                     f"{number(row['gbps'], '.1f')} | {number(row['pct_copy_bw'], '.1f')} | "
+                     f"{number(row['speedup_vs_eager'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Triton kernels on a real CUDA device at training sizes, against the torch references."""
+
+import pytest
+import torch
+
+import resam_kernels
+from resam_dist.resam.prompts import masks_to_boxes
+from resam_kernels.entropy import entropy_filter_reference
+from resam_kernels.overlap import suppress_overlap_reference
+from resam_kernels.ssa import ssa_loss_reference
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+
+
+def smooth_logits(batch, num_instances, size, dtype, seed):
+    """Blob-like mask logits: upsampled low-resolution noise, so instances overlap in regions."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    coarse = torch.randn(batch, num_instances, size // 32, size // 32, device=DEVICE,
+                         generator=generator) * 8 - 4
+    logits = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
+    return logits.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [256, 1024])
+def test_entropy_filter_realistic(dtype, size):
+    logits = smooth_logits(2, 50, size, dtype, seed=size)
+    keep, confidence = resam_kernels.entropy_filter(logits, 0.5, return_confidence=True)
+    keep_ref, confidence_ref = entropy_filter_reference(logits, 0.5, return_confidence=True)
+    # GPU transcendental functions differ from torch's in the last bits
+    torch.testing.assert_close(confidence, confidence_ref, atol=1e-5, rtol=1e-5)
+    disagree = keep != keep_ref
+    assert not (disagree & ((confidence_ref - 0.5).abs() > 1e-4)).any()
+    assert keep.any() and not keep.all()
+
+
+@pytest.mark.parametrize("mode", ["drop", "argmax"])
+@pytest.mark.parametrize("size", [256, 1024])
+def test_suppress_overlap_realistic(mode, size):
+    logits = smooth_logits(2, 50, size, torch.float32, seed=size + 1)
+    keep, confidence = entropy_filter_reference(logits, 0.2, return_confidence=True)
+    counts = torch.tensor([50, 31], device=DEVICE)
+    out, boxes = resam_kernels.suppress_overlap(keep, confidence, counts, mode)
+    out_ref, boxes_ref = suppress_overlap_reference(keep, confidence, counts, mode)
+    assert (keep.sum(dim=1) > 1).any()  # the case really has overlaps
+    assert torch.equal(out, out_ref)
+    assert torch.equal(boxes, boxes_ref)
+    assert torch.equal(boxes, masks_to_boxes(out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queue_len", [0, 128, 8192, 65536])
+def test_ssa_loss_realistic(dtype, queue_len):
+    generator = torch.Generator(device=DEVICE).manual_seed(queue_len)
+    student = torch.randn(400, 256, device=DEVICE, generator=generator)
+    weak = (student + 0.5 * torch.randn(400, 256, device=DEVICE, generator=generator)).to(dtype)
+    queue = torch.randn(queue_len, 256, device=DEVICE, generator=generator).to(dtype)
+    student = student.to(dtype).requires_grad_(True)
+    loss = resam_kernels.ssa_loss(student, weak, queue, 0.07)
+    (grad,) = torch.autograd.grad(loss, student)
+    loss_ref = ssa_loss_reference(student, weak, queue, 0.07)
+    (grad_ref,) = torch.autograd.grad(loss_ref, student)
+    # fp32 dots run as tf32x3 on tensor cores (about fp32 accuracy); bf16 inputs are exact in it
+    torch.testing.assert_close(loss, loss_ref, atol=1e-4, rtol=1e-4)
+    scale = grad_ref.float().abs().max().item()
+    tolerance = 1e-3 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad.float(), grad_ref.float(), atol=tolerance * scale,
+                               rtol=tolerance)
+
+
+def test_kernels_do_not_synchronise_the_host():
+    """Refine and SSA run inside the training step: no device-to-host sync allowed."""
+    logits = smooth_logits(2, 50, 256, torch.float32, seed=0)
+    counts = torch.tensor([50, 20], device=DEVICE)
+    student = torch.randn(40, 256, device=DEVICE, requires_grad=True)
+    weak = torch.randn(40, 256, device=DEVICE)
+    queue = torch.randn(1000, 256, device=DEVICE)
+
+    def run_all():
+        keep, confidence = resam_kernels.entropy_filter(logits, 0.5, return_confidence=True)
+        for mode in ("drop", "argmax"):
+            resam_kernels.suppress_overlap(keep, confidence, counts, mode)
+        resam_kernels.ssa_loss(student, weak, queue, 0.07).backward()
+
+    run_all()  # first call: compilation and the SSA autotuning may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_all()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert student.grad is not None and student.grad.abs().sum() > 0

@@ -1,0 +1,35 @@
+"""The kernel benchmark script: `--cpu-smoke` writes its JSON/markdown; without CUDA it refuses."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
+
+
+def test_cpu_smoke_writes_results(tmp_path):
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path)],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    assert result["smoke"] is True and "cpu" in result["device"]
+    assert result["copy_bandwidth_gbps"] > 0
+    kernels = {row["kernel"].split("/")[0] for row in result["rows"]}
+    assert kernels == {"entropy_filter", "suppress_overlap", "ssa_loss_fwd_bwd"}
+    timed = [row for row in result["rows"] if row["impl"] in ("triton", "torch_eager")]
+    assert timed and all(row["ms"] > 0 and row["gbps"] > 0 for row in timed)
+    markdown = (tmp_path / "kernels.md").read_text()
+    assert "| suppress_overlap/argmax |" in markdown and result["device"] in markdown
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal only happens without CUDA")
+def test_refuses_without_cuda(tmp_path):
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "CUDA" in completed.stderr
+    assert not (tmp_path / "kernels.json").exists()
