@@ -82,40 +82,48 @@ def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, box
     pixel = block_id * BLOCK + tl.arange(0, BLOCK)  # BLOCK
     in_range = pixel < num_pixels
     count = tl.minimum(tl.load(counts_ptr + image).to(tl.int32), num_instances)
-    image_base = image * num_instances * num_pixels
+    image_offset = image * num_instances * num_pixels  # int64: first pixel of instance 0
 
     # Pass 1 over the valid instances: how many keep each pixel / which one is most confident.
+    # Pointers step by one instance plane per iteration (64-bit, so K x H x W may exceed 2^31).
+    mask_ptrs = masks_ptr + image_offset + pixel  # BLOCK
+    confidence_ptrs = confidence_ptr + image_offset + pixel
     kept_by = tl.zeros([BLOCK], dtype=tl.int32)
     best_score = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     best_instance = tl.full([BLOCK], -1, dtype=tl.int32)
     for k in range(0, count):
-        offsets = image_base + k * num_pixels + pixel
-        kept = tl.load(masks_ptr + offsets, mask=in_range, other=0) != 0
+        kept = tl.load(mask_ptrs, mask=in_range, other=0) != 0
         if ARGMAX:
-            score = tl.load(confidence_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
+            score = tl.load(confidence_ptrs, mask=in_range, other=0.0).to(tl.float32)
             better = kept & ((score > best_score) | (best_instance < 0))  # strict: ties keep lower k
             best_score = tl.where(better, score, best_score)
             best_instance = tl.where(better, k, best_instance)
+            confidence_ptrs += num_pixels
         else:
             kept_by += kept.to(tl.int32)
+        mask_ptrs += num_pixels
 
     # Pass 2 over all instances: write the suppressed masks and this block's share of the boxes.
     row = pixel // width
     col = pixel - row * width
+    mask_ptrs = masks_ptr + image_offset + pixel
+    out_ptrs = out_ptr + image_offset + pixel
+    box_ptr = boxes_ptr + image * num_instances * 4  # instance 0 of this image
     for k in range(0, num_instances):
-        offsets = image_base + k * num_pixels + pixel
-        kept = (tl.load(masks_ptr + offsets, mask=in_range & (k < count), other=0) != 0)
+        kept = tl.load(mask_ptrs, mask=in_range & (k < count), other=0) != 0
         if ARGMAX:
             survives = kept & (best_instance == k)
         else:
             survives = kept & (kept_by == 1)
-        tl.store(out_ptr + offsets, survives.to(tl.uint8), mask=in_range)
+        tl.store(out_ptrs, survives.to(tl.uint8), mask=in_range)
         if tl.max(survives.to(tl.int32), axis=0) > 0:
-            box_ptr = boxes_ptr + (image * num_instances + k) * 4
             tl.atomic_min(box_ptr + 0, tl.min(tl.where(survives, col, num_pixels), axis=0))
             tl.atomic_min(box_ptr + 1, tl.min(tl.where(survives, row, num_pixels), axis=0))
             tl.atomic_max(box_ptr + 2, tl.max(tl.where(survives, col + 1, 0), axis=0))
             tl.atomic_max(box_ptr + 3, tl.max(tl.where(survives, row + 1, 0), axis=0))
+        mask_ptrs += num_pixels
+        out_ptrs += num_pixels
+        box_ptr += 4
 
 
 _BLOCK = 1 << 16 if INTERPRET else 2048
