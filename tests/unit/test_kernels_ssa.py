@@ -107,3 +107,20 @@ def test_scale_invariance_and_bad_inputs():
         resam_kernels.ssa_loss(student, weak[:2], queue, TAU)
     with pytest.raises(ValueError, match="tau"):
         resam_kernels.ssa_loss(student, weak, queue, 0.0)
+
+
+@pytest.mark.parametrize("tau", [0.01, 1.0])
+def test_zero_rows_near_duplicates_and_temperatures(tau):
+    """The kernel shifts the softmax by the self logit h_i . h_i / tau instead of a running max:
+    check rows where that bound is tight (queue copies of h_i) or degenerate (h_i = 0)."""
+    student, weak, queue = inputs(6, 200, 33, torch.float32, seed=7)
+    weak = weak.clone()
+    weak[0] = 0.0  # zero weak row: all logits 0, uniform weights over the zero self key and Q
+    queue = queue.clone()
+    queue[5] = weak[1] * 3.0  # a queue key equal to h_1 after normalisation
+    loss, grad = ssa_forward_triton(student, weak, queue, tau, queue_splits=2)
+    loss_ref = ssa_loss_reference(student, weak, queue, tau)
+    (grad_ref,) = torch.autograd.grad(loss_ref, student)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, loss_ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-4)
