@@ -1,0 +1,67 @@
+"""Train ReSAM on any number of ranks: parse -> build -> train -> close.
+
+    deepspeed --num_gpus 8 launch/train.py --config configs/nwpu.json
+    torchrun --nproc-per-node 8 launch/train.py --config configs/nwpu.json --set train.max_steps=100
+
+`--set key=value` overrides a dotted config key (the value is read as JSON, else as a string).
+A rank that fails ends the job with a message and a non-zero exit status, never a silent hang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="JSON config file (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="passed by the deepspeed launcher (LOCAL_RANK in the environment wins)")
+    args = parser.parse_args(argv)
+
+    from resam_dist.config import load_config
+    from resam_dist.train.engine import Trainer
+
+    rank = os.environ.get("RANK", "0")
+    try:
+        cfg = load_config(args.config, parse_overrides(args.set))
+        trainer = Trainer(cfg, local_rank_arg=args.local_rank)
+        trainer.train()
+        trainer.close()
+    except ValueError as error:  # a user error: config, data, checkpoint
+        print(f"[rank {rank}] error: {error}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as error:  # noqa: BLE001 - every other failure ends this rank loudly
+        traceback.print_exc()
+        from torch.distributed import DistError
+        if isinstance(error, DistError) or "gloo" in str(error).lower() or "nccl" in str(error).lower():
+            print(f"[rank {rank}] training stopped: a collective failed, another rank has probably died or hung "
+                  f"(collective timeout train.collective_timeout_s). Cause: {error}", file=sys.stderr, flush=True)
+        else:
+            print(f"[rank {rank}] training stopped: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # no clean-up: a broken process group can hang at exit
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

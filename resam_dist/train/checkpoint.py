@@ -1,0 +1,171 @@
+"""Atomic multi-rank checkpoints and the RNG state they carry.
+
+Layout under `<output_dir>/checkpoints/`:
+
+    step_00000020/                 one checkpoint (DeepSpeed tag)
+        mp_rank_00_model_states.pt ... DeepSpeed engine files (module, optimizer, lr scheduler)
+        client_rank00000.pt        per-rank trainer state (queue, data position, RNG, loss window)
+        meta.json                  step, world size, ZeRO stage
+    latest                         the tag of the newest complete checkpoint (text)
+
+Protocol (`CheckpointManager.save`): every rank writes into a temporary tag `.tmp-step_N`,
+then all ranks meet at a barrier; rank 0 writes meta.json, renames the temporary directory to
+`step_N`, and only then replaces `latest` (write to a temporary file, fsync, rename). A kill at
+any moment leaves either the previous `latest` or the new one pointing to a complete directory;
+leftover `.tmp-*` directories are removed at the next start. The last `keep_last` checkpoints
+are kept. Assumes `output_dir` is on a file system every node sees (as for DeepSpeed itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from resam_dist import distributed
+
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+TAG_PREFIX = "step_"
+
+
+def tag_for_step(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """RNG states of python, numpy, torch (CPU) and, on CUDA, this rank's device."""
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda":
+        if "cuda" not in state:
+            raise ValueError("the checkpoint was written without CUDA RNG state; resume it on the device type "
+                             "it was written on")
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints under `root` (see the module docstring)."""
+
+    def __init__(self, root: str | Path, *, keep_last: int, rank: int, world_size: int) -> None:
+        if keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    def client_file(self, tag: str, rank: int | None = None) -> Path:
+        return self.root / tag / f"client_rank{self.rank if rank is None else rank:05d}.pt"
+
+    def prepare(self) -> None:
+        """Create the folder and remove temporary directories a killed run left (collective)."""
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for leftover in self.root.glob(f"{TMP_PREFIX}*"):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+        distributed.barrier()
+
+    def latest_tag(self) -> str | None:
+        """The tag `latest` names, or None when there is no complete checkpoint."""
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        tag = pointer.read_text().strip()
+        if not (self.root / tag / "meta.json").is_file():
+            raise ValueError(f"{pointer} names checkpoint '{tag}', but {self.root / tag}/meta.json does not exist")
+        return tag
+
+    def read_meta(self, tag: str) -> dict[str, Any]:
+        return json.loads((self.root / tag / "meta.json").read_text())
+
+    def save(self, step: int, *, write_engine: Callable[[Path, str], None], client_state: dict[str, Any],
+             meta: dict[str, Any]) -> str:
+        """Write checkpoint `step` atomically (collective: every rank calls it).
+
+        write_engine(root, tag): writes the engine files of this rank into root/tag (DeepSpeed's
+        `engine.save_checkpoint(root, tag=tag, save_latest=False)`).
+        client_state: this rank's trainer state. meta: JSON-able facts rank 0 records.
+        Returns the final tag.
+        """
+        tag = tag_for_step(step)
+        tmp_tag = f"{TMP_PREFIX}{tag}"
+        tmp_dir = self.root / tmp_tag
+        write_engine(self.root, tmp_tag)
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(client_state, self.client_file(tmp_tag))
+        distributed.barrier()  # every rank's files are in tmp_dir
+        if self.rank == 0:
+            atomic_write_text(tmp_dir / "meta.json", json.dumps(
+                {**meta, "step": step, "world_size": self.world_size, "time": time.time()}, indent=1))
+            final_dir = self.root / tag
+            if final_dir.exists():  # written by an earlier attempt that never became `latest`
+                shutil.rmtree(final_dir)
+            os.rename(tmp_dir, final_dir)
+            _fsync_dir(self.root)
+            atomic_write_text(self.root / LATEST, tag + "\n")
+            self._prune(keep=tag)
+        distributed.barrier()  # no rank runs ahead of a checkpoint that is not complete
+        return tag
+
+    def load_client_state(self, tag: str) -> dict[str, Any]:
+        """This rank's trainer state from checkpoint `tag`; ValueError if the world size differs."""
+        meta = self.read_meta(tag)
+        if meta["world_size"] != self.world_size:
+            raise ValueError(f"checkpoint {self.root / tag} was written by {meta['world_size']} ranks, this run has "
+                             f"{self.world_size}: exact resume needs the same number of ranks (or start a new "
+                             f"train.output_dir / set checkpoint.resume false)")
+        path = self.client_file(tag)
+        if not path.is_file():
+            raise ValueError(f"checkpoint {self.root / tag} has no trainer state for rank {self.rank} ({path.name})")
+        # our own file: holds numpy/python RNG states, so not weights-only
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def tags(self) -> list[str]:
+        """Complete checkpoints, oldest first."""
+        found = [p.name for p in self.root.glob(f"{TAG_PREFIX}*") if (p / "meta.json").is_file()]
+        return sorted(found)
+
+    def _prune(self, *, keep: str) -> None:
+        complete = self.tags()
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            if old != keep:
+                shutil.rmtree(self.root / old, ignore_errors=True)

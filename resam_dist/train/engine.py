@@ -1,0 +1,506 @@
+"""The distributed trainer: DeepSpeed (ZeRO 1/2/3), the loop, the loss guard, checkpoints, exports.
+
+    trainer = Trainer(cfg)      # process group, model + LoRA, deepspeed.initialize, resume, loader
+    trainer.train()             # until train.max_steps optimizer steps (or train.epochs epochs)
+    trainer.close()
+
+Build. torch.distributed is initialised here (gloo on CPU, nccl on CUDA, collective timeout
+`train.collective_timeout_s`) before `deepspeed.initialize`, which reuses the group. The model is
+SAM with LoRA on the encoder qkv (only LoRA trains), wrapped in `TrainStepModule`, whose forward is
+one training objective, so DeepSpeed's (and ZeRO-3's) forward hooks run once per step. The
+optimizer is a torch AdamW over the LoRA parameters and the schedule a torch LambdaLR (warm-up +
+milestones), both handed to DeepSpeed; bf16 where the device supports it (`train.precision`).
+
+Step. Per micro-batch: forward (teacher, Refine, Requery, student, loss) -> loss guard -> backward
+-> `engine.step()` (optimizer step every `train.grad_accum_steps` micro-batches) -> push the
+weak-view embeddings of ALL ranks to the queue (all-gather, rank order). The loss guard
+all-reduces one small vector [loss, loss parts, non-finite flag] before backward, so every rank
+takes the same decision: a micro-batch whose loss is non-finite on any rank, or whose mean loss
+exceeds `resam.loss_spike_factor` times the mean of the last `resam.loss_window` accepted losses
+(once the window is full), is skipped on all ranks: no backward, no optimizer step, no queue
+push. Its images count as read; the skip is counted (metric, log) and the step is retried with
+the next batch.
+
+Checkpoints (`train/checkpoint.py`): every `checkpoint.every_steps` optimizer steps and at the
+end: DeepSpeed engine state, the queue, the data position, RNG states, step, loss-guard window.
+A restart with the same output_dir resumes from `latest` by itself; the losses of a resumed run
+equal those of an uninterrupted one (bitwise on CPU in fp32).
+
+Exports at the end (rank 0, `<output_dir>/export/`): `adapter/` (peft LoRA format) and
+`sam_merged.pth` (LoRA folded into qkv, official SAM key layout) for inference.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from resam_dist import distributed
+from resam_dist.config import Config, deepspeed_dict
+from resam_dist.data.batch import Batch
+from resam_dist.model.build import build_sam
+from resam_dist.model.lora import apply_lora, merge_lora, save_adapter
+from resam_dist.resam.queue import EmbeddingQueue
+from resam_dist.resam.step import StepResult, resam_step
+from resam_dist.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from resam_dist.train.metrics import JsonlLog, ProgressBar, TrainMetrics
+from resam_dist.train.schedule import build_scheduler
+
+LOG_FILE = "train_log.jsonl"
+EXPORT_DIR = "export"
+MERGED_FILE = "sam_merged.pth"
+
+
+class TrainStepModule(nn.Module):
+    """What DeepSpeed wraps: `sam` (PromptableSam with LoRA) plus a forward that is one training
+    objective on a batch, so the engine's forward (and ZeRO-3's root hooks) run once per step."""
+
+    def __init__(self, sam: nn.Module, cfg: Config) -> None:
+        super().__init__()
+        self.sam = sam
+        self.cfg = cfg
+
+    def forward(self, batch: Batch, step_state: Any, min_chunks: int = 1) -> StepResult:
+        if self.cfg.resam.method == "pointsam":
+            from resam_dist.resam.pointsam import pointsam_step
+            return pointsam_step(self.sam, batch, step_state, self.cfg)
+        return resam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks)
+
+
+@dataclass
+class GuardVerdict:
+    skip_reason: str | None      # None, "nonfinite" or "spike"
+    loss: float                  # mean over ranks (0 when some rank's loss is non-finite)
+    parts: dict[str, float]      # loss parts, mean over ranks
+    nonfinite_ranks: int
+
+
+class LossGuard:
+    """Skips non-finite or spiking losses on all ranks with one all-reduce (see the module docstring)."""
+
+    def __init__(self, *, spike_factor: float, window: int, world_size: int) -> None:
+        if window < 1:
+            raise ValueError(f"resam.loss_window must be >= 1, got {window}")
+        self.spike_factor = spike_factor
+        self.world_size = world_size
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+
+    def check(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> GuardVerdict:
+        """Collective: every rank calls it with its loss (scalar) and parts (same keys on all ranks)."""
+        names = sorted(parts)
+        local = torch.stack([loss.detach().float().reshape(())]
+                            + [parts[name].detach().float().reshape(()) for name in names])  # 1 + P
+        finite = torch.isfinite(local).all()
+        payload = torch.cat([torch.where(finite, local, torch.zeros_like(local)),
+                             (~finite).float().reshape(1)])  # 2 + P: values, non-finite flag
+        if distributed.is_initialized() and self.world_size > 1:
+            dist.all_reduce(payload, op=dist.ReduceOp.SUM)
+        values = payload.tolist()
+        nonfinite_ranks = int(values[-1])
+        mean_loss = values[0] / self.world_size
+        mean_parts = {name: values[1 + i] / self.world_size for i, name in enumerate(names)}
+        reason = None
+        if nonfinite_ranks > 0:
+            reason = "nonfinite"
+        elif (self.spike_factor > 0 and len(self.recent) == self.recent.maxlen
+              and mean_loss > self.spike_factor * (sum(self.recent) / len(self.recent))):
+            reason = "spike"
+        return GuardVerdict(skip_reason=reason, loss=mean_loss, parts=mean_parts, nonfinite_ranks=nonfinite_ranks)
+
+    def accept(self, loss: float) -> None:
+        self.recent.append(loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent": list(self.recent), "maxlen": self.recent.maxlen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recent = collections.deque(state["recent"], maxlen=self.recent.maxlen)
+
+
+@dataclass
+class _Window:
+    """Sums over the micro-batches of one optimizer step."""
+
+    micro_batches: int = 0
+    images: int = 0
+    loss: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    data_wait: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+    lr: float = 0.0
+
+    def add(self, verdict: GuardVerdict, *, images: int, seconds: float, data_wait: float,
+            stats: dict[str, float], lr: float) -> None:
+        self.micro_batches += 1
+        self.images += images
+        self.loss += verdict.loss
+        for name, value in verdict.parts.items():
+            self.parts[name] = self.parts.get(name, 0.0) + value
+        self.seconds += seconds
+        self.data_wait += data_wait
+        for name, value in stats.items():
+            self.stats[name] = self.stats.get(name, 0.0) + float(value)
+        self.lr = lr
+
+
+def _bf16_supported(cfg: Config, device: torch.device) -> bool:
+    """CUDA: the device's bf16 support. CPU: bf16 only when train.precision asks for it ("auto" is fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cfg.train.precision == "bf16"
+
+
+def _disable_deepspeed_shm_build() -> None:
+    """deepspeed.comm JIT-builds its CPU shared-memory collective op (~35-50 s) when it wraps the
+    process group, which training does not need (gloo does the work): mark it unavailable.
+    DeepSpeed keeps `deepspeed.ops.__compatible_ops__` as one dict meant to be edited."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+class Trainer:
+    """One rank of a ReSAM training run (see the module docstring)."""
+
+    def __init__(self, cfg: Config, *, local_rank_arg: int | None = None) -> None:
+        import deepspeed
+
+        self.cfg = cfg
+        self.info = distributed.init_distributed(cfg.train.collective_timeout_s, local_rank_arg=local_rank_arg)
+        self.rank, self.world_size, self.device = self.info.rank, self.info.world_size, self.info.device
+        self.is_main = self.rank == 0
+        self.output_dir = Path(cfg.train.output_dir)
+        self.zero_stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
+        if cfg.data.max_instances < 1:
+            raise ValueError(f"{cfg.source}: key 'data.max_instances' must be >= 1")
+        self._seed_everything(cfg.train.seed + self.rank)
+
+        # ---- model, LoRA, optimizer, schedule, DeepSpeed --------------------------------------
+        sam = build_sam(cfg.model.name, cfg.model.checkpoint, seed=cfg.train.seed)
+        apply_lora(sam, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                   start_block=cfg.lora.start_block, seed=cfg.train.seed + 1)
+        sam.train()  # LoRA dropout on (SAM itself has no dropout or batch norm)
+        if self.zero_stage == 3:
+            from deepspeed.utils import set_z3_leaf_module
+            for module in sam.leaf_modules():
+                set_z3_leaf_module(module, True)
+        self.sam = sam
+        module = TrainStepModule(sam, cfg)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"{cfg.source}: no trainable (LoRA) parameters; check the 'lora' section")
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        scheduler = build_scheduler(optimizer, warmup_steps=cfg.train.warmup_steps,
+                                    milestones=cfg.train.milestones, gamma=cfg.train.lr_gamma)
+        self.ds_config = deepspeed_dict(cfg, self.world_size, _bf16_supported(cfg, self.device))
+        self.bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
+        if self.device.type == "cpu":
+            _disable_deepspeed_shm_build()
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            dist_init_required=False)
+        self.images_per_step = cfg.train.images_per_rank * cfg.train.grad_accum_steps
+
+        # ---- trainer state: queue (or PointSAM store), guard, counters ------------------------
+        if cfg.resam.method == "pointsam":
+            from resam_dist.resam.pointsam import PointSamState
+            self.step_state: Any = PointSamState.from_config(cfg, dim=sam.embed_dim)
+        else:
+            self.step_state = EmbeddingQueue(cfg.resam.queue_size, sam.embed_dim, device=self.device)
+        self.guard = LossGuard(spike_factor=cfg.resam.loss_spike_factor, window=cfg.resam.loss_window,
+                               world_size=self.world_size)
+        self.step = 0
+        self.data_position = 0
+        self.skipped: dict[str, int] = {"nonfinite": 0, "spike": 0}
+        self._nan_fired = False
+
+        # ---- resume ---------------------------------------------------------------------------
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                             rank=self.rank, world_size=self.world_size)
+        self.checkpoints.prepare()
+        self.resumed_from = self._resume() if cfg.checkpoint.resume else None
+
+        # ---- data, telemetry ------------------------------------------------------------------
+        from resam_dist.data.pipeline import build_train_loader
+
+        self.loader = build_train_loader(cfg, image_size=sam.image_size, rank=self.rank,
+                                         world_size=self.world_size, local_rank=self.info.local_rank,
+                                         device=self.device, start_position=self.data_position)
+        if cfg.train.max_steps > 0:
+            self.total_steps = cfg.train.max_steps
+        else:
+            self.total_steps = cfg.train.epochs * len(self.loader) // cfg.train.grad_accum_steps
+        self.metrics = TrainMetrics(rank=self.rank, local_rank=self.info.local_rank,
+                                    base_port=cfg.metrics.base_port, enabled=cfg.metrics.enabled,
+                                    device=self.device)
+        self.log = JsonlLog(self.output_dir / LOG_FILE if (self.is_main and cfg.metrics.jsonl) else None)
+        self._announce()
+
+    # ------------------------------------------------------------------------------------------
+    # set-up helpers
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _announce(self) -> None:
+        """Gather every rank's identity and metrics port; rank 0 logs them (console + JSON lines)."""
+        me = {"rank": self.rank, "local_rank": self.info.local_rank, "host": socket.gethostname(),
+              "pid": os.getpid(), "device": str(self.device), "metrics_port": self.metrics.port}
+        ranks: list[Any] = [None] * self.world_size
+        dist.all_gather_object(ranks, me)
+        print(f"[rank {self.rank}/{self.world_size} local_rank {self.info.local_rank} on {me['host']}] "
+              f"device {self.device}, metrics port {self.metrics.port}", flush=True)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(
+                {"source": self.cfg.source, "deepspeed": self.ds_config}, indent=1, default=str))
+            precision = "bf16" if self.bf16 else "fp32"
+            print(f"[train] world {self.world_size}, ZeRO stage {self.zero_stage}, {precision}, "
+                  f"{self.images_per_step} images/rank/step, {self.total_steps} steps, "
+                  f"{'resumed from ' + self.resumed_from if self.resumed_from else 'fresh start'}", flush=True)
+            self.log.write({"event": "start", "world_size": self.world_size, "zero_stage": self.zero_stage,
+                            "precision": precision, "step": self.step, "total_steps": self.total_steps,
+                            "resumed_from": self.resumed_from, "data_position": self.data_position,
+                            "ranks": ranks})
+
+    def _resume(self) -> str | None:
+        tag = self.checkpoints.latest_tag()
+        if tag is None:
+            return None
+        client = self.checkpoints.load_client_state(tag)
+        load_path, _ = self.engine.load_checkpoint(str(self.checkpoints.root), tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ValueError(f"DeepSpeed could not load checkpoint {self.checkpoints.root / tag}")
+        self.step = int(client["step"])
+        if int(self.engine.global_steps) != self.step:
+            raise ValueError(f"checkpoint {tag}: trainer step {self.step} but DeepSpeed global_steps "
+                             f"{self.engine.global_steps}")
+        self.data_position = int(client["data_position"])
+        self.step_state.load_state_dict(client["step_state"])
+        self.guard.load_state_dict(client["guard"])
+        self.skipped = dict(client["skipped"])
+        restore_rng_state(client["rng"], self.device)
+        return tag
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+
+    def _prepare(self, batch: Batch) -> Batch:
+        batch = batch.to(self.device)
+        if self.bf16:  # DeepSpeed runs the module in bf16; the images follow (coordinates stay float32)
+            batch.weak = batch.weak.to(torch.bfloat16)
+            batch.strong = batch.strong.to(torch.bfloat16)
+        return batch
+
+    def _min_chunks(self, batch: Batch) -> int:
+        """ZeRO-3: every rank must make the same number of decoder calls (max over ranks)."""
+        if self.zero_stage != 3:
+            return 1
+        chunks = torch.tensor([max(1, math.ceil(batch.points.shape[1] / self.cfg.data.max_instances))],
+                              dtype=torch.int64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(chunks, op=dist.ReduceOp.MAX)
+        return int(chunks.item())
+
+    def _poison(self, loss: torch.Tensor) -> torch.Tensor:
+        faults = self.cfg.faults
+        if (faults.nan_loss_step and not self._nan_fired and self.step + 1 == faults.nan_loss_step):
+            self._nan_fired = True
+            if self.rank == faults.nan_loss_rank:
+                print(f"[rank {self.rank}] faults.nan_loss_step: loss x NaN at step {self.step + 1}", flush=True)
+                return loss * float("nan")
+        return loss
+
+    def _finished(self) -> bool:
+        if self.cfg.train.max_steps > 0:
+            return self.step >= self.cfg.train.max_steps
+        return self.loader.epoch >= self.cfg.train.epochs
+
+    def train(self) -> dict[str, Any]:
+        """Run to the end; returns a summary (rank-local): steps, skipped, last loss."""
+        cfg = self.cfg
+        bar = ProgressBar(enabled=self.is_main, total=self.total_steps, initial=self.step)
+        window = _Window()
+        last_loss = float("nan")
+        last_checkpoint = self.step
+        try:
+            while not self._finished():
+                steps_before_epoch = self.step
+                batches = iter(self.loader)
+                while not self._finished():
+                    wait_start = time.perf_counter()
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    step_start = time.perf_counter()
+                    data_wait = step_start - wait_start
+                    self.data_position = batch.position
+                    batch = self._prepare(batch)
+                    min_chunks = self._min_chunks(batch)
+                    result = self.engine(batch, self.step_state, min_chunks=min_chunks)
+                    loss = self._poison(result.loss)
+                    verdict = self.guard.check(loss, result.parts)
+                    images = batch.weak.shape[0]
+                    if verdict.skip_reason is not None:
+                        del result, loss
+                        self._record_skip(verdict, images=images, seconds=time.perf_counter() - step_start,
+                                          data_wait=data_wait)
+                        continue
+                    lr = float(self.engine.get_lr()[0])
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    if isinstance(self.step_state, EmbeddingQueue):
+                        self.step_state.push_all_ranks(result.weak_embeddings)  # after the loss, all ranks
+                    self.guard.accept(verdict.loss)
+                    window.add(verdict, images=images, seconds=time.perf_counter() - step_start,
+                               data_wait=data_wait, stats=result.stats, lr=lr)
+                    del result, loss
+                    if int(self.engine.global_steps) == self.step:
+                        continue  # inside a gradient-accumulation window
+                    self.step = int(self.engine.global_steps)
+                    last_loss = window.loss / window.micro_batches
+                    self._record_step(window, bar)
+                    window = _Window()
+                    every = cfg.checkpoint.every_steps
+                    if every > 0 and self.step % every == 0:
+                        self.save_checkpoint()
+                        last_checkpoint = self.step
+                    if cfg.faults.kill_after_step and self.step == cfg.faults.kill_after_step:
+                        self._hard_kill()
+                if self.step == steps_before_epoch and not self._finished():
+                    raise RuntimeError(f"a whole epoch ({len(self.loader)} batches) gave no optimizer step: every "
+                                       f"step was skipped by the loss guard ({self.skipped})")
+            if self.step != last_checkpoint or self.checkpoints.latest_tag() is None:
+                self.save_checkpoint()
+            exports = self.export()
+        finally:
+            bar.close()
+        if self.is_main:
+            self.log.write({"event": "end", "step": self.step, "skipped": self.skipped, "exports": exports})
+            print(f"[train] done: {self.step} steps, skipped {self.skipped}, exports in "
+                  f"{self.output_dir / EXPORT_DIR}", flush=True)
+        return {"step": self.step, "skipped": dict(self.skipped), "loss": last_loss}
+
+    def _record_step(self, window: _Window, bar: ProgressBar) -> None:
+        count = window.micro_batches
+        loss = window.loss / count
+        parts = {name: value / count for name, value in window.parts.items()}
+        queue_entries = len(self.step_state) if isinstance(self.step_state, EmbeddingQueue) else 0
+        memory = self.metrics.observe_step(images=window.images, duration_s=window.seconds,
+                                           data_wait_s=window.data_wait, losses={"total": loss, **parts},
+                                           learning_rate=window.lr, queue_entries=queue_entries)
+        seconds = window.seconds + window.data_wait
+        local_rate = window.images / seconds if seconds > 0 else 0.0
+        memory_bytes = memory.get("allocated_bytes", memory["rss_bytes"])
+        bar.update(step=self.step, loss=loss, images_per_second=local_rate * self.world_size,
+                   memory_bytes=memory_bytes)
+        every = max(1, self.cfg.train.log_every)
+        if self.is_main and (self.step % every == 0 or self.step >= self.total_steps):
+            self.log.write({
+                "event": "step", "step": self.step, "epoch": self.loader.epoch, "loss": loss, "parts": parts,
+                "lr": window.lr, "images": window.images * self.world_size,
+                "images_per_second": local_rate * self.world_size, "step_seconds": window.seconds,
+                "data_wait_seconds": window.data_wait, "queue_entries": queue_entries,
+                "skipped": dict(self.skipped), "data_position": self.data_position, "memory": memory,
+                "stats_rank0": {name: value / count for name, value in window.stats.items()},
+            })
+
+    def _record_skip(self, verdict: GuardVerdict, *, images: int, seconds: float, data_wait: float) -> None:
+        reason = verdict.skip_reason
+        assert reason is not None
+        self.skipped[reason] += 1
+        self.metrics.observe_skip(reason=reason, images=images, duration_s=seconds, data_wait_s=data_wait)
+        if self.is_main:
+            detail = (f"non-finite loss on {verdict.nonfinite_ranks} rank(s)" if reason == "nonfinite"
+                      else f"loss {verdict.loss:.4g} > {self.guard.spike_factor} x recent mean")
+            print(f"[train] step {self.step + 1} skipped on all ranks: {detail}", flush=True)
+            self.log.write({"event": "skip", "step": self.step + 1, "reason": reason, "loss": verdict.loss,
+                            "nonfinite_ranks": verdict.nonfinite_ranks, "skipped": dict(self.skipped),
+                            "data_position": self.data_position})
+
+    def _hard_kill(self) -> None:
+        print(f"[rank {self.rank}] faults.kill_after_step: SIGKILL after step {self.step}", flush=True)
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints and exports
+
+    def save_checkpoint(self) -> str:
+        client = {"step": self.step, "data_position": self.data_position,
+                  "step_state": self.step_state.state_dict(), "guard": self.guard.state_dict(),
+                  "skipped": dict(self.skipped), "rng": capture_rng_state(self.device)}
+
+        def write_engine(root: Path, tag: str) -> None:
+            self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+
+        tag = self.checkpoints.save(self.step, write_engine=write_engine, client_state=client,
+                                    meta={"zero_stage": self.zero_stage, "data_position_rank0": self.data_position})
+        if self.is_main:
+            self.log.write({"event": "checkpoint", "step": self.step, "tag": tag})
+        return tag
+
+    def lora_weights(self) -> dict[str, torch.Tensor]:
+        """Full fp32 LoRA tensors keyed by PromptableSam parameter name (collective under ZeRO-3;
+        every rank calls it, every rank gets them)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        weights = {}
+        for name, parameter in self.sam.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            full = safe_get_full_fp32_param(parameter)  # ZeRO: the fp32 master copy, gathered
+            if full is None:  # no ZeRO and fp32: the module holds the full tensor
+                full = parameter
+            weights[name] = full.detach().float().cpu().clone()
+        return weights
+
+    def export(self) -> dict[str, str]:
+        """Write the LoRA adapter (peft format) and the merged SAM weights (official key layout)."""
+        weights = self.lora_weights()
+        exports: dict[str, str] = {}
+        if self.is_main:
+            cfg = self.cfg
+            model = build_sam(cfg.model.name, cfg.model.checkpoint, seed=cfg.train.seed)  # the base weights, fp32
+            apply_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                       start_block=cfg.lora.start_block, seed=cfg.train.seed + 1)
+            with torch.no_grad():
+                for name, value in weights.items():
+                    model.get_parameter(name).copy_(value)
+            model.eval()
+            export_dir = self.output_dir / EXPORT_DIR
+            adapter_dir = save_adapter(model, export_dir / "adapter")
+            merged = merge_lora(model)
+            merged_path = export_dir / MERGED_FILE
+            tmp_path = merged_path.with_name(merged_path.name + ".tmp")
+            torch.save(merged.state_dict(), tmp_path)
+            os.replace(tmp_path, merged_path)
+            exports = {"adapter": str(adapter_dir), "merged": str(merged_path)}
+        distributed.barrier()
+        return exports
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.log.close()
+        distributed.barrier()
+        distributed.close()
