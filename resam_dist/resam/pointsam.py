@@ -260,7 +260,8 @@ def calibrated_prompts(positives: torch.Tensor, teacher_masks: torch.Tensor, cou
     if max_neighbours == 0:
         return positives, pos_labels, overlap
     # the first J overlapping instances of each instance, True entries first, in index order
-    order = torch.argsort(overlap.to(torch.int8), dim=2, descending=True, stable=True)[..., :max_neighbours]  # B x K x J
+    order = torch.argsort(overlap.to(torch.int8), dim=2, descending=True, stable=True)  # B x K x K
+    order = order[..., :max_neighbours]  # B x K x J
     present = torch.gather(overlap, 2, order)  # B x K x J
     image_index = torch.arange(num_images, device=positives.device).view(num_images, 1, 1)  # B x 1 x 1
     neighbour_points = positives[image_index, order]  # B x K x J x N x 2

@@ -78,7 +78,7 @@ class TrainStepModule(nn.Module):
     def forward(self, batch: Batch, step_state: Any, min_chunks: int = 1) -> StepResult:
         if self.cfg.resam.method == "pointsam":
             from resam_dist.resam.pointsam import pointsam_step
-            return pointsam_step(self.sam, batch, step_state, self.cfg)
+            return pointsam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks)
         return resam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks)
 
 
