@@ -1,7 +1,8 @@
 """SAM registry and official checkpoint loading.
 
-`tiny` is a ~3.4 M-parameter SAM for tests and the demo (256 px, 16 x 16 feature map with 256
-channels, 4 encoder blocks: windowed, global, windowed, global). `vit_b`, `vit_l` and `vit_h` use
+`tiny` is a ~2.9 M-parameter SAM for tests and the demo (256 px, 16 x 16 feature map with 128
+channels, 6 encoder blocks of width 160 with global attention in blocks 2 and 5, a 128-wide
+decoder: cheap enough to pretrain and adapt on a 2-core CPU). `vit_b`, `vit_l` and `vit_h` use
 the official hyper-parameters (1024 px) and load the official checkpoints
 (`sam_vit_b_01ec64.pth`, ...) from a local path; nothing is downloaded.
 """
@@ -40,11 +41,14 @@ class SamSpec:
     decoder_mlp_dim: int = 2048
     decoder_num_heads: int = 8
     iou_head_hidden_dim: int = 256
+    prompt_embed_dim: int = PROMPT_EMBED_DIM
+    """Channels of the feature map, the prompt embeddings and the decoder transformer."""
 
 
 SAM_REGISTRY: dict[str, SamSpec] = {
-    "tiny": SamSpec(image_size=256, encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=3,
-                    encoder_global_attn_indexes=(1, 3), window_size=8, decoder_mlp_dim=256),
+    "tiny": SamSpec(image_size=256, encoder_embed_dim=160, encoder_depth=6, encoder_num_heads=5,
+                    encoder_global_attn_indexes=(2, 5), window_size=8, decoder_mlp_dim=512,
+                    iou_head_hidden_dim=128, prompt_embed_dim=128),
     "vit_b": SamSpec(image_size=1024, encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
                      encoder_global_attn_indexes=(2, 5, 8, 11)),
     "vit_l": SamSpec(image_size=1024, encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
@@ -96,26 +100,26 @@ def _build(spec: SamSpec) -> PromptableSam:
         use_rel_pos=True,
         global_attn_indexes=spec.encoder_global_attn_indexes,
         window_size=spec.window_size,
-        out_chans=PROMPT_EMBED_DIM,
+        out_chans=spec.prompt_embed_dim,
     )
     prompt_encoder = PromptEncoder(
-        embed_dim=PROMPT_EMBED_DIM,
+        embed_dim=spec.prompt_embed_dim,
         image_embedding_size=(feature_size, feature_size),
         input_image_size=(spec.image_size, spec.image_size),
         mask_in_chans=16,
     )
-    pe_layer = Fp32PositionEmbedding(PROMPT_EMBED_DIM // 2)
+    pe_layer = Fp32PositionEmbedding(spec.prompt_embed_dim // 2)
     pe_layer.positional_encoding_gaussian_matrix.copy_(prompt_encoder.pe_layer.positional_encoding_gaussian_matrix)
     prompt_encoder.pe_layer = pe_layer
     mask_decoder = BatchedMaskDecoder(
         num_multimask_outputs=3,
         transformer=TwoWayTransformer(
             depth=spec.decoder_depth,
-            embedding_dim=PROMPT_EMBED_DIM,
+            embedding_dim=spec.prompt_embed_dim,
             mlp_dim=spec.decoder_mlp_dim,
             num_heads=spec.decoder_num_heads,
         ),
-        transformer_dim=PROMPT_EMBED_DIM,
+        transformer_dim=spec.prompt_embed_dim,
         iou_head_depth=3,
         iou_head_hidden_dim=spec.iou_head_hidden_dim,
     )

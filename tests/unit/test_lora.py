@@ -11,8 +11,8 @@ from resam_dist.model.lora import (
     CONFIG_FILE, WEIGHTS_FILE, apply_lora, has_lora, load_adapter, lora_state_dict, merge_lora, save_adapter)
 
 SIZE = 256
-EMBED_DIM = 96  # tiny encoder width
-DEPTH = 4  # tiny encoder blocks
+EMBED_DIM = 160  # tiny encoder width
+DEPTH = 6  # tiny encoder blocks
 
 
 def inputs(seed: int = 0):
@@ -47,13 +47,13 @@ def test_only_lora_of_blocks_from_start_block_train(start_block):
                       for i in range(start_block, DEPTH) for part in ("lora_A", "lora_B")}
     assert set(trainable) == expected_names
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    assert len(frozen) > 0 and sum(p.numel() for p in frozen) > 3_000_000
+    assert len(frozen) > 0 and sum(p.numel() for p in frozen) > 2_500_000
     assert set(lora_state_dict(model)) == {name.replace(".default.", ".") for name in expected_names}
 
 
 def test_invalid_lora_arguments():
-    with pytest.raises(ValueError, match=r"start_block must lie in \[0, 3\]"):
-        apply_lora(build_sam("tiny", seed=0), rank=4, alpha=4.0, dropout=0.0, start_block=4)
+    with pytest.raises(ValueError, match=r"start_block must lie in \[0, 5\]"):
+        apply_lora(build_sam("tiny", seed=0), rank=4, alpha=4.0, dropout=0.0, start_block=6)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         apply_lora(build_sam("tiny", seed=0), rank=0, alpha=4.0, dropout=0.0, start_block=0)
     with pytest.raises(ValueError, match="already has LoRA"):

@@ -22,7 +22,7 @@ def features(tiny) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(3, 3, SIZE, SIZE, generator=generator)
     with torch.no_grad():
-        return tiny.encode(images)  # 3 x 256 x 16 x 16
+        return tiny.encode(images)  # 3 x 128 x 16 x 16
 
 
 def random_prompts(num_images: int, num_instances: int, num_points: int, seed: int):
@@ -37,14 +37,15 @@ def random_prompts(num_images: int, num_instances: int, num_points: int, seed: i
 
 def sam_reference(model: PromptableSam, features, counts, points, labels, boxes):
     """SAM's own per-image prompt encoder + mask decoder + upsampling, with the same weights."""
-    prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(16, 16),
+    spec = SAM_REGISTRY["tiny"]
+    dim = spec.prompt_embed_dim
+    prompt_encoder = PromptEncoder(embed_dim=dim, image_embedding_size=(16, 16),
                                    input_image_size=(SIZE, SIZE), mask_in_chans=16)
     prompt_encoder.load_state_dict(model.prompt_encoder.state_dict())
-    spec = SAM_REGISTRY["tiny"]
     mask_decoder = MaskDecoder(
-        num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3,
+        num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=3,
         iou_head_hidden_dim=spec.iou_head_hidden_dim,
-        transformer=TwoWayTransformer(depth=spec.decoder_depth, embedding_dim=256,
+        transformer=TwoWayTransformer(depth=spec.decoder_depth, embedding_dim=dim,
                                       mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_num_heads))
     mask_decoder.load_state_dict(model.mask_decoder.state_dict())
     results = []
@@ -83,12 +84,12 @@ def test_official_variants_have_the_official_state_dict_layout(name):
 def test_tiny_architecture(tiny, features):
     num_params = sum(p.numel() for p in tiny.parameters())
     assert 2_500_000 < num_params < 4_000_000
-    assert (tiny.image_size, tiny.feature_stride, tiny.embed_dim) == (256, 16, 256)
+    assert (tiny.image_size, tiny.feature_stride, tiny.embed_dim) == (256, 16, 128)
     blocks = tiny.image_encoder.blocks
     assert len(blocks) >= 4
     window_sizes = [block.window_size for block in blocks]
     assert 0 in window_sizes and any(w > 0 for w in window_sizes)  # windowed and global blocks
-    assert features.shape == (3, 256, 16, 16)
+    assert features.shape == (3, 128, 16, 16)
 
 
 def test_seed_makes_init_reproducible_and_leaves_global_rng_alone():
@@ -153,9 +154,9 @@ def test_checkpoint_errors_name_the_file_and_the_keys(tmp_path, tiny):
     with pytest.raises(ValueError, match=r"unexpected\.pth.*unexpected keys: image_encoder\.extra"):
         build_sam("tiny", tmp_path / "unexpected.pth")
 
-    wrong_shape = dict(state, **{"image_encoder.pos_embed": torch.zeros(1, 8, 8, 96)})
+    wrong_shape = dict(state, **{"image_encoder.pos_embed": torch.zeros(1, 8, 8, 64)})
     torch.save(wrong_shape, tmp_path / "shape.pth")
-    with pytest.raises(ValueError, match=r"shape\.pth.*image_encoder\.pos_embed: checkpoint \(1, 8, 8, 96\)"):
+    with pytest.raises(ValueError, match=r"shape\.pth.*image_encoder\.pos_embed: checkpoint \(1, 8, 8, 64\)"):
         build_sam("tiny", tmp_path / "shape.pth")
 
     with pytest.raises(ValueError, match=r"tiny\.pth does not match SAM 'vit_b'.*shape mismatches"):  # a tiny checkpoint is no ViT-B
@@ -237,7 +238,7 @@ def test_forward_with_and_without_grad(tiny):
         teacher_logits, teacher_iou, teacher_features = tiny(images, counts, points, labels)
     assert not teacher_logits.requires_grad
     logits, iou, feats = tiny(images, counts, points, labels)
-    assert feats.shape == (2, 256, 16, 16)
+    assert feats.shape == (2, 128, 16, 16)
     torch.testing.assert_close(logits, teacher_logits)
     (logits[0, 0].sigmoid().mean() + iou[1, 0] + feats.mean()).backward()
     patch_grad = tiny.image_encoder.patch_embed.proj.weight.grad

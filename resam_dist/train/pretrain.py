@@ -1,0 +1,118 @@
+"""Fully supervised pretraining of a SAM on synthetic scenes: the demo's stand-in for SAM's own
+pretraining (no SAM weights can be had on these machines).
+
+Every parameter trains; prompts alternate between point prompts (1-3 positives and as many
+negatives, as in ReSAM training) and ground-truth boxes (as Requery uses them). Scenes are
+generated in memory from a seed, so the data never repeats and no files are written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from resam_dist.data.synthetic import make_scene
+from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD
+from resam_dist.model.sam import PromptableSam
+from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss, valid_from_counts
+from resam_dist.resam.prompts import sample_points
+
+
+@dataclass
+class SceneBatch:
+    images: torch.Tensor      # B x 3 x S x S float32, SAM-normalised
+    masks: torch.Tensor       # B x K x S x S bool
+    points: torch.Tensor      # B x K x 2N x 2 float32
+    point_labels: torch.Tensor  # B x K x 2N int64
+    boxes: torch.Tensor       # B x K x 4 float32
+    counts: torch.Tensor      # B int64
+
+
+def normalise(image: np.ndarray) -> torch.Tensor:
+    """H x W x 3 (or H x W) uint8 -> 3 x H x W float32 with SAM's mean/std."""
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()  # 3 x H x W
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+def scene_batch(kinds: list[str], size: int, num_points: int, rng: np.random.Generator,
+                max_instances: int) -> SceneBatch:
+    """One batch of freshly generated scenes (one per entry of `kinds`) at size x size."""
+    scenes = [make_scene(kind, size, size, rng) for kind in kinds]
+    max_k = max(1, max(min(len(s.category_ids), max_instances) for s in scenes))
+    batch = len(scenes)
+    images = torch.stack([normalise(s.image) for s in scenes])  # B x 3 x S x S
+    masks = torch.zeros(batch, max_k, size, size, dtype=torch.bool)
+    points = torch.zeros(batch, max_k, 2 * num_points, 2)
+    labels = torch.full((batch, max_k, 2 * num_points), -1, dtype=torch.int64)
+    counts = torch.zeros(batch, dtype=torch.int64)
+    for b, scene in enumerate(scenes):
+        keep = [k for k in range(len(scene.category_ids)) if scene.masks[k].any()][:max_instances]
+        counts[b] = len(keep)
+        for slot, k in enumerate(keep):
+            mask = scene.masks[k]
+            masks[b, slot] = torch.from_numpy(mask)
+            pos, neg = sample_points(mask, num_points, rng)
+            points[b, slot] = torch.from_numpy(np.concatenate([pos, neg]))
+            labels[b, slot, :num_points] = 1
+            labels[b, slot, num_points:] = 0
+    from resam_dist.resam.prompts import masks_to_boxes
+    boxes = masks_to_boxes(masks)  # B x K x 4
+    return SceneBatch(images, masks, points, labels, boxes, counts)
+
+
+def supervised_loss(model: PromptableSam, batch: SceneBatch, use_boxes: bool, box_jitter: float,
+                    rng: np.random.Generator) -> torch.Tensor:
+    """20 focal + dice + iou_mse of the model's masks against the ground truth."""
+    valid = valid_from_counts(batch.counts, batch.masks.shape[1])  # B x K
+    features = model.encode(batch.images)
+    if use_boxes:
+        size = model.image_size
+        wh = (batch.boxes[..., 2:] - batch.boxes[..., :2]).repeat(1, 1, 2)  # B x K x 4
+        noise = torch.from_numpy(rng.normal(0.0, box_jitter, batch.boxes.shape).astype(np.float32))
+        boxes = (batch.boxes + noise * wh).clamp(0, size)
+        logits, iou = model.decode(features, batch.counts, boxes=boxes)
+    else:
+        logits, iou = model.decode(features, batch.counts, points=batch.points, point_labels=batch.point_labels)
+    return (20.0 * focal_loss(logits, batch.masks, valid) + dice_loss(logits, batch.masks, valid)
+            + iou_mse_loss(iou, logits, batch.masks, valid))
+
+
+def pretrain(model: PromptableSam, *, kinds: list[str], steps: int, images_per_step: int, lr: float,
+             seed: int, max_instances: int = 50, log_every: int = 50) -> list[float]:
+    """Train every parameter of `model` on generated scenes; returns the per-step losses."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model.train()
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    losses: list[float] = []
+    started = time.perf_counter()
+    for step in range(steps):
+        kinds_this_step = [kinds[(step * images_per_step + i) % len(kinds)] for i in range(images_per_step)]
+        num_points = int(rng.integers(1, 4))
+        batch = scene_batch(kinds_this_step, model.image_size, num_points, rng, max_instances)
+        loss = supervised_loss(model, batch, use_boxes=bool(step % 2), box_jitter=0.05, rng=rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss))
+        if log_every and (step + 1) % log_every == 0:
+            recent = sum(losses[-log_every:]) / log_every
+            print(f"pretrain step {step + 1}/{steps} loss {recent:.4f} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+    model.eval()
+    return losses
