@@ -122,7 +122,7 @@ def test_adapter_errors(tmp_path):
     config = json.loads((tmp_path / "adapter" / CONFIG_FILE).read_text())
     config["target_modules"] = ["image_encoder.blocks.9.attn.qkv"]
     (tmp_path / "adapter" / CONFIG_FILE).write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"adapter_config\.json targets modules this 4-block model lacks"):
+    with pytest.raises(ValueError, match=r"adapter_config\.json targets modules this 6-block model lacks"):
         load_adapter(build_sam("tiny", seed=0), tmp_path / "adapter")
 
 
@@ -170,4 +170,4 @@ def test_lora_layers_run_through_module_forward():
         model(images[:1], counts[:1], points[:1], labels[:1])
     for handle in handles:
         handle.remove()
-    assert len(handles) == 6 and len(called) == 6
+    assert len(handles) == 2 * (DEPTH - 1) and len(called) == 2 * (DEPTH - 1)
