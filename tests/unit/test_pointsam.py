@@ -14,9 +14,6 @@ from resam_dist.resam.pointsam import (PointSamState, calibrated_prompts, cluste
                                        pairwise_mask_iou, pointsam_step, prototype_loss, sample_point_features)
 from resam_dist.resam.prompts import masks_to_boxes, sample_points
 
-DIM = 256
-
-
 def _tiny_lora_model() -> torch.nn.Module:
     model = build_sam("tiny", seed=0)
     apply_lora(model, rank=4, alpha=4.0, dropout=0.0, start_block=2, seed=0)
@@ -195,9 +192,10 @@ def test_teacher_branch_keeps_its_graph_and_trains_lora():
     model = _tiny_lora_model()
     batch = _batch(num_instances=2)
     cfg = _pointsam_config()
-    state = PointSamState.from_config(cfg, DIM)
+    dim = model.embed_dim
+    state = PointSamState.from_config(cfg, dim)
     # prototypes and targets in place, so the prototype loss (on teacher features) is active
-    state.prototypes = torch.nn.functional.normalize(torch.randn(2, DIM, generator=torch.Generator().manual_seed(3)),
+    state.prototypes = torch.nn.functional.normalize(torch.randn(2, dim, generator=torch.Generator().manual_seed(3)),
                                                      dim=1)
     state.target_prototypes = -state.prototypes
     state.matched = torch.tensor([0, 1])
@@ -228,7 +226,7 @@ def test_a_few_steps_train_lora_with_finite_losses():
     model = _tiny_lora_model()
     batches = [_batch(num_images=1, num_instances=3, seed=seed) for seed in (0, 1)]
     cfg = _pointsam_config(pointsam_cluster_every=1, pointsam_target_images=1, pointsam_store_size=16)
-    state = PointSamState.from_config(cfg, DIM)
+    state = PointSamState.from_config(cfg, model.embed_dim)
     lora = _lora_parameters(model)
     before = {name: p.detach().clone() for name, p in lora.items()}
     optimizer = torch.optim.AdamW(lora.values(), lr=1e-3)
@@ -240,7 +238,7 @@ def test_a_few_steps_train_lora_with_finite_losses():
         optimizer.zero_grad()
         losses.append(result.loss.item())
         protos.append(result.parts["proto"].item())
-        assert result.weak_embeddings.shape == (0, DIM)
+        assert result.weak_embeddings.shape == (0, model.embed_dim)
     assert all(np.isfinite(losses)) and all(np.isfinite(protos))
     assert state.iteration == 2 and state.targets_ready and state.store.shape[0] == 6
     assert protos[0] == 0.0 and protos[1] > 0.0
