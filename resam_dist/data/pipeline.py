@@ -357,15 +357,18 @@ def _define_graph(*, shards: Sequence[Shard], image_size: int, num_points: int, 
 # --------------------------------------------------------------------------------------------
 
 def _labels_to_masks(labels: torch.Tensor, counts: torch.Tensor, num_instances: int) -> torch.Tensor:
-    """labels B x 3 x S x S uint8 (layer c holds k + 1 on instance k) -> B x K x S x S bool,
-    instances k >= counts[b] all False."""
-    batch, _, height, width = labels.shape
-    ids = torch.arange(1, num_instances + 1, device=labels.device, dtype=torch.uint8).view(1, num_instances, 1, 1)
-    masks = torch.zeros(batch, num_instances, height, width, dtype=torch.bool, device=labels.device)
-    for layer in range(NUM_LABEL_LAYERS):
-        masks |= labels[:, layer:layer + 1] == ids                                   # B x K x S x S
-    valid = torch.arange(num_instances, device=labels.device).view(1, -1) < counts.view(-1, 1)   # B x K
-    return masks & valid.view(batch, num_instances, 1, 1)
+    """labels B x 3 x S x S uint8 (layer c holds k + 1 on instance k) -> B x K x S x S bool;
+    label values above counts[b] are ignored, so instances k >= counts[b] are all False.
+
+    One scatter per pixel and layer (not K comparisons per pixel): instance k goes to channel
+    k - 1, background to an extra last channel that is cut off (the result is a view)."""
+    batch, layers, height, width = labels.shape
+    ids = labels.reshape(batch, layers, height * width).long()                      # B x 3 x SS
+    ids = torch.where(ids > counts.view(batch, 1, 1), 0, ids)
+    channels = torch.remainder(ids - 1, num_instances + 1)                          # 0 (background) -> K
+    masks = torch.zeros(batch, num_instances + 1, height * width, dtype=torch.bool, device=labels.device)
+    masks.scatter_(1, channels, True)
+    return masks[:, :num_instances].view(batch, num_instances, height, width)      # B x K x S x S
 
 
 class TrainLoader:
