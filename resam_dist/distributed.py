@@ -1,8 +1,9 @@
 """Process-group set-up and the few collectives the trainer needs.
 
 Ranks come from the launcher's environment (`deepspeed`, `torchrun`, Slurm + torchrun all set
-RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT). Without them the process is a world
-of one on a free loopback port. The device is chosen by the LOCAL rank (one GPU per local rank),
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; under a bare `srun` with several
+tasks, SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID stand in for them). Without any of them the
+process is a world of one on a free loopback port. The device is chosen by the LOCAL rank (one GPU per local rank),
 the data shard by the GLOBAL rank.
 
 `init_distributed` creates the torch.distributed group itself (gloo on CPU, nccl on CUDA) with the
@@ -54,6 +55,14 @@ def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> Di
     """
     if timeout_s <= 0:
         raise ValueError(f"collective timeout must be positive, got {timeout_s} s (train.collective_timeout_s)")
+    if "RANK" not in os.environ and _env_int("SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in os.environ:
+        # one srun task per rank (`srun python launch/train.py`, deepspeed --launcher slurm)
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise ValueError("srun started several tasks but MASTER_ADDR/MASTER_PORT are not set: export them "
+                             "(the first host of the job and a free port) before srun")
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     if "RANK" not in os.environ:  # a plain `python launch/train.py`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -68,18 +68,25 @@ MERGED_FILE = "sam_merged.pth"
 
 class TrainStepModule(nn.Module):
     """What DeepSpeed wraps: `sam` (PromptableSam with LoRA) plus a forward that is one training
-    objective on a batch, so the engine's forward (and ZeRO-3's root hooks) run once per step."""
+    objective on a batch, so the engine's forward (and ZeRO-3's root hooks) run once per step.
+
+    Call it with keyword arguments and read a dict back (the `StepResult` fields): ZeRO-3's module
+    hooks look for tensors in the positional inputs and in the outputs, and understand only
+    tensors, tuples, lists and dicts."""
 
     def __init__(self, sam: nn.Module, cfg: Config) -> None:
         super().__init__()
         self.sam = sam
         self.cfg = cfg
 
-    def forward(self, batch: Batch, step_state: Any, min_chunks: int = 1) -> StepResult:
+    def forward(self, *, batch: Batch, step_state: Any, min_chunks: int = 1) -> dict[str, Any]:
         if self.cfg.resam.method == "pointsam":
             from resam_dist.resam.pointsam import pointsam_step
-            return pointsam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks)
-        return resam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks)
+            result = pointsam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks)
+        else:
+            result = resam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks)
+        return {"loss": result.loss, "parts": result.parts, "weak_embeddings": result.weak_embeddings,
+                "stats": result.stats}
 
 
 @dataclass
@@ -357,7 +364,8 @@ class Trainer:
                     self.data_position = batch.position
                     batch = self._prepare(batch)
                     min_chunks = self._min_chunks(batch)
-                    result = self.engine(batch, self.step_state, min_chunks=min_chunks)
+                    result = StepResult(**self.engine(batch=batch, step_state=self.step_state,
+                                                      min_chunks=min_chunks))
                     loss = self._poison(result.loss)
                     verdict = self.guard.check(loss, result.parts)
                     images = batch.weak.shape[0]

@@ -39,6 +39,10 @@ SKIP_REASONS = ("nonfinite", "spike")
 LOSS_PARTS = ("total", "focal", "dice", "iou_mse", "ssa")
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+CUDA_MEMORY = {"allocated": "Device memory held by tensors.",
+               "peak": "Peak device memory held by tensors since the start.",
+               "reserved": "Device memory reserved by the caching allocator."}
+"""The CUDA-only gauges resam_device_memory_<key>_bytes."""
 
 
 def resident_memory_bytes() -> int:
@@ -95,9 +99,7 @@ class TrainMetrics:
         self.rss = gauge("resam_process_resident_memory_bytes", "Resident memory of this rank's process.")
         self.cuda_memory: dict[str, Gauge] = {}
         if device.type == "cuda":
-            for key, doc in (("allocated", "Device memory held by tensors."),
-                             ("peak", "Peak device memory held by tensors since the start."),
-                             ("reserved", "Device memory reserved by the caching allocator.")):
+            for key, doc in CUDA_MEMORY.items():
                 self.cuda_memory[key] = gauge(f"resam_device_memory_{key}_bytes", doc)
 
         # children with their labels, so every series exists (at 0) from the first scrape

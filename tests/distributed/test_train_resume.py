@@ -1,0 +1,120 @@
+"""ZeRO-2 on 2 gloo ranks: an uninterrupted run, a run whose rank 1 is SIGKILLed mid-run (rank 0
+must stop by itself with a message), and its relaunch, which resumes from `latest` and
+reproduces the uninterrupted losses bit for bit (CPU, fp32)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from resam_dist.train.metrics import read_jsonl
+from train_helpers import (TRAIN_SCRIPT, clean_env, deepspeed_cmd, free_port, run, step_losses, torchrun_cmd,
+                           wait_for, write_config)
+
+pytestmark = pytest.mark.distributed
+
+K = 3                  # checkpoint period; the uninterrupted run takes 2K steps
+TIMEOUT_S = 20         # collective timeout of the killed run
+
+
+@pytest.fixture(scope="module")
+def runs(train_shards, tmp_path_factory):
+    base = tmp_path_factory.mktemp("resume")
+    common = {"deepspeed.zero_optimization.stage": 2, "checkpoint.every_steps": K, "checkpoint.keep_last": 2,
+              "train.collective_timeout_s": TIMEOUT_S}
+    straight_cfg = write_config(base / "straight.json", shards=train_shards, output_dir=base / "straight",
+                                overrides={**common, "train.max_steps": 2 * K})
+    straight = run(deepspeed_cmd(straight_cfg), log=base / "straight.log")
+
+    # the killed run: two plain processes (no launcher that would end rank 0 for us); it would
+    # run 50 steps, rank 1 is SIGKILLed once rank 0 logged step K + 1 (checkpoint K is complete)
+    killed_dir = base / "killed"
+    killed_cfg = write_config(base / "killed.json", shards=train_shards, output_dir=killed_dir,
+                              overrides={**common, "train.max_steps": 50})
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(2):
+        logs.append(open(base / f"killed_rank{rank}.log", "w"))
+        env = clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), "--config", str(killed_cfg)], env=env,
+                                      stdout=logs[rank], stderr=subprocess.STDOUT))
+    try:
+        log_path = killed_dir / "train_log.jsonl"
+        wait_for(lambda: log_path.exists() and max(step_losses(log_path), default=0) >= K + 1,
+                 timeout=240, what=f"step {K + 1} of the run to kill")
+        procs[1].kill()  # SIGKILL
+        killed_at = time.monotonic()
+        try:
+            survivor_rc = procs[0].wait(timeout=TIMEOUT_S + 60)
+        except subprocess.TimeoutExpired:
+            survivor_rc = None
+        survivor_seconds = time.monotonic() - killed_at
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for handle in logs:
+            handle.close()
+    resumed = run(torchrun_cmd(killed_cfg, "--set", f"train.max_steps={2 * K}"), log=base / "resumed.log")
+    return {"base": base, "straight": straight, "resumed": resumed, "survivor_rc": survivor_rc,
+            "survivor_seconds": survivor_seconds, "survivor_log": (base / "killed_rank0.log").read_text()}
+
+
+def test_uninterrupted_run_checkpoints_atomically_and_exports(runs):
+    assert runs["straight"].returncode == 0, runs["straight"].stdout[-4000:]
+    out = runs["base"] / "straight"
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000006"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == ["step_00000003", "step_00000006"]
+    assert not list(ckpt.glob(".tmp-*"))
+    # the queue is one queue: identical on both ranks, bit for bit, and filled
+    rank0 = torch.load(ckpt / "step_00000006" / "client_rank00000.pt", weights_only=False)
+    rank1 = torch.load(ckpt / "step_00000006" / "client_rank00001.pt", weights_only=False)
+    assert rank0["step"] == rank1["step"] == 2 * K
+    assert rank0["step_state"]["fill"] == rank1["step_state"]["fill"] > 0
+    assert torch.equal(rank0["step_state"]["entries"], rank1["step_state"]["entries"])
+    assert rank0["data_position"] == rank1["data_position"] == 2 * K * 2  # 2 images per rank per step
+    assert (out / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    merged = torch.load(out / "export" / "sam_merged.pth", weights_only=True)
+    assert any(k.startswith("image_encoder.blocks.0.attn.qkv.weight") for k in merged)
+    assert not any("lora" in k for k in merged)
+    records = read_jsonl(out / "train_log.jsonl")
+    assert [r["event"] for r in records][0] == "start" and records[-1]["event"] == "end"
+    assert [r["rank"] for r in records[0]["ranks"]] == [0, 1]
+    assert [r["local_rank"] for r in records[0]["ranks"]] == [0, 1]
+
+
+def test_a_dead_rank_ends_the_job_with_a_message(runs):
+    assert runs["survivor_rc"] is not None, (f"rank 0 still ran {TIMEOUT_S + 60} s after rank 1 was killed:\n"
+                                             + runs["survivor_log"][-3000:])
+    assert runs["survivor_rc"] != 0
+    assert runs["survivor_seconds"] < TIMEOUT_S + 60
+    assert "training stopped: a collective failed" in runs["survivor_log"], runs["survivor_log"][-3000:]
+
+
+def test_relaunch_resumes_from_latest_and_reproduces_the_losses_bitwise(runs):
+    assert runs["resumed"].returncode == 0, runs["resumed"].stdout[-4000:]
+    log_path = runs["base"] / "killed" / "train_log.jsonl"
+    starts = [r for r in read_jsonl(log_path) if r["event"] == "start"]
+    assert [s["resumed_from"] for s in starts] == [None, "step_00000003"]
+    assert starts[1]["step"] == K and starts[1]["data_position"] == K * 2
+    straight = step_losses(runs["base"] / "straight" / "train_log.jsonl")
+    resumed = step_losses(log_path)
+    assert sorted(straight) == list(range(1, 2 * K + 1))
+    assert {step: resumed[step] for step in straight} == straight  # exact float equality
+    # the final trainer state matches too: queue and LoRA weights, bit for bit
+    for name in ("client_rank00000.pt", "client_rank00001.pt"):
+        a = torch.load(runs["base"] / "straight" / "checkpoints" / "step_00000006" / name, weights_only=False)
+        b = torch.load(runs["base"] / "killed" / "checkpoints" / "step_00000006" / name, weights_only=False)
+        assert torch.equal(a["step_state"]["entries"], b["step_state"]["entries"])
+        assert a["guard"] == b["guard"]
+    from safetensors.torch import load_file
+    lora_a = load_file(runs["base"] / "straight" / "export" / "adapter" / "adapter_model.safetensors")
+    lora_b = load_file(runs["base"] / "killed" / "export" / "adapter" / "adapter_model.safetensors")
+    assert lora_a.keys() == lora_b.keys() and all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)

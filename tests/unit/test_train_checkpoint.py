@@ -1,0 +1,90 @@
+"""Atomic checkpoint protocol (one process; the multi-rank path runs in tests/distributed)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from resam_dist.train.checkpoint import (LATEST, CheckpointManager, atomic_write_text, capture_rng_state,
+                                         restore_rng_state, tag_for_step)
+
+
+def _engine_writer(payload: str):
+    def write(root, tag):
+        (root / tag).mkdir(parents=True, exist_ok=True)
+        (root / tag / "engine.txt").write_text(payload)
+    return write
+
+
+def test_save_keeps_last_and_points_latest_at_the_newest(tmp_path):
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2, rank=0, world_size=1)
+    manager.prepare()
+    assert manager.latest_tag() is None
+    for step in (2, 4, 6):
+        tag = manager.save(step, write_engine=_engine_writer(f"engine {step}"),
+                           client_state={"step": step, "queue": torch.arange(3.0) * step}, meta={"zero_stage": 2})
+        assert tag == tag_for_step(step)
+    assert manager.tags() == [tag_for_step(4), tag_for_step(6)]
+    assert manager.latest_tag() == tag_for_step(6)
+    assert (manager.root / LATEST).read_text().strip() == "step_00000006"
+    assert (manager.root / "step_00000006" / "engine.txt").read_text() == "engine 6"
+    meta = manager.read_meta("step_00000006")
+    assert meta["step"] == 6 and meta["world_size"] == 1 and meta["zero_stage"] == 2
+    client = manager.load_client_state("step_00000006")
+    assert client["step"] == 6 and torch.equal(client["queue"], torch.tensor([0.0, 6.0, 12.0]))
+    assert not list(manager.root.glob(".tmp-*"))
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_latest(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3, rank=0, world_size=1)
+    manager.prepare()
+    manager.save(1, write_engine=_engine_writer("one"), client_state={"step": 1}, meta={})
+
+    def crash(root, tag):
+        _engine_writer("half")(root, tag)
+        raise KeyboardInterrupt("killed while writing")
+
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(2, write_engine=crash, client_state={"step": 2}, meta={})
+    assert (tmp_path / ".tmp-step_00000002").is_dir()          # the partial write stays invisible
+    assert manager.latest_tag() == "step_00000001"
+    assert manager.tags() == ["step_00000001"]
+    manager.prepare()                                           # the next start clears it
+    assert not (tmp_path / ".tmp-step_00000002").exists()
+    # a directory renamed but never made `latest` is replaced when that step is saved again
+    (tmp_path / "step_00000002").mkdir()
+    manager.save(2, write_engine=_engine_writer("two"), client_state={"step": 2}, meta={})
+    assert manager.latest_tag() == "step_00000002"
+    assert (tmp_path / "step_00000002" / "engine.txt").read_text() == "two"
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    CheckpointManager(tmp_path, keep_last=1, rank=0, world_size=1).save(
+        3, write_engine=_engine_writer("x"), client_state={"step": 3}, meta={})
+    other = CheckpointManager(tmp_path, keep_last=1, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="written by 1 ranks, this run has 4"):
+        other.load_client_state(other.latest_tag())
+
+
+def test_latest_naming_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    atomic_write_text(tmp_path / LATEST, "step_00000009\n")
+    with pytest.raises(ValueError, match="step_00000009"):
+        CheckpointManager(tmp_path, keep_last=1, rank=0, world_size=1).latest_tag()
+
+
+def test_rng_states_round_trip_through_a_file(tmp_path):
+    state = capture_rng_state(torch.device("cpu"))
+    torch.save(state, tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False), torch.device("cpu"))
+    second = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+
+
+def test_atomic_write_replaces_whole_content(tmp_path):
+    target = tmp_path / "pointer"
+    atomic_write_text(target, "a" * 1000)
+    atomic_write_text(target, "b\n")
+    assert target.read_text() == "b\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["pointer"]

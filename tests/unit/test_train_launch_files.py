@@ -1,0 +1,67 @@
+"""Launch files without a cluster: the sbatch scripts run against stub scontrol/srun/deepspeed/
+torchrun executables; the Grafana dashboard only uses metrics the trainer exports."""
+
+import json
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import torch
+
+from resam_dist.train.metrics import CUDA_MEMORY, TrainMetrics
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def _run_sbatch(script: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    stubs, venv = tmp_path / "stubs", tmp_path / "venv"
+    stubs.mkdir()
+    venv.mkdir()
+    record = tmp_path / "calls.txt"
+    _stub(stubs / "scontrol", '[ "$1 $2" = "show hostnames" ] && printf "gpu-a\\ngpu-b\\n"\n')
+    for name, folder in (("srun", stubs), ("deepspeed", venv), ("torchrun", venv)):
+        _stub(folder / name, f'echo "{name} MASTER_ADDR=${{MASTER_ADDR:-}} MASTER_PORT=${{MASTER_PORT:-}} $*" >> {record}\n')
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "REPO_DIR": str(REPO), "VENV_BIN": str(venv),
+           "GPUS_PER_NODE": "4", "HOSTFILE": str(tmp_path / "hostfile"), "CONFIG": "configs/whu.json",
+           "EXTRA_ARGS": "--set train.max_steps=7"}
+    result = subprocess.run(["bash", str(REPO / "launch" / "slurm" / script)], env=env, capture_output=True,
+                            text=True, timeout=60)
+    return result, record
+
+
+def test_deepspeed_sbatch_writes_the_hostfile_and_points_at_the_first_host(tmp_path):
+    result, record = _run_sbatch("train.sbatch", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "hostfile").read_text() == "gpu-a slots=4\ngpu-b slots=4\n"
+    call = record.read_text().strip()
+    assert call.startswith("deepspeed MASTER_ADDR=gpu-a MASTER_PORT=29500 ")
+    assert f"--hostfile {tmp_path / 'hostfile'}" in call and "--master_addr gpu-a" in call
+    assert call.endswith("launch/train.py --config configs/whu.json --set train.max_steps=7")
+
+
+def test_torchrun_sbatch_starts_one_agent_per_node_with_c10d_rendezvous(tmp_path):
+    result, record = _run_sbatch("train_torchrun.sbatch", tmp_path)
+    assert result.returncode == 0, result.stderr
+    call = record.read_text().strip()
+    assert call.startswith("srun ") and "--ntasks=2 --ntasks-per-node=1" in call
+    assert re.search(r"/torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint gpu-a:29500 "
+                     r"--rdzv-id 4242 launch/train.py --config configs/whu.json --set train.max_steps=7$", call)
+
+
+def test_dashboard_queries_only_exported_metrics():
+    dashboard = json.loads((REPO / "launch" / "grafana" / "resam_dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\bresam_[a-z_]+", expr)}
+    metrics = TrainMetrics(rank=0, local_rank=0, base_port=0, enabled=False, device=torch.device("cpu"))
+    exported = {sample.name for family in metrics.registry.collect() for sample in family.samples}
+    exported |= {f"resam_device_memory_{key}_bytes" for key in CUDA_MEMORY}
+    assert used and used <= exported, sorted(used - exported)
+    assert {"resam_samples_total", "resam_step_duration_seconds_bucket", "resam_loss"} <= used

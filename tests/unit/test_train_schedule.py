@@ -1,0 +1,45 @@
+"""Warm-up + milestone learning-rate schedule (torch LambdaLR)."""
+
+import pytest
+import torch
+
+from resam_dist.train.schedule import build_scheduler, lr_factor
+
+
+def test_factor_warms_up_linearly_then_decays_at_milestones():
+    factors = [lr_factor(s, warmup_steps=4, milestones=[6, 8], gamma=0.1) for s in range(10)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[4:6] == pytest.approx([1.0, 1.0])
+    assert factors[6:8] == pytest.approx([0.1, 0.1])
+    assert factors[8:] == pytest.approx([0.01, 0.01])
+    assert lr_factor(0, warmup_steps=0, milestones=[], gamma=0.1) == 1.0
+
+
+def test_scheduler_drives_the_optimizer_and_resumes_from_its_state():
+    weight = torch.nn.Parameter(torch.zeros(2))
+
+    def make():
+        optimizer = torch.optim.AdamW([weight], lr=1.0)
+        return optimizer, build_scheduler(optimizer, warmup_steps=2, milestones=[3], gamma=0.5)
+
+    optimizer, scheduler = make()
+    seen = []
+    for _ in range(5):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.5])
+
+    state = scheduler.state_dict()
+    optimizer2, scheduler2 = make()
+    scheduler2.load_state_dict(state)
+    assert scheduler2.get_last_lr() == pytest.approx(scheduler.get_last_lr())
+    assert scheduler2.last_epoch == 5
+
+
+def test_bad_schedule_is_a_value_error():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="milestones"):
+        build_scheduler(optimizer, warmup_steps=1, milestones=[5, 2], gamma=0.1)
+    with pytest.raises(ValueError, match="warmup"):
+        build_scheduler(optimizer, warmup_steps=-1, milestones=[], gamma=0.1)
