@@ -17,8 +17,9 @@ bits), solarize (threshold 160-240), sharpen (3x3 kernel, strength 0.3-1), shado
 (a smooth random field thresholded into soft dark patches, up to 60 % darker); brightness and
 contrast (x0.7-1.3 each) always, so that the strong view always differs from the weak one.
 
-Determinism: the pipeline of epoch e is seeded with a hash of (data.seed, epoch_seed_offset,
-e, rank); the same seed gives the same batches, bit for bit (DALI draws per-sample random numbers).
+Determinism: the reader order of epoch e is seeded from (data.seed, epoch_seed_offset, e), every
+random operator from (data.seed, epoch_seed_offset, e, rank) with explicit per-operator seeds;
+the same seeds give the same batches, bit for bit, and the CPU and GPU pipelines draw alike.
 Resume: `start_position` counts the batch slots this rank has consumed (padding duplicates
 included, always a multiple of the batch size). Resuming rebuilds the pipeline of that epoch and
 runs and discards the batches already consumed in it: DALI readers cannot seek. The cost is at
@@ -41,16 +42,11 @@ import torch
 from resam_dist.config import Config
 from resam_dist.data.batch import Batch
 
-try:  # SAM's normalisation constants (0-255 scale) live with the model registry.
-    from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD
-except ImportError:  # pragma: no cover - the model package is part of this repository
-    PIXEL_MEAN = (123.675, 116.28, 103.53)
-    PIXEL_STD = (58.395, 57.12, 57.375)
+from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD   # SAM's, on the 0-255 scale
 
 READER_NAME = "Reader"
 COMPONENTS = ("image.png", "labels.png", "prompts.f32", "boxes.f32")
 POINTS_PER_SIGN = 3   # prompts.f32 holds 3 positive then 3 negative (x, y, label) per instance
-NUM_LABEL_LAYERS = 3
 _OUTPUTS = ("weak", "strong", "labels", "points", "point_labels", "boxes", "num_prompts", "num_boxes",
             "image_hw", "labels_hw", "resized_hw", "source")
 
@@ -222,7 +218,18 @@ def _epoch_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def _photometric(image, *, resized_hw, on_gpu: bool):
+class _SeedStream:
+    """Explicit seeds for the random operators, in graph order: the same draws on the CPU and the
+    GPU pipeline, whatever seeds DALI would assign by itself."""
+
+    def __init__(self, seed: int):
+        self._seeds = iter(np.random.SeedSequence(seed).generate_state(64))
+
+    def __call__(self) -> int:
+        return int(next(self._seeds) & 0x7FFFFFFF)
+
+
+def _photometric(image, *, resized_hw, on_gpu: bool, seeds: _SeedStream):
     """Strong-view distortions of a uint8 HWC image (after geometry, before normalisation)."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
@@ -235,19 +242,19 @@ def _photometric(image, *, resized_hw, on_gpu: bool):
         return changed * flag + unchanged * (types.Constant(1, dtype=types.UINT8) - flag)
 
     def coin():
-        return fn.random.coin_flip(probability=0.5, dtype=types.UINT8)
+        return fn.random.coin_flip(probability=0.5, dtype=types.UINT8, seed=seeds())
 
     image = select(coin(), fn.equalize(image), image)
 
     # posterize: keep the 4, 5 or 6 most significant bits (mask 0xFF when not applied)
-    keep_mask = fn.random.choice(types.Constant(np.array([0xF0, 0xF8, 0xFC], dtype=np.uint8)))
+    keep_mask = fn.random.choice(types.Constant(np.array([0xF0, 0xF8, 0xFC], dtype=np.uint8)), seed=seeds())
     posterize = coin()
     keep_mask = keep_mask * posterize + types.Constant(0xFF, dtype=types.UINT8) * (
         types.Constant(1, dtype=types.UINT8) - posterize)
     image = image & dev(keep_mask)
 
     # solarize: invert the pixels at or above a threshold (x ^ 255 == 255 - x for uint8)
-    threshold = dev(fn.random.uniform(range=[160.0, 240.0]))
+    threshold = dev(fn.random.uniform(range=[160.0, 240.0], seed=seeds()))
     invert = fn.cast(image >= threshold, dtype=types.UINT8) * dev(coin())
     image = image ^ (invert * types.Constant(255, dtype=types.UINT8))
 
@@ -255,24 +262,25 @@ def _photometric(image, *, resized_hw, on_gpu: bool):
     identity = np.zeros((3, 3), dtype=np.float32)
     identity[1, 1] = 1.0
     laplace = np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], dtype=np.float32)
-    strength = fn.random.uniform(range=[0.3, 1.0]) * fn.cast(coin(), dtype=types.FLOAT)
+    strength = fn.random.uniform(range=[0.3, 1.0], seed=seeds()) * fn.cast(coin(), dtype=types.FLOAT)
     kernel = types.Constant(identity) + strength * types.Constant(laplace)   # 3 x 3 float32
     image = fn.filter(image, kernel, border="clamp", dtype=types.UINT8)
 
-    image = fn.brightness_contrast(image, brightness=fn.random.uniform(range=[0.7, 1.3]),
-                                   contrast=fn.random.uniform(range=[0.7, 1.3]), contrast_center=128.0)
+    image = fn.brightness_contrast(image, brightness=fn.random.uniform(range=[0.7, 1.3], seed=seeds()),
+                                   contrast=fn.random.uniform(range=[0.7, 1.3], seed=seeds()),
+                                   contrast_center=128.0)
 
     # shadow-like darkening: a 4 x 4 random field, smoothly upsampled, thresholded into soft patches
-    field = fn.reshape(fn.random.uniform(range=[0.0, 1.0], shape=[4, 4, 1]), layout="HWC")
+    field = fn.reshape(fn.random.uniform(range=[0.0, 1.0], shape=[4, 4, 1], seed=seeds()), layout="HWC")
     field = fn.resize(dev(field), size=resized_hw, interp_type=types.INTERP_LINEAR, antialias=False)
     patches = dmath.clamp((field - 0.55) * 5.0, 0.0, 1.0)                      # h x w x 1 in [0, 1]
-    darkness = fn.random.uniform(range=[0.3, 0.6]) * fn.cast(coin(), dtype=types.FLOAT)
+    darkness = fn.random.uniform(range=[0.3, 0.6], seed=seeds()) * fn.cast(coin(), dtype=types.FLOAT)
     shaded = fn.cast(image, dtype=types.FLOAT) * (1.0 - dev(darkness) * patches)
     return fn.cast(dmath.clamp(shaded, 0.0, 255.0), dtype=types.UINT8)
 
 
 def _define_graph(*, shards: Sequence[Shard], image_size: int, num_points: int, shard_id: int, num_shards: int,
-                  shuffle: bool, shuffle_buffer: int, reader_seed: int, on_gpu: bool):
+                  shuffle: bool, shuffle_buffer: int, reader_seed: int, augment_seed: int, on_gpu: bool):
     """The per-sample graph; returns the outputs named in `_OUTPUTS`."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
@@ -296,8 +304,9 @@ def _define_graph(*, shards: Sequence[Shard], image_size: int, num_points: int, 
     new_height = dmath.max(dmath.floor(height * scale + 0.5), 1.0)
     new_width = dmath.max(dmath.floor(width * scale + 0.5), 1.0)
     resized_hw = fn.stack(new_height, new_width)          # 2 float32, whole numbers
-    flip_x = fn.random.coin_flip(probability=0.5, dtype=types.INT32)
-    flip_y = fn.random.coin_flip(probability=0.5, dtype=types.INT32)
+    seeds = _SeedStream(augment_seed)
+    flip_x = fn.random.coin_flip(probability=0.5, dtype=types.INT32, seed=seeds())
+    flip_y = fn.random.coin_flip(probability=0.5, dtype=types.INT32, seed=seeds())
 
     decode_device = "mixed" if on_gpu else "cpu"
     image = fn.decoders.image(image_png, device=decode_device, output_type=types.RGB)   # h x w x 3 uint8
@@ -310,7 +319,7 @@ def _define_graph(*, shards: Sequence[Shard], image_size: int, num_points: int, 
                      out_of_bounds_policy="pad", fill_values=0)
     labels = fn.transpose(labels, perm=[2, 0, 1])          # 3 x S x S uint8
 
-    strong = _photometric(image, resized_hw=resized_hw, on_gpu=on_gpu)
+    strong = _photometric(image, resized_hw=resized_hw, on_gpu=on_gpu, seeds=seeds)
 
     def normalise(view):  # SAM: normalise, then zero padding (bottom/right) to S x S, CHW float32
         return fn.crop_mirror_normalize(view, crop=(image_size, image_size), crop_pos_x=0.0, crop_pos_y=0.0,
@@ -438,7 +447,8 @@ class TrainLoader:
         pipe = graph(shards=self.shards, image_size=self.image_size, num_points=self.num_points,
                      shard_id=(self.rank + epoch) % self.world_size, num_shards=self.world_size,
                      shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer,
-                     reader_seed=_epoch_seed(self.seed, 2, epoch), on_gpu=on_gpu)
+                     reader_seed=_epoch_seed(self.seed, 2, epoch),
+                     augment_seed=_epoch_seed(self.seed, 3, epoch, self.rank), on_gpu=on_gpu)
         pipe.build()
         return pipe
 

@@ -53,18 +53,19 @@ def run_resam_prep(coco: Path, out: Path) -> Path:
 
 
 def read_stored(folder: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Every sample of the shards as stored: labels H x W x 3, prompts K x 6 x 3, image H x W x 3."""
-    import webdataset
+    """Every sample of the shards as stored: image and labels H x W x 3, prompts K x 6 x 3."""
+    import tarfile
 
-    stored = {}
-    for tar in sorted(folder.glob("*.tar")):
-        for sample in webdataset.WebDataset(str(tar), shardshuffle=False):
-            stored[sample["__key__"]] = {
-                "image": np.array(Image.open(io.BytesIO(sample["image.png"]))),
-                "labels": np.array(Image.open(io.BytesIO(sample["labels.png"]))),
-                "prompts": np.frombuffer(sample["prompts.f32"], dtype="<f4").reshape(-1, 6, 3),
-            }
-    return stored
+    files: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                key, component = member.name.split(".", 1)
+                files.setdefault(key, {})[component] = tar.extractfile(member).read()
+    return {key: {"image": np.array(Image.open(io.BytesIO(parts["image.png"]))),
+                  "labels": np.array(Image.open(io.BytesIO(parts["labels.png"]))),
+                  "prompts": np.frombuffer(parts["prompts.f32"], dtype="<f4").reshape(-1, 6, 3)}
+            for key, parts in files.items()}
 
 
 @pytest.fixture(scope="module")
