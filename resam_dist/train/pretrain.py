@@ -1,9 +1,9 @@
-"""Fully supervised pretraining of a SAM on synthetic scenes: the demo's stand-in for SAM's own
+"""Fully supervised pretraining of a SAM on a COCO split: the demo's stand-in for SAM's own
 pretraining (no SAM weights can be had on these machines).
 
 Every parameter trains; prompts alternate between point prompts (1-3 positives and as many
-negatives, as in ReSAM training) and ground-truth boxes (as Requery uses them). Scenes are
-generated in memory from a seed, so the data never repeats and no files are written.
+negatives, as in ReSAM training) and jittered ground-truth boxes (as Requery uses them), and
+images are flipped at random.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from resam_dist.data.synthetic import make_scene
+from resam_dist.data.coco import CocoSplit
 from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD
 from resam_dist.model.sam import PromptableSam
 from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss, valid_from_counts
-from resam_dist.resam.prompts import sample_points
+from resam_dist.resam.prompts import masks_to_boxes, sample_points
 
 
 @dataclass
@@ -42,30 +42,34 @@ def normalise(image: np.ndarray) -> torch.Tensor:
     return (tensor - mean) / std
 
 
-def scene_batch(kinds: list[str], size: int, num_points: int, rng: np.random.Generator,
-                max_instances: int) -> SceneBatch:
-    """One batch of freshly generated scenes (one per entry of `kinds`) at size x size."""
-    scenes = [make_scene(kind, size, size, rng) for kind in kinds]
-    max_k = max(1, max(min(len(s.category_ids), max_instances) for s in scenes))
-    batch = len(scenes)
-    images = torch.stack([normalise(s.image) for s in scenes])  # B x 3 x S x S
+def split_batch(split: CocoSplit, image_ids: list[int], size: int, num_points: int,
+                rng: np.random.Generator, max_instances: int) -> SceneBatch:
+    """A batch of split images (size x size each, as the synthetic domains are) with random flips
+    and freshly sampled prompts."""
+    batch = len(image_ids)
+    loaded = [split.load(image_id) for image_id in image_ids]
+    max_k = max(1, max(min(item.masks.shape[0], max_instances) for item in loaded))
+    images = torch.zeros(batch, 3, size, size)
     masks = torch.zeros(batch, max_k, size, size, dtype=torch.bool)
     points = torch.zeros(batch, max_k, 2 * num_points, 2)
     labels = torch.full((batch, max_k, 2 * num_points), -1, dtype=torch.int64)
     counts = torch.zeros(batch, dtype=torch.int64)
-    for b, scene in enumerate(scenes):
-        keep = [k for k in range(len(scene.category_ids)) if scene.masks[k].any()][:max_instances]
-        counts[b] = len(keep)
-        for slot, k in enumerate(keep):
-            mask = scene.masks[k]
-            masks[b, slot] = torch.from_numpy(mask)
+    for b, item in enumerate(loaded):
+        if item.image.shape[:2] != (size, size):
+            raise ValueError(f"pretraining expects {size} x {size} images, {item.file_name} is "
+                             f"{item.image.shape[0]} x {item.image.shape[1]}")
+        image, instance_masks = item.image, item.masks[:max_instances]
+        if rng.random() < 0.5:
+            image, instance_masks = image[:, ::-1], instance_masks[:, :, ::-1]
+        images[b] = normalise(image)
+        counts[b] = instance_masks.shape[0]
+        for k, mask in enumerate(instance_masks):
+            masks[b, k] = torch.from_numpy(np.ascontiguousarray(mask))
             pos, neg = sample_points(mask, num_points, rng)
-            points[b, slot] = torch.from_numpy(np.concatenate([pos, neg]))
-            labels[b, slot, :num_points] = 1
-            labels[b, slot, num_points:] = 0
-    from resam_dist.resam.prompts import masks_to_boxes
-    boxes = masks_to_boxes(masks)  # B x K x 4
-    return SceneBatch(images, masks, points, labels, boxes, counts)
+            points[b, k] = torch.from_numpy(np.concatenate([pos, neg]))
+            labels[b, k, :num_points] = 1
+            labels[b, k, num_points:] = 0
+    return SceneBatch(images, masks, points, labels, masks_to_boxes(masks), counts)
 
 
 def supervised_loss(model: PromptableSam, batch: SceneBatch, use_boxes: bool, box_jitter: float,
@@ -85,9 +89,9 @@ def supervised_loss(model: PromptableSam, batch: SceneBatch, use_boxes: bool, bo
             + iou_mse_loss(iou, logits, batch.masks, valid))
 
 
-def pretrain(model: PromptableSam, *, kinds: list[str], steps: int, images_per_step: int, lr: float,
+def pretrain(model: PromptableSam, *, split: CocoSplit, steps: int, images_per_step: int, lr: float,
              seed: int, max_instances: int = 50, log_every: int = 50) -> list[float]:
-    """Train every parameter of `model` on generated scenes; returns the per-step losses."""
+    """Train every parameter of `model` on the images of `split`; returns the per-step losses."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.train()
@@ -100,16 +104,16 @@ def pretrain(model: PromptableSam, *, kinds: list[str], steps: int, images_per_s
     losses: list[float] = []
     started = time.perf_counter()
     for step in range(steps):
-        kinds_this_step = [kinds[(step * images_per_step + i) % len(kinds)] for i in range(images_per_step)]
+        image_ids = [int(i) for i in rng.choice(split.image_ids, size=images_per_step, replace=False)]
         num_points = int(rng.integers(1, 4))
-        batch = scene_batch(kinds_this_step, model.image_size, num_points, rng, max_instances)
+        batch = split_batch(split, image_ids, model.image_size, num_points, rng, max_instances)
         loss = supervised_loss(model, batch, use_boxes=bool(step % 2), box_jitter=0.05, rng=rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
             recent = sum(losses[-log_every:]) / log_every
             print(f"pretrain step {step + 1}/{steps} loss {recent:.4f} "
