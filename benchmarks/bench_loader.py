@@ -162,7 +162,8 @@ def write_results(out: Path, results: dict) -> tuple[Path, Path]:
         f"| training: {train['what']} (median of {len(train['step_seconds'])} steps) | {train['images_per_s']:.1f} |",
         "",
         f"Ratio loader / training: **{results['ratio']:.2f}** (target >= {TARGET_RATIO:.0f}: {verdict}).",
-        f"First epoch including the pipeline build: {loader['first_epoch_seconds']:.2f} s.",
+        f"First epoch including the pipeline build: {loader['first_epoch_seconds']:.2f} s. "
+        f"Machine load average (1 min) at the end: {results['load_average_1min']}.",
         "",
         results["note"],
         "",
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline": "mixed (GPU)" if device.type == "cuda" else "CPU",
         "model": args.model, "image_size": IMAGE_SIZE[args.model], "batch": args.batch,
         "num_points": args.num_points, "threads": threads, "epochs": args.epochs, "data": data,
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "loader": loader, "training": training,
         "ratio": loader["images_per_s"] / training["images_per_s"], "target_ratio": TARGET_RATIO,
         "note": ("CPU: the loader and the step were timed one after the other; in training they share "

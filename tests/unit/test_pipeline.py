@@ -380,3 +380,21 @@ def test_all_empty_tiles(tmp_path):
         assert batch.points.shape == (8, 0, 4, 2) and batch.point_labels.shape == (8, 0, 4)
         assert batch.boxes.shape == (8, 0, 4) and batch.gt_masks.shape == (8, 0, IMAGE_SIZE, IMAGE_SIZE)
         assert batch.counts.tolist() == [0] * 8
+
+
+def test_bench_loader_smoke(tmp_path):
+    """benchmarks/bench_loader.py end to end at toy sizes: both figures and the files."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_loader.py"
+    spec = importlib.util.spec_from_file_location("bench_loader", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main(["--images", "2", "--scene-size", "96", "--tile-size", "64", "--batch", "2", "--epochs", "1",
+                       "--steps", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "loader_cpu.json").read_text())
+    assert results["loader"]["images_per_s"] > 0 and results["training"]["images_per_s"] > 0
+    assert results["ratio"] == pytest.approx(results["loader"]["images_per_s"] / results["training"]["images_per_s"])
+    assert "resam_step" in results["training"]["what"]
+    assert "Ratio loader / training" in (tmp_path / "loader_cpu.md").read_text()
