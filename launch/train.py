@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from resam_dist.train.engine import Trainer
 
     rank = os.environ.get("RANK", "0")
+    cfg = None
     try:
         cfg = load_config(args.config, parse_overrides(args.set))
         trainer = Trainer(cfg, local_rank_arg=args.local_rank)
@@ -49,13 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
     except ValueError as error:  # a user error: config, data, checkpoint
         print(f"[rank {rank}] error: {error}", file=sys.stderr, flush=True)
-        return 2
+        sys.stdout.flush()
+        os._exit(2)  # the other ranks, if any, stop at their collective timeout
     except Exception as error:  # noqa: BLE001 - every other failure ends this rank loudly
         traceback.print_exc()
         from torch.distributed import DistError
         if isinstance(error, DistError) or "gloo" in str(error).lower() or "nccl" in str(error).lower():
+            timeout = f"{cfg.train.collective_timeout_s} s" if cfg is not None else "train.collective_timeout_s"
             print(f"[rank {rank}] training stopped: a collective failed, another rank has probably died or hung "
-                  f"(collective timeout train.collective_timeout_s). Cause: {error}", file=sys.stderr, flush=True)
+                  f"(collective timeout {timeout}). Cause: {error}", file=sys.stderr, flush=True)
         else:
             print(f"[rank {rank}] training stopped: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         sys.stdout.flush()

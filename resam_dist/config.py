@@ -175,16 +175,13 @@ class KernelsConfig:
 
 @dataclass
 class FaultsConfig:
-    """Fault injection for the tests of the loss guard and of exact resume (all off by default)."""
+    """Fault injection for the test of the loss guard (off by default)."""
 
     nan_loss_step: int = 0
     """Multiply the loss of rank `nan_loss_rank` by NaN at the first micro-step of this optimizer
     step (1-based; 0: off). Fires once per process."""
     nan_loss_rank: int = 0
     """The rank whose loss `nan_loss_step` poisons."""
-    kill_after_step: int = 0
-    """Every rank SIGKILLs itself right after optimizer step N (and its checkpoint, when one is
-    due) is complete: a hard crash, no clean-up (0: off)."""
 
 
 @dataclass

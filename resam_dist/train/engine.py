@@ -37,9 +37,7 @@ import json
 import math
 import os
 import random
-import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,8 +391,6 @@ class Trainer:
                     if every > 0 and self.step % every == 0:
                         self.save_checkpoint()
                         last_checkpoint = self.step
-                    if cfg.faults.kill_after_step and self.step == cfg.faults.kill_after_step:
-                        self._hard_kill()
                 if self.step == steps_before_epoch and not self._finished():
                     raise RuntimeError(f"a whole epoch ({len(self.loader)} batches) gave no optimizer step: every "
                                        f"step was skipped by the loss guard ({self.skipped})")
@@ -425,7 +421,7 @@ class Trainer:
         every = max(1, self.cfg.train.log_every)
         if self.is_main and (self.step % every == 0 or self.step >= self.total_steps):
             self.log.write({
-                "event": "step", "step": self.step, "epoch": self.loader.epoch, "loss": loss, "parts": parts,
+                "event": "step", "step": self.step, "epoch": (self.data_position - 1) // self.loader.samples_per_epoch, "loss": loss, "parts": parts,
                 "lr": window.lr, "images": window.images * self.world_size,
                 "images_per_second": local_rate * self.world_size, "step_seconds": window.seconds,
                 "data_wait_seconds": window.data_wait, "queue_entries": queue_entries,
@@ -445,11 +441,6 @@ class Trainer:
             self.log.write({"event": "skip", "step": self.step + 1, "reason": reason, "loss": verdict.loss,
                             "nonfinite_ranks": verdict.nonfinite_ranks, "skipped": dict(self.skipped),
                             "data_position": self.data_position})
-
-    def _hard_kill(self) -> None:
-        print(f"[rank {self.rank}] faults.kill_after_step: SIGKILL after step {self.step}", flush=True)
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------------------------------
     # checkpoints and exports

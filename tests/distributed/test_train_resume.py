@@ -5,15 +5,13 @@ reproduces the uninterrupted losses bit for bit (CPU, fp32)."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from resam_dist.train.metrics import read_jsonl
-from train_helpers import (TRAIN_SCRIPT, clean_env, deepspeed_cmd, free_port, run, step_losses, torchrun_cmd,
-                           wait_for, write_config)
+from train_helpers import deepspeed_cmd, run, start_ranks, step_losses, torchrun_cmd, wait_for, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -35,14 +33,7 @@ def runs(train_shards, tmp_path_factory):
     killed_dir = base / "killed"
     killed_cfg = write_config(base / "killed.json", shards=train_shards, output_dir=killed_dir,
                               overrides={**common, "train.max_steps": 50})
-    port = free_port()
-    procs, logs = [], []
-    for rank in range(2):
-        logs.append(open(base / f"killed_rank{rank}.log", "w"))
-        env = clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), "--config", str(killed_cfg)], env=env,
-                                      stdout=logs[rank], stderr=subprocess.STDOUT))
+    procs = start_ranks(killed_cfg, log_dir=base, name="killed")
     try:
         log_path = killed_dir / "train_log.jsonl"
         wait_for(lambda: log_path.exists() and max(step_losses(log_path), default=0) >= K + 1,
@@ -59,8 +50,6 @@ def runs(train_shards, tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-        for handle in logs:
-            handle.close()
     resumed = run(torchrun_cmd(killed_cfg, "--set", f"train.max_steps={2 * K}"), log=base / "resumed.log")
     return {"base": base, "straight": straight, "resumed": resumed, "survivor_rc": survivor_rc,
             "survivor_seconds": survivor_seconds, "survivor_log": (base / "killed_rank0.log").read_text()}

@@ -105,6 +105,20 @@ def torchrun_cmd(config: Path, *extra: str, nprocs: int = 2) -> list[str]:
             str(TRAIN_SCRIPT), "--config", str(config), *extra]
 
 
+def start_ranks(config: Path, *, log_dir: Path, name: str, world_size: int = 2) -> list[subprocess.Popen]:
+    """Start every rank as a plain process (no launcher that would end the others when one dies);
+    rank r logs to log_dir/<name>_rank<r>.log."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = clean_env(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=port)
+        with open(log_dir / f"{name}_rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), "--config", str(config)], cwd=REPO,
+                                          env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
 def step_losses(log_path: Path) -> dict[int, float]:
     """Loss per optimizer step from a JSON-lines log (a resumed run's record wins over a killed one's)."""
     return {r["step"]: r["loss"] for r in read_jsonl(log_path) if r.get("event") == "step"}
