@@ -382,6 +382,23 @@ def test_all_empty_tiles(tmp_path):
         assert batch.counts.tolist() == [0] * 8
 
 
+def test_shard_specs_folder_list_and_brace_pattern(shards, shard_copy):
+    from resam_dist.data.pipeline import resolve_shards
+
+    from_manifest = resolve_shards(shards)
+    tars = sorted(shards.glob("*.tar"))
+    assert [s.tar for s in from_manifest] == tars and sum(s.num_samples for s in from_manifest) == NUM_SAMPLES
+    assert all(s.size_bytes == s.tar.stat().st_size and s.sha256 for s in from_manifest)
+    assert [s.tar for s in resolve_shards([str(t) for t in tars])] == tars
+    pattern = str(shards / f"train-{{000000..{len(tars) - 1:06d}}}.tar")
+    assert [s.tar for s in resolve_shards(pattern)] == tars
+    (shard_copy / "train-000002.idx").unlink()
+    with pytest.raises(ShardError, match="train-000002.tar: index file .* not found"):
+        resolve_shards(shard_copy)
+    with pytest.raises(ValueError, match="no manifest.json"):
+        resolve_shards(shard_copy.parent)
+
+
 def test_bench_loader_smoke(tmp_path):
     """benchmarks/bench_loader.py end to end at toy sizes: both figures and the files."""
     import importlib.util
