@@ -1,6 +1,6 @@
 """The multi-node path on one machine: two separately started `torchrun --nnodes 2
 --nproc-per-node 1 --rdzv-backend c10d` agents (as train_torchrun.sbatch starts them) train ZeRO-3
-for a few steps. Both ranks are local rank 0, global ranks 0 and 1. Rank 1's loss is NaN at
+for a few steps with gradient accumulation. Both ranks are local rank 0, global ranks 0 and 1. Rank 1's loss is NaN at
 step 2 (faults.nan_loss_step): the step is skipped on BOTH ranks and counted. The exported
 adapter and merged weights give the same model."""
 
@@ -18,13 +18,14 @@ from train_helpers import BIN, REPO, TRAIN_SCRIPT, clean_env, free_port, write_c
 pytestmark = pytest.mark.distributed
 
 STEPS = 3
+ACCUM = 2  # micro-batches per optimizer step
 
 
 @pytest.fixture(scope="module")
 def multinode(train_shards, tmp_path_factory):
     base = tmp_path_factory.mktemp("multinode")
     config = write_config(base / "config.json", shards=train_shards, output_dir=base / "run", overrides={
-        "deepspeed.zero_optimization.stage": 3, "train.max_steps": STEPS,
+        "deepspeed.zero_optimization.stage": 3, "train.max_steps": STEPS, "train.grad_accum_steps": ACCUM,
         "faults.nan_loss_step": 2, "faults.nan_loss_rank": 1})
     endpoint = f"127.0.0.1:{free_port()}"
     procs = []
@@ -68,9 +69,10 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_all_ranks(multinode):
     for rank in range(2):
         client = torch.load(ckpt / f"client_rank{rank:05d}.pt", weights_only=False)
         assert client["skipped"] == {"nonfinite": 1, "spike": 0}
-        assert client["data_position"] == (STEPS + 1) * 2  # the skipped batch was consumed
+        assert client["data_position"] == (STEPS * ACCUM + 1) * 2  # the skipped micro-batch was consumed too
     steps = {r["step"]: r for r in records if r["event"] == "step"}
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps.values())
+    assert all(r["images"] == 2 * ACCUM * 2 for r in steps.values())  # ranks x micro-batches x images
 
 
 def test_exports_give_the_same_model(multinode):
