@@ -34,7 +34,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -452,17 +452,28 @@ class TrainLoader:
         pipe.build()
         return pipe
 
-    def _pipeline_error(self, err: Exception) -> ShardError:
-        """A DALI failure re-raised naming the shard (from DALI's message, else by a diagnosis scan)."""
+    def _pipeline_error(self, err: RuntimeError) -> Exception:
+        """A DALI failure re-raised naming the shard: from DALI's message (it names the sample's
+        source), else, for a reading/decoding failure, by a diagnosis scan of all shards; any other
+        failure (e.g. out of memory) is returned unchanged."""
         message = str(err)
         for shard in self.shards:
             if str(shard.tar) in message:
                 lines = [line.strip() for line in message.splitlines() if str(shard.tar) in line]
                 return ShardError(f"shard {shard.tar} is corrupt: {lines[0]}")
+        if not re.search(r"decod|webdataset|Reader|index|tar", message, flags=re.IGNORECASE):
+            return err
         diagnosis = find_corrupt_sample(self.shards)
         if diagnosis is not None:
             return ShardError(diagnosis)
-        return ShardError(f"the DALI pipeline failed on shards {[str(s.tar) for s in self.shards]}: {message}")
+        listed = ", ".join(str(s.tar) for s in self.shards[:3]) + (", ..." if len(self.shards) > 3 else "")
+        return ShardError(f"the DALI reader failed on shards {listed} (all samples decode with PIL): {message}")
+
+    def _reraise(self, err: RuntimeError) -> NoReturn:
+        error = self._pipeline_error(err)
+        if error is err:
+            raise err
+        raise error from err
 
     def __iter__(self) -> Iterator[Batch]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -474,13 +485,13 @@ class TrainLoader:
             iterator = DALIGenericIterator(pipe, list(_OUTPUTS), reader_name=READER_NAME,
                                            last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
         except RuntimeError as err:
-            raise self._pipeline_error(err) from err
+            self._reraise(err)
         assert len(iterator) == self._batches_per_epoch, (len(iterator), self._batches_per_epoch)
         for index in range(self._batches_per_epoch):
             try:
                 outputs = next(iterator)[0]
             except RuntimeError as err:
-                raise self._pipeline_error(err) from err
+                self._reraise(err)
             if index < skip:   # resume: fast-forward through the batches consumed before
                 continue
             self.position += self.batch_size
