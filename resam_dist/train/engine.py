@@ -33,6 +33,7 @@ Exports at the end (rank 0, `<output_dir>/export/`): `adapter/` (peft LoRA forma
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -192,8 +193,6 @@ class Trainer:
         self.is_main = self.rank == 0
         self.output_dir = Path(cfg.train.output_dir)
         self.zero_stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
-        if cfg.data.max_instances < 1:
-            raise ValueError(f"{cfg.source}: key 'data.max_instances' must be >= 1")
         self._seed_everything(cfg.train.seed + self.rank)
 
         # ---- model, LoRA, optimizer, schedule, DeepSpeed --------------------------------------
@@ -276,8 +275,8 @@ class Trainer:
               f"device {self.device}, metrics port {self.metrics.port}", flush=True)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(
-                {"source": self.cfg.source, "deepspeed": self.ds_config}, indent=1, default=str))
+            resolved = {**dataclasses.asdict(self.cfg), "deepspeed_resolved": self.ds_config}
+            (self.output_dir / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
             precision = "bf16" if self.bf16 else "fp32"
             print(f"[train] world {self.world_size}, ZeRO stage {self.zero_stage}, {precision}, "
                   f"{self.images_per_step} images/rank/step, {self.total_steps} steps, "
@@ -350,7 +349,7 @@ class Trainer:
         last_checkpoint = self.step
         try:
             while not self._finished():
-                steps_before_epoch = self.step
+                accepted_in_epoch = 0
                 batches = iter(self.loader)
                 while not self._finished():
                     wait_start = time.perf_counter()
@@ -378,6 +377,7 @@ class Trainer:
                     if isinstance(self.step_state, EmbeddingQueue):
                         self.step_state.push_all_ranks(result.weak_embeddings)  # after the loss, all ranks
                     self.guard.accept(verdict.loss)
+                    accepted_in_epoch += 1
                     window.add(verdict, images=images, seconds=time.perf_counter() - step_start,
                                data_wait=data_wait, stats=result.stats, lr=lr)
                     del result, loss
@@ -391,9 +391,9 @@ class Trainer:
                     if every > 0 and self.step % every == 0:
                         self.save_checkpoint()
                         last_checkpoint = self.step
-                if self.step == steps_before_epoch and not self._finished():
-                    raise RuntimeError(f"a whole epoch ({len(self.loader)} batches) gave no optimizer step: every "
-                                       f"step was skipped by the loss guard ({self.skipped})")
+                if accepted_in_epoch == 0 and not self._finished():
+                    raise RuntimeError(f"the loss guard skipped every batch of a whole epoch ({len(self.loader)} "
+                                       f"batches; skipped so far: {self.skipped}): training cannot progress")
             if self.step != last_checkpoint or self.checkpoints.latest_tag() is None:
                 self.save_checkpoint()
             exports = self.export()
@@ -420,9 +420,10 @@ class Trainer:
                    memory_bytes=memory_bytes)
         every = max(1, self.cfg.train.log_every)
         if self.is_main and (self.step % every == 0 or self.step >= self.total_steps):
+            epoch = (self.data_position - 1) // self.loader.samples_per_epoch  # of the last batch
             self.log.write({
-                "event": "step", "step": self.step, "epoch": (self.data_position - 1) // self.loader.samples_per_epoch, "loss": loss, "parts": parts,
-                "lr": window.lr, "images": window.images * self.world_size,
+                "event": "step", "step": self.step, "epoch": epoch, "loss": loss, "parts": parts, "lr": window.lr,
+                "images": window.images * self.world_size,
                 "images_per_second": local_rate * self.world_size, "step_seconds": window.seconds,
                 "data_wait_seconds": window.data_wait, "queue_entries": queue_entries,
                 "skipped": dict(self.skipped), "data_position": self.data_position, "memory": memory,

@@ -27,7 +27,8 @@ def _run_sbatch(script: str, tmp_path: Path) -> tuple[subprocess.CompletedProces
     record = tmp_path / "calls.txt"
     _stub(stubs / "scontrol", '[ "$1 $2" = "show hostnames" ] && printf "gpu-a\\ngpu-b\\n"\n')
     for name, folder in (("srun", stubs), ("deepspeed", venv), ("torchrun", venv)):
-        _stub(folder / name, f'echo "{name} MASTER_ADDR=${{MASTER_ADDR:-}} MASTER_PORT=${{MASTER_PORT:-}} $*" >> {record}\n')
+        line = f"{name} MASTER_ADDR=${{MASTER_ADDR:-}} MASTER_PORT=${{MASTER_PORT:-}} $*"
+        _stub(folder / name, f'echo "{line}" >> {record}\n')
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
            "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "REPO_DIR": str(REPO), "VENV_BIN": str(venv),
            "GPUS_PER_NODE": "4", "HOSTFILE": str(tmp_path / "hostfile"), "CONFIG": "configs/whu.json",
