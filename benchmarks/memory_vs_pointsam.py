@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run the variant processes at the same time (smoke tests: memory stays per "
                              "process, but the throughput figures are then not comparable)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/results)")
+    parser.add_argument("--note", default="", help="free text recorded with the results (machine conditions, ...)")
     parser.add_argument("--worker", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -265,7 +266,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
                        num_points=args.num_points, seed=args.seed).to(device)
     model = build_model(args, image_size).to(device)
     lora_parameters = [p for p in model.parameters() if p.requires_grad]
-    info: dict[str, Any] = {"variant": variant, "label": LABELS[variant]}
+    info: dict[str, Any] = {"variant": variant, "label": LABELS[variant], "device": device_name(device)}
 
     if variant == "pointsam":
         from resam_dist.resam.pointsam import PointSamState, pointsam_step
@@ -311,6 +312,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         from resam_dist import distributed
         from resam_dist.config import deepspeed_dict
         from resam_dist.resam.queue import EmbeddingQueue
+        from resam_dist.resam.step import StepResult
         from resam_dist.train.engine import TrainStepModule, _bf16_supported, _disable_deepspeed_shm_build
 
         cfg = make_config(args, "resam")
@@ -338,7 +340,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
                     images_per_forward=args.images_per_step)
 
         def train_step() -> float:
-            result = engine(batch, queue)
+            result = StepResult(**engine(batch=batch, step_state=queue))  # as the trainer calls it
             engine.backward(result.loss)
             engine.step()
             queue.push_all_ranks(result.weak_embeddings)
@@ -403,14 +405,18 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 # orchestration and reports
 
 
-def device_slug(device: str) -> tuple[str, str]:
-    """(human name, file-name slug) of the device the workers use."""
-    if device == "cpu":
-        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "cpu"
+def device_name(device: Any) -> str:
+    """Human name of the device a worker uses."""
+    if device.type == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     import torch
 
-    name = torch.cuda.get_device_name(0)
-    return name, re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return torch.cuda.get_device_name(device)
+
+
+def device_slug(device_type: str, name: str) -> str:
+    """File-name part for the device: "cpu", or the GPU name in lower case with dashes."""
+    return "cpu" if device_type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 class VariantProcess:
@@ -501,6 +507,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                      f"{v['zero_stage'] if v['zero_stage'] is not None else '-'} | {v['kernels']} | "
                      f"{peak} | {_mib(v['mean_bytes'])} | {speed} |")
     lines += ["", f"Memory: {memory_note}; one fresh process per variant.", ""]
+    if results["note"]:
+        lines += [f"Note: {results['note']}", ""]
     if results["parallel"]:
         lines += ["**The variants ran at the same time (--parallel): the images/s figures are not comparable.**", ""]
     if "peak_memory_reduction_vs_pointsam" in summary:
@@ -573,10 +581,10 @@ def main(argv: list[str] | None = None) -> int:
         if skip:
             skip = False
             continue
-        if item in ("--device", "--out"):
+        if item in ("--device", "--out", "--note"):
             skip = True
             continue
-        if item.startswith(("--device=", "--out=")):
+        if item.startswith(("--device=", "--out=", "--note=")):
             continue
         passthrough.append(item)
 
@@ -584,17 +592,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from resam_dist.model.build import SAM_REGISTRY
 
-    device_name, slug = device_slug(device)
+    # the device's name comes from the workers: the parent never creates a CUDA context of its own,
+    # which would take GPU memory away from them
     results: dict[str, Any] = {
-        "device": device_name, "device_type": device, "model": args.model,
+        "device": None, "device_type": device, "model": args.model,
         "image_size": args.image_size or SAM_REGISTRY[args.model].image_size, "instances": args.instances,
         "num_points": args.num_points, "images_per_step": args.images_per_step, "steps": args.steps,
         "warmup": args.warmup, "parallel": args.parallel, "lora_start_block": args.lora_start_block,
         "torch": torch.__version__, "deepspeed": version("deepspeed"),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "variants": {},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "note": args.note, "variants": {},
     }
     names = args.variants.split(",")
-    print(f"[memory_vs_pointsam] {', '.join(names)} on {device_name}"
+    print(f"[memory_vs_pointsam] {', '.join(names)} on {device}"
           + (" (in parallel)" if args.parallel else ""), flush=True)
     running = None
     if args.parallel:
@@ -604,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         for index, variant in enumerate(names):
             info = running[index].result() if running else VariantProcess(variant, device, passthrough).result()
             results["variants"][variant] = info
+            results["device"] = info["device"]
             print(f"[memory_vs_pointsam] {variant}: peak {_mib(info['peak_bytes'])} MiB, mean "
                   f"{_mib(info['mean_bytes'])} MiB, {info['images_per_second']:.3f} images/s", flush=True)
     finally:
@@ -614,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     results["summary"] = summarize(results)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"memory_vs_pointsam_{slug}"
+    stem = args.out / f"memory_vs_pointsam_{device_slug(device, results['device'])}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     write_markdown(results, stem.with_suffix(".md"))
     write_chart(results, stem.with_suffix(".png"))

@@ -29,9 +29,11 @@ batch and loss code, selected with `resam.method = "pointsam"`:
 
 Loss: `focal_weight * focal + dice + iou_mse + pointsam_proto_weight * L_pbr`.
 
-Differences from the public PointSAM code, on purpose: prompts/images are batched like the rest
-of this project (PointSAM trains one image per step); the store is class-agnostic (batches carry
-no category ids) and per rank (the state is not synchronised across ranks).
+Choices of this re-implementation (the SPEC fixes the structure, not these details): images and
+prompts are batched like the rest of this project (PointSAM trains one image per step); the store
+is class-agnostic (batches carry no category ids) and per rank (not synchronised across ranks);
+prototypes come from FINCH's finest partition; the target features are collected during the
+first steps rather than in a separate pass before training.
 """
 
 from __future__ import annotations
