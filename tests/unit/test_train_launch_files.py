@@ -52,9 +52,9 @@ def test_torchrun_sbatch_starts_one_agent_per_node_with_c10d_rendezvous(tmp_path
     result, record = _run_sbatch("train_torchrun.sbatch", tmp_path)
     assert result.returncode == 0, result.stderr
     call = record.read_text().strip()
-    assert call.startswith("srun ") and "--ntasks=2 --ntasks-per-node=1" in call
+    assert call.startswith("srun ") and "--ntasks=2 --ntasks-per-node=1" in call, call
     assert re.search(r"/torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint gpu-a:29500 "
-                     r"--rdzv-id 4242 launch/train.py --config configs/whu.json --set train.max_steps=7$", call)
+                     r"--rdzv-id 4242 launch/train.py --config configs/whu.json --set train.max_steps=7$", call), call
 
 
 def test_dashboard_queries_only_exported_metrics():
