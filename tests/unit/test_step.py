@@ -13,6 +13,7 @@ from resam_dist.resam.queue import EmbeddingQueue
 from resam_dist.resam.step import resam_step, select_points
 
 SIZE = 256  # the tiny SAM's canvas
+DIM = 128  # channels of the tiny SAM feature map
 RECTANGLES = [  # (y0, y1, x0, x1) per instance per image; image 1 has one padding slot
     [(40, 100, 30, 110), (120, 200, 140, 230), (180, 240, 20, 90)],
     [(60, 140, 60, 180), (170, 230, 100, 250)],
@@ -89,14 +90,14 @@ def test_queue_is_read_not_pushed_by_the_step():
     """The loss of step t uses the queue as it was before step t's push (the trainer pushes after
     backward); the step itself never changes the queue."""
     model, batch, cfg = tiny_lora_model(), make_batch(), make_config()
-    queue = EmbeddingQueue(8, 256)
+    queue = EmbeddingQueue(8, DIM)
     first = resam_step(model, batch, queue, cfg)
     assert len(queue) == 0
     assert first.loss.requires_grad and torch.isfinite(first.loss)
     assert set(first.parts) == {"focal", "dice", "iou_mse", "ssa", "total"}
     assert not any(part.requires_grad for part in first.parts.values())
     embeddings = first.weak_embeddings
-    assert embeddings.shape == (int(first.stats["n_ssa"]), 256) and not embeddings.requires_grad
+    assert embeddings.shape == (int(first.stats["n_ssa"]), DIM) and not embeddings.requires_grad
     assert torch.allclose(embeddings.norm(dim=1), torch.ones(len(embeddings)), atol=1e-5)
     for key in ("n_instances", "n_valid", "kept_fraction", "iou_point", "iou_requery", "iou_pseudo", "empty_refined"):
         assert key in first.stats
@@ -116,8 +117,8 @@ def test_queue_is_read_not_pushed_by_the_step():
 def test_ssa_sends_gradient_to_lora_weights():
     """Gradient of SSA alone = gradient(loss with beta = 1) - gradient(loss with beta = 0)."""
     model, batch = tiny_lora_model(), make_batch()
-    queue = EmbeddingQueue(8, 256)
-    queue.push(torch.nn.functional.normalize(torch.randn(4, 256, generator=torch.Generator().manual_seed(3)), dim=1))
+    queue = EmbeddingQueue(8, DIM)
+    queue.push(torch.nn.functional.normalize(torch.randn(4, DIM, generator=torch.Generator().manual_seed(3)), dim=1))
     with_ssa = resam_step(model, batch, queue, make_config(ssa_weight=1.0, focal_weight=0.0))
     assert with_ssa.parts["ssa"].item() > 0
     with_ssa.loss.backward()
@@ -135,26 +136,26 @@ def test_empty_refined_masks_keep_point_masks_or_drop():
     """A threshold no pixel can pass empties every refined mask: keep_point_mask then trains on the
     point-prompted masks exactly like self-training; drop leaves no target and a zero loss."""
     model, batch = tiny_lora_model(), make_batch()
-    queue = EmbeddingQueue(8, 256)
+    queue = EmbeddingQueue(8, DIM)
     selftrain = resam_step(model, batch, queue, make_config(method="selftrain"))
     kept = resam_step(model, batch, queue, make_config(entropy_eps=0.999, empty_policy="keep_point_mask"))
     assert kept.stats["empty_refined"] == 5.0 and kept.stats["n_valid"] == 5.0
     for part in ("focal", "dice", "iou_mse"):
         assert kept.parts[part].item() == pytest.approx(selftrain.parts[part].item(), rel=1e-6)
-    assert selftrain.parts["ssa"].item() == 0.0 and selftrain.weak_embeddings.shape == (0, 256)
+    assert selftrain.parts["ssa"].item() == 0.0 and selftrain.weak_embeddings.shape == (0, DIM)
     dropped = resam_step(model, batch, queue, make_config(entropy_eps=0.999, empty_policy="drop"))
     assert dropped.stats["n_valid"] == 0.0 and dropped.stats["kept_fraction"] == 0.0
-    assert dropped.loss.item() == 0.0 and dropped.weak_embeddings.shape == (0, 256)
+    assert dropped.loss.item() == 0.0 and dropped.weak_embeddings.shape == (0, DIM)
     dropped.loss.backward()  # still connected to the graph
 
 
 def test_supervised_trains_on_ground_truth():
     model, batch = tiny_lora_model(), make_batch()
-    result = resam_step(model, batch, EmbeddingQueue(8, 256), make_config(method="supervised"))
+    result = resam_step(model, batch, EmbeddingQueue(8, DIM), make_config(method="supervised"))
     assert result.stats["n_valid"] == 5.0 and "iou_point" not in result.stats
     assert result.parts["ssa"].item() == 0.0 and result.parts["dice"].item() > 0
     with pytest.raises(ValueError, match="pointsam"):
-        resam_step(model, batch, EmbeddingQueue(8, 256), make_config(method="pointsam"))
+        resam_step(model, batch, EmbeddingQueue(8, DIM), make_config(method="pointsam"))
 
 
 def first_image(batch: Batch) -> Batch:
@@ -164,7 +165,7 @@ def first_image(batch: Batch) -> Batch:
 def test_twenty_step_loop_lowers_the_loss():
     torch.manual_seed(0)
     model, batch, cfg = tiny_lora_model(), first_image(make_batch()), make_config()
-    queue = EmbeddingQueue(16, 256)
+    queue = EmbeddingQueue(16, DIM)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
     losses = []
     for _ in range(20):
