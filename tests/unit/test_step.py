@@ -162,13 +162,13 @@ def first_image(batch: Batch) -> Batch:
     return Batch(**{name: value[:1] for name, value in vars(batch).items() if name != "position"})
 
 
-def test_twenty_step_loop_lowers_the_loss():
+def run_steps(method: str, steps: int) -> tuple[list[float], torch.nn.Module]:
     torch.manual_seed(0)
-    model, batch, cfg = tiny_lora_model(), first_image(make_batch()), make_config()
+    model, batch, cfg = tiny_lora_model(), first_image(make_batch()), make_config(method=method)
     queue = EmbeddingQueue(16, DIM)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
     losses = []
-    for _ in range(20):
+    for _ in range(steps):
         result = resam_step(model, batch, queue, cfg)
         optimizer.zero_grad()
         result.loss.backward()
@@ -176,4 +176,20 @@ def test_twenty_step_loop_lowers_the_loss():
         queue.push_all_ranks(result.weak_embeddings)
         losses.append(result.loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
+    return losses, model
+
+
+def test_twenty_step_loop_lowers_the_loss():
+    """With fixed targets (supervised) 20 LoRA steps through resam_step lower the loss. (Under
+    self-training the teacher is the network being trained, so its targets move; a randomly
+    initialised tiny SAM gives no guarantee there: see the ReSAM test below.)"""
+    losses, _ = run_steps("supervised", 20)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_resam_steps_train_the_lora_weights():
+    before = {name: p.detach().clone() for name, p in tiny_lora_model().named_parameters() if p.requires_grad}
+    losses, model = run_steps("resam", 5)
+    after = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    assert set(before) == set(after) and len(after) > 0
+    assert any(not torch.equal(before[name], after[name]) for name in after)
