@@ -25,7 +25,7 @@ test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu tests/gpu
 
 bench: $(STAMP)
-	$(BIN)/resam-bench
+	$(BIN)/resam-bench all
 
 clean-venv:
 	rm -rf $(VENV)
