@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, local_rank_arg=args.local_rank)
         trainer.train()
         trainer.close()
-    except ValueError as error:  # a user error: config, data, checkpoint
+    except ValueError as error:  # a user error (config, data, checkpoint) or a failed internal check
+        traceback.print_exc()
         print(f"[rank {rank}] error: {error}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)  # the other ranks, if any, stop at their collective timeout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -242,7 +243,7 @@ def _check_value(value: Any, annotation: Any, key: str, source: str) -> Any:
             return value
         raise bad
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         raise bad
     if annotation is str:
@@ -279,9 +280,27 @@ def validate(cfg: Config) -> None:
         "lora.rank": cfg.lora.rank, "resam.queue_size": cfg.resam.queue_size + 1,
         "eval.batch_size": cfg.eval.batch_size, "eval.num_points": cfg.eval.num_points,
     }
+    positive.update({
+        "train.lr": cfg.train.lr, "resam.ssa_tau": cfg.resam.ssa_tau, "resam.loss_window": cfg.resam.loss_window,
+        "resam.loss_spike_factor": cfg.resam.loss_spike_factor, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "train.collective_timeout_s": cfg.train.collective_timeout_s,
+    })
     for key, value in positive.items():
         if value <= 0:
             raise ValueError(f"{src}: key '{key}' must be positive, got {value}")
+    non_negative = {"train.epochs": cfg.train.epochs, "train.max_steps": cfg.train.max_steps,
+                    "train.warmup_steps": cfg.train.warmup_steps, "train.grad_clip": cfg.train.grad_clip,
+                    "train.weight_decay": cfg.train.weight_decay, "checkpoint.every_steps": cfg.checkpoint.every_steps,
+                    "lora.dropout": cfg.lora.dropout, "resam.ssa_weight": cfg.resam.ssa_weight,
+                    "metrics.base_port": cfg.metrics.base_port}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ValueError(f"{src}: key '{key}' must be >= 0, got {value}")
+    if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
+        raise ValueError(f"{src}: keys 'train.epochs' and 'train.max_steps' are both 0: nothing would be trained")
+    if cfg.metrics.base_port > 65535 - 256:
+        raise ValueError(f"{src}: key 'metrics.base_port' must leave room for one port per local rank, got "
+                         f"{cfg.metrics.base_port}")
     for key, value in (("data.num_points", cfg.data.num_points), ("eval.num_points", cfg.eval.num_points)):
         if value not in (1, 2, 3):
             raise ValueError(f"{src}: key '{key}' must be 1, 2 or 3, got {value}")
@@ -303,6 +322,21 @@ def validate(cfg: Config) -> None:
     if "optimizer" in ds or "scheduler" in ds:
         raise ValueError(f"{src}: keys 'deepspeed.optimizer'/'deepspeed.scheduler' are not used: the trainer "
                          "builds a torch AdamW and the warm-up/milestone schedule from the train section")
+    for key in ("zero_optimization", "bf16", "fp16"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise ValueError(f"{src}: key 'deepspeed.{key}' must be an object, got {ds[key]!r}")
+    if ds.get("fp16", {}).get("enabled", False) not in (False,):
+        raise ValueError(f"{src}: key 'deepspeed.fp16.enabled': fp16 is not supported, use train.precision bf16")
+    bf16 = ds.get("bf16", {}).get("enabled", "auto")
+    if bf16 not in ("auto", True, False):
+        raise ValueError(f"{src}: key 'deepspeed.bf16.enabled' must be true, false or \"auto\", got {bf16!r}")
+    if (bf16 is True and cfg.train.precision == "fp32") or (bf16 is False and cfg.train.precision == "bf16"):
+        raise ValueError(f"{src}: key 'deepspeed.bf16.enabled' ({bf16}) contradicts 'train.precision' "
+                         f"({cfg.train.precision}); set one of them to \"auto\"")
+    clip = ds.get("gradient_clipping", "auto")
+    if clip != "auto" and clip != cfg.train.grad_clip:
+        raise ValueError(f"{src}: key 'deepspeed.gradient_clipping' is {clip} but 'train.grad_clip' is "
+                         f"{cfg.train.grad_clip}; use \"auto\"")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{src}: key 'deepspeed.zero_optimization.stage' must be 0-3, got {stage!r}")
@@ -323,6 +357,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         *parents, last = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{source}: override '{dotted}': '{part}' is not a section")
         node[last] = value
     cfg = _build(Config, raw, "", source)
     cfg.source = source
@@ -356,7 +392,5 @@ def deepspeed_dict(cfg: Config, world_size: int, bf16_supported: bool) -> dict[s
     ds.setdefault("bf16", {})
     if ds["bf16"].get("enabled", "auto") == "auto":
         ds["bf16"]["enabled"] = use_bf16
-    if ds.get("fp16", {}).get("enabled") is True:
-        raise ValueError(f"{src}: key 'deepspeed.fp16.enabled': fp16 is not supported, use train.precision bf16")
     ds.setdefault("steps_per_print", 10**9)
     return ds

@@ -71,6 +71,12 @@ def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> Di
         os.environ.setdefault("LOCAL_RANK", str(local_rank_arg or 0))
     global_rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
+    if "LOCAL_RANK" not in os.environ and local_rank_arg is None and "SLURM_LOCALID" in os.environ:
+        os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
+    if "LOCAL_RANK" not in os.environ and local_rank_arg is None and world > 1:
+        raise ValueError(f"RANK={global_rank} of WORLD_SIZE={world} but no LOCAL_RANK (nor --local_rank, nor "
+                         "SLURM_LOCALID): the device and metrics port of this rank are unknown; start the job "
+                         "with torchrun, the deepspeed launcher or srun")
     local = _env_int("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0)
     os.environ["LOCAL_RANK"] = str(local)  # DeepSpeed reads it
     if not 0 <= global_rank < world:

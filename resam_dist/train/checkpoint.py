@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +50,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -110,9 +116,16 @@ class CheckpointManager:
         if not pointer.is_file():
             return None
         tag = pointer.read_text().strip()
-        if not (self.root / tag / "meta.json").is_file():
-            raise ValueError(f"{pointer} names checkpoint '{tag}', but {self.root / tag}/meta.json does not exist")
-        return tag
+        if (self.root / tag / "meta.json").is_file():
+            return tag
+        # a crash between replacing a checkpoint folder and moving `latest`: newest complete one
+        complete = sorted(path.name for path in self.root.glob("step_*") if (path / "meta.json").is_file())
+        if not complete:
+            raise ValueError(f"{pointer} names checkpoint '{tag}', but {self.root / tag}/meta.json does not "
+                             "exist and there is no other complete checkpoint")
+        print(f"[checkpoint] {pointer} names '{tag}', which is incomplete; resuming from {complete[-1]}",
+              file=sys.stderr, flush=True)
+        return complete[-1]
 
     def read_meta(self, tag: str) -> dict[str, Any]:
         return json.loads((self.root / tag / "meta.json").read_text())
@@ -132,15 +145,20 @@ class CheckpointManager:
         write_engine(self.root, tmp_tag)
         tmp_dir.mkdir(parents=True, exist_ok=True)
         torch.save(client_state, self.client_file(tmp_tag))
+        for path in tmp_dir.rglob("*"):  # on disk before any rank moves on (survives a crashed node)
+            if path.is_file():
+                _fsync_file(path)
         distributed.barrier()  # every rank's files are in tmp_dir
         if self.rank == 0:
             atomic_write_text(tmp_dir / "meta.json", json.dumps(
                 {**meta, "step": step, "world_size": self.world_size, "time": time.time()}, indent=1))
             final_dir = self.root / tag
-            if final_dir.exists():  # written by an earlier attempt that never became `latest`
-                shutil.rmtree(final_dir)
+            stale = self.root / f"{TMP_PREFIX}stale_{tag}"
+            if final_dir.exists():  # an earlier attempt at this step: moved aside, deleted once replaced
+                os.rename(final_dir, stale)
             os.rename(tmp_dir, final_dir)
             _fsync_dir(self.root)
+            shutil.rmtree(stale, ignore_errors=True)
             atomic_write_text(self.root / LATEST, tag + "\n")
             self._prune(keep=tag)
         distributed.barrier()  # no rank runs ahead of a checkpoint that is not complete

@@ -238,6 +238,9 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                              rank=self.rank, world_size=self.world_size)
         self.checkpoints.prepare()
+        if not cfg.checkpoint.resume and self.checkpoints.latest_tag() is not None:
+            raise ValueError(f"{cfg.source}: checkpoint.resume is false but {self.checkpoints.root} already holds "
+                             "checkpoints of another run: use a fresh train.output_dir (or resume)")
         self.resumed_from = self._resume() if cfg.checkpoint.resume else None
 
         # ---- data, telemetry ------------------------------------------------------------------

@@ -120,3 +120,47 @@ def test_overrides_and_relative_paths(tmp_path):
     assert cfg.model.checkpoint == str(CONFIGS / "ck.pth")
     with pytest.raises(ValueError, match="unknown key 'train.maxsteps'"):
         load_config(CONFIGS / "demo.json", {"train.maxsteps": 3})
+
+
+@pytest.mark.parametrize("section,key,value,pattern", [
+    ("train", "lr", 0, "train.lr' must be positive"),
+    ("train", "max_steps", -1, "train.max_steps' must be >= 0"),
+    ("checkpoint", "keep_last", 0, "checkpoint.keep_last' must be positive"),
+    ("resam", "ssa_tau", 0.0, "resam.ssa_tau' must be positive"),
+    ("metrics", "base_port", 70000, "metrics.base_port"),
+])
+def test_out_of_range_values(tmp_path, section, key, value, pattern):
+    data = demo_dict()
+    data[section][key] = value
+    with pytest.raises(ValueError, match=pattern):
+        load_config(write(tmp_path, data))
+
+
+def test_nothing_to_train_and_nan_are_refused(tmp_path):
+    data = demo_dict()
+    data["train"].update({"epochs": 0, "max_steps": 0})
+    with pytest.raises(ValueError, match="nothing would be trained"):
+        load_config(write(tmp_path, data))
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(demo_dict()).replace('"lr": 0.001', '"lr": NaN'))
+    with pytest.raises(ValueError, match="'train.lr'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("block,pattern", [
+    ({"bf16": {"enabled": True}}, "contradicts 'train.precision'"),
+    ({"fp16": {"enabled": "auto"}}, "fp16 is not supported"),
+    ({"gradient_clipping": 5.0}, "gradient_clipping"),
+    ({"zero_optimization": 2}, "'deepspeed.zero_optimization' must be an object"),
+])
+def test_deepspeed_block_conflicts(tmp_path, block, pattern):
+    data = demo_dict()
+    data["train"]["precision"] = "fp32"
+    data["deepspeed"].update(block)
+    with pytest.raises(ValueError, match=pattern):
+        load_config(write(tmp_path, data))
+
+
+def test_override_through_a_value_is_refused():
+    with pytest.raises(ValueError, match="'lr' is not a section"):
+        load_config(CONFIGS / "demo.json", {"train.lr.x": 1})

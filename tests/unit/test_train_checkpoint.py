@@ -73,6 +73,16 @@ def test_latest_naming_a_missing_checkpoint_is_a_clear_error(tmp_path):
         CheckpointManager(tmp_path, keep_last=1, rank=0, world_size=1).latest_tag()
 
 
+def test_latest_naming_a_replaced_checkpoint_falls_back_to_the_newest_complete_one(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3, rank=0, world_size=1)
+    for step in (1, 2):
+        manager.save(step, write_engine=_engine_writer(str(step)), client_state={"step": step}, meta={})
+    # a crash after `step_00000002` was moved aside for a rewrite, before the new one was renamed in
+    (tmp_path / "step_00000002").rename(tmp_path / ".tmp-stale_step_00000002")
+    assert manager.latest_tag() == "step_00000001"
+    assert manager.load_client_state("step_00000001")["step"] == 1
+
+
 def test_rng_states_round_trip_through_a_file(tmp_path):
     state = capture_rng_state(torch.device("cpu"))
     torch.save(state, tmp_path / "rng.pt")
