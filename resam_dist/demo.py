@@ -94,7 +94,9 @@ def prepare_data(out: Path, *, size: int, train_images: int, test_images: int, s
 
     per_kind = lambda n: {"buildings": n - n // 4, "sar_ships": n // 4}  # noqa: E731
     paths = {
-        "source": write_domain(out / "coco" / "source", {"source_shapes": source_images}, size=size, seed=11),
+        "source": write_domain(out / "coco" / "source", {"source_shapes": source_images // 4,
+                                                         "sparse_buildings": source_images // 2,
+                                                         "calm_sar_ships": source_images // 4}, size=size, seed=11),
         "target_train": write_domain(out / "coco" / "target-train", per_kind(train_images), size=size, seed=22),
         "target_test": write_domain(out / "coco" / "target-test", per_kind(test_images), size=size, seed=33),
     }
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = prepare_data(out, size=args.size, train_images=args.train_images, test_images=args.test_images,
                          source_images=128)
     checkpoint = pretrained_checkpoint(Path(args.cache).resolve(), paths["source"], steps=args.pretrain_steps,
-                                       images_per_step=4, lr=2e-3)
+                                       images_per_step=4, lr=1e-3)
     cfg = load_config(DEMO_CONFIG, {"model.checkpoint": str(checkpoint)})
     test_split = CocoSplit(paths["target_test"], paths["target_test"].parent / "images")
 

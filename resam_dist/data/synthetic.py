@@ -1,6 +1,6 @@
 """Seeded synthetic remote-sensing-like scenes with instance annotations (tests and the demo).
 
-Three kinds of scene, each generated from a `numpy.random.Generator` in a few milliseconds:
+Five kinds of scene, each generated from a `numpy.random.Generator` in a few milliseconds:
 
 - `buildings`: dense blocks of touching rectangular and L-shaped buildings between roads, with
   gable-roof shading and cast shadows on textured ground. Roofs of a block share a colour with
@@ -11,6 +11,8 @@ Three kinds of scene, each generated from a `numpy.random.Generator` in a few mi
   some moored along the coast. Instances = ships.
 - `source_shapes`: a plain "source" domain: well-separated rectangles, ellipses and triangles in
   saturated colours on smooth gradient backgrounds.
+- `sparse_buildings` and `calm_sar_ships`: the easy side of the demo's domain shift: buildings
+  with gaps between them and a roof colour each; ships under mild (12-look) speckle.
 
 Every instance is generated as a polygon and rasterised once with pycocotools; the image is
 painted from those rasters, so the annotations (polygons or RLE) match the pixels exactly.
@@ -30,11 +32,13 @@ from PIL import Image
 from resam_dist.data.coco import decode_instance, encode_rle
 
 SceneKind = Literal["buildings", "sar_ships", "source_shapes"]
-KINDS: tuple[str, ...] = ("buildings", "sar_ships", "source_shapes")
+KINDS: tuple[str, ...] = ("buildings", "sar_ships", "source_shapes", "sparse_buildings", "calm_sar_ships")
 
 CATEGORIES: dict[str, list[dict[str, object]]] = {
     "buildings": [{"id": 1, "name": "building", "supercategory": "structure"}],
     "sar_ships": [{"id": 1, "name": "ship", "supercategory": "vessel"}],
+    "sparse_buildings": [{"id": 1, "name": "building", "supercategory": "structure"}],
+    "calm_sar_ships": [{"id": 1, "name": "ship", "supercategory": "vessel"}],
     "source_shapes": [{"id": 1, "name": "rectangle", "supercategory": "shape"},
                       {"id": 2, "name": "ellipse", "supercategory": "shape"},
                       {"id": 3, "name": "triangle", "supercategory": "shape"}],
@@ -96,7 +100,9 @@ _ROOF_COLOURS = np.array([
 ], dtype=np.float32)
 
 
-def _building_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
+def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense: bool = True) -> Scene:
+    """dense: touching buildings with near-identical roofs per block (the target domain); else
+    buildings with gaps between them, each with its own roof colour (an easier source domain)."""
     scale = max(height, width) / 256.0
     # Ground: grass/soil mix with low-frequency variation and fine grain.
     mix = _smooth_noise(rng, height, width, max(8, int(40 * scale)))[..., None]
@@ -164,9 +170,12 @@ def _building_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
                             mask[y0:y0 + cut_h, x0:x0 + cut_w] = False
                     polygons.append([float(v) for v in polygon])
                     masks.append(mask)
-                    roofs.append(np.clip(block_colour + rng.normal(0, 7, 3), 0, 255).astype(np.float32))
-                    x = x1 + (int(rng.integers(3, 9) * scale) if rng.random() < 0.15 else 0)
-                y += row_height + (int(rng.integers(3, 8) * scale) if rng.random() < 0.5 else 0)
+                    colour = block_colour if dense else _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS))]
+                    roofs.append(np.clip(colour + rng.normal(0, 7, 3), 0, 255).astype(np.float32))
+                    gap_x = rng.random() < 0.15 if dense else True
+                    gap_y = rng.random() < 0.5 if dense else True
+                    x = x1 + (int(rng.integers(3, 9) * scale) if gap_x else 0)
+                y += row_height + (int(rng.integers(3, 8) * scale) if gap_y else 0)
 
     image = ground
     if masks:
@@ -197,7 +206,8 @@ def _building_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
 
 
 # ------------------------------------------------------------------------------- SAR ships
-def _sar_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
+def _sar_scene(rng: np.random.Generator, height: int, width: int, *, looks: float = 2.0) -> Scene:
+    """looks: equivalent number of looks of the speckle (2: heavy, the target domain; 12: mild)."""
     scale = max(height, width) / 256.0
     rows = np.arange(height, dtype=np.float32)[:, None]
     cols = np.arange(width, dtype=np.float32)[None, :]
@@ -268,7 +278,6 @@ def _sar_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
         intensity[ship_rows[picks], ship_cols[picks]] *= rng.uniform(2, 6, size=picks.size)
 
     # Multiplicative speckle: intensity x Gamma(L, 1/L), L looks.
-    looks = 2.0
     speckled = intensity * rng.gamma(looks, 1.0 / looks, size=(height, width)).astype(np.float32)
     decibels = 10.0 * np.log10(np.maximum(speckled, 1e-4))
     image = np.clip((decibels + 12.0) * (255.0 / 32.0), 0, 255).astype(np.uint8)
@@ -334,11 +343,15 @@ def _shapes_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
     return _finish(image, polygons, masks, category_ids)
 
 
-_GENERATORS = {"buildings": _building_scene, "sar_ships": _sar_scene, "source_shapes": _shapes_scene}
+_GENERATORS = {
+    "buildings": _building_scene, "sar_ships": _sar_scene, "source_shapes": _shapes_scene,
+    "sparse_buildings": lambda rng, height, width: _building_scene(rng, height, width, dense=False),
+    "calm_sar_ships": lambda rng, height, width: _sar_scene(rng, height, width, looks=12.0),
+}
 
 
 def make_scene(kind: str, height: int, width: int, rng: np.random.Generator) -> Scene:
-    """Generate one scene of `kind` ("buildings", "sar_ships", "source_shapes")."""
+    """Generate one scene of `kind` (one of KINDS)."""
     if kind not in _GENERATORS:
         raise ValueError(f"unknown synthetic scene kind {kind!r}; choose one of {KINDS}")
     if height < 32 or width < 32:

@@ -46,7 +46,7 @@ def test_written_coco_matches_images_and_masks(tmp_path, kind):
         assert (image_info["width"], image_info["height"]) == (128, 96)
         with Image.open(tmp_path / "images" / image_info["file_name"]) as image:
             assert image.size == (128, 96)
-            assert image.mode == ("L" if kind == "sar_ships" else "RGB")
+            assert image.mode == ("L" if kind.endswith("sar_ships") else "RGB")
     scene = make_scene(kind, 96, 128, np.random.default_rng([5, 0]))
     first = [a for a in data["annotations"] if a["image_id"] == data["images"][0]["id"]]
     assert len(first) == len(scene.masks)
