@@ -36,7 +36,7 @@ def normalise(image: np.ndarray) -> torch.Tensor:
     """H x W x 3 (or H x W) uint8 -> 3 x H x W float32 with SAM's mean/std."""
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()  # 3 x H x W
+    tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)  # 3 x H x W
     mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(PIXEL_STD).view(3, 1, 1)
     return (tensor - mean) / std
@@ -58,7 +58,9 @@ def split_batch(split: CocoSplit, image_ids: list[int], size: int, num_points: i
         if item.image.shape[:2] != (size, size):
             raise ValueError(f"pretraining expects {size} x {size} images, {item.file_name} is "
                              f"{item.image.shape[0]} x {item.image.shape[1]}")
-        image, instance_masks = item.image, item.masks[:max_instances]
+        image, instance_masks = item.image, item.masks
+        if instance_masks.shape[0] > max_instances:  # a random subset of the instances per step
+            instance_masks = instance_masks[np.sort(rng.choice(instance_masks.shape[0], max_instances, replace=False))]
         if rng.random() < 0.5:
             image, instance_masks = image[:, ::-1], instance_masks[:, :, ::-1]
         images[b] = normalise(image)
@@ -90,7 +92,7 @@ def supervised_loss(model: PromptableSam, batch: SceneBatch, use_boxes: bool, bo
 
 
 def pretrain(model: PromptableSam, *, split: CocoSplit, steps: int, images_per_step: int, lr: float,
-             seed: int, max_instances: int = 50, log_every: int = 50) -> list[float]:
+             seed: int, max_instances: int = 16, log_every: int = 50) -> list[float]:
     """Train every parameter of `model` on the images of `split`; returns the per-step losses."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
