@@ -169,7 +169,7 @@ def make_batch(*, image_size: int, num_images: int, num_instances: int, num_poin
 
     from resam_dist.data.batch import Batch
     from resam_dist.data.synthetic import make_scene
-    from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD
+    from resam_dist.model.build import normalise_pixels
     from resam_dist.resam.prompts import masks_to_boxes, sample_points
 
     rng = np.random.default_rng(seed)
@@ -189,15 +189,13 @@ def make_batch(*, image_size: int, num_images: int, num_instances: int, num_poin
                 masks[b, k, y:y + side, x:x + side] = True
             positives, negatives = sample_points(masks[b, k], num_points, rng)
             points[b, k, :num_points], points[b, k, num_points:] = positives, negatives
-    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # B x 3 x S x S, 0-255
     generator = torch.Generator().manual_seed(seed)
     contrast = 0.7 + 0.6 * torch.rand(num_images, 1, 1, 1, generator=generator)
     strong_pixels = ((pixels - 128.0) * contrast + 128.0 + 20.0 * torch.randn(pixels.shape, generator=generator))
     gt = torch.from_numpy(masks)
     labels = torch.tensor([1] * num_points + [0] * num_points).repeat(num_images, num_instances, 1)
-    return Batch(weak=(pixels - mean) / std, strong=(strong_pixels.clamp(0, 255) - mean) / std, gt_masks=gt,
+    return Batch(weak=normalise_pixels(pixels), strong=normalise_pixels(strong_pixels.clamp(0, 255)), gt_masks=gt,
                  points=torch.from_numpy(points), point_labels=labels, boxes=masks_to_boxes(gt),
                  counts=torch.full((num_images,), num_instances, dtype=torch.int64),
                  image_sizes=torch.tensor([[image_size, image_size]] * num_images),

@@ -99,7 +99,7 @@ def resized_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
 
 def prepare_canvas(image: np.ndarray, image_size: int, device: torch.device | str) -> tuple[torch.Tensor, tuple[int, int]]:
     """H x W x 3 uint8 -> (3 x S x S float32 SAM-normalised, zero-padded canvas; (h', w'))."""
-    from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD
+    from resam_dist.model.build import normalise_pixels
 
     height, width = image.shape[:2]
     new_h, new_w = resized_shape(height, width, image_size)
@@ -108,9 +108,7 @@ def prepare_canvas(image: np.ndarray, image_size: int, device: torch.device | st
     if (new_h, new_w) != (height, width):
         pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear", align_corners=False,
                                antialias=True)  # 1 x 3 x h' x w'
-    mean = torch.tensor(PIXEL_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=device).view(1, 3, 1, 1)
-    pixels = (pixels - mean) / std
+    pixels = normalise_pixels(pixels)
     canvas = F.pad(pixels, (0, image_size - new_w, 0, image_size - new_h))  # 1 x 3 x S x S
     return canvas[0], (new_h, new_w)
 

@@ -59,6 +59,13 @@ SAM_REGISTRY: dict[str, SamSpec] = {
 IMAGE_SIZE: dict[str, int] = {name: spec.image_size for name, spec in SAM_REGISTRY.items()}
 
 
+def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """SAM's input normalisation of RGB pixels on the 0-255 scale: ... x 3 x H x W -> float32."""
+    mean = torch.tensor(PIXEL_MEAN, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=pixels.device).view(3, 1, 1)
+    return (pixels.float() - mean) / std
+
+
 def build_sam(name: str, checkpoint: str | Path | None = None, *, seed: int | None = None) -> PromptableSam:
     """Build SAM variant `name`, randomly initialised or loaded from an official-layout checkpoint.
 

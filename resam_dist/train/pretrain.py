@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from resam_dist.data.coco import CocoSplit
-from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD
+from resam_dist.model.build import normalise_pixels
 from resam_dist.model.sam import PromptableSam
 from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss, valid_from_counts
 from resam_dist.resam.prompts import masks_to_boxes, sample_points
@@ -37,9 +37,7 @@ def normalise(image: np.ndarray) -> torch.Tensor:
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)  # 3 x H x W
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    return (tensor - mean) / std
+    return normalise_pixels(tensor)
 
 
 def split_batch(split: CocoSplit, image_ids: list[int], size: int, num_points: int,

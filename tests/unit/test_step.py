@@ -6,7 +6,7 @@ import torch
 
 from resam_dist.config import Config
 from resam_dist.data.batch import Batch
-from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD, build_sam
+from resam_dist.model.build import build_sam, normalise_pixels
 from resam_dist.model.lora import apply_lora
 from resam_dist.resam.prompts import masks_to_boxes
 from resam_dist.resam.queue import EmbeddingQueue
@@ -48,10 +48,8 @@ def make_batch() -> Batch:
             points[b, k, 0] = torch.tensor([(x0 + x1) / 2 + 0.5, (y0 + y1) / 2 + 0.5])
             points[b, k, 1] = torch.tensor([5.5, 5.5])
             labels[b, k] = torch.tensor([1, 0])
-    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
     strong = (pixels * 0.8 + 30.0).clamp(0, 255)  # a photometric change, same geometry
-    return Batch(weak=(pixels.clamp(0, 255) - mean) / std, strong=(strong - mean) / std, gt_masks=gt_masks,
+    return Batch(weak=normalise_pixels(pixels.clamp(0, 255)), strong=normalise_pixels(strong), gt_masks=gt_masks,
                  points=points, point_labels=labels, boxes=masks_to_boxes(gt_masks),
                  counts=torch.tensor([3, 2]), image_sizes=torch.tensor([[SIZE, SIZE]] * 2),
                  keys=["img0_0", "img1_0"])
