@@ -238,6 +238,16 @@ def micro_imagewise(per_image: Iterable[Sequence[int]]) -> dict[str, float]:
 # COCO ground truth and results
 # --------------------------------------------------------------------------------------------
 
+def _read_json(path: Path, kind: str) -> Any:
+    """JSON of `path`; ValueError naming the file when it is missing or malformed."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {kind} file not found") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the {kind} file is not valid JSON ({err})") from None
+
+
 def load_coco_gt(gt: str | Path | dict | COCO) -> COCO:
     """A pycocotools COCO object from a file path, a loaded dict or a COCO object.
 
@@ -250,12 +260,7 @@ def load_coco_gt(gt: str | Path | dict | COCO) -> COCO:
         return gt
     if isinstance(gt, (str, Path)):
         source = str(gt)
-        try:
-            dataset = json.loads(Path(gt).read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{source}: ground-truth file not found") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{source}: ground truth is not valid JSON ({err})") from None
+        dataset = _read_json(Path(gt), "ground-truth")
     elif isinstance(gt, dict):
         source = "<ground-truth dict>"
         dataset = copy.deepcopy(gt)
@@ -348,12 +353,7 @@ def load_results(results: str | Path | list, coco_gt: COCO) -> list[dict]:
     """
     if isinstance(results, (str, Path)):
         source = str(results)
-        try:
-            loaded = json.loads(Path(results).read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{source}: results file not found") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{source}: results are not valid JSON ({err})") from None
+        loaded = _read_json(Path(results), "results")
     else:
         source, loaded = "<results>", results
     if not isinstance(loaded, list):
