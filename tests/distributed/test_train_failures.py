@@ -4,14 +4,11 @@ message. (A rank that dies outright is covered in test_train_resume.py.)"""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import time
 
 import pytest
 
-from train_helpers import start_ranks, step_losses, wait_for, write_config
+from train_helpers import signal_rank_after_step, start_ranks, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -22,22 +19,8 @@ def test_a_hung_rank_ends_the_job_after_the_collective_timeout(train_shards, tmp
     config = write_config(tmp_path / "config.json", shards=train_shards, output_dir=tmp_path / "run", overrides={
         "deepspeed.zero_optimization.stage": 2, "train.max_steps": 50, "train.collective_timeout_s": TIMEOUT_S})
     procs = start_ranks(config, log_dir=tmp_path, name="hang")
-    try:
-        log_path = tmp_path / "run" / "train_log.jsonl"
-        wait_for(lambda: log_path.exists() and max(step_losses(log_path), default=0) >= 1, timeout=240,
-                 what="the first step")
-        os.kill(procs[1].pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        try:
-            code = procs[0].wait(timeout=TIMEOUT_S + 60)
-        except subprocess.TimeoutExpired:
-            code = None
-        waited = time.monotonic() - stopped_at
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()  # SIGKILL also ends a stopped process
-            proc.wait()
+    code, waited = signal_rank_after_step(procs, log_path=tmp_path / "run" / "train_log.jsonl", step=1,
+                                          sig=signal.SIGSTOP, wait_s=TIMEOUT_S + 60)
     survivor_log = (tmp_path / "hang_rank0.log").read_text()
     assert code is not None, f"rank 0 still ran {TIMEOUT_S + 60} s after rank 1 hung:\n{survivor_log[-3000:]}"
     assert code != 0

@@ -4,14 +4,14 @@ reproduces the uninterrupted losses bit for bit (CPU, fp32)."""
 
 from __future__ import annotations
 
-import subprocess
-import time
+import signal
 
 import pytest
 import torch
 
 from resam_dist.train.metrics import read_jsonl
-from train_helpers import deepspeed_cmd, run, start_ranks, step_losses, torchrun_cmd, wait_for, write_config
+from train_helpers import (deepspeed_cmd, run, signal_rank_after_step, start_ranks, step_losses, torchrun_cmd,
+                           write_config)
 
 pytestmark = pytest.mark.distributed
 
@@ -34,22 +34,8 @@ def runs(train_shards, tmp_path_factory):
     killed_cfg = write_config(base / "killed.json", shards=train_shards, output_dir=killed_dir,
                               overrides={**common, "train.max_steps": 50})
     procs = start_ranks(killed_cfg, log_dir=base, name="killed")
-    try:
-        log_path = killed_dir / "train_log.jsonl"
-        wait_for(lambda: log_path.exists() and max(step_losses(log_path), default=0) >= K + 1,
-                 timeout=240, what=f"step {K + 1} of the run to kill")
-        procs[1].kill()  # SIGKILL
-        killed_at = time.monotonic()
-        try:
-            survivor_rc = procs[0].wait(timeout=TIMEOUT_S + 60)
-        except subprocess.TimeoutExpired:
-            survivor_rc = None
-        survivor_seconds = time.monotonic() - killed_at
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+    survivor_rc, survivor_seconds = signal_rank_after_step(
+        procs, log_path=killed_dir / "train_log.jsonl", step=K + 1, sig=signal.SIGKILL, wait_s=TIMEOUT_S + 60)
     resumed = run(torchrun_cmd(killed_cfg, "--set", f"train.max_steps={2 * K}"), log=base / "resumed.log")
     return {"base": base, "straight": straight, "resumed": resumed, "survivor_rc": survivor_rc,
             "survivor_seconds": survivor_seconds, "survivor_log": (base / "killed_rank0.log").read_text()}

@@ -132,3 +132,25 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.1, what: str = "c
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def signal_rank_after_step(procs: list[subprocess.Popen], *, log_path: Path, step: int, sig: int,
+                           wait_s: float) -> tuple[int | None, float]:
+    """Once rank 0 logged optimizer step `step`, send `sig` to rank 1 and wait up to `wait_s` for
+    rank 0 to exit. Returns (rank 0's exit code or None if it still ran, seconds it took). Every
+    process is ended afterwards (SIGKILL also ends a stopped one)."""
+    try:
+        wait_for(lambda: log_path.exists() and max(step_losses(log_path), default=0) >= step, timeout=240,
+                 what=f"step {step} before signalling rank 1")
+        os.kill(procs[1].pid, sig)
+        signalled_at = time.monotonic()
+        try:
+            code = procs[0].wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        return code, time.monotonic() - signalled_at
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
