@@ -85,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         return float(triton.testing.do_bench(fn, return_mode="median"))
 
     def compiled(fn):
-        return torch.compile(fn, dynamic=False) if use_compile else None
+        # a fresh dynamo cache per case: one reference compiled for many shapes and dtypes
+        # would otherwise hit the recompile limit and silently run eager
+        if not use_compile:
+            return None
+        torch._dynamo.reset()
+        return torch.compile(fn, dynamic=False)
 
     # device-to-device copy bandwidth: read + write
     copy_numel = (1 << 18) if args.cpu_smoke else (1 << 28)  # float32: 1 MiB / 1 GiB

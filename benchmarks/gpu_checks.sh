@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One prepared pass of every GPU check, for a lent GPU machine that has torch, triton and pytest
+# but not this project's other dependencies (carried as wheels in .whl/, see docs/ARCHITECTURE.md).
+#
+#   OUT=/some/folder bash benchmarks/gpu_checks.sh
+#
+# Each step has its own time limit and a failing step does not stop the next, so one call gives
+# as much as it can: the log ($OUT/gpu_checks.log), the kernel benchmark ($OUT/kernels/) and the
+# ViT-B memory benchmark ($OUT/memory/). The DALI loader and trainer GPU tests need the DALI wheel
+# (too large to carry in one call) and are skipped when nvidia.dali is missing.
+set -u
+OUT=${OUT:-benchmarks/results/gpu_run}
+mkdir -p "$OUT/kernels" "$OUT/memory"
+exec > >(tee -a "$OUT/gpu_checks.log") 2>&1
+export PYTHONUNBUFFERED=1
+REPO=$(pwd)
+PY=${PY:-python3}
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, report its status and duration
+    local name=$1 limit=$2; shift 2
+    local start=$SECONDS
+    echo "=== [$name] start $(date -u +%T) (limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@"
+    echo "=== [$name] exit $? after $((SECONDS - start))s"
+}
+
+echo "=== environment"
+nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        $(ls .whl/*.whl | grep -v '/peft-') || echo "wheel install failed"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peft \
+        .whl/peft-*.whl 2>/dev/null || true
+fi
+mkdir -p /tmp/src && ln -sfn "$REPO/kernels" /tmp/src/resam_kernels
+export PYTHONPATH="$REPO:/tmp/src:/tmp/site"
+# the pinned peft if it imports against the machine's transformers, else the machine's own
+if PYTHONPATH="/tmp/peft:$PYTHONPATH" "$PY" -c "import peft; from peft import LoraConfig, get_peft_model" 2>/dev/null; then
+    export PYTHONPATH="/tmp/peft:$PYTHONPATH"
+fi
+"$PY" - <<'PYEOF'
+import importlib
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0),
+      "bf16", torch.cuda.is_bf16_supported())
+for name in ("triton", "peft", "deepspeed", "segment_anything", "webdataset", "pycocotools", "finch",
+             "nvidia.dali", "resam_dist", "resam_kernels"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name:18s} {getattr(module, '__version__', '-')}")
+    except Exception as error:
+        print(f"{name:18s} MISSING ({type(error).__name__}: {error})")
+PYEOF
+
+IGNORE=()
+"$PY" -c "import nvidia.dali" 2>/dev/null || IGNORE=(--ignore tests/gpu/test_pipeline_gpu.py --ignore tests/gpu/test_train_gpu.py)
+step "pytest tests/gpu" "${GPU_TEST_LIMIT:-200}" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu "${IGNORE[@]}" \
+    --deselect tests/gpu/test_bench_memory_gpu.py::test_benchmark_on_cuda -x -rA
+step "memory benchmark (vit_b, 1024 px)" "${MEMORY_LIMIT:-220}" "$PY" benchmarks/memory_vs_pointsam.py --model vit_b \
+    --instances 50 --images-per-step 4 --steps 10 --warmup 2 --device cuda --out "$OUT/memory" \
+    --note "benchmarks/gpu_checks.sh on a lent machine"
+step "kernel benchmark" "${KERNELS_LIMIT:-200}" "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels"
+echo "=== done $(date -u +%T)"
