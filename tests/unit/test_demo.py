@@ -37,9 +37,13 @@ def test_mixed_domain_has_unique_ids_and_one_category_per_kind(target_split):
 def test_pseudo_label_quality_and_overlays(target_split, tmp_path):
     cfg = load_config(DEMO_CONFIG, {"kernels.enabled": False})
     model = build_sam("tiny", seed=0)
-    quality = pseudo_label_quality(model, target_split, cfg=cfg, max_images=2)
-    assert set(quality) == {"point", "refined", "requery"}
+    quality = pseudo_label_quality(model, target_split, cfg=cfg, max_images=5)
+    stages = ("point", "refined", "requery", "gt_box")
+    assert set(quality) == {f"{stage}{kind}" for stage in stages for kind in ("", "_buildings", "_sar_ships")}
     assert all(0.0 <= value <= 1.0 for value in quality.values())
+    for stage in stages:  # 3 building and 2 ship images: the overall value is their image-weighted mean
+        mixed = (3 * quality[f"{stage}_buildings"] + 2 * quality[f"{stage}_sar_ships"]) / 5
+        assert quality[stage] == pytest.approx(mixed, abs=1e-9)
     written = write_overlays(tmp_path / "overlays", model, model, target_split, cfg, count=2)
     assert len(written) == 2
     sheet = np.asarray(Image.open(written[0]))
