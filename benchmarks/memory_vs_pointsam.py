@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="after the timed steps, profile 2 more steps per variant (torch.profiler) and write "
+                             "DIR/profile_<variant>.txt: top operators by device and by host time")
     parser.add_argument("--parallel", action="store_true",
                         help="run the variant processes at the same time (smoke tests: memory stays per "
                              "process, but the throughput figures are then not comparable)")
@@ -376,6 +379,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     except torch.cuda.OutOfMemoryError:  # recorded, not fatal: the other variants still run
         out_of_memory = True
     samples = sampler.stop()
+    if args.profile is not None and not out_of_memory:
+        write_profile(args.profile / f"profile_{variant}.txt", train_step, synchronize, device)
     if device.type == "cuda":
         # out of memory: the device's capacity is a lower bound of what the variant needed
         peak = torch.cuda.get_device_properties(device).total_memory if out_of_memory \
@@ -397,6 +402,30 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
         distributed.close()
     return info
+
+
+def write_profile(path: Path, train_step: Callable[[], float], synchronize: Callable[[], None], device: Any) -> None:
+    """Two more steps under torch.profiler: operator tables by device and by host time, and how
+    much of the wall time the device was busy (low = the host is the bottleneck)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            train_step()
+        synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    sort_device = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    busy_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"2 steps: wall {wall_ms:.1f} ms, device busy (sum of kernel self times) {busy_ms:.1f} ms\n\n"
+        + events.table(sort_by=sort_device, row_limit=35, max_name_column_width=60) + "\n\n"
+        + events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
