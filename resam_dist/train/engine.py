@@ -196,9 +196,10 @@ class Trainer:
         self._seed_everything(cfg.train.seed + self.rank)
 
         # ---- model, LoRA, optimizer, schedule, DeepSpeed --------------------------------------
-        sam = build_sam(cfg.model.name, cfg.model.checkpoint, seed=cfg.train.seed)
+        sam = build_sam(cfg.model.name, cfg.model.checkpoint, seed=cfg.train.seed, attention=cfg.model.attention)
         apply_lora(sam, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                    start_block=cfg.lora.start_block, seed=cfg.train.seed + 1)
+        sam.set_activation_checkpointing(cfg.train.activation_checkpointing)
         sam.train()  # LoRA dropout on (SAM itself has no dropout or batch norm)
         if self.zero_stage == 3:
             from deepspeed.utils import set_z3_leaf_module
