@@ -650,6 +650,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.parallel:
         threads = max(1, (os.cpu_count() or 1) // len(names))
         running = [VariantProcess(name, device, passthrough, cpu_threads=threads) for name in names]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = None
+
+    def write_results() -> None:  # after every variant: a run cut short keeps what it measured
+        nonlocal stem
+        results["summary"] = summarize(results)
+        stem = args.out / f"memory_vs_pointsam_{device_slug(device, results['device'])}"
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        write_markdown(results, stem.with_suffix(".md"))
+
     try:
         for index, variant in enumerate(names):
             info = running[index].result() if running else VariantProcess(variant, device, passthrough).result()
@@ -657,17 +667,12 @@ def main(argv: list[str] | None = None) -> int:
             results["device"] = info["device"]
             print(f"[memory_vs_pointsam] {variant}: peak {_mib(info['peak_bytes'])} MiB, mean "
                   f"{_mib(info['mean_bytes'])} MiB, {info['images_per_second']:.3f} images/s", flush=True)
+            write_results()
     finally:
         for other in running or []:
             if other.process.poll() is None:  # a variant failed: do not leave the others running
                 other.process.kill()
                 other.process.wait()
-    results["summary"] = summarize(results)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"memory_vs_pointsam_{device_slug(device, results['device'])}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    write_markdown(results, stem.with_suffix(".md"))
     write_chart(results, stem.with_suffix(".png"))
     print(f"[memory_vs_pointsam] wrote {stem}.json/.md/.png", flush=True)
     print(stem.with_suffix(".md").read_text(), flush=True)
