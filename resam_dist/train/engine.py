@@ -288,6 +288,8 @@ class Trainer:
             self.log.write({"event": "start", "world_size": self.world_size, "zero_stage": self.zero_stage,
                             "precision": precision, "step": self.step, "total_steps": self.total_steps,
                             "resumed_from": self.resumed_from, "data_position": self.data_position,
+                            "attention": self.cfg.model.attention,
+                            "activation_checkpointing": self.cfg.train.activation_checkpointing,
                             "ranks": ranks})
 
     def _resume(self) -> str | None:
