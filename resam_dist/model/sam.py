@@ -239,6 +239,8 @@ class PromptableSam(nn.Module):
             num_instances = boxes.shape[1]
         if tuple(counts.shape) != (num_images,):
             raise ValueError(f"counts must have shape ({num_images},), got {tuple(counts.shape)}")
-        if num_images > 0 and (int(counts.max()) > num_instances or int(counts.min()) < 0):
-            raise ValueError(f"counts must lie in [0, K={num_instances}], got {counts.tolist()}")
+        if num_images > 0:
+            low, high = torch.stack(torch.aminmax(counts)).tolist()  # one device-to-host transfer
+            if high > num_instances or low < 0:
+                raise ValueError(f"counts must lie in [0, K={num_instances}], got {counts.tolist()}")
         return num_instances

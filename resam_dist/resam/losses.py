@@ -28,11 +28,6 @@ def _no_autocast(tensor: torch.Tensor) -> torch.autocast:
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
-def _zero_like_graph(tensor: torch.Tensor) -> torch.Tensor:
-    """A float32 zero scalar connected to `tensor`'s graph (exact 0, gradient 0)."""
-    return tensor.float().sum() * 0.0
-
-
 def _check_pair(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, name: str) -> None:
     if logits.shape != target.shape:
         raise ValueError(f"{name}: logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
@@ -179,8 +174,7 @@ def ssa_loss(student: torch.Tensor, weak: torch.Tensor, valid: torch.Tensor, que
         raise ValueError(f"ssa_loss: student {tuple(student.shape)}, weak {tuple(weak.shape)} and valid "
                          f"{tuple(valid.shape)} must be B x K x C, B x K x C and B x K")
     with _no_autocast(student):
-        if not bool(valid.any()):
-            return _zero_like_graph(student)
+        # no valid instance: M = 0 rows, and the SSA loss is an exact zero attached to `student`
         keys = queue_keys.detach().float().to(student.device)  # q x C
         return resam_kernels.ssa_loss(student[valid].float(), weak[valid].detach().float(), keys, tau,
                                       use_triton=use_kernels).float()
