@@ -38,19 +38,19 @@ def check_mode(mode: str) -> None:
 
 
 def tight_boxes_reference(masks: torch.Tensor) -> torch.Tensor:
-    """masks: B x K x H x W bool -> B x K x 4 float32 (x0, y0, x1, y1), x1/y1 exclusive, empty -> 0."""
+    """masks: ... x H x W bool -> ... x 4 float32 (x0, y0, x1, y1), x1/y1 exclusive, empty -> 0."""
     height, width = masks.shape[-2:]
-    any_row = masks.any(dim=-1)  # B x K x H
-    any_col = masks.any(dim=-2)  # B x K x W
+    any_row = masks.any(dim=-1)  # ... x H
+    any_col = masks.any(dim=-2)  # ... x W
     rows = torch.arange(height, device=masks.device)
     cols = torch.arange(width, device=masks.device)
     big = max(height, width) + 1
-    y0 = torch.where(any_row, rows, big).amin(dim=-1)  # B x K
+    y0 = torch.where(any_row, rows, big).amin(dim=-1)  # ...
     y1 = torch.where(any_row, rows + 1, 0).amax(dim=-1)
     x0 = torch.where(any_col, cols, big).amin(dim=-1)
     x1 = torch.where(any_col, cols + 1, 0).amax(dim=-1)
-    boxes = torch.stack([x0, y0, x1, y1], dim=-1).to(torch.float32)  # B x K x 4
-    empty = ~any_row.any(dim=-1)  # B x K
+    boxes = torch.stack([x0, y0, x1, y1], dim=-1).to(torch.float32)  # ... x 4
+    empty = ~any_row.any(dim=-1)  # ...
     return torch.where(empty.unsqueeze(-1), torch.zeros_like(boxes), boxes)
 
 

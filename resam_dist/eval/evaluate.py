@@ -48,8 +48,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from resam_dist.data.coco import masks_to_rle
 from resam_dist.eval.metrics import (
-    AP_KEYS, SCORE_KEYS, ImagewiseMeter, batch_image_counts, coco_mask_ap, masks_to_rle,
+    AP_KEYS, SCORE_KEYS, ImagewiseMeter, batch_image_counts, coco_mask_ap,
     score_coco_results, scores_from_counts,
 )
 from resam_dist.resam.prompts import sample_points

@@ -26,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 
+from resam_dist.data.batch import valid_from_counts
+
 
 class Fp32PositionEmbedding(PositionEmbeddingRandom):
     """SAM's random-Fourier positional encoding, always evaluated in float32.
@@ -161,8 +163,7 @@ class PromptableSam(nn.Module):
         iou = torch.zeros(num_images, num_instances, device=features.device, dtype=torch.float32)  # B x K
         image_pe = self.prompt_encoder.get_dense_pe()  # 1 x C x h x w (a buffer, no parameters)
 
-        instance_ids = torch.arange(num_instances, device=features.device)  # K
-        valid = instance_ids.unsqueeze(0) < counts.to(features.device).unsqueeze(1)  # B x K
+        valid = valid_from_counts(counts.to(features.device), num_instances)  # B x K
         num_chunks = max(math.ceil(num_instances / max_instances), min_chunks)
         for chunk in range(num_chunks):
             start = chunk * max_instances

@@ -35,12 +35,6 @@ def _check_pair(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
         raise ValueError(f"{name}: valid {tuple(valid.shape)} must be B x K = {tuple(logits.shape[:2])}")
 
 
-def valid_from_counts(counts: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """B x K bool: True for the real instances k < counts[b]."""
-    slots = torch.arange(num_slots, device=counts.device)  # K
-    return slots.unsqueeze(0) < counts.unsqueeze(1)  # B x K
-
-
 def _valid_mean(per_instance: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean of B x K values over the valid instances; an exact 0 (connected to the graph, zero
     gradient) when there is none. No boolean indexing, so no device-to-host synchronisation."""

@@ -48,7 +48,8 @@ from scipy.optimize import linear_sum_assignment
 
 from resam_dist.config import Config
 from resam_dist.data.batch import Batch
-from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss, valid_from_counts
+from resam_dist.data.batch import valid_from_counts
+from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss
 
 MIN_CLUSTER_POINTS = 3
 """Fewer stored point features than this are not clustered (FINCH needs a few points)."""
