@@ -292,6 +292,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             result.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            state.commit(result.weak_embeddings, args.images_per_step)
             return float(result.loss.detach())
 
     elif variant == "resam_public":

@@ -382,6 +382,8 @@ class Trainer:
                     self.engine.step()
                     if isinstance(self.step_state, EmbeddingQueue):
                         self.step_state.push_all_ranks(result.weak_embeddings)  # after the loss, all ranks
+                    else:  # PointSAM-style store: only accepted steps change it
+                        self.step_state.commit(result.weak_embeddings, images)
                     self.guard.accept(verdict.loss)
                     accepted_in_epoch += 1
                     window.add(verdict, images=images, seconds=time.perf_counter() - step_start,
