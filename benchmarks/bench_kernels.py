@@ -99,8 +99,25 @@ def main(argv: list[str] | None = None) -> int:
     copy_ms = median_ms(lambda: copy_dst.copy_(copy_src))
     copy_gbps = 2 * copy_src.numel() * 4 / (copy_ms * 1e-3) / 1e9
     del copy_src, copy_dst
+    print(f"device-to-device copy on {device_name}: {copy_gbps:.1f} GB/s (read + write)", flush=True)
 
     rows: list[dict] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        """Write kernels.json and kernels.md (after every case: a run cut short keeps its rows)."""
+        result = {
+            "device": device_name,
+            "smoke": args.cpu_smoke,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "copy_bandwidth_gbps": copy_gbps,
+            "timer": "wall clock, median of 3" if args.cpu_smoke else "triton.testing.do_bench median",
+            "bytes_note": "minimum bytes moved: inputs read once, outputs written once",
+            "rows": rows,
+        }
+        (args.out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "kernels.md").write_text(markdown(result))
 
     def record(kernel: str, shape: str, impls: dict[str, Callable | None], num_bytes: int) -> None:
         """Times each implementation ("torch_eager" first: the others' speed-up refers to it)."""
@@ -127,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kernel:18s} {shape:28s} {impl:14s} "
                   + (f"{row['ms']:9.4f} ms {row['gbps']:8.1f} GB/s" if row["ms"] else row["note"]),
                   flush=True)
+        save()
 
     generator = torch.Generator(device=device).manual_seed(0)
     for batch, num_instances, height, width in shapes(args.cpu_smoke)["filter"]:
@@ -177,19 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch_compile": compiled_ssa and forward_backward(compiled_ssa),
             }, num_bytes=(queue_len + 2 * num_rows) * dim * element + num_rows * dim * element)
 
-    result = {
-        "device": device_name,
-        "smoke": args.cpu_smoke,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "copy_bandwidth_gbps": copy_gbps,
-        "timer": "wall clock, median of 3" if args.cpu_smoke else "triton.testing.do_bench median",
-        "bytes_note": "minimum bytes moved: inputs read once, outputs written once",
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "kernels.md").write_text(markdown(result))
+    save()
     print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.md'}")
     return 0
 

@@ -8,15 +8,18 @@ images per optimizer step go through three trainers:
 
 - `pointsam`     PointSAM-style (`resam_dist.resam.pointsam`): teacher WITH gradients on the weak
                  view, Negative Prompt Calibration, prototype store; all images of the step in one
-                 forward; fp32, torch AdamW, no DeepSpeed.
+                 forward; fp32, SAM's own attention code, torch AdamW, no DeepSpeed.
 - `resam_public` ReSAM as its public code runs it: one image per forward (`resam_step` on a batch
-                 of 1), gradient accumulation over the images of the step, fp32, torch reference
-                 ops instead of the Triton kernels, torch AdamW, no ZeRO.
+                 of 1), gradient accumulation over the images of the step, fp32, SAM's own
+                 attention code, torch reference ops instead of the Triton kernels, torch AdamW,
+                 no ZeRO.
 - `resam_dist`   this project's trainer path: `TrainStepModule` inside `deepspeed.initialize` with
                  ZeRO stage 2 on a single-rank process group (gloo on CPU, nccl on CUDA), bf16
                  where the trainer enables it (CUDA with bf16 support; fp32 on CPU unless
                  `--dist-precision bf16`), Triton kernels on (on CPU, without Triton, their torch
-                 references run), all images of the step in one batched forward.
+                 references run), all images of the step in one batched forward, fused SDPA
+                 attention (`resam_dist.model.attention`) and activation checkpointing
+                 (`train.activation_checkpointing`; `--dist-no-checkpointing` turns it off).
 
 Every variant runs in a fresh Python process, so one variant's peak cannot leak into another's.
 Memory (per process, i.e. per GPU):
@@ -79,6 +82,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dist-no-checkpointing", action="store_true",
+                        help="ReSAM-dist without activation checkpointing (more memory, no recomputation)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="after the timed steps, profile 2 more steps per variant (torch.profiler) and write "
+                             "DIR/profile_<variant>.txt: top operators by device and by host time")
     parser.add_argument("--parallel", action="store_true",
                         help="run the variant processes at the same time (smoke tests: memory stays per "
                              "process, but the throughput figures are then not comparable)")
@@ -221,19 +229,21 @@ def slice_batch(batch, index: int):
 # one variant (runs in its own process)
 
 
-def build_model(args: argparse.Namespace, image_size: int):
+def build_model(args: argparse.Namespace, image_size: int, attention: str):
     import torch
 
     from resam_dist.model import build as sam_build
+    from resam_dist.model.attention import set_attention
     from resam_dist.model.lora import apply_lora
 
     spec = sam_build.SAM_REGISTRY[args.model]
     if image_size == spec.image_size:
-        model = sam_build.build_sam(args.model, seed=args.seed)
+        model = sam_build.build_sam(args.model, seed=args.seed, attention=attention)
     else:  # the same architecture on another canvas (random weights: positional tables follow the size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             model = sam_build._build(dataclasses.replace(spec, image_size=image_size)).eval()
+        set_attention(model.image_encoder, attention)
     apply_lora(model, rank=4, alpha=4.0, dropout=0.0, start_block=args.lora_start_block, seed=args.seed + 1)
     return model.train()
 
@@ -262,7 +272,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     image_size = args.image_size or SAM_REGISTRY[args.model].image_size
     batch = make_batch(image_size=image_size, num_images=args.images_per_step, num_instances=args.instances,
                        num_points=args.num_points, seed=args.seed).to(device)
-    model = build_model(args, image_size).to(device)
+    attention = "sdpa" if variant == "resam_dist" else "official"  # the baselines run SAM's own code
+    model = build_model(args, image_size, attention).to(device)
     lora_parameters = [p for p in model.parameters() if p.requires_grad]
     info: dict[str, Any] = {"variant": variant, "label": LABELS[variant], "device": device_name(device)}
 
@@ -273,13 +284,15 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         cfg.kernels.enabled = False
         state = PointSamState.from_config(cfg, dim=model.embed_dim)
         optimizer = torch.optim.AdamW(lora_parameters, lr=1e-4, weight_decay=1e-4)
-        info.update(precision="fp32", zero_stage=None, kernels="none", images_per_forward=args.images_per_step)
+        info.update(precision="fp32", zero_stage=None, kernels="none", images_per_forward=args.images_per_step,
+                    attention=attention, checkpointing=False)
 
         def train_step() -> float:
             result = pointsam_step(model, batch, state, cfg)
             result.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            state.commit(result.weak_embeddings, args.images_per_step)
             return float(result.loss.detach())
 
     elif variant == "resam_public":
@@ -291,7 +304,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         queue = EmbeddingQueue(cfg.resam.queue_size, model.embed_dim, device=device)
         optimizer = torch.optim.AdamW(lora_parameters, lr=1e-4, weight_decay=1e-4)
         singles = [slice_batch(batch, b) for b in range(args.images_per_step)]
-        info.update(precision="fp32", zero_stage=None, kernels="off (torch reference)", images_per_forward=1)
+        info.update(precision="fp32", zero_stage=None, kernels="off (torch reference)", images_per_forward=1,
+                    attention=attention, checkpointing=False)
 
         def train_step() -> float:
             total = 0.0
@@ -318,6 +332,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         cfg.train.images_per_rank = args.images_per_step
         cfg.train.precision = args.dist_precision
         cfg.deepspeed = {"zero_optimization": {"stage": 2}}
+        cfg.train.activation_checkpointing = not args.dist_no_checkpointing
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)  # as the trainer does
         distributed.init_distributed(cfg.train.collective_timeout_s)  # a world of one on a free port
         ds_config = deepspeed_dict(cfg, 1, _bf16_supported(cfg, device))
         bf16 = bool(ds_config["bf16"]["enabled"])
@@ -335,7 +351,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         triton_runs = resam_kernels.runs_triton(batch.weak, True)
         info.update(precision="bf16" if bf16 else "fp32", zero_stage=2,
                     kernels="triton" if triton_runs else "on, torch reference (no Triton on this device)",
-                    images_per_forward=args.images_per_step)
+                    images_per_forward=args.images_per_step, attention=attention,
+                    checkpointing=cfg.train.activation_checkpointing)
 
         def train_step() -> float:
             result = StepResult(**engine(batch=batch, step_state=queue))  # as the trainer calls it
@@ -376,6 +393,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     except torch.cuda.OutOfMemoryError:  # recorded, not fatal: the other variants still run
         out_of_memory = True
     samples = sampler.stop()
+    if args.profile is not None and not out_of_memory:
+        write_profile(args.profile / f"profile_{variant}.txt", train_step, synchronize, device)
     if device.type == "cuda":
         # out of memory: the device's capacity is a lower bound of what the variant needed
         peak = torch.cuda.get_device_properties(device).total_memory if out_of_memory \
@@ -397,6 +416,30 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
         distributed.close()
     return info
+
+
+def write_profile(path: Path, train_step: Callable[[], float], synchronize: Callable[[], None], device: Any) -> None:
+    """Two more steps under torch.profiler: operator tables by device and by host time, and how
+    much of the wall time the device was busy (low = the host is the bottleneck)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            train_step()
+        synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    sort_device = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    busy_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"2 steps: wall {wall_ms:.1f} ms, device busy (sum of kernel self times) {busy_ms:.1f} ms\n\n"
+        + events.table(sort_by=sort_device, row_limit=35, max_name_column_width=60) + "\n\n"
+        + events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,8 +535,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"{results['images_per_step']} images/step, {results['steps']} timed steps after {results['warmup']} "
         f"warm-up; torch {results['torch']}, deepspeed {results['deepspeed']}; {results['date']}.",
         "",
-        "| variant | images/forward | precision | ZeRO | kernels | peak memory (MiB) | mean memory (MiB) | images/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | images/forward | precision | ZeRO | kernels | attention | act. checkpointing | "
+        "peak memory (MiB) | mean memory (MiB) | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in VARIANTS:
         if name not in variants:
@@ -503,7 +547,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         speed = "-" if v["out_of_memory"] else f"{v['images_per_second']:.3f}"
         lines.append(f"| {v['label']} | {v['images_per_forward']} | {v['precision']} | "
                      f"{v['zero_stage'] if v['zero_stage'] is not None else '-'} | {v['kernels']} | "
-                     f"{peak} | {_mib(v['mean_bytes'])} | {speed} |")
+                     f"{v.get('attention', '-')} | {'on' if v.get('checkpointing') else 'off'} | {peak} | {_mib(v['mean_bytes'])} | {speed} |")
     lines += ["", f"Memory: {memory_note}; one fresh process per variant.", ""]
     if results["note"]:
         lines += [f"Note: {results['note']}", ""]
@@ -607,6 +651,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.parallel:
         threads = max(1, (os.cpu_count() or 1) // len(names))
         running = [VariantProcess(name, device, passthrough, cpu_threads=threads) for name in names]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = None
+
+    def write_results() -> None:  # after every variant: a run cut short keeps what it measured
+        nonlocal stem
+        results["summary"] = summarize(results)
+        stem = args.out / f"memory_vs_pointsam_{device_slug(device, results['device'])}"
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        write_markdown(results, stem.with_suffix(".md"))
+
     try:
         for index, variant in enumerate(names):
             info = running[index].result() if running else VariantProcess(variant, device, passthrough).result()
@@ -614,17 +668,12 @@ def main(argv: list[str] | None = None) -> int:
             results["device"] = info["device"]
             print(f"[memory_vs_pointsam] {variant}: peak {_mib(info['peak_bytes'])} MiB, mean "
                   f"{_mib(info['mean_bytes'])} MiB, {info['images_per_second']:.3f} images/s", flush=True)
+            write_results()
     finally:
         for other in running or []:
             if other.process.poll() is None:  # a variant failed: do not leave the others running
                 other.process.kill()
                 other.process.wait()
-    results["summary"] = summarize(results)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"memory_vs_pointsam_{device_slug(device, results['device'])}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    write_markdown(results, stem.with_suffix(".md"))
     write_chart(results, stem.with_suffix(".png"))
     print(f"[memory_vs_pointsam] wrote {stem}.json/.md/.png", flush=True)
     print(stem.with_suffix(".md").read_text(), flush=True)

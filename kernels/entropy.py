@@ -44,23 +44,45 @@ def entropy_filter_reference(logits: torch.Tensor, eps: float, *,
     return (keep, confidence) if return_confidence else keep
 
 
+# Where the reference's clamp of p to [1e-6, 1 - 1e-6] starts: |logit| = ln((1 - 1e-6) / 1e-6).
+LOGIT_CLAMP = math.log((1.0 - 1e-6) / 1e-6)  # = ln(999999) = 13.815509557963773
+
+
 @triton.jit
-def _entropy_filter_kernel(logits_ptr, keep_ptr, confidence_ptr, numel, eps,
+def _entropy_filter_kernel(logits_ptr, keep_ptr, confidence_ptr, numel, eps, numel_bucket,
                            WRITE_CONFIDENCE: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # logits: numel (fp32/bf16/fp16), keep: numel uint8, confidence: numel float32.
+    # numel_bucket (log2 of numel, rounded up) is only an autotuning key.
+    #
+    # With a = min(|x|, LOGIT_CLAMP), t = exp(-a), the predicted side has probability q = 1/(1+t)
+    # and the other one 1 - q = t q; ln q = -ln(1+t), ln(1-q) = -a - ln(1+t), so the entropy in
+    # bits is H = log2(1+t) + t q a / ln 2, and p = q for x >= 0, t q otherwise: one exp2, one
+    # log2 and one division per element. Clamping a reproduces the reference's clamp of p.
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # BLOCK
     in_range = offsets < numel
     logit = tl.load(logits_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
-    p = tl.sigmoid(logit)
-    p = tl.minimum(tl.maximum(p, 1e-6), 1.0 - 1e-6)
-    entropy = -(p * tl.log(p) + (1.0 - p) * tl.log(1.0 - p)) * 1.4426950408889634  # / ln 2
+    # a / ln 2 (bits); NaN logits stay NaN (as in the reference: NaN confidence, not kept)
+    bits = tl.minimum(tl.abs(logit) * 1.4426950408889634, 19.931567126628412,  # LOGIT_CLAMP / ln 2
+                      propagate_nan=tl.PropagateNan.ALL)
+    t = tl.exp2(-bits)  # exp(-a), in [1e-6 / (1 - 1e-6), 1]
+    q = 1.0 / (1.0 + t)  # probability of the predicted side, in [1/2, 1 - 1e-6]
+    other = t * q  # 1 - q without cancellation
+    entropy = tl.log2(1.0 + t) + other * bits  # normalised binary entropy, in [0, 1]
+    p = tl.where(logit >= 0.0, q, other)
     confidence = p * (1.0 - entropy)
     tl.store(keep_ptr + offsets, (confidence > eps).to(tl.uint8), mask=in_range)
     if WRITE_CONFIDENCE:
         tl.store(confidence_ptr + offsets, confidence, mask=in_range)
 
 
+# On the GPU the block size is tuned on first use per (numel bucket, dtype, WRITE_CONFIDENCE);
+# every config writes the same outputs from the inputs only, so re-running one is harmless.
+_CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps)
+            for block, warps in ((2048, 8), (4096, 8), (8192, 8), (4096, 4))]
+_entropy_filter_kernel_tuned = triton.autotune(
+    configs=_CONFIGS, key=["numel_bucket", "WRITE_CONFIDENCE"])(_entropy_filter_kernel)
 # The interpreter runs one numpy call per block operation: few big blocks are much faster there.
-_BLOCK = 1 << 16 if INTERPRET else 2048
+_INTERPRET_BLOCK = 1 << 16
 
 
 def entropy_filter_triton(logits: torch.Tensor, eps: float, *, return_confidence: bool = False):
@@ -71,9 +93,16 @@ def entropy_filter_triton(logits: torch.Tensor, eps: float, *, return_confidence
                   if return_confidence else keep)  # a dummy pointer when not written
     numel = logits.numel()
     if numel > 0:
-        grid = (triton.cdiv(numel, _BLOCK),)
-        _entropy_filter_kernel[grid](logits, keep, confidence, numel, float(eps),
-                                     WRITE_CONFIDENCE=return_confidence, BLOCK=_BLOCK,
-                                     num_warps=8 if _BLOCK >= 2048 else 4)
+        numel_bucket = (numel - 1).bit_length()
+        if INTERPRET:
+            grid = (triton.cdiv(numel, _INTERPRET_BLOCK),)
+            _entropy_filter_kernel[grid](logits, keep, confidence, numel, float(eps), numel_bucket,
+                                         WRITE_CONFIDENCE=return_confidence,
+                                         BLOCK=_INTERPRET_BLOCK)
+        else:
+            def grid(meta):
+                return (triton.cdiv(numel, meta["BLOCK"]),)
+            _entropy_filter_kernel_tuned[grid](logits, keep, confidence, numel, float(eps),
+                                               numel_bucket, WRITE_CONFIDENCE=return_confidence)
     keep = keep.view(torch.bool)
     return (keep, confidence) if return_confidence else keep

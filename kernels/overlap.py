@@ -8,11 +8,15 @@ Then the tight box (x0, y0, x1, y1) of every resulting mask, x1/y1 exclusive, (0
 empty: the same as `resam_dist.resam.prompts.masks_to_boxes`.
 
 `suppress_overlap_reference` is the specification in torch. `suppress_overlap_triton` does it in
-one kernel launch per call (grid: pixel blocks x images): a first loop over k counts (or finds
-the most confident) kept instances per pixel, a second loop writes the suppressed masks and
-folds each block's per-instance box into the B x K x 4 result with atomic min/max. The int32
-boxes are turned into float32 (empty -> zeros) by a few elementwise torch ops: no host loop and
-no device synchronisation. Counts larger than K mean all K instances are valid.
+one kernel launch per call and one pass over the data (grid: pixel spans x images): a program
+loads the K masks (and, in "argmax" mode, confidences) of a block of pixels as one
+KP x BLOCK_P tile (KP = next power of two >= K), counts / picks the most confident kept
+instance over the instance axis, writes the suppressed tile once, and reduces each instance's box
+over the pixel axis; after its pixel blocks it folds the boxes into the B x K x 4 int32 result
+with one masked vector atomic min/max per coordinate. The int32 boxes are turned into float32
+(empty -> zeros) by a few elementwise torch ops: no host loop and no device synchronisation.
+Counts larger than K mean all K instances are valid. Above MAX_INSTANCES instances the tile
+would not fit in registers and the torch reference runs instead.
 """
 
 from __future__ import annotations
@@ -34,19 +38,19 @@ def check_mode(mode: str) -> None:
 
 
 def tight_boxes_reference(masks: torch.Tensor) -> torch.Tensor:
-    """masks: B x K x H x W bool -> B x K x 4 float32 (x0, y0, x1, y1), x1/y1 exclusive, empty -> 0."""
+    """masks: ... x H x W bool -> ... x 4 float32 (x0, y0, x1, y1), x1/y1 exclusive, empty -> 0."""
     height, width = masks.shape[-2:]
-    any_row = masks.any(dim=-1)  # B x K x H
-    any_col = masks.any(dim=-2)  # B x K x W
+    any_row = masks.any(dim=-1)  # ... x H
+    any_col = masks.any(dim=-2)  # ... x W
     rows = torch.arange(height, device=masks.device)
     cols = torch.arange(width, device=masks.device)
     big = max(height, width) + 1
-    y0 = torch.where(any_row, rows, big).amin(dim=-1)  # B x K
+    y0 = torch.where(any_row, rows, big).amin(dim=-1)  # ...
     y1 = torch.where(any_row, rows + 1, 0).amax(dim=-1)
     x0 = torch.where(any_col, cols, big).amin(dim=-1)
     x1 = torch.where(any_col, cols + 1, 0).amax(dim=-1)
-    boxes = torch.stack([x0, y0, x1, y1], dim=-1).to(torch.float32)  # B x K x 4
-    empty = ~any_row.any(dim=-1)  # B x K
+    boxes = torch.stack([x0, y0, x1, y1], dim=-1).to(torch.float32)  # ... x 4
+    empty = ~any_row.any(dim=-1)  # ...
     return torch.where(empty.unsqueeze(-1), torch.zeros_like(boxes), boxes)
 
 
@@ -73,88 +77,110 @@ def suppress_overlap_reference(masks: torch.Tensor, confidence: torch.Tensor | N
 
 @triton.jit
 def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, boxes_ptr,
-                             num_instances, height, width,
-                             ARGMAX: tl.constexpr, BLOCK: tl.constexpr):
-    # masks/out: B x K x H x W uint8, confidence: B x K x H x W float, boxes: B x K x 4 int32.
-    block_id = tl.program_id(0)
+                             num_instances, width, num_pixels, blocks_per_program,
+                             ARGMAX: tl.constexpr, KP: tl.constexpr, BLOCK_P: tl.constexpr):
+    # masks/out: B x K x H x W uint8, confidence: B x K x H x W float, counts: B int64,
+    # boxes: B x K x 4 int32 (x0, y0, x1, y1). One program: image program_id(1), pixels
+    # [first, first + blocks_per_program * BLOCK_P), all K instances at once as a KP x BLOCK_P
+    # tile (KP = next power of two >= K): masks (and confidences) read once, output written once.
     image = tl.program_id(1).to(tl.int64)
-    num_pixels = height * width
-    pixel = block_id * BLOCK + tl.arange(0, BLOCK)  # BLOCK
-    in_range = pixel < num_pixels
-    count = tl.minimum(tl.load(counts_ptr + image).to(tl.int32), num_instances)
-    image_offset = image * num_instances * num_pixels  # int64: first pixel of instance 0
-
-    # Pass 1 over the valid instances: how many keep each pixel / which one is most confident.
-    # Pointers step by one instance plane per iteration (64-bit, so K x H x W may exceed 2^31).
-    mask_ptrs = masks_ptr + image_offset + pixel  # BLOCK
-    confidence_ptrs = confidence_ptr + image_offset + pixel
-    kept_by = tl.zeros([BLOCK], dtype=tl.int32)
-    best_score = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    best_instance = tl.full([BLOCK], -1, dtype=tl.int32)
-    for k in range(0, count):
-        kept = tl.load(mask_ptrs, mask=in_range, other=0) != 0
+    first = tl.program_id(0) * blocks_per_program * BLOCK_P
+    count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
+    instance = tl.arange(0, KP)  # KP
+    valid = instance < count  # instances k >= count are padding: not read, written empty
+    real = instance < num_instances
+    # 64-bit offset of each instance plane of this image (B x K x H x W may exceed 2^31)
+    plane = image * num_instances * num_pixels + instance.to(tl.int64) * num_pixels  # KP
+    big = 1 << 30  # above any pixel coordinate
+    x0 = tl.full([KP], big, dtype=tl.int32)
+    y0 = tl.full([KP], big, dtype=tl.int32)
+    x1 = tl.zeros([KP], dtype=tl.int32)  # 0: no surviving pixel yet
+    y1 = tl.zeros([KP], dtype=tl.int32)
+    for block in range(0, blocks_per_program):
+        pixel = first + block * BLOCK_P + tl.arange(0, BLOCK_P)  # BLOCK_P
+        in_range = pixel < num_pixels
+        offsets = plane[:, None] + pixel[None, :]  # KP x BLOCK_P int64
+        read = valid[:, None] & in_range[None, :]
+        kept = tl.load(masks_ptr + offsets, mask=read, other=0) != 0  # KP x BLOCK_P
         if ARGMAX:
-            score = tl.load(confidence_ptrs, mask=in_range, other=0.0).to(tl.float32)
-            better = kept & ((score > best_score) | (best_instance < 0))  # strict: ties keep lower k
-            best_score = tl.where(better, score, best_score)
-            best_instance = tl.where(better, k, best_instance)
-            confidence_ptrs += num_pixels
+            score = tl.load(confidence_ptr + offsets, mask=read, other=0.0).to(tl.float32)
+            score = tl.where(kept, score, float("-inf"))
+            # first maximal index, as torch.argmax: ties go to the lowest k
+            winner = tl.argmax(score, axis=0, tie_break_left=True)  # BLOCK_P
+            survives = kept & (instance[:, None] == winner[None, :])
         else:
-            kept_by += kept.to(tl.int32)
-        mask_ptrs += num_pixels
-
-    # Pass 2 over all instances: write the suppressed masks and this block's share of the boxes.
-    row = pixel // width
-    col = pixel - row * width
-    mask_ptrs = masks_ptr + image_offset + pixel
-    out_ptrs = out_ptr + image_offset + pixel
-    box_ptr = boxes_ptr + image * num_instances * 4  # instance 0 of this image
-    for k in range(0, num_instances):
-        kept = tl.load(mask_ptrs, mask=in_range & (k < count), other=0) != 0
-        if ARGMAX:
-            survives = kept & (best_instance == k)
-        else:
-            survives = kept & (kept_by == 1)
-        tl.store(out_ptrs, survives.to(tl.uint8), mask=in_range)
-        if tl.max(survives.to(tl.int32), axis=0) > 0:
-            tl.atomic_min(box_ptr + 0, tl.min(tl.where(survives, col, num_pixels), axis=0))
-            tl.atomic_min(box_ptr + 1, tl.min(tl.where(survives, row, num_pixels), axis=0))
-            tl.atomic_max(box_ptr + 2, tl.max(tl.where(survives, col + 1, 0), axis=0))
-            tl.atomic_max(box_ptr + 3, tl.max(tl.where(survives, row + 1, 0), axis=0))
-        mask_ptrs += num_pixels
-        out_ptrs += num_pixels
-        box_ptr += 4
+            kept_by = tl.sum(kept.to(tl.int32), axis=0)  # BLOCK_P
+            survives = kept & (kept_by == 1)[None, :]
+        tl.store(out_ptr + offsets, survives.to(tl.uint8), mask=real[:, None] & in_range[None, :])
+        # this block's box of every instance (x1/y1 exclusive), folded into the running one
+        row = pixel // width  # BLOCK_P
+        col = pixel - row * width
+        x0 = tl.minimum(x0, tl.min(tl.where(survives, col[None, :], big), axis=1))
+        y0 = tl.minimum(y0, tl.min(tl.where(survives, row[None, :], big), axis=1))
+        x1 = tl.maximum(x1, tl.max(tl.where(survives, col[None, :] + 1, 0), axis=1))
+        y1 = tl.maximum(y1, tl.max(tl.where(survives, row[None, :] + 1, 0), axis=1))
+    # One vector atomic per coordinate, only for instances with a surviving pixel here
+    # (min/max are idempotent and order-free: the result does not depend on program order).
+    touched = real & (x1 > 0)
+    box_ptrs = boxes_ptr + (image * num_instances + instance) * 4  # KP
+    tl.atomic_min(box_ptrs + 0, x0, mask=touched, sem="relaxed")
+    tl.atomic_min(box_ptrs + 1, y0, mask=touched, sem="relaxed")
+    tl.atomic_max(box_ptrs + 2, x1, mask=touched, sem="relaxed")
+    tl.atomic_max(box_ptrs + 3, y1, mask=touched, sem="relaxed")
 
 
-_BLOCK = 1 << 16 if INTERPRET else 2048
+# Tile elements (KP x BLOCK_P) per loop step: masks only in "drop" mode, masks + confidences in
+# "argmax" mode. Every element of the tile stays live across the reduction over instances, so the
+# tile sets the registers: sm_90 ptxas (triton 3.8, K = 50, 8 warps) gives 64 registers per thread
+# for the 4096-element "drop" tile (4 programs per SM) and 116 for the 8192-element "argmax" tile
+# (2 per SM), no spills. Above MAX_INSTANCES the tile would not fit in registers, and the torch
+# reference runs instead.
+_TILE = {"drop": 4096, "argmax": 8192}
+_NUM_WARPS = 8
+_MIN_BLOCK_P = 16
+MAX_INSTANCES = 1024
+# Enough programs to fill the GPU; beyond that, each program walks several pixel blocks so that
+# fewer box atomics are issued.
+_TARGET_PROGRAMS = 2048
+_MAX_BLOCKS_PER_PROGRAM = 8
 
 
 def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None,
-                            counts: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of `suppress_overlap_reference` (same outputs)."""
+                            counts: torch.Tensor, mode: str, *,
+                            blocks_per_program: int | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `suppress_overlap_reference` (same outputs). `blocks_per_program`
+    (pixel blocks walked by one program) is chosen from the size unless given (tests)."""
     check_mode(mode)
     batch, num_instances, height, width = masks.shape
-    masks_u8 = masks.contiguous().view(torch.uint8)  # B x K x H x W
     argmax = mode == "argmax"
-    if argmax:
-        if confidence is None or confidence.shape != masks.shape:
-            raise ValueError("argmax overlap suppression needs a confidence tensor shaped like masks "
-                             f"{tuple(masks.shape)}, got "
-                             f"{None if confidence is None else tuple(confidence.shape)}")
-        confidence = confidence.contiguous()
-    else:
-        confidence = masks_u8  # not read in "drop" mode
+    if argmax and (confidence is None or confidence.shape != masks.shape):
+        raise ValueError("argmax overlap suppression needs a confidence tensor shaped like masks "
+                         f"{tuple(masks.shape)}, got "
+                         f"{None if confidence is None else tuple(confidence.shape)}")
+    if num_instances > MAX_INSTANCES:
+        return suppress_overlap_reference(masks, confidence, counts, mode)
+    masks_u8 = masks.contiguous().view(torch.uint8)  # B x K x H x W
+    confidence = confidence.contiguous() if argmax else masks_u8  # not read in "drop" mode
     counts = counts.to(device=masks.device, dtype=torch.int64).contiguous()
     out = torch.empty_like(masks_u8)
     # Boxes as int32 (x0, y0, x1, y1): mins start above any pixel index, maxes at 0 (= empty).
     boxes = torch.zeros((batch, num_instances, 4), dtype=torch.int32, device=masks.device)
-    boxes[:, :, :2] = height * width
     num_pixels = height * width
+    boxes[:, :, :2] = num_pixels
     if out.numel() > 0:
-        grid = (triton.cdiv(num_pixels, _BLOCK), batch)
+        kp = triton.next_power_of_2(num_instances)
+        block_p = min(max(_MIN_BLOCK_P, _TILE[mode] // kp),
+                      max(_MIN_BLOCK_P, triton.next_power_of_2(num_pixels)))
+        num_blocks = triton.cdiv(num_pixels, block_p)
+        if blocks_per_program is None:
+            blocks_per_program = min(_MAX_BLOCKS_PER_PROGRAM,
+                                     max(1, num_blocks * batch // _TARGET_PROGRAMS))
+        grid = (triton.cdiv(num_blocks, blocks_per_program), batch)
         _suppress_overlap_kernel[grid](masks_u8, confidence, counts, out, boxes,
-                                       num_instances, height, width,
-                                       ARGMAX=argmax, BLOCK=_BLOCK, num_warps=8)
+                                       num_instances, width, num_pixels, blocks_per_program,
+                                       ARGMAX=argmax, KP=kp, BLOCK_P=block_p,
+                                       num_warps=_NUM_WARPS)
     empty = boxes[:, :, 2:3] == 0  # B x K x 1
     boxes = torch.where(empty, torch.zeros_like(boxes), boxes).to(torch.float32)
     return out.view(torch.bool), boxes

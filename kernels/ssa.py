@@ -84,7 +84,7 @@ def _bf16_dot(a, b, acc, UPCAST: tl.constexpr):
 
 @triton.jit
 def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
-                              num_rows, queue_len, dim, split_len, scale_log2,
+                              num_rows, queue_len, dim, split_len, scale_log2, size_class,
                               BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
                               BF16_DOT: tl.constexpr, UPCAST_BF16_DOT: tl.constexpr):
     """One (row block, queue split): over the split's queue rows j, with t_ij = h_i . Qn_j / tau
@@ -143,9 +143,14 @@ def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
              mask=row_ok[:, None] & channel_ok[None, :])
 
 
-# The GPU picks its tile shape on first use per (dim, dtype); configs that do not fit the
-# device's shared memory or registers are dropped by the autotuner.
+# The GPU picks its tile shape on first use per (dim, size class, dtype): the size class is the
+# bit length of queue rows per split (a growing queue re-tunes at most once per power of two).
+# Configs that do not fit the device's shared memory or registers are dropped by the autotuner;
+# the 16-row tiles keep the float32 (tf32x3) path from spilling registers at C = 256.
 _PARTIAL_CONFIGS = [
+    triton.Config({"BLOCK_N": 16, "BLOCK_Q": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 16, "BLOCK_Q": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "BLOCK_Q": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 32, "BLOCK_Q": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_Q": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_Q": 64}, num_warps=8, num_stages=2),
@@ -153,7 +158,7 @@ _PARTIAL_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_Q": 32}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 128, "BLOCK_Q": 64}, num_warps=8, num_stages=1),
 ]
-_ssa_queue_partial_kernel_tuned = triton.autotune(configs=_PARTIAL_CONFIGS, key=["dim"])(
+_ssa_queue_partial_kernel_tuned = triton.autotune(configs=_PARTIAL_CONFIGS, key=["dim", "size_class"])(
     _ssa_queue_partial_kernel)
 # split_len is a multiple of every BLOCK_Q above, so splits never share a queue tile
 _SPLIT_QUANTUM = 128
@@ -232,7 +237,8 @@ def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.T
     part_sum = torch.empty((num_rows, num_splits), dtype=torch.float32, device=device)
     part_acc = torch.empty((num_rows, num_splits, dim), dtype=torch.float32, device=device)
     if num_splits > 0:
-        args = (weak, queue, part_sum, part_acc, num_rows, queue_len, dim, split_len, scale_log2)
+        size_class = split_len.bit_length()  # autotuning bucket, not read by the kernel
+        args = (weak, queue, part_sum, part_acc, num_rows, queue_len, dim, split_len, scale_log2, size_class)
         if INTERPRET:
             _ssa_queue_partial_kernel[(triton.cdiv(num_rows, 64), num_splits)](
                 *args, BLOCK_N=64, BLOCK_Q=_SPLIT_QUANTUM, BLOCK_C=block_c, BF16_DOT=bf16_dot,

@@ -50,6 +50,9 @@ class ModelConfig:
     """SAM variant from the registry in resam_dist/model/build.py."""
     checkpoint: str | None = None
     """Local path of a SAM checkpoint in the official key layout (None: random init)."""
+    attention: Literal["sdpa", "official"] = "sdpa"
+    """Image-encoder attention: "sdpa" folds SAM's relative positions into a fused attention kernel
+    (no N x N matrix; same parameters and results up to rounding); "official" is SAM's own code."""
 
 
 @dataclass
@@ -136,6 +139,9 @@ class TrainConfig:
     """Console/JSON-lines log period in steps."""
     collective_timeout_s: int = 300
     """Timeout of collectives: a dead rank ends the job instead of hanging it."""
+    activation_checkpointing: bool = False
+    """Recompute instead of store: image-encoder blocks, mask-decoder prompt groups and the mask
+    losses keep only their inputs for the backward (less memory, one extra forward). ZeRO 0-2."""
 
 
 @dataclass
@@ -340,6 +346,9 @@ def validate(cfg: Config) -> None:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{src}: key 'deepspeed.zero_optimization.stage' must be 0-3, got {stage!r}")
+    if stage == 3 and cfg.train.activation_checkpointing:
+        raise ValueError(f"{src}: key 'train.activation_checkpointing' is not supported with ZeRO stage 3 "
+                         "(its parameter gathering would run again inside every recomputation); use stage 0-2")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:

@@ -30,3 +30,9 @@ class Batch:
     @property
     def image_size(self) -> int:
         return self.weak.shape[-1]
+
+
+def valid_from_counts(counts: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """B x K bool: True for the real instances k < counts[b] of a padded batch (on counts' device)."""
+    slots = torch.arange(num_slots, device=counts.device)  # K
+    return slots.unsqueeze(0) < counts.unsqueeze(1)  # B x K

@@ -441,10 +441,18 @@ def decode_instance(ann: dict[str, Any], height: int, width: int) -> InstanceCro
     return InstanceCrop(annotation_id=ann["id"], category_id=ann["category_id"], x0=x0, y0=y0, mask=mask)
 
 
+def masks_to_rle(masks: np.ndarray) -> list[dict[str, Any]]:
+    """COCO compressed RLEs (JSON-ready: counts as str) of K x H x W bool masks, in one call."""
+    if masks.shape[0] == 0:
+        return []
+    fortran = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))  # H x W x K
+    return [{"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+            for rle in mask_utils.encode(fortran)]
+
+
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     """COCO compressed RLE of an H x W bool mask, with `counts` as str (JSON-ready)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    return masks_to_rle(mask[None])[0]
 
 
 def decode_rle(rle: dict[str, Any]) -> np.ndarray:

@@ -48,8 +48,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from resam_dist.data.coco import masks_to_rle
 from resam_dist.eval.metrics import (
-    AP_KEYS, SCORE_KEYS, ImagewiseMeter, batch_image_counts, coco_mask_ap, masks_to_rle,
+    AP_KEYS, SCORE_KEYS, ImagewiseMeter, batch_image_counts, coco_mask_ap,
     score_coco_results, scores_from_counts,
 )
 from resam_dist.resam.prompts import sample_points
@@ -326,13 +327,13 @@ def load_model(cfg: Any, checkpoint: str | Path | None = None) -> tuple[Any, str
     from resam_dist.model.build import build_sam
 
     def base_model() -> Any:
-        return build_sam(cfg.model.name, cfg.model.checkpoint, seed=cfg.train.seed)
+        return build_sam(cfg.model.name, cfg.model.checkpoint, seed=cfg.train.seed, attention=cfg.model.attention)
 
     if checkpoint is None:
         return base_model(), f"base {cfg.model.name}"
     path = Path(checkpoint)
     if path.is_file():
-        return build_sam(cfg.model.name, path), f"SAM checkpoint {path}"
+        return build_sam(cfg.model.name, path, attention=cfg.model.attention), f"SAM checkpoint {path}"
     if not path.exists():
         raise ValueError(f"--checkpoint {path}: no such file or folder")
     adapter = find_adapter(path)

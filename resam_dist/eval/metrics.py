@@ -44,6 +44,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 
+from resam_dist.data.batch import valid_from_counts
+
 SCORE_KEYS = ("miou", "f1", "precision", "recall")
 """Keys of the micro-imagewise scores (fractions in [0, 1])."""
 AP_KEYS = ("ap", "ap50", "ap75")
@@ -79,10 +81,7 @@ def batch_image_counts(pred: torch.Tensor, gt: torch.Tensor,
     pred_masks = _as_masks(pred)  # B x K x H x W bool
     gt_masks = gt.bool()          # B x K x H x W bool
     if counts is not None:
-        num_instances = pred.shape[1]
-        instance_index = torch.arange(num_instances, device=pred.device)  # K
-        valid = instance_index.unsqueeze(0) < counts.to(pred.device).unsqueeze(1)  # B x K
-        valid = valid[:, :, None, None]  # B x K x 1 x 1
+        valid = valid_from_counts(counts.to(pred.device), pred.shape[1])[:, :, None, None]  # B x K x 1 x 1
         pred_masks = pred_masks & valid
         gt_masks = gt_masks & valid
     tp = (pred_masks & gt_masks).flatten(1).sum(dim=1)   # B
@@ -519,13 +518,3 @@ def score_coco_results(gt: str | Path | dict | COCO, results: str | Path | list,
         warnings.warn("score_coco_results: no image with ground-truth instances; scores are NaN",
                       stacklevel=2)
     return ResultsScores(scores=scores, per_image=per_image, matching="gt_id" if use_gt_id else "best_iou")
-
-
-def masks_to_rle(masks: np.ndarray) -> list[dict]:
-    """COCO RLEs (JSON-ready: counts as str) of K x H x W bool masks."""
-    if masks.shape[0] == 0:
-        return []
-    fortran = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))  # H x W x K
-    rles = mask_utils.encode(fortran)
-    return [{"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-            for rle in rles]

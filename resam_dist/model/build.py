@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from segment_anything.modeling import ImageEncoderViT, PromptEncoder, TwoWayTransformer
 
+from resam_dist.model.attention import set_attention
 from resam_dist.model.sam import BatchedMaskDecoder, Fp32PositionEmbedding, PromptableSam
 
 PATCH_SIZE = 16
@@ -66,8 +67,12 @@ def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() - mean) / std
 
 
-def build_sam(name: str, checkpoint: str | Path | None = None, *, seed: int | None = None) -> PromptableSam:
+def build_sam(name: str, checkpoint: str | Path | None = None, *, seed: int | None = None,
+              attention: str = "sdpa") -> PromptableSam:
     """Build SAM variant `name`, randomly initialised or loaded from an official-layout checkpoint.
+
+    attention: "sdpa" (fused attention, `resam_dist.model.attention`) or "official" (SAM's code);
+    the parameters are the same either way.
 
     seed: seeds the random initialisation (the global RNG is left untouched); None uses the
     global RNG. With a checkpoint the model is built on the meta device and the checkpoint
@@ -90,6 +95,7 @@ def build_sam(name: str, checkpoint: str | Path | None = None, *, seed: int | No
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _build(spec)
+    set_attention(model.image_encoder, attention)
     return model.eval()
 
 

@@ -22,8 +22,11 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
+
+from resam_dist.data.batch import valid_from_counts
 
 
 class Fp32PositionEmbedding(PositionEmbeddingRandom):
@@ -101,6 +104,18 @@ class PromptableSam(nn.Module):
         self.mask_decoder = mask_decoder
         self.image_size = int(image_encoder.img_size)
         self.embed_dim = int(prompt_encoder.embed_dim)
+        self.checkpoint_prompts = 0  # 0: activation checkpointing off
+
+    def set_activation_checkpointing(self, enabled: bool, *, prompts_per_group: int = 32) -> None:
+        """Recompute activations in the backward instead of storing them: each image-encoder block,
+        and the mask decoder per group of at most `prompts_per_group` prompts, keep only their
+        inputs. Applies to forwards with gradient enabled; results are unchanged."""
+        if enabled and prompts_per_group < 1:
+            raise ValueError(f"prompts_per_group must be >= 1, got {prompts_per_group}")
+        self.checkpoint_prompts = prompts_per_group if enabled else 0
+
+    def _checkpointing(self) -> bool:
+        return self.checkpoint_prompts > 0 and torch.is_grad_enabled()
 
     def leaf_modules(self) -> list[nn.Module]:
         """Modules that read their children's parameters without calling the children's forward:
@@ -114,7 +129,15 @@ class PromptableSam(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(f"images must be B x 3 x {size} x {size}, got {tuple(images.shape)}")
         dtype = self.image_encoder.patch_embed.proj.weight.dtype  # metadata only, also under ZeRO-3
-        return self.image_encoder(images.to(dtype))
+        if not self._checkpointing():
+            return self.image_encoder(images.to(dtype))
+        encoder = self.image_encoder  # ImageEncoderViT.forward, one checkpoint per block
+        tokens = encoder.patch_embed(images.to(dtype))  # B x S/16 x S/16 x D
+        if encoder.pos_embed is not None:
+            tokens = tokens + encoder.pos_embed
+        for block in encoder.blocks:
+            tokens = checkpoint(block, tokens, use_reentrant=False)
+        return encoder.neck(tokens.permute(0, 3, 1, 2))  # B x C x S/16 x S/16
 
     def decode(self, features: torch.Tensor, counts: torch.Tensor, points: torch.Tensor | None = None,
                point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
@@ -140,8 +163,7 @@ class PromptableSam(nn.Module):
         iou = torch.zeros(num_images, num_instances, device=features.device, dtype=torch.float32)  # B x K
         image_pe = self.prompt_encoder.get_dense_pe()  # 1 x C x h x w (a buffer, no parameters)
 
-        instance_ids = torch.arange(num_instances, device=features.device)  # K
-        valid = instance_ids.unsqueeze(0) < counts.to(features.device).unsqueeze(1)  # B x K
+        valid = valid_from_counts(counts.to(features.device), num_instances)  # B x K
         num_chunks = max(math.ceil(num_instances / max_instances), min_chunks)
         for chunk in range(num_chunks):
             start = chunk * max_instances
@@ -153,13 +175,32 @@ class PromptableSam(nn.Module):
                 coords = points[image_index, instance_index] - 0.5  # N x P x 2, SAM adds the half pixel back
                 prompt_points = (coords, point_labels[image_index, instance_index])  # N x P
             prompt_boxes = None if boxes is None else boxes[image_index, instance_index] - 0.5  # N x 4
-            sparse, dense = self.prompt_encoder(points=prompt_points, boxes=prompt_boxes, masks=None)
-            low_res, iou_pred = self.mask_decoder(features, image_index, image_pe, sparse, dense)
-            upsampled = F.interpolate(low_res.float(), (size, size), mode="bilinear",
-                                      align_corners=False)  # N x 1 x S x S
-            logits[image_index, instance_index] = upsampled[:, 0]
-            iou[image_index, instance_index] = iou_pred[:, 0].float()
+            if not self._checkpointing():
+                logits[image_index, instance_index], iou[image_index, instance_index] = self._decode_prompts(
+                    features, image_pe, image_index, prompt_points, prompt_boxes)
+                continue
+            # groups of prompts, each keeping only its inputs for the backward
+            for first in range(0, image_index.shape[0], self.checkpoint_prompts):
+                group = slice(first, first + self.checkpoint_prompts)
+                group_points = None if prompt_points is None else (prompt_points[0][group], prompt_points[1][group])
+                group_boxes = None if prompt_boxes is None else prompt_boxes[group]
+                group_logits, group_iou = checkpoint(self._decode_prompts, features, image_pe, image_index[group],
+                                                     group_points, group_boxes, use_reentrant=False)
+                logits[image_index[group], instance_index[group]] = group_logits  # n x S x S
+                iou[image_index[group], instance_index[group]] = group_iou
         return logits, iou
+
+    def _decode_prompts(self, features: torch.Tensor, image_pe: torch.Tensor, image_index: torch.Tensor,
+                        prompt_points: tuple[torch.Tensor, torch.Tensor] | None,
+                        prompt_boxes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder + upsampling for N prompts (image `image_index[n]` each):
+        (logits N x S x S float32, iou N float32)."""
+        size = self.image_size
+        sparse, dense = self.prompt_encoder(points=prompt_points, boxes=prompt_boxes, masks=None)
+        low_res, iou_pred = self.mask_decoder(features, image_index, image_pe, sparse, dense)
+        upsampled = F.interpolate(low_res.float(), (size, size), mode="bilinear",
+                                  align_corners=False)  # N x 1 x S x S
+        return upsampled[:, 0], iou_pred[:, 0].float()
 
     def forward(self, images: torch.Tensor, counts: torch.Tensor, points: torch.Tensor | None = None,
                 point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
@@ -199,6 +240,8 @@ class PromptableSam(nn.Module):
             num_instances = boxes.shape[1]
         if tuple(counts.shape) != (num_images,):
             raise ValueError(f"counts must have shape ({num_images},), got {tuple(counts.shape)}")
-        if num_images > 0 and (int(counts.max()) > num_instances or int(counts.min()) < 0):
-            raise ValueError(f"counts must lie in [0, K={num_instances}], got {counts.tolist()}")
+        if num_images > 0:
+            low, high = torch.stack(torch.aminmax(counts)).tolist()  # one device-to-host transfer
+            if high > num_instances or low < 0:
+                raise ValueError(f"counts must lie in [0, K={num_instances}], got {counts.tolist()}")
         return num_instances

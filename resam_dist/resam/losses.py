@@ -3,12 +3,12 @@
 Conventions shared by every mask loss here:
 - inputs are padded per image: logits B x K x H x W, targets B x K x H x W bool, and a
   `valid` B x K bool mask that says which instances take part (padding instances k >= counts[b]
-  and dropped instances are False). Instances are selected with the same boolean index on
-  predictions and targets, so pairs can never be shifted against each other.
+  and dropped instances are False). Every instance slot is computed and the invalid ones get
+  weight zero, so predictions and targets stay paired and nothing waits on the host.
 - reduction: each term is first averaged over the pixels of one instance, then over all valid
   instances of the batch (every valid instance weighs the same, whatever its image).
-- a batch without any valid instance gives an exact zero that is still connected to the graph
-  (`logits.sum() * 0`), so backward() and gradient all-reduce work unchanged.
+- a batch without any valid instance gives an exact zero that is still connected to the graph,
+  so backward() and gradient all-reduce work unchanged.
 - computation is in float32 whatever the input dtype (bf16 logits are upcast; autocast is
   switched off inside), so the losses do not depend on the engine's precision setting.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
@@ -27,11 +28,6 @@ def _no_autocast(tensor: torch.Tensor) -> torch.autocast:
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
-def _zero_like_graph(tensor: torch.Tensor) -> torch.Tensor:
-    """A float32 zero scalar connected to `tensor`'s graph (exact 0, gradient 0)."""
-    return tensor.float().sum() * 0.0
-
-
 def _check_pair(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, name: str) -> None:
     if logits.shape != target.shape:
         raise ValueError(f"{name}: logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
@@ -39,10 +35,35 @@ def _check_pair(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
         raise ValueError(f"{name}: valid {tuple(valid.shape)} must be B x K = {tuple(logits.shape[:2])}")
 
 
-def valid_from_counts(counts: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """B x K bool: True for the real instances k < counts[b]."""
-    slots = torch.arange(num_slots, device=counts.device)  # K
-    return slots.unsqueeze(0) < counts.unsqueeze(1)  # B x K
+def _valid_mean(per_instance: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of B x K values over the valid instances; an exact 0 (connected to the graph, zero
+    gradient) when there is none. No boolean indexing, so no device-to-host synchronisation."""
+    selected = torch.where(valid, per_instance, torch.zeros_like(per_instance))  # B x K
+    return selected.sum() / valid.sum().clamp(min=1)
+
+
+def focal_per_instance(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = FOCAL_ALPHA,
+                       gamma: float = FOCAL_GAMMA) -> torch.Tensor:
+    """Pixel mean of the sigmoid focal loss: logits ... x H x W, target ... x H x W bool -> ... float32.
+
+    With s = x (2t - 1): p_t = sigmoid(s), 1 - p_t = sigmoid(-s) and BCE = softplus(-s), so the
+    loss alpha_t (1 - p_t)^gamma BCE needs no separate probability tensors."""
+    with _no_autocast(logits):
+        signed = torch.where(target, logits.float(), -logits.float())  # s, ... x H x W
+        alpha_t = torch.where(target, alpha, 1.0 - alpha)
+        per_pixel = alpha_t * torch.sigmoid(-signed).pow(gamma) * F.softplus(-signed)
+        return per_pixel.flatten(-2).mean(dim=-1)
+
+
+def dice_per_instance(logits: torch.Tensor, target: torch.Tensor, *, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+    """Soft dice loss 1 - (2 |P.T| + s) / (|P| + |T| + s) on sigmoid probabilities:
+    logits ... x H x W, target ... x H x W bool -> ... float32."""
+    with _no_autocast(logits):
+        p = torch.sigmoid(logits.float()).flatten(-2)  # ... x HW
+        t = target.flatten(-2)  # ... x HW bool
+        intersection = torch.where(t, p, 0.0).sum(dim=-1)
+        total = p.sum(dim=-1) + t.sum(dim=-1)
+        return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, *,
@@ -50,17 +71,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, 
     """Sigmoid focal loss (Lin et al.): alpha_t (1 - p_t)^gamma BCE, pixel mean per instance, then
     mean over valid instances. logits/target B x K x H x W, valid B x K. Returns a float32 scalar."""
     _check_pair(logits, target, valid, "focal_loss")
-    with _no_autocast(logits):
-        if not bool(valid.any()):
-            return _zero_like_graph(logits)
-        x = logits[valid].float()  # N x H x W
-        t = target[valid].float()  # N x H x W
-        bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")  # N x H x W
-        p = torch.sigmoid(x)
-        p_t = p * t + (1.0 - p) * (1.0 - t)
-        alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
-        per_pixel = alpha_t * (1.0 - p_t).pow(gamma) * bce  # N x H x W
-        return per_pixel.flatten(1).mean(dim=1).mean()
+    return _valid_mean(focal_per_instance(logits, target.bool(), alpha=alpha, gamma=gamma), valid)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, *,
@@ -68,14 +79,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, *
     """Soft dice on sigmoid probabilities, 1 - (2 |P.T| + s) / (|P| + |T| + s) per instance
     (s = 1), mean over valid instances. Returns a float32 scalar."""
     _check_pair(logits, target, valid, "dice_loss")
-    with _no_autocast(logits):
-        if not bool(valid.any()):
-            return _zero_like_graph(logits)
-        p = torch.sigmoid(logits[valid].float()).flatten(1)  # N x HW
-        t = target[valid].float().flatten(1)  # N x HW
-        intersection = (p * t).sum(dim=1)
-        total = p.sum(dim=1) + t.sum(dim=1)
-        return (1.0 - (2.0 * intersection + smooth) / (total + smooth)).mean()
+    return _valid_mean(dice_per_instance(logits, target.bool(), smooth=smooth), valid)
 
 
 def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -94,11 +98,29 @@ def iou_mse_loss(pred_iou: torch.Tensor, logits: torch.Tensor, target: torch.Ten
     if pred_iou.shape != valid.shape:
         raise ValueError(f"iou_mse_loss: pred_iou {tuple(pred_iou.shape)} must be B x K = {tuple(valid.shape)}")
     with _no_autocast(pred_iou):
-        if not bool(valid.any()):
-            return _zero_like_graph(pred_iou)
         with torch.no_grad():
-            actual = mask_iou(logits[valid].detach() > 0, target[valid].bool())  # N
-        return F.mse_loss(pred_iou[valid].float(), actual, reduction="mean")
+            actual = mask_iou(logits.detach() > 0, target.bool())  # B x K
+        return _valid_mean((pred_iou.float() - actual).square(), valid)
+
+
+def mask_losses(logits: torch.Tensor, pred_iou: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, *,
+                recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(focal, dice, iou_mse) of `focal_loss`, `dice_loss` and `iou_mse_loss` in one call.
+
+    recompute: keep only logits and target for the backward and recompute the per-pixel
+    intermediates there (activation checkpointing; the same values), instead of storing several
+    B x K x H x W float32 tensors."""
+    _check_pair(logits, target, valid, "mask_losses")
+    target = target.bool()
+
+    def per_instance(mask_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return focal_per_instance(mask_logits, target), dice_per_instance(mask_logits, target)  # B x K each
+
+    if recompute and torch.is_grad_enabled():
+        focal, dice = checkpoint(per_instance, logits, use_reentrant=False)
+    else:
+        focal, dice = per_instance(logits)
+    return _valid_mean(focal, valid), _valid_mean(dice, valid), iou_mse_loss(pred_iou, logits, target, valid)
 
 
 def box_embeddings(features: torch.Tensor, boxes: torch.Tensor, *, stride: int = 16) -> torch.Tensor:
@@ -146,8 +168,7 @@ def ssa_loss(student: torch.Tensor, weak: torch.Tensor, valid: torch.Tensor, que
         raise ValueError(f"ssa_loss: student {tuple(student.shape)}, weak {tuple(weak.shape)} and valid "
                          f"{tuple(valid.shape)} must be B x K x C, B x K x C and B x K")
     with _no_autocast(student):
-        if not bool(valid.any()):
-            return _zero_like_graph(student)
+        # no valid instance: M = 0 rows, and the SSA loss is an exact zero attached to `student`
         keys = queue_keys.detach().float().to(student.device)  # q x C
         return resam_kernels.ssa_loss(student[valid].float(), weak[valid].detach().float(), keys, tau,
                                       use_triton=use_kernels).float()

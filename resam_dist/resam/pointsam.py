@@ -48,7 +48,8 @@ from scipy.optimize import linear_sum_assignment
 
 from resam_dist.config import Config
 from resam_dist.data.batch import Batch
-from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss, valid_from_counts
+from resam_dist.data.batch import valid_from_counts
+from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss
 
 MIN_CLUSTER_POINTS = 3
 """Fewer stored point features than this are not clustered (FINCH needs a few points)."""
@@ -187,6 +188,15 @@ class PointSamState:
             self.target_buffer = torch.zeros(0, self.dim)
             self.matched = match_prototypes(self.prototypes, self.target_prototypes)
 
+    def commit(self, point_features: torch.Tensor, num_images: int) -> bool:
+        """The state update of an accepted step (the trainer calls it after the optimizer step, never
+        for a step the loss guard skipped): collect targets, push the store, count the iteration
+        (with its periodic clustering). point_features: M x C from `StepResult.weak_embeddings`.
+        Returns whether the store was clustered."""
+        self.collect_targets(point_features, num_images)
+        self.push(point_features)
+        return self.step_done()
+
     def step_done(self) -> bool:
         """Count one iteration; every `cluster_every` iterations cluster the store and match the
         prototypes to the targets. Returns whether it clustered."""
@@ -297,9 +307,10 @@ def pointsam_step(model: Any, batch: Batch, state: PointSamState, cfg: Config, *
     `model` is a `PromptableSam` (with LoRA) or a DeepSpeed engine wrapping one (`encode`,
     `decode` are called). The first `data.num_points` positives of each instance are its prompts
     (the batch's random negatives are replaced by NPC). `min_chunks` is passed to every `decode`
-    (ZeRO-3, see `resam_step`). Updates `state` (target collection, store push, iteration count
-    and periodic clustering) after the loss is built. Returns a `StepResult`: parts focal, dice,
-    iou_mse, proto, total; `weak_embeddings` is empty (0 x C): PointSAM has no SSA queue.
+    (ZeRO-3, see `resam_step`). Returns a `StepResult`: parts focal, dice, iou_mse, proto, total;
+    `weak_embeddings` holds the M x C weak-view point features (detached), which the caller hands
+    to `state.commit(...)` once the step is accepted (target collection, store push, iteration
+    count and periodic clustering), as the ReSAM queue is pushed only after an accepted step.
     """
     from resam_dist.resam.step import StepResult, select_points
 
@@ -345,9 +356,6 @@ def pointsam_step(model: Any, batch: Batch, state: PointSamState, cfg: Config, *
             + cfg.resam.pointsam_proto_weight * proto)
 
     state.teacher_outputs = (first_logits, teacher_logits, teacher_iou)
-    state.collect_targets(point_features, num_images)
-    state.push(point_features)
-    clustered = state.step_done()
 
     parts = {"focal": focal.detach(), "dice": dice.detach(), "iou_mse": iou_mse.detach(),
              "proto": proto.detach(), "total": loss.detach()}
@@ -355,6 +363,6 @@ def pointsam_step(model: Any, batch: Batch, state: PointSamState, cfg: Config, *
     stats = {"instances": float(instances), "npc_pairs": float(npc_pairs),
              "npc_negatives": float(npc_negatives), "store": float(state.store.shape[0]),
              "prototypes": float(state.prototypes.shape[0]),
-             "target_prototypes": float(state.target_prototypes.shape[0]), "clustered": float(clustered)}
-    weak_embeddings = teacher_features.new_zeros(0, teacher_features.shape[1], dtype=torch.float32)
-    return StepResult(loss=loss, parts=parts, weak_embeddings=weak_embeddings, stats=stats)
+             "target_prototypes": float(state.target_prototypes.shape[0])}
+    # the weak-view point features go to `state.commit` once the step is accepted
+    return StepResult(loss=loss, parts=parts, weak_embeddings=point_features.detach().float(), stats=stats)

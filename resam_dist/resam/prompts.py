@@ -34,18 +34,8 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
 
     masks: ... x H x W bool. Returns ... x 4 float32 (x0, y0, x1, y1) with x1/y1 exclusive
     (x1 = last column + 1), so a one-pixel mask at (r, c) gives (c, r, c + 1, r + 1).
-    Empty masks give (0, 0, 0, 0).
+    Empty masks give (0, 0, 0, 0). The implementation is the overlap kernel's box specification.
     """
-    height, width = masks.shape[-2:]
-    any_row = masks.any(dim=-1)  # ... x H
-    any_col = masks.any(dim=-2)  # ... x W
-    rows = torch.arange(height, device=masks.device)
-    cols = torch.arange(width, device=masks.device)
-    big = max(height, width) + 1
-    y0 = torch.where(any_row, rows, big).amin(dim=-1)
-    y1 = torch.where(any_row, rows + 1, 0).amax(dim=-1)
-    x0 = torch.where(any_col, cols, big).amin(dim=-1)
-    x1 = torch.where(any_col, cols + 1, 0).amax(dim=-1)
-    empty = ~any_row.any(dim=-1)
-    boxes = torch.stack([x0, y0, x1, y1], dim=-1).to(torch.float32)
-    return torch.where(empty.unsqueeze(-1), torch.zeros_like(boxes), boxes)
+    from resam_kernels.overlap import tight_boxes_reference  # late: TRITON_INTERPRET is read at import
+
+    return tight_boxes_reference(masks)

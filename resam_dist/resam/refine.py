@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from resam_dist.resam.losses import valid_from_counts
+from resam_dist.data.batch import valid_from_counts
 
 
 @dataclass

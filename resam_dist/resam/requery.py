@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from resam_dist.resam.losses import valid_from_counts
+from resam_dist.data.batch import valid_from_counts
 
 EMPTY_POLICIES = ("keep_point_mask", "drop")
 

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from resam_dist.config import Config
 from resam_dist.data.batch import Batch
 from resam_dist.eval.metrics import batch_image_counts, scores_from_counts
-from resam_dist.resam.losses import (box_embeddings, dice_loss, focal_loss, iou_mse_loss, ssa_loss,
-                                     valid_from_counts)
+from resam_dist.data.batch import valid_from_counts
+from resam_dist.resam.losses import box_embeddings, mask_losses, ssa_loss
 from resam_dist.resam.prompts import masks_to_boxes
 from resam_dist.resam.queue import EmbeddingQueue
 from resam_dist.resam.refine import refine
@@ -142,9 +142,8 @@ def resam_step(model, batch: Batch, queue: EmbeddingQueue, cfg: Config, *, min_c
     strong_features = model.encode(batch.strong)  # B x C x h x w
     student_logits, student_iou = model.decode(strong_features, counts, points, point_labels,
                                                max_instances=max_instances, min_chunks=min_chunks)
-    focal = focal_loss(student_logits, pseudo, valid)
-    dice = dice_loss(student_logits, pseudo, valid)
-    iou_mse = iou_mse_loss(student_iou, student_logits, pseudo, valid)
+    focal, dice, iou_mse = mask_losses(student_logits, student_iou, pseudo, valid,
+                                       recompute=cfg.train.activation_checkpointing)
 
     # ---- Soft Semantic Alignment on the boxes of the targets --------------------------------
     embed_dim = strong_features.shape[1]

@@ -196,9 +196,10 @@ class Trainer:
         self._seed_everything(cfg.train.seed + self.rank)
 
         # ---- model, LoRA, optimizer, schedule, DeepSpeed --------------------------------------
-        sam = build_sam(cfg.model.name, cfg.model.checkpoint, seed=cfg.train.seed)
+        sam = build_sam(cfg.model.name, cfg.model.checkpoint, seed=cfg.train.seed, attention=cfg.model.attention)
         apply_lora(sam, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                    start_block=cfg.lora.start_block, seed=cfg.train.seed + 1)
+        sam.set_activation_checkpointing(cfg.train.activation_checkpointing)
         sam.train()  # LoRA dropout on (SAM itself has no dropout or batch norm)
         if self.zero_stage == 3:
             from deepspeed.utils import set_z3_leaf_module
@@ -287,6 +288,8 @@ class Trainer:
             self.log.write({"event": "start", "world_size": self.world_size, "zero_stage": self.zero_stage,
                             "precision": precision, "step": self.step, "total_steps": self.total_steps,
                             "resumed_from": self.resumed_from, "data_position": self.data_position,
+                            "attention": self.cfg.model.attention,
+                            "activation_checkpointing": self.cfg.train.activation_checkpointing,
                             "ranks": ranks})
 
     def _resume(self) -> str | None:
@@ -379,6 +382,8 @@ class Trainer:
                     self.engine.step()
                     if isinstance(self.step_state, EmbeddingQueue):
                         self.step_state.push_all_ranks(result.weak_embeddings)  # after the loss, all ranks
+                    else:  # PointSAM-style store: only accepted steps change it
+                        self.step_state.commit(result.weak_embeddings, images)
                     self.guard.accept(verdict.loss)
                     accepted_in_epoch += 1
                     window.add(verdict, images=images, seconds=time.perf_counter() - step_start,

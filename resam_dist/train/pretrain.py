@@ -18,7 +18,8 @@ import torch
 from resam_dist.data.coco import CocoSplit
 from resam_dist.model.build import normalise_pixels
 from resam_dist.model.sam import PromptableSam
-from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss, valid_from_counts
+from resam_dist.data.batch import valid_from_counts
+from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss
 from resam_dist.resam.prompts import masks_to_boxes, sample_points
 
 

@@ -50,6 +50,23 @@ def test_suppress_overlap_realistic(mode, size):
     assert torch.equal(boxes, masks_to_boxes(out))
 
 
+
+def test_suppress_overlap_64bit_offsets():
+    """1 x 36 x 8192 x 8192 masks (2.4e9 elements): the later instance planes start beyond 2^31."""
+    num_instances, size = 36, 8192
+    masks = torch.zeros(1, num_instances, size, size, dtype=torch.bool, device=DEVICE)
+    for k in range(num_instances):  # rectangles, each overlapping the next one
+        masks[0, k, 100 * k:100 * k + 300, 7000 - 150 * k:7200 - 150 * k] = True
+    counts = torch.tensor([num_instances - 1], device=DEVICE)
+    out, boxes = resam_kernels.suppress_overlap(masks, None, counts, "drop")
+    out_ref, boxes_ref = suppress_overlap_reference(masks, None, counts, "drop")
+    assert torch.equal(out, out_ref)
+    assert torch.equal(boxes, boxes_ref)
+    # instance 34 loses rows 3400-3599 x cols 2050-2099 to instance 33; 35 is padding
+    assert boxes[0, num_instances - 2].tolist() == [1900.0, 3400.0, 2100.0, 3700.0]
+    assert not out[0, num_instances - 1].any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("queue_len", [0, 128, 8192, 65536])
 def test_ssa_loss_realistic(dtype, queue_len):

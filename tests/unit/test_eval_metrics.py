@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from resam_dist.data.coco import masks_to_rle
 from resam_dist.eval.metrics import (
-    ImagewiseMeter, batch_image_counts, coco_mask_ap, image_scores, masks_to_rle,
+    ImagewiseMeter, batch_image_counts, coco_mask_ap, image_scores,
     micro_imagewise, score_coco_results, scores_from_counts,
 )
 

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from resam_dist.config import load_config
-from resam_dist.data.coco import CocoSplit
+from resam_dist.data.coco import CocoSplit, masks_to_rle
 from resam_dist.eval.evaluate import (
     canvas_logits_to_masks, evaluate_model, load_model, main, prepare_canvas, resized_shape, sample_prompts,
 )
-from resam_dist.eval.metrics import masks_to_rle, score_coco_results
+from resam_dist.eval.metrics import score_coco_results
 from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD, build_sam
 
 REPO = Path(__file__).resolve().parents[2]

@@ -63,3 +63,28 @@ def test_confidence_dispatcher_and_reference_switch():
     assert not resam_kernels.runs_triton(logits, use_triton=False)
     keep = resam_kernels.entropy_filter(logits, 0.2, use_triton=False)
     assert torch.equal(keep, entropy_filter_reference(logits, 0.2))
+
+
+def test_triton_special_values_match_reference():
+    # NaN stays NaN (not kept); infinities, huge logits and |logit| around the clamp point
+    # ln((1 - 1e-6) / 1e-6) = 13.8155 take the reference's clamped values; 0 gives exactly 0.
+    clamp = math.log((1 - 1e-6) / 1e-6)
+    values = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e30, -1e30,
+              clamp - 1e-3, clamp, clamp + 1e-3, -clamp + 1e-3, -clamp, -clamp - 1e-3, 1e-8, -1e-8]
+    logits = torch.tensor(values, device=DEVICE).view(1, 1, 1, -1)
+    keep, confidence = resam_kernels.entropy_filter(logits, 0.5, return_confidence=True)
+    keep_ref, confidence_ref = entropy_filter_reference(logits, 0.5, return_confidence=True)
+    torch.testing.assert_close(confidence, confidence_ref, atol=2e-6, rtol=1e-5, equal_nan=True)
+    assert torch.equal(keep, keep_ref)
+    assert confidence[0, 0, 0, 3].item() == 0.0 and confidence[0, 0, 0, 4].item() == 0.0
+
+
+def test_triton_close_to_float64_formula():
+    # The kernel's one-exp/one-log form against the specification evaluated in float64, on a dense
+    # grid that crosses the clamp point on both sides.
+    logits = torch.linspace(-20, 20, 400_001, device=DEVICE)
+    confidence = resam_kernels.confidence(logits)
+    p = torch.sigmoid(logits.double()).clamp(1e-6, 1 - 1e-6)
+    entropy = -(p * p.log() + (1 - p) * (1 - p).log()) / math.log(2)
+    exact = p * (1 - entropy)
+    assert (confidence.double() - exact).abs().max().item() < 1e-6

@@ -5,7 +5,8 @@ import torch
 
 import resam_kernels
 from resam_dist.resam.prompts import masks_to_boxes
-from resam_kernels.overlap import suppress_overlap_reference
+from resam_kernels.overlap import (MAX_INSTANCES, suppress_overlap_reference,
+                                    suppress_overlap_triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -94,3 +95,59 @@ def test_drop_mode_accepts_no_confidence_and_bad_mode_is_rejected():
         resam_kernels.suppress_overlap(masks, None, counts, "union")
     with pytest.raises(ValueError, match="confidence"):
         resam_kernels.suppress_overlap(masks.to(DEVICE), None, counts.to(DEVICE), "argmax")
+
+
+def check_against_reference(masks, confidence, counts, mode, **kwargs):
+    out, boxes = suppress_overlap_triton(masks, confidence, counts, mode, **kwargs)
+    out_ref, boxes_ref = suppress_overlap_reference(masks, confidence, counts, mode)
+    assert torch.equal(out, out_ref)
+    assert torch.equal(boxes, boxes_ref)
+
+
+# K around the powers of two that set the tile height (63 -> 64 rows, 65 -> 128, 129 -> 256) and
+# K = 300 (512 rows: the pixel block shrinks to its 16-pixel minimum); pixel counts not multiples
+# of the pixel block.
+@pytest.mark.parametrize("case", [(2, 63, 31, 67, [63, 40]), (1, 65, 33, 65, [70]),
+                                  (1, 129, 17, 23, [100]), (1, 300, 37, 29, [250])],
+                         ids=lambda case: "x".join(map(str, case[:4])))
+@pytest.mark.parametrize("mode", ["drop", "argmax"])
+def test_tile_heights(case, mode):
+    batch, num_instances, height, width, counts = case
+    masks, confidence = random_instances(batch, num_instances, height, width, seed=num_instances)
+    counts = torch.tensor(counts, device=DEVICE)
+    check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, mode)
+
+
+@pytest.mark.parametrize("blocks_per_program", [1, 2, 3, 50])
+@pytest.mark.parametrize("mode", ["drop", "argmax"])
+def test_pixel_blocks_per_program(blocks_per_program, mode):
+    # one program walking several pixel blocks (the last span partial, or past the image end):
+    # its running boxes must combine blocks from different rows
+    masks, confidence = random_instances(2, 7, 61, 129, seed=blocks_per_program)
+    counts = torch.tensor([7, 5], device=DEVICE)
+    check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, mode,
+                            blocks_per_program=blocks_per_program)
+
+
+def test_argmax_ties_and_negative_infinity():
+    # equal confidences go to the lowest kept k; a kept instance at -inf loses to a lower k that
+    # is not kept (both score -inf in the reference), so nobody keeps that pixel
+    masks = torch.tensor([[[[1, 0, 0, 1]], [[1, 1, 1, 1]], [[1, 1, 1, 0]]]], dtype=torch.bool)
+    confidence = torch.tensor([[[[0.5, 0.9, 0.0, -float("inf")]],
+                                [[0.5, 0.5, 0.7, -float("inf")]],
+                                [[0.5, 0.5, 0.7, 0.1]]]])
+    counts = torch.tensor([3])
+    masks, confidence, counts = masks.to(DEVICE), confidence.to(DEVICE), counts.to(DEVICE)
+    out, _ = resam_kernels.suppress_overlap(masks, confidence, counts, "argmax")
+    assert out[0, :, 0].int().tolist() == [[1, 0, 0, 1], [0, 1, 1, 0], [0, 0, 0, 0]]
+    check_against_reference(masks, confidence, counts, "argmax")
+    masks[0, 0, 0, 3] = False
+    out, _ = resam_kernels.suppress_overlap(masks, confidence, counts, "argmax")
+    assert out[0, :, 0, 3].int().tolist() == [0, 0, 0]
+    check_against_reference(masks, confidence, counts, "argmax")
+
+
+def test_many_instances_fall_back_to_reference():
+    masks, confidence = random_instances(1, MAX_INSTANCES + 1, 5, 6, seed=1)
+    counts = torch.tensor([MAX_INSTANCES], device=DEVICE)
+    check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, "argmax")

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from resam_dist.resam.losses import (box_embeddings, dice_loss, focal_loss, iou_mse_loss, mask_iou, ssa_loss,
-                                     valid_from_counts)
+from resam_dist.data.batch import valid_from_counts
+from resam_dist.resam.losses import box_embeddings, dice_loss, focal_loss, iou_mse_loss, mask_iou, ssa_loss
 
 
 def square(size: int, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:

@@ -232,13 +232,17 @@ def test_a_few_steps_train_lora_with_finite_losses():
     optimizer = torch.optim.AdamW(lora.values(), lr=1e-3)
     losses, protos = [], []
     for batch in batches:  # step 1 builds targets and prototypes, step 2 uses them
+        store_before, iteration_before = state.store.clone(), state.iteration
         result = pointsam_step(model, batch, state, cfg)
+        # the step itself leaves the store alone (a skipped step must not change it)
+        assert torch.equal(state.store, store_before) and state.iteration == iteration_before
         result.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(result.loss.item())
         protos.append(result.parts["proto"].item())
-        assert result.weak_embeddings.shape == (0, model.embed_dim)
+        assert result.weak_embeddings.shape == (3, model.embed_dim)  # 3 instances x 1 point
+        state.commit(result.weak_embeddings, num_images=1)
     assert all(np.isfinite(losses)) and all(np.isfinite(protos))
     assert state.iteration == 2 and state.targets_ready and state.store.shape[0] == 6
     assert protos[0] == 0.0 and protos[1] > 0.0

@@ -1,0 +1,107 @@
+"""The memory features of the trainer path give the same results as the plain model:
+fused SDPA attention (relative positions folded into the dot product) and activation
+checkpointing of encoder blocks, decoder prompt groups and the mask losses."""
+
+import json
+
+import pytest
+import torch
+from segment_anything.modeling.image_encoder import Attention
+
+from resam_dist.config import Config, load_config
+from resam_dist.model.attention import SdpaAttention, attention_kind, set_attention
+from resam_dist.model.build import build_sam
+from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss, mask_losses
+from resam_dist.resam.queue import EmbeddingQueue
+from resam_dist.resam.step import resam_step
+from test_step import make_batch, tiny_lora_model
+
+
+@pytest.mark.parametrize("height,width,window", [(14, 14, True), (16, 16, False), (7, 9, False), (1, 5, False)])
+def test_sdpa_attention_matches_sam(height, width, window):
+    """Random (non-zero) relative-position tables, odd and non-square grids; forward and all gradients."""
+    torch.manual_seed(height * 31 + width)
+    dim, heads = 48, 3
+    official = Attention(dim, heads, use_rel_pos=True, input_size=(height, width))
+    official.rel_pos_h.data.normal_(0, 0.7)
+    official.rel_pos_w.data.normal_(0, 0.7)
+    fused = Attention(dim, heads, use_rel_pos=True, input_size=(height, width))
+    fused.load_state_dict(official.state_dict())
+    set_attention(fused, "sdpa")
+    assert isinstance(fused, SdpaAttention) and not isinstance(official, SdpaAttention)
+    x = torch.randn(2, height, width, dim)
+    x_a, x_b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a, out_b = official(x_a), fused(x_b)
+    torch.testing.assert_close(out_b, out_a, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(out_a)
+    out_a.backward(upstream)
+    out_b.backward(upstream)
+    torch.testing.assert_close(x_b.grad, x_a.grad, atol=1e-5, rtol=1e-4)
+    for (name, p_a), (_, p_b) in zip(official.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(p_b.grad, p_a.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_set_attention_switches_the_whole_encoder_and_keeps_the_state_dict():
+    model = build_sam("tiny", seed=0)  # "sdpa" by default
+    assert attention_kind(model.image_encoder) == "sdpa"
+    keys = list(model.state_dict())
+    set_attention(model.image_encoder, "official")
+    assert attention_kind(model.image_encoder) == "official" and list(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="attention must be one of"):
+        set_attention(model.image_encoder, "flash")
+
+
+def test_mask_losses_equal_the_separate_losses_and_recompute_changes_nothing():
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 4, 33, 31, generator=generator) * 3).requires_grad_()
+    target = torch.rand(2, 4, 33, 31, generator=generator) > 0.6
+    valid = torch.tensor([[True, True, False, True], [False, True, True, False]])
+    pred_iou = torch.rand(2, 4, generator=generator).requires_grad_()
+    expected = (focal_loss(logits, target, valid), dice_loss(logits, target, valid),
+                iou_mse_loss(pred_iou, logits, target, valid))
+    grads = torch.autograd.grad(sum(expected), (logits, pred_iou))
+    for recompute in (False, True):
+        got = mask_losses(logits, pred_iou, target, valid, recompute=recompute)
+        for value, reference in zip(got, expected):
+            torch.testing.assert_close(value, reference)
+        for grad, reference in zip(torch.autograd.grad(sum(got), (logits, pred_iou)), grads):
+            torch.testing.assert_close(grad, reference)
+    none_valid = torch.zeros_like(valid)
+    zeros = mask_losses(logits, pred_iou, target, none_valid, recompute=True)
+    assert all(value.item() == 0.0 and value.requires_grad for value in zeros)
+
+
+def test_activation_checkpointing_gives_the_same_step_loss_and_gradients():
+    """resam_step (teacher, Refine, Requery, student, SSA) with and without checkpointing; groups of
+    2 prompts so the decoder is split inside a chunk."""
+    batch = make_batch()
+    results = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = tiny_lora_model().train()
+        model.set_activation_checkpointing(enabled, prompts_per_group=2)
+        cfg = Config()
+        cfg.model.name = "tiny"
+        cfg.train.activation_checkpointing = enabled
+        cfg.kernels.enabled = False
+        queue = EmbeddingQueue(16, 128)
+        result = resam_step(model, batch, queue, cfg)
+        result.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((result.loss.detach(), grads))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    assert grads_plain.keys() == grads_ckpt.keys() and len(grads_plain) > 0
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_checkpointing_is_refused_with_zero3(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"train": {"activation_checkpointing": True},
+                                "deepspeed": {"zero_optimization": {"stage": 3}}}))
+    with pytest.raises(ValueError, match="train.activation_checkpointing.*ZeRO stage 3"):
+        load_config(path)
+    path.write_text(json.dumps({"model": {"attention": "fast"}}))
+    with pytest.raises(ValueError, match="model.attention"):
+        load_config(path)
