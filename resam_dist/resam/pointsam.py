@@ -47,9 +47,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from resam_dist.config import Config
-from resam_dist.data.batch import Batch
-from resam_dist.data.batch import valid_from_counts
-from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss
+from resam_dist.data.batch import Batch, valid_from_counts
+from resam_dist.resam.losses import mask_losses
 
 MIN_CLUSTER_POINTS = 3
 """Fewer stored point features than this are not clustered (FINCH needs a few points)."""
@@ -341,9 +340,7 @@ def pointsam_step(model: Any, batch: Batch, state: PointSamState, cfg: Config, *
     student_logits, student_iou = model.decode(student_features, counts, points, labels,
                                                max_instances=max_instances, min_chunks=min_chunks)
 
-    focal = focal_loss(student_logits, pseudo_masks, valid)
-    dice = dice_loss(student_logits, pseudo_masks, valid)
-    iou_mse = iou_mse_loss(student_iou, student_logits, pseudo_masks, valid)
+    focal, dice, iou_mse = mask_losses(student_logits, student_iou, pseudo_masks, valid)
 
     # prototype-based regularisation on the teacher's point features (gradient through the teacher)
     point_features = sample_point_features(

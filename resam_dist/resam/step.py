@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from resam_dist.config import Config
-from resam_dist.data.batch import Batch
+from resam_dist.data.batch import Batch, valid_from_counts
 from resam_dist.eval.metrics import batch_image_counts, scores_from_counts
-from resam_dist.data.batch import valid_from_counts
 from resam_dist.resam.losses import box_embeddings, mask_losses, ssa_loss
 from resam_dist.resam.prompts import masks_to_boxes
 from resam_dist.resam.queue import EmbeddingQueue

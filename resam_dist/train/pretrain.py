@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from resam_dist.data.batch import valid_from_counts
 from resam_dist.data.coco import CocoSplit
 from resam_dist.model.build import normalise_pixels
 from resam_dist.model.sam import PromptableSam
-from resam_dist.data.batch import valid_from_counts
-from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss
+from resam_dist.resam.losses import mask_losses
 from resam_dist.resam.prompts import masks_to_boxes, sample_points
 
 
@@ -86,8 +86,8 @@ def supervised_loss(model: PromptableSam, batch: SceneBatch, use_boxes: bool, bo
         logits, iou = model.decode(features, batch.counts, boxes=boxes)
     else:
         logits, iou = model.decode(features, batch.counts, points=batch.points, point_labels=batch.point_labels)
-    return (20.0 * focal_loss(logits, batch.masks, valid) + dice_loss(logits, batch.masks, valid)
-            + iou_mse_loss(iou, logits, batch.masks, valid))
+    focal, dice, iou_mse = mask_losses(logits, iou, batch.masks, valid)
+    return 20.0 * focal + dice + iou_mse
 
 
 def pretrain(model: PromptableSam, *, split: CocoSplit, steps: int, images_per_step: int, lr: float,
