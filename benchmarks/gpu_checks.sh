@@ -3,6 +3,11 @@
 # but not this project's other dependencies (carried as wheels in .whl/, see docs/ARCHITECTURE.md).
 #
 #   OUT=/some/folder bash benchmarks/gpu_checks.sh
+#   OUT=/some/folder CHECKS="profile" bash benchmarks/gpu_checks.sh     # only the named checks
+#
+# CHECKS (default "memory kernels tests nockpt"): memory = the ViT-B memory benchmark, kernels =
+# bench_kernels.py, tests = pytest -m gpu, nockpt = ReSAM-dist without activation checkpointing,
+# profile = ReSAM-dist with and without checkpointing under torch.profiler ($OUT/profile*/).
 #
 # Each step has its own time limit and a failing step does not stop the next, so one call gives
 # as much as it can: the log ($OUT/gpu_checks.log), the kernel benchmark ($OUT/kernels/) and the
@@ -11,11 +16,14 @@
 # (too large to carry in one call) and are skipped when nvidia.dali is missing.
 set -u
 OUT=${OUT:-benchmarks/results/gpu_run}
-mkdir -p "$OUT/kernels" "$OUT/memory" "$OUT/memory_nockpt"
+CHECKS=${CHECKS:-memory kernels tests nockpt}
+mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_checks.log") 2>&1
 export PYTHONUNBUFFERED=1
 REPO=$(pwd)
 PY=${PY:-python3}
+
+wanted() { [[ " $CHECKS " == *" $1 "* ]]; }
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, report its status and duration
     local name=$1 limit=$2; shift 2
@@ -57,17 +65,26 @@ PYEOF
 # Measured on an H200 (2026-11-25): memory benchmark 115-170 s (PointSAM-style alone ~70 s), kernel
 # benchmark 80-150 s (autotuning and torch.compile of every case), GPU tests ~65 s, the extra
 # ReSAM-dist run ~40 s. Results are written after every variant / case, and ReSAM-dist runs first.
-step "memory benchmark (vit_b, 1024 px)" "${MEMORY_LIMIT:-240}" "$PY" benchmarks/memory_vs_pointsam.py --model vit_b \
-    --instances 50 --images-per-step 4 --steps 10 --warmup 2 --device cuda --out "$OUT/memory" \
-    --variants resam_dist,resam_public,pointsam \
-    --note "benchmarks/gpu_checks.sh on a lent machine"
-step "kernel benchmark" "${KERNELS_LIMIT:-220}" "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels"
-IGNORE=()
-"$PY" -c "import nvidia.dali" 2>/dev/null || IGNORE=(--ignore tests/gpu/test_pipeline_gpu.py --ignore tests/gpu/test_train_gpu.py)
-step "pytest tests/gpu" "${GPU_TEST_LIMIT:-150}" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu "${IGNORE[@]}" \
-    --deselect tests/gpu/test_bench_memory_gpu.py::test_benchmark_on_cuda -rA
-# the trade-off: ReSAM-dist without activation checkpointing (its chart is dropped: 8 files come back)
-step "memory benchmark, ReSAM-dist without checkpointing" "${NOCKPT_LIMIT:-90}" "$PY" benchmarks/memory_vs_pointsam.py \
-    --model vit_b --instances 50 --images-per-step 4 --steps 10 --warmup 2 --device cuda --variants resam_dist \
-    --dist-no-checkpointing --out "$OUT/memory_nockpt" && rm -f "$OUT"/memory_nockpt/*.png
+wanted memory && step "memory benchmark (vit_b, 1024 px)" "${MEMORY_LIMIT:-240}" "$PY" benchmarks/memory_vs_pointsam.py \
+    --model vit_b --instances 50 --images-per-step 4 --steps 10 --warmup 2 --device cuda --out "$OUT/memory" \
+    --variants resam_dist,resam_public,pointsam --note "benchmarks/gpu_checks.sh on a lent machine"
+wanted kernels && step "kernel benchmark" "${KERNELS_LIMIT:-220}" "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels"
+if wanted tests; then
+    IGNORE=()
+    "$PY" -c "import nvidia.dali" 2>/dev/null || IGNORE=(--ignore tests/gpu/test_pipeline_gpu.py --ignore tests/gpu/test_train_gpu.py)
+    step "pytest tests/gpu" "${GPU_TEST_LIMIT:-150}" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu "${IGNORE[@]}" \
+        --deselect tests/gpu/test_bench_memory_gpu.py::test_benchmark_on_cuda -rA
+fi
+# the trade-off: ReSAM-dist without activation checkpointing (its chart is dropped: fewer files come back)
+wanted nockpt && step "memory benchmark, ReSAM-dist without checkpointing" "${NOCKPT_LIMIT:-90}" "$PY" \
+    benchmarks/memory_vs_pointsam.py --model vit_b --instances 50 --images-per-step 4 --steps 10 --warmup 2 \
+    --device cuda --variants resam_dist --dist-no-checkpointing --out "$OUT/memory_nockpt" && rm -f "$OUT"/memory_nockpt/*.png
+if wanted profile; then
+    for ckpt in on off; do
+        extra=(); [[ $ckpt == off ]] && extra=(--dist-no-checkpointing)
+        step "profile ReSAM-dist, checkpointing $ckpt" "${PROFILE_LIMIT:-90}" "$PY" benchmarks/memory_vs_pointsam.py \
+            --model vit_b --instances 50 --images-per-step 4 --steps 5 --warmup 2 --device cuda --variants resam_dist \
+            "${extra[@]}" --profile "$OUT/profile_ckpt_$ckpt" --out "$OUT/profile_ckpt_$ckpt" && rm -f "$OUT"/profile_ckpt_$ckpt/*.png
+    done
+fi
 echo "=== done $(date -u +%T)"

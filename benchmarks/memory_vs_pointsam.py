@@ -427,19 +427,28 @@ def write_profile(path: Path, train_step: Callable[[], float], synchronize: Call
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize()
     start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True, with_stack=True) as prof:
         for _ in range(2):
             train_step()
         synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3
     events = prof.key_averages()
-    sort_device = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    sort_self = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     busy_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f"2 steps: wall {wall_ms:.1f} ms, device busy (sum of kernel self times) {busy_ms:.1f} ms\n\n"
-        + events.table(sort_by=sort_device, row_limit=35, max_name_column_width=60) + "\n\n"
-        + events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60) + "\n")
+        + "operators by self device time\n"
+        + events.table(sort_by=sort_self, row_limit=35, max_name_column_width=60) + "\n\n"
+        + "operators by self host time\n"
+        + events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60) + "\n\n"
+        + "by input shapes\n"
+        + prof.key_averages(group_by_input_shape=True).table(
+            sort_by=sort_self, row_limit=40, max_name_column_width=40, max_shapes_column_width=90) + "\n\n"
+        + "by source line (5 frames)\n"
+        + prof.key_averages(group_by_stack_n=5).table(
+            sort_by=sort_self, row_limit=40, max_name_column_width=40, max_src_column_width=110) + "\n")
+    prof.export_chrome_trace(str(path.with_suffix(".trace.json.gz")))  # chrome://tracing or perfetto
 
 
 # ---------------------------------------------------------------------------------------------
