@@ -5,9 +5,10 @@
 #   OUT=/some/folder bash benchmarks/gpu_checks.sh
 #   OUT=/some/folder CHECKS="profile" bash benchmarks/gpu_checks.sh     # only the named checks
 #
-# CHECKS (default "memory kernels tests nockpt"): memory = the ViT-B memory benchmark, kernels =
-# bench_kernels.py, tests = pytest -m gpu, nockpt = ReSAM-dist without activation checkpointing,
-# profile = ReSAM-dist with and without checkpointing under torch.profiler ($OUT/profile*/).
+# CHECKS (default "memory kernels tests ckpt"): memory = the ViT-B memory benchmark (ReSAM-dist with
+# train.activation_checkpointing "all"), kernels = bench_kernels.py, tests = pytest -m gpu, ckpt =
+# ReSAM-dist with the other checkpointing settings (CKPT_MODES, default "off encoder decoder"),
+# profile = ReSAM-dist ("all" and "off") under torch.profiler ($OUT/profile*/).
 #
 # Each step has its own time limit and a failing step does not stop the next, so one call gives
 # as much as it can: the log ($OUT/gpu_checks.log), the kernel benchmark ($OUT/kernels/) and the
@@ -16,7 +17,7 @@
 # (too large to carry in one call) and are skipped when nvidia.dali is missing.
 set -u
 OUT=${OUT:-benchmarks/results/gpu_run}
-CHECKS=${CHECKS:-memory kernels tests nockpt}
+CHECKS=${CHECKS:-memory kernels tests ckpt}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_checks.log") 2>&1
 export PYTHONUNBUFFERED=1
@@ -75,13 +76,17 @@ if wanted tests; then
     step "pytest tests/gpu" "${GPU_TEST_LIMIT:-150}" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu "${IGNORE[@]}" \
         --deselect tests/gpu/test_bench_memory_gpu.py::test_benchmark_on_cuda -rA
 fi
-# the trade-off: ReSAM-dist without activation checkpointing (its chart is dropped: fewer files come back)
-wanted nockpt && step "memory benchmark, ReSAM-dist without checkpointing" "${NOCKPT_LIMIT:-90}" "$PY" \
-    benchmarks/memory_vs_pointsam.py --model vit_b --instances 50 --images-per-step 4 --steps 10 --warmup 2 \
-    --device cuda --variants resam_dist --dist-no-checkpointing --out "$OUT/memory_nockpt" && rm -f "$OUT"/memory_nockpt/*.png
+# the trade-off: ReSAM-dist with the other checkpointing settings (charts dropped: fewer files come back)
+if wanted ckpt; then
+    for mode in ${CKPT_MODES:-off encoder decoder}; do
+        step "memory benchmark, ReSAM-dist, checkpointing $mode" "${CKPT_LIMIT:-75}" "$PY" benchmarks/memory_vs_pointsam.py \
+            --model vit_b --instances 50 --images-per-step 4 --steps 10 --warmup 2 --device cuda --variants resam_dist \
+            --dist-checkpointing "$mode" --out "$OUT/memory_ckpt_$mode" && rm -f "$OUT"/memory_ckpt_$mode/*.png
+    done
+fi
 if wanted profile; then
     for ckpt in on off; do
-        extra=(); [[ $ckpt == off ]] && extra=(--dist-no-checkpointing)
+        extra=(); [[ $ckpt == off ]] && extra=(--dist-checkpointing off)
         step "profile ReSAM-dist, checkpointing $ckpt" "${PROFILE_LIMIT:-90}" "$PY" benchmarks/memory_vs_pointsam.py \
             --model vit_b --instances 50 --images-per-step 4 --steps 5 --warmup 2 --device cuda --variants resam_dist \
             "${extra[@]}" --profile "$OUT/profile_ckpt_$ckpt" --out "$OUT/profile_ckpt_$ckpt" && rm -f "$OUT"/profile_ckpt_$ckpt/*.png

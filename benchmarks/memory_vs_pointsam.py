@@ -19,7 +19,8 @@ images per optimizer step go through three trainers:
                  `--dist-precision bf16`), Triton kernels on (on CPU, without Triton, their torch
                  references run), all images of the step in one batched forward, fused SDPA
                  attention (`resam_dist.model.attention`) and activation checkpointing
-                 (`train.activation_checkpointing`; `--dist-no-checkpointing` turns it off).
+                 (`train.activation_checkpointing`, "all" as in the production configs;
+                 `--dist-checkpointing` picks another setting).
 
 Every variant runs in a fresh Python process, so one variant's peak cannot leak into another's.
 Memory (per process, i.e. per GPU):
@@ -82,8 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dist-no-checkpointing", action="store_true",
-                        help="ReSAM-dist without activation checkpointing (more memory, no recomputation)")
+    parser.add_argument("--dist-checkpointing", choices=("off", "encoder", "decoder", "all"), default="all",
+                        help="ReSAM-dist's train.activation_checkpointing (default all, as in configs/nwpu.json)")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="after the timed steps, profile 2 more steps per variant (torch.profiler) and write "
                              "DIR/profile_<variant>.txt: top operators by device and by host time")
@@ -243,7 +244,7 @@ def build_model(args: argparse.Namespace, image_size: int, attention: str):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             model = sam_build._build(dataclasses.replace(spec, image_size=image_size)).eval()
-        set_attention(model.image_encoder, attention)
+        set_attention(model, attention)
     apply_lora(model, rank=4, alpha=4.0, dropout=0.0, start_block=args.lora_start_block, seed=args.seed + 1)
     return model.train()
 
@@ -285,7 +286,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         state = PointSamState.from_config(cfg, dim=model.embed_dim)
         optimizer = torch.optim.AdamW(lora_parameters, lr=1e-4, weight_decay=1e-4)
         info.update(precision="fp32", zero_stage=None, kernels="none", images_per_forward=args.images_per_step,
-                    attention=attention, checkpointing=False)
+                    attention=attention, checkpointing="off")
 
         def train_step() -> float:
             result = pointsam_step(model, batch, state, cfg)
@@ -305,7 +306,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(lora_parameters, lr=1e-4, weight_decay=1e-4)
         singles = [slice_batch(batch, b) for b in range(args.images_per_step)]
         info.update(precision="fp32", zero_stage=None, kernels="off (torch reference)", images_per_forward=1,
-                    attention=attention, checkpointing=False)
+                    attention=attention, checkpointing="off")
 
         def train_step() -> float:
             total = 0.0
@@ -332,7 +333,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         cfg.train.images_per_rank = args.images_per_step
         cfg.train.precision = args.dist_precision
         cfg.deepspeed = {"zero_optimization": {"stage": 2}}
-        cfg.train.activation_checkpointing = not args.dist_no_checkpointing
+        cfg.train.activation_checkpointing = args.dist_checkpointing
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)  # as the trainer does
         distributed.init_distributed(cfg.train.collective_timeout_s)  # a world of one on a free port
         ds_config = deepspeed_dict(cfg, 1, _bf16_supported(cfg, device))
@@ -556,7 +557,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         speed = "-" if v["out_of_memory"] else f"{v['images_per_second']:.3f}"
         lines.append(f"| {v['label']} | {v['images_per_forward']} | {v['precision']} | "
                      f"{v['zero_stage'] if v['zero_stage'] is not None else '-'} | {v['kernels']} | "
-                     f"{v.get('attention', '-')} | {'on' if v.get('checkpointing') else 'off'} | {peak} | {_mib(v['mean_bytes'])} | {speed} |")
+                     f"{v.get('attention', '-')} | {v.get('checkpointing', '-')} | {peak} | {_mib(v['mean_bytes'])} | {speed} |")
     lines += ["", f"Memory: {memory_note}; one fresh process per variant.", ""]
     if results["note"]:
         lines += [f"Note: {results['note']}", ""]

@@ -139,9 +139,10 @@ class TrainConfig:
     """Console/JSON-lines log period in steps."""
     collective_timeout_s: int = 300
     """Timeout of collectives: a dead rank ends the job instead of hanging it."""
-    activation_checkpointing: bool = False
-    """Recompute instead of store: image-encoder blocks, mask-decoder prompt groups and the mask
-    losses keep only their inputs for the backward (less memory, one extra forward). ZeRO 0-2."""
+    activation_checkpointing: Literal["off", "encoder", "decoder", "all"] = "off"
+    """Recompute instead of store, for less memory at the cost of extra forward work: "encoder"
+    (each image-encoder block keeps only its input for the backward), "decoder" (each group of 32
+    mask-decoder prompts, and the mask losses, likewise), "all" (both), "off". ZeRO 0-2."""
 
 
 @dataclass
@@ -346,7 +347,7 @@ def validate(cfg: Config) -> None:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{src}: key 'deepspeed.zero_optimization.stage' must be 0-3, got {stage!r}")
-    if stage == 3 and cfg.train.activation_checkpointing:
+    if stage == 3 and cfg.train.activation_checkpointing != "off":
         raise ValueError(f"{src}: key 'train.activation_checkpointing' is not supported with ZeRO stage 3 "
                          "(its parameter gathering would run again inside every recomputation); use stage 0-2")
 

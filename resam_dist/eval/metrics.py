@@ -65,6 +65,29 @@ def _as_masks(pred: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"predictions must be bool masks or float logits, got dtype {pred.dtype}")
 
 
+def _pixel_counts(masks: torch.Tensor) -> torch.Tensor:
+    """Foreground pixels of each mask: ... x H x W bool -> ... int64.
+
+    Summing a bool tensor makes torch copy it whole to int64 first (8 bytes per pixel); summing
+    it as float16 0/1 values with float32 accumulation needs a 2-byte copy and is exact while a
+    mask has at most 2^24 pixels (every partial sum is an integer below 2^24)."""
+    if masks.shape[-2] * masks.shape[-1] > 2 ** 24:
+        return masks.flatten(-2).sum(dim=-1)
+    return masks.flatten(-2).to(torch.float16).sum(dim=-1, dtype=torch.float32).to(torch.int64)
+
+
+def instance_counts(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """TP, FP, FN of every instance mask: pred (bool masks or float logits, logit > 0 is
+    foreground) and gt, both B x K x H x W -> B x K x 3 int64 (tp, fp, fn)."""
+    if pred.dim() != 4 or pred.shape != gt.shape:
+        raise ValueError(f"pred and gt must both be B x K x H x W with equal shapes, got "
+                         f"{tuple(pred.shape)} and {tuple(gt.shape)}")
+    pred_masks = _as_masks(pred)  # B x K x H x W bool
+    gt_masks = gt.bool()          # B x K x H x W bool
+    tp = _pixel_counts(pred_masks & gt_masks)  # B x K
+    return torch.stack([tp, _pixel_counts(pred_masks) - tp, _pixel_counts(gt_masks) - tp], dim=2)  # B x K x 3
+
+
 def batch_image_counts(pred: torch.Tensor, gt: torch.Tensor,
                        counts: torch.Tensor | None = None) -> torch.Tensor:
     """TP, FP, FN per image over the stack of its instance masks.
@@ -75,19 +98,11 @@ def batch_image_counts(pred: torch.Tensor, gt: torch.Tensor,
     None: all K are valid.
     Returns B x 3 int64 (tp, fp, fn), on the device of the inputs.
     """
-    if pred.dim() != 4 or pred.shape != gt.shape:
-        raise ValueError(f"pred and gt must both be B x K x H x W with equal shapes, got "
-                         f"{tuple(pred.shape)} and {tuple(gt.shape)}")
-    pred_masks = _as_masks(pred)  # B x K x H x W bool
-    gt_masks = gt.bool()          # B x K x H x W bool
+    per_instance = instance_counts(pred, gt)  # B x K x 3
     if counts is not None:
-        valid = valid_from_counts(counts.to(pred.device), pred.shape[1])[:, :, None, None]  # B x K x 1 x 1
-        pred_masks = pred_masks & valid
-        gt_masks = gt_masks & valid
-    tp = (pred_masks & gt_masks).flatten(1).sum(dim=1)   # B
-    fp = (pred_masks & ~gt_masks).flatten(1).sum(dim=1)  # B
-    fn = (~pred_masks & gt_masks).flatten(1).sum(dim=1)  # B
-    return torch.stack([tp, fp, fn], dim=1).to(torch.int64)  # B x 3
+        valid = valid_from_counts(counts.to(pred.device), pred.shape[1])  # B x K
+        per_instance = per_instance * valid[:, :, None]
+    return per_instance.sum(dim=1)  # B x 3
 
 
 def image_scores(pred: torch.Tensor, gt: torch.Tensor) -> tuple[int, int, int]:

@@ -18,18 +18,49 @@ without ever writing the N x N matrix; gradients reach q, k, v and the relative-
 through ordinary autograd. The result equals SAM's attention up to floating-point rounding.
 
 `SdpaAttention` subclasses segment-anything's `Attention` without adding parameters, so state
-dicts, LoRA on `qkv` and official checkpoints are unchanged; `set_attention` switches the blocks
-of an encoder between the two forwards.
+dicts, LoRA on `qkv` and official checkpoints are unchanged.
+
+The mask decoder gets the same treatment (it runs once per prompt, 200 prompts per step of 4
+images with 50 instances, so its elementwise work is as large as the encoder's):
+- `SdpaDecoderAttention`: the two-way transformer's attention (no relative positions) through
+  `F.scaled_dot_product_attention`, without materialising the heads-separated copies and the
+  attention matrix;
+- `FusedLayerNorm2d`: `LayerNorm2d` (normalisation over channels of N x C x H x W) as one
+  `F.layer_norm` over the channel-last view, instead of SAM's six elementwise passes. On a
+  channels-last input (the decoder's upscaling path) no copy is made.
+
+`set_attention(module, kind)` switches every such layer inside `module` between SAM's forward
+("official") and these ("sdpa"); only classes change, never parameters.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.image_encoder import Attention
+from segment_anything.modeling.transformer import Attention as DecoderAttention
 from torch import nn
 
 ATTENTION_KINDS = ("sdpa", "official")
+
+
+def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """SAM's `get_rel_pos` (the same values): the table rel_pos (L x d, linearly resized to
+    2 max(q, k) - 1 rows if needed) gathered at every (query, key) offset -> q_size x k_size x d.
+
+    SAM builds the gather index on the CPU, so every call on a CUDA model copies it to the device
+    and synchronises with the host (48 times per ViT-B training step); here it is built on the
+    table's device."""
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    if rel_pos.shape[0] != max_rel_dist:
+        resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist,
+                                mode="linear")  # 1 x d x max_rel_dist
+        rel_pos = resized.reshape(-1, max_rel_dist).permute(1, 0)  # max_rel_dist x d
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)  # q x 1
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)  # 1 x k
+    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)  # q x k
+    return rel_pos[relative_coords.long()]  # q x k x d
 
 
 class SdpaAttention(Attention):
@@ -46,8 +77,8 @@ class SdpaAttention(Attention):
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # B x heads x N x d
         else:
-            rel_rows = get_rel_pos(height, height, self.rel_pos_h)  # H x H x d (query row, key row)
-            rel_cols = get_rel_pos(width, width, self.rel_pos_w)  # W x W x d
+            rel_rows = relative_position_table(height, height, self.rel_pos_h)  # H x H x d (query row, key row)
+            rel_cols = relative_position_table(width, width, self.rel_pos_w)  # W x W x d
             grid_q = q.reshape(batch, heads, height, width, head_dim)
             rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_rows.to(q.dtype))  # B x heads x H x W x H
             rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_cols.to(q.dtype))  # B x heads x H x W x W
@@ -68,22 +99,54 @@ class SdpaAttention(Attention):
         return self.proj(out.reshape(batch, height, width, -1))
 
 
-def set_attention(encoder: ImageEncoderViT, kind: str) -> None:
-    """Switch every attention module of `encoder` to `kind` ("sdpa" or "official") in place.
+class SdpaDecoderAttention(DecoderAttention):
+    """The mask decoder's attention (same parameters) through `F.scaled_dot_product_attention`."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = self._separate_heads(self.q_proj(q), self.num_heads)  # B x heads x Nq x d
+        k = self._separate_heads(self.k_proj(k), self.num_heads)  # B x heads x Nk x d
+        v = self._separate_heads(self.v_proj(v), self.num_heads)  # B x heads x Nk x d
+        out = F.scaled_dot_product_attention(q, k, v)  # B x heads x Nq x d, scale 1/sqrt(d) as SAM's
+        return self.out_proj(self._recombine_heads(out))  # B x Nq x C
+
+
+class FusedLayerNorm2d(LayerNorm2d):
+    """SAM's `LayerNorm2d` (same parameters) as one `F.layer_norm` over channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: N x C x H x W
+        normed = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)  # N x H x W x C
+        return normed.permute(0, 3, 1, 2)  # N x C x H x W (channels-last strides)
+
+
+_KINDS = {  # SAM's class -> (official, sdpa) forwards
+    Attention: (Attention, SdpaAttention),
+    DecoderAttention: (DecoderAttention, SdpaDecoderAttention),
+    LayerNorm2d: (LayerNorm2d, FusedLayerNorm2d),
+}
+
+
+def _sam_class(module: nn.Module) -> type | None:
+    return next((base for base in _KINDS if isinstance(module, base)), None)
+
+
+def set_attention(module: nn.Module, kind: str) -> None:
+    """Switch every attention and LayerNorm2d inside `module` (a whole `PromptableSam`, or one of
+    its parts) to `kind` ("sdpa" or "official") in place.
 
     Only the class (the forward) changes: parameters, buffers, hooks and LoRA layers stay."""
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
-    new_class = SdpaAttention if kind == "sdpa" else Attention
-    for module in encoder.modules():
-        if isinstance(module, Attention):
-            module.__class__ = new_class
+    for layer in module.modules():
+        base = _sam_class(layer)
+        if base is not None:
+            official, fused = _KINDS[base]
+            layer.__class__ = fused if kind == "sdpa" else official
 
 
-def attention_kind(encoder: nn.Module) -> str:
-    """"sdpa" or "official": the attention forward the encoder's blocks use."""
-    kinds = {"sdpa" if isinstance(m, SdpaAttention) else "official"
-             for m in encoder.modules() if isinstance(m, Attention)}
+def attention_kind(module: nn.Module) -> str:
+    """"sdpa" or "official": the forward that the attention and LayerNorm2d layers in `module` use."""
+    kinds = {"sdpa" if isinstance(layer, (SdpaAttention, SdpaDecoderAttention, FusedLayerNorm2d)) else "official"
+             for layer in module.modules() if _sam_class(layer) is not None}
     if len(kinds) != 1:
-        raise ValueError(f"encoder mixes attention kinds {sorted(kinds)}")
+        raise ValueError(f"the model mixes attention kinds {sorted(kinds)}")
     return kinds.pop()

@@ -71,8 +71,8 @@ def build_sam(name: str, checkpoint: str | Path | None = None, *, seed: int | No
               attention: str = "sdpa") -> PromptableSam:
     """Build SAM variant `name`, randomly initialised or loaded from an official-layout checkpoint.
 
-    attention: "sdpa" (fused attention, `resam_dist.model.attention`) or "official" (SAM's code);
-    the parameters are the same either way.
+    attention: "sdpa" (fused attention and LayerNorm2d in encoder and decoder,
+    `resam_dist.model.attention`) or "official" (SAM's code); the parameters are the same either way.
 
     seed: seeds the random initialisation (the global RNG is left untouched); None uses the
     global RNG. With a checkpoint the model is built on the meta device and the checkpoint
@@ -95,7 +95,7 @@ def build_sam(name: str, checkpoint: str | Path | None = None, *, seed: int | No
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _build(spec)
-    set_attention(model.image_encoder, attention)
+    set_attention(model, attention)
     return model.eval()
 
 

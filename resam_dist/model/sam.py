@@ -29,6 +29,10 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from resam_dist.data.batch import valid_from_counts
 
 
+CHECKPOINT_PARTS = ("off", "encoder", "decoder", "all")
+"""Values of `train.activation_checkpointing` / `PromptableSam.set_activation_checkpointing`."""
+
+
 class Fp32PositionEmbedding(PositionEmbeddingRandom):
     """SAM's random-Fourier positional encoding, always evaluated in float32.
 
@@ -70,7 +74,10 @@ class BatchedMaskDecoder(MaskDecoder):
         output_tokens = output_tokens.unsqueeze(0).expand(num_prompts, -1, -1)  # N x (1 + M) x C
         tokens = torch.cat([output_tokens, sparse_prompt_embeddings.to(dtype)], dim=1)  # N x T' x C
 
-        src = image_embeddings.to(dtype)[image_index] + dense_prompt_embeddings.to(dtype)  # N x C x h x w
+        # channels-last (N x h x w x C) storage: the transformer's token view (N x hw x C) and the
+        # upscaling convolutions then work on it without transposing copies
+        src = image_embeddings.to(dtype).permute(0, 2, 3, 1)[image_index]  # N x h x w x C
+        src = (src + dense_prompt_embeddings.to(dtype).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # N x C x h x w
         pos_src = image_pe.to(dtype).expand(num_prompts, -1, -1, -1)  # N x C x h x w
         n, c, h, w = src.shape
 
@@ -78,11 +85,12 @@ class BatchedMaskDecoder(MaskDecoder):
         iou_token_out = hs[:, 0, :]  # N x C
         mask_token_out = hs[:, 1, :]  # N x C, the single-mask token
 
-        src = src.transpose(1, 2).reshape(n, c, h, w)
+        src = src.reshape(n, h, w, c).permute(0, 3, 1, 2)  # N x C x h x w, channels-last view
         upscaled = self.output_upscaling(src)  # N x C/8 x 4h x 4w
-        hyper_in = self.output_hypernetworks_mlps[0](mask_token_out).unsqueeze(1)  # N x 1 x C/8
+        hyper_in = self.output_hypernetworks_mlps[0](mask_token_out).unsqueeze(2)  # N x C/8 x 1
         n, c_up, h_up, w_up = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(n, c_up, h_up * w_up)).reshape(n, 1, h_up, w_up)  # N x 1 x 4h x 4w
+        pixels = upscaled.permute(0, 2, 3, 1).reshape(n, h_up * w_up, c_up)  # N x 16hw x C/8 (a view if channels-last)
+        masks = (pixels @ hyper_in).reshape(n, 1, h_up, w_up)  # N x 1 x 4h x 4w
         iou_pred = self.iou_prediction_head(iou_token_out)[:, :1]  # N x 1
         return masks, iou_pred
 
@@ -104,17 +112,22 @@ class PromptableSam(nn.Module):
         self.mask_decoder = mask_decoder
         self.image_size = int(image_encoder.img_size)
         self.embed_dim = int(prompt_encoder.embed_dim)
-        self.checkpoint_prompts = 0  # 0: activation checkpointing off
+        self.checkpoint_encoder = False  # recompute each encoder block in the backward
+        self.checkpoint_prompts = 0  # > 0: recompute the decoder per group of this many prompts
 
-    def set_activation_checkpointing(self, enabled: bool, *, prompts_per_group: int = 32) -> None:
-        """Recompute activations in the backward instead of storing them: each image-encoder block,
-        and the mask decoder per group of at most `prompts_per_group` prompts, keep only their
-        inputs. Applies to forwards with gradient enabled; results are unchanged."""
-        if enabled and prompts_per_group < 1:
+    def set_activation_checkpointing(self, parts: str, *, prompts_per_group: int = 32) -> None:
+        """Recompute activations in the backward instead of storing them: parts "encoder" (each
+        image-encoder block keeps only its input), "decoder" (the mask decoder, per group of at most
+        `prompts_per_group` prompts), "all" or "off". Applies to forwards with gradient enabled;
+        results are unchanged."""
+        if parts not in CHECKPOINT_PARTS:
+            raise ValueError(f"activation checkpointing parts must be one of {CHECKPOINT_PARTS}, got {parts!r}")
+        if prompts_per_group < 1:
             raise ValueError(f"prompts_per_group must be >= 1, got {prompts_per_group}")
-        self.checkpoint_prompts = prompts_per_group if enabled else 0
+        self.checkpoint_encoder = parts in ("encoder", "all")
+        self.checkpoint_prompts = prompts_per_group if parts in ("decoder", "all") else 0
 
-    def _checkpointing(self) -> bool:
+    def _checkpointing_decoder(self) -> bool:
         return self.checkpoint_prompts > 0 and torch.is_grad_enabled()
 
     def leaf_modules(self) -> list[nn.Module]:
@@ -129,7 +142,7 @@ class PromptableSam(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(f"images must be B x 3 x {size} x {size}, got {tuple(images.shape)}")
         dtype = self.image_encoder.patch_embed.proj.weight.dtype  # metadata only, also under ZeRO-3
-        if not self._checkpointing():
+        if not (self.checkpoint_encoder and torch.is_grad_enabled()):
             return self.image_encoder(images.to(dtype))
         encoder = self.image_encoder  # ImageEncoderViT.forward, one checkpoint per block
         tokens = encoder.patch_embed(images.to(dtype))  # B x S/16 x S/16 x D
@@ -175,7 +188,7 @@ class PromptableSam(nn.Module):
                 coords = points[image_index, instance_index] - 0.5  # N x P x 2, SAM adds the half pixel back
                 prompt_points = (coords, point_labels[image_index, instance_index])  # N x P
             prompt_boxes = None if boxes is None else boxes[image_index, instance_index] - 0.5  # N x 4
-            if not self._checkpointing():
+            if not self._checkpointing_decoder():
                 logits[image_index, instance_index], iou[image_index, instance_index] = self._decode_prompts(
                     features, image_pe, image_index, prompt_points, prompt_boxes)
                 continue

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from resam_dist.config import Config
 from resam_dist.data.batch import Batch, valid_from_counts
-from resam_dist.eval.metrics import batch_image_counts, scores_from_counts
+from resam_dist.eval.metrics import instance_counts, scores_from_counts
 from resam_dist.resam.losses import box_embeddings, mask_losses, ssa_loss
 from resam_dist.resam.prompts import masks_to_boxes
 from resam_dist.resam.queue import EmbeddingQueue
@@ -66,8 +66,7 @@ def select_points(points: torch.Tensor, point_labels: torch.Tensor,
 def _mean_image_iou(pred: torch.Tensor, gt: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
     """Micro-imagewise IoU (SPEC "Evaluation") over the instances selected by `instances` (B x K):
     per image TP/FP/FN over its stack, mean over images with ground-truth foreground (NaN if none)."""
-    keep = instances[:, :, None, None]
-    counts = batch_image_counts(pred & keep, gt & keep)  # B x 3
+    counts = (instance_counts(pred, gt) * instances[:, :, None]).sum(dim=1)  # B x 3
     evaluated = (counts[:, 0] + counts[:, 2]) > 0  # B
     iou = scores_from_counts(counts)["iou"]  # B float64
     return (iou * evaluated).sum() / evaluated.sum()
@@ -142,7 +141,7 @@ def resam_step(model, batch: Batch, queue: EmbeddingQueue, cfg: Config, *, min_c
     student_logits, student_iou = model.decode(strong_features, counts, points, point_labels,
                                                max_instances=max_instances, min_chunks=min_chunks)
     focal, dice, iou_mse = mask_losses(student_logits, student_iou, pseudo, valid,
-                                       recompute=cfg.train.activation_checkpointing)
+                                       recompute=cfg.train.activation_checkpointing in ("decoder", "all"))
 
     # ---- Soft Semantic Alignment on the boxes of the targets --------------------------------
     embed_dim = strong_features.shape[1]

@@ -9,7 +9,7 @@ import torch
 
 from resam_dist.data.coco import masks_to_rle
 from resam_dist.eval.metrics import (
-    ImagewiseMeter, batch_image_counts, coco_mask_ap, image_scores,
+    ImagewiseMeter, batch_image_counts, coco_mask_ap, image_scores, instance_counts,
     micro_imagewise, score_coco_results, scores_from_counts,
 )
 
@@ -262,3 +262,19 @@ def test_score_results_bad_pairing_raises():
     unknown = _results(masks[:1], [0.9], gt_ids=[55])
     with pytest.raises(ValueError, match="gt_id 55 is not an annotation id"):
         score_coco_results(_gt_dict(), unknown)
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (37, 53), (4096, 4096), (4097, 4097)])
+def test_instance_counts_are_exact(height, width):
+    """The float16-sum path (up to 2^24 pixels per mask, 4096 x 4096 is the limit) and the int64
+    fallback give exact counts, also for a full mask at the 2^24 limit."""
+    generator = torch.Generator().manual_seed(height)
+    k = 3 if height * width < 10 ** 6 else 1
+    pred = torch.rand(1, k, height, width, generator=generator) > 0.3
+    gt = torch.rand(1, k, height, width, generator=generator) > 0.6
+    if height == 4096:
+        pred[0, 0] = True  # 2^24 foreground pixels
+    expected = torch.stack([(pred & gt).flatten(2).sum(2), (pred & ~gt).flatten(2).sum(2),
+                            (~pred & gt).flatten(2).sum(2)], dim=2)
+    got = instance_counts(pred, gt)
+    assert got.dtype == torch.int64 and torch.equal(got, expected)

@@ -6,10 +6,13 @@ import json
 
 import pytest
 import torch
-from segment_anything.modeling.image_encoder import Attention
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+from segment_anything.modeling.transformer import Attention as DecoderAttention
 
 from resam_dist.config import Config, load_config
-from resam_dist.model.attention import SdpaAttention, attention_kind, set_attention
+from resam_dist.model.attention import (FusedLayerNorm2d, SdpaAttention, SdpaDecoderAttention, attention_kind,
+                                        relative_position_table, set_attention)
 from resam_dist.model.build import build_sam
 from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss, mask_losses
 from resam_dist.resam.queue import EmbeddingQueue
@@ -41,14 +44,84 @@ def test_sdpa_attention_matches_sam(height, width, window):
         torch.testing.assert_close(p_b.grad, p_a.grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
-def test_set_attention_switches_the_whole_encoder_and_keeps_the_state_dict():
-    model = build_sam("tiny", seed=0)  # "sdpa" by default
-    assert attention_kind(model.image_encoder) == "sdpa"
+@pytest.mark.parametrize("q_size,k_size,length", [(14, 14, 27), (64, 64, 127), (7, 9, 17), (8, 8, 9), (5, 3, 9)])
+def test_relative_position_table_equals_sams(q_size, k_size, length):
+    """Same values as SAM's get_rel_pos, including the resized table (length != 2 max - 1)."""
+    table = torch.randn(length, 6)
+    assert torch.equal(relative_position_table(q_size, k_size, table), get_rel_pos(q_size, k_size, table))
+
+
+def _same_forward_and_gradients(official, fused, inputs, *, atol=1e-5, rtol=1e-5):
+    fused.load_state_dict(official.state_dict())
+    copies_a = [x.clone().requires_grad_() for x in inputs]
+    copies_b = [x.clone().requires_grad_() for x in inputs]
+    out_a, out_b = official(*copies_a), fused(*copies_b)
+    torch.testing.assert_close(out_b, out_a, atol=atol, rtol=rtol)
+    upstream = torch.randn_like(out_a)
+    out_a.backward(upstream)
+    out_b.backward(upstream)
+    for x_a, x_b in zip(copies_a, copies_b):
+        torch.testing.assert_close(x_b.grad, x_a.grad, atol=atol, rtol=rtol)
+    for (name, p_a), (_, p_b) in zip(official.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(p_b.grad, p_a.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("queries,keys,downsample", [(7, 4096, 2), (4096, 7, 2), (5, 5, 1), (1, 33, 2)])
+def test_sdpa_decoder_attention_matches_sam(queries, keys, downsample):
+    """Token-to-image, image-to-token and self attention of the mask decoder (8 heads)."""
+    torch.manual_seed(queries + keys)
+    official = DecoderAttention(64, 8, downsample_rate=downsample)
+    fused = DecoderAttention(64, 8, downsample_rate=downsample)
+    set_attention(fused, "sdpa")
+    assert isinstance(fused, SdpaDecoderAttention)
+    q, k = torch.randn(3, queries, 64), torch.randn(3, keys, 64)
+    _same_forward_and_gradients(official, fused, [q, k, torch.randn(3, keys, 64)])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_layer_norm_2d_matches_sam(channels_last):
+    torch.manual_seed(1)
+    official, fused = LayerNorm2d(24), LayerNorm2d(24)
+    official.weight.data.normal_(1, 0.3)
+    official.bias.data.normal_(0, 0.3)
+    set_attention(fused, "sdpa")
+    assert isinstance(fused, FusedLayerNorm2d)
+    x = torch.randn(2, 24, 9, 13) * 3 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    _same_forward_and_gradients(official, fused, [x])
+
+
+def test_set_attention_switches_the_whole_model_and_keeps_the_state_dict():
+    model = build_sam("tiny", seed=0)  # "sdpa" by default: encoder, decoder and both LayerNorm2d sites
+    assert attention_kind(model) == "sdpa"
+    assert isinstance(model.mask_decoder.transformer.layers[0].cross_attn_image_to_token, SdpaDecoderAttention)
+    assert isinstance(model.mask_decoder.output_upscaling[1], FusedLayerNorm2d)
     keys = list(model.state_dict())
-    set_attention(model.image_encoder, "official")
-    assert attention_kind(model.image_encoder) == "official" and list(model.state_dict()) == keys
+    set_attention(model, "official")
+    assert attention_kind(model) == "official" and list(model.state_dict()) == keys
+    assert type(model.mask_decoder.output_upscaling[1]) is LayerNorm2d
+    set_attention(model.image_encoder, "sdpa")
+    with pytest.raises(ValueError, match="mixes attention kinds"):
+        attention_kind(model)
     with pytest.raises(ValueError, match="attention must be one of"):
-        set_attention(model.image_encoder, "flash")
+        set_attention(model, "flash")
+
+
+def test_decoder_gives_the_same_masks_with_either_kind():
+    """The whole batched decode (channels-last path) with SAM's layers and with the fused ones."""
+    from test_model import random_prompts
+
+    model = build_sam("tiny", seed=0)
+    features = torch.randn(2, model.embed_dim, 16, 16)
+    points, labels, boxes = random_prompts(2, 4, 1, seed=5)
+    counts = torch.tensor([4, 3])
+    with torch.no_grad():
+        fused = model.decode(features, counts, points, labels, boxes)
+        set_attention(model, "official")
+        official = model.decode(features, counts, points, labels, boxes)
+    for got, expected in zip(fused, official):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_mask_losses_equal_the_separate_losses_and_recompute_changes_nothing():
@@ -76,29 +149,32 @@ def test_activation_checkpointing_gives_the_same_step_loss_and_gradients():
     2 prompts so the decoder is split inside a chunk."""
     batch = make_batch()
     results = []
-    for enabled in (False, True):
+    for parts in ("off", "encoder", "decoder", "all"):
         torch.manual_seed(0)
         model = tiny_lora_model().train()
-        model.set_activation_checkpointing(enabled, prompts_per_group=2)
+        model.set_activation_checkpointing(parts, prompts_per_group=2)
         cfg = Config()
         cfg.model.name = "tiny"
-        cfg.train.activation_checkpointing = enabled
+        cfg.train.activation_checkpointing = parts
         cfg.kernels.enabled = False
         queue = EmbeddingQueue(16, 128)
         result = resam_step(model, batch, queue, cfg)
         result.loss.backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results.append((result.loss.detach(), grads))
-    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
-    torch.testing.assert_close(loss_ckpt, loss_plain)
-    assert grads_plain.keys() == grads_ckpt.keys() and len(grads_plain) > 0
-    for name in grads_plain:
-        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-6, rtol=1e-4, msg=name)
+    (loss_plain, grads_plain) = results[0]
+    for loss_ckpt, grads_ckpt in results[1:]:
+        torch.testing.assert_close(loss_ckpt, loss_plain)
+        assert grads_plain.keys() == grads_ckpt.keys() and len(grads_plain) > 0
+        for name in grads_plain:
+            torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-6, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="parts must be one of"):
+        tiny_lora_model().set_activation_checkpointing(True)
 
 
 def test_checkpointing_is_refused_with_zero3(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"train": {"activation_checkpointing": True},
+    path.write_text(json.dumps({"train": {"activation_checkpointing": "encoder"},
                                 "deepspeed": {"zero_optimization": {"stage": 3}}}))
     with pytest.raises(ValueError, match="train.activation_checkpointing.*ZeRO stage 3"):
         load_config(path)

@@ -126,7 +126,8 @@ def test_official_vit_b_checkpoint_loads_and_gives_identical_outputs(tmp_path):
             x = encoder.patch_embed(image) + encoder.pos_embed  # 1 x 64 x 64 x 768
             return encoder.neck(x.permute(0, 3, 1, 2))  # 1 x 256 x 64 x 64
         feats = partial_encode(model.image_encoder)
-        assert torch.equal(feats, partial_encode(official.image_encoder))
+        # the neck's LayerNorm2d runs as one F.layer_norm here (model.attention "sdpa"): equal up to rounding
+        torch.testing.assert_close(feats, partial_encode(official.image_encoder), atol=1e-5, rtol=1e-5)
         points = torch.tensor([[[[100.5, 200.5], [700.5, 30.5]], [[512.5, 512.5], [0.5, 0.5]]]])  # 1 x 2 x 2 x 2
         labels = torch.tensor([[[1, 0], [1, 1]]])
         logits, iou = model.decode(feats, torch.tensor([2]), points, labels)
