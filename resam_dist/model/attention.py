@@ -86,14 +86,13 @@ class SdpaAttention(Attention):
             key_cols = torch.arange(tokens, device=x.device) % width  # N
             row_onehot = F.one_hot(key_rows, height).to(q.dtype)  # N x H
             col_onehot = F.one_hot(key_cols, width).to(q.dtype)  # N x W
-            extra = height + width
-            padding = (-(head_dim + extra)) % 8  # fused kernels want a head size multiple of 8
+            padding = (-(head_dim + height + width)) % 8  # fused kernels want a head size multiple of 8
+            zeros = q.new_zeros(()).expand(batch, heads, tokens, padding)  # B x heads x N x pad, no storage
+            # one copy each, padding included: B x heads x N x (d + H + W + pad)
             q_aug = torch.cat([q * self.scale, rel_h.reshape(batch, heads, tokens, height),
-                               rel_w.reshape(batch, heads, tokens, width)], dim=-1)  # B x heads x N x (d + H + W)
-            k_aug = torch.cat([k, row_onehot.expand(batch, heads, -1, -1),
-                               col_onehot.expand(batch, heads, -1, -1)], dim=-1)  # B x heads x N x (d + H + W)
-            if padding:
-                q_aug, k_aug = F.pad(q_aug, (0, padding)), F.pad(k_aug, (0, padding))
+                               rel_w.reshape(batch, heads, tokens, width), zeros], dim=-1)
+            k_aug = torch.cat([k, row_onehot.expand(batch, heads, -1, -1), col_onehot.expand(batch, heads, -1, -1),
+                               zeros], dim=-1)
             out = F.scaled_dot_product_attention(q_aug, k_aug, v, scale=1.0)  # B x heads x N x d
         out = out.view(batch, heads, height, width, head_dim).permute(0, 2, 3, 1, 4)  # B x H x W x heads x d
         return self.proj(out.reshape(batch, height, width, -1))
