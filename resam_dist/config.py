@@ -51,8 +51,10 @@ class ModelConfig:
     checkpoint: str | None = None
     """Local path of a SAM checkpoint in the official key layout (None: random init)."""
     attention: Literal["sdpa", "official"] = "sdpa"
-    """Image-encoder attention: "sdpa" folds SAM's relative positions into a fused attention kernel
-    (no N x N matrix; same parameters and results up to rounding); "official" is SAM's own code."""
+    """SAM's attention and LayerNorm2d layers: "sdpa" runs every attention (encoder, with SAM's
+    relative positions folded into the query/key vectors, and mask decoder) through a fused
+    scaled_dot_product_attention kernel and LayerNorm2d as one layer_norm (no N x N matrix; same
+    parameters, results equal up to rounding); "official" is SAM's own code."""
 
 
 @dataclass
