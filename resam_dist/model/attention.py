@@ -25,6 +25,8 @@ images with 50 instances, so its elementwise work is as large as the encoder's):
 - `SdpaDecoderAttention`: the two-way transformer's attention (no relative positions) through
   `F.scaled_dot_product_attention`, without materialising the heads-separated copies and the
   attention matrix;
+- `SharedKeysTwoWayBlock`: the two-way transformer block adding the positional encoding to the
+  image tokens once instead of twice;
 - `FusedLayerNorm2d`: `LayerNorm2d` (normalisation over channels of N x C x H x W) as one
   `F.layer_norm` over the channel-last view, instead of SAM's six elementwise passes. On a
   channels-last input (the decoder's upscaling path) no copy is made.
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Attention
 from segment_anything.modeling.transformer import Attention as DecoderAttention
+from segment_anything.modeling.transformer import TwoWayAttentionBlock
 from torch import nn
 
 ATTENTION_KINDS = ("sdpa", "official")
@@ -109,6 +112,28 @@ class SdpaDecoderAttention(DecoderAttention):
         return self.out_proj(self._recombine_heads(out))  # B x Nq x C
 
 
+class SharedKeysTwoWayBlock(TwoWayAttentionBlock):
+    """SAM's two-way transformer block (same parameters, same values) computing `keys + key_pe`
+    once: both cross attentions use it, and SAM adds it twice over N prompts x hw tokens x C."""
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+                key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # queries N x T x C (prompt tokens), keys N x hw x C (image tokens)
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q=q, k=q, v=queries)
+        queries = self.norm1(queries)
+        keys_with_pe = keys + key_pe  # N x hw x C
+        q = queries + query_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=keys_with_pe, v=keys))
+        queries = self.norm3(queries + self.mlp(queries))
+        q = queries + query_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token(q=keys_with_pe, k=q, v=queries))
+        return queries, keys
+
+
 class FusedLayerNorm2d(LayerNorm2d):
     """SAM's `LayerNorm2d` (same parameters) as one `F.layer_norm` over channels."""
 
@@ -121,6 +146,7 @@ _KINDS = {  # SAM's class -> (official, sdpa) forwards
     Attention: (Attention, SdpaAttention),
     DecoderAttention: (DecoderAttention, SdpaDecoderAttention),
     LayerNorm2d: (LayerNorm2d, FusedLayerNorm2d),
+    TwoWayAttentionBlock: (TwoWayAttentionBlock, SharedKeysTwoWayBlock),
 }
 
 
@@ -144,7 +170,8 @@ def set_attention(module: nn.Module, kind: str) -> None:
 
 def attention_kind(module: nn.Module) -> str:
     """"sdpa" or "official": the forward that the attention and LayerNorm2d layers in `module` use."""
-    kinds = {"sdpa" if isinstance(layer, (SdpaAttention, SdpaDecoderAttention, FusedLayerNorm2d)) else "official"
+    fused = tuple(classes[1] for classes in _KINDS.values())
+    kinds = {"sdpa" if isinstance(layer, fused) else "official"
              for layer in module.modules() if _sam_class(layer) is not None}
     if len(kinds) != 1:
         raise ValueError(f"the model mixes attention kinds {sorted(kinds)}")

@@ -9,10 +9,12 @@ import torch
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from segment_anything.modeling.transformer import Attention as DecoderAttention
+from segment_anything.modeling.transformer import TwoWayAttentionBlock
 
 from resam_dist.config import Config, load_config
-from resam_dist.model.attention import (FusedLayerNorm2d, SdpaAttention, SdpaDecoderAttention, attention_kind,
-                                        relative_position_table, set_attention)
+from resam_dist.model.attention import (FusedLayerNorm2d, SdpaAttention, SdpaDecoderAttention,
+                                        SharedKeysTwoWayBlock, attention_kind, relative_position_table,
+                                        set_attention)
 from resam_dist.model.build import build_sam
 from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss, mask_losses
 from resam_dist.resam.queue import EmbeddingQueue
@@ -78,6 +80,27 @@ def test_sdpa_decoder_attention_matches_sam(queries, keys, downsample):
     _same_forward_and_gradients(official, fused, [q, k, torch.randn(3, keys, 64)])
 
 
+@pytest.mark.parametrize("skip_first_layer_pe", [True, False])
+def test_shared_keys_block_matches_sam(skip_first_layer_pe):
+    """Same values (the same additions, one of them shared) and gradients as SAM's block."""
+    torch.manual_seed(2)
+    official = TwoWayAttentionBlock(32, 4, mlp_dim=64, skip_first_layer_pe=skip_first_layer_pe)
+    shared = TwoWayAttentionBlock(32, 4, mlp_dim=64, skip_first_layer_pe=skip_first_layer_pe)
+    shared.load_state_dict(official.state_dict())
+    shared.__class__ = SharedKeysTwoWayBlock  # the attention layers inside stay SAM's, as in `official`
+    inputs = [torch.randn(3, 6, 32), torch.randn(3, 50, 32), torch.randn(3, 6, 32), torch.randn(3, 50, 32)]
+    copies_a = [x.clone().requires_grad_() for x in inputs]
+    copies_b = [x.clone().requires_grad_() for x in inputs]
+    out_a, out_b = official(*copies_a), shared(*copies_b)
+    for got, expected in zip(out_b, out_a):
+        assert torch.equal(got, expected)
+    upstream = [torch.randn_like(t) for t in out_a]
+    torch.autograd.backward(out_a, upstream)
+    torch.autograd.backward(out_b, upstream)
+    for x_a, x_b in zip(copies_a, copies_b):
+        torch.testing.assert_close(x_b.grad, x_a.grad, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_layer_norm_2d_matches_sam(channels_last):
     torch.manual_seed(1)
@@ -97,6 +120,7 @@ def test_set_attention_switches_the_whole_model_and_keeps_the_state_dict():
     assert attention_kind(model) == "sdpa"
     assert isinstance(model.mask_decoder.transformer.layers[0].cross_attn_image_to_token, SdpaDecoderAttention)
     assert isinstance(model.mask_decoder.output_upscaling[1], FusedLayerNorm2d)
+    assert all(isinstance(block, SharedKeysTwoWayBlock) for block in model.mask_decoder.transformer.layers)
     keys = list(model.state_dict())
     set_attention(model, "official")
     assert attention_kind(model) == "official" and list(model.state_dict()) == keys
