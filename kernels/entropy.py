@@ -77,8 +77,13 @@ def _entropy_filter_kernel(logits_ptr, keep_ptr, confidence_ptr, numel, eps, num
 
 # On the GPU the block size is tuned on first use per (numel bucket, dtype, WRITE_CONFIDENCE);
 # every config writes the same outputs from the inputs only, so re-running one is harmless.
+# Elements per thread = BLOCK / (32 num_warps), 16-byte vector loads and stores (sm_90 ptxas,
+# no spills: 32-104 registers per thread). The loads of one thread are all in
+# flight at once, so 2-byte logits need twice the elements per thread of float32 ones for the
+# same bytes in flight: the 64-elements-per-thread configs are there for bf16/fp16.
 _CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps)
-            for block, warps in ((2048, 8), (4096, 8), (8192, 8), (4096, 4))]
+            for block, warps in ((2048, 8), (4096, 8), (8192, 8), (4096, 4), (8192, 4),
+                                 (16384, 8), (16384, 16))]
 _entropy_filter_kernel_tuned = triton.autotune(
     configs=_CONFIGS, key=["numel_bucket", "WRITE_CONFIDENCE"])(_entropy_filter_kernel)
 # The interpreter runs one numpy call per block operation: few big blocks are much faster there.

@@ -157,6 +157,11 @@ _PARTIAL_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_Q": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_Q": 32}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 128, "BLOCK_Q": 64}, num_warps=8, num_stages=1),
+    # sm_90 ptxas (triton 3.8, C = 256): every float32 (tf32x3) config above spills (360 to
+    # 29156 bytes); 16 rows at 8 warps spill least (136 bytes). bf16 at 16 x 64, 3 stages: 166
+    # registers, no spill, deeper load pipelining for long splits (large queues).
+    triton.Config({"BLOCK_N": 16, "BLOCK_Q": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 16, "BLOCK_Q": 64}, num_warps=4, num_stages=3),
 ]
 _ssa_queue_partial_kernel_tuned = triton.autotune(configs=_PARTIAL_CONFIGS, key=["dim", "size_class"])(
     _ssa_queue_partial_kernel)

@@ -151,3 +151,51 @@ def test_many_instances_fall_back_to_reference():
     masks, confidence = random_instances(1, MAX_INSTANCES + 1, 5, 6, seed=1)
     counts = torch.tensor([MAX_INSTANCES], device=DEVICE)
     check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, "argmax")
+
+
+# "drop" mode on words of 4 pixels (width % 4 == 0, K <= 64): tiles of TILE words, BLOCK_W =
+# TILE / KP words per instance row. Word counts below, at and above one BLOCK_W, and not
+# multiples of it; K not a multiple of the tile height (KP), K = KP, and counts < K, = K, > K.
+@pytest.mark.parametrize("case", [(2, 50, 5, 12, [50, 13], 128),  # 15 words, BLOCK_W 2
+                                  (1, 7, 9, 16, [9], 32),          # 36 words, BLOCK_W 4
+                                  (2, 64, 3, 20, [64, 0], 64),     # 15 words, BLOCK_W 1
+                                  (1, 33, 17, 8, [20], 512),       # 34 words, BLOCK_W 8
+                                  (1, 1, 4, 4, [1], 4)],           # 4 words, BLOCK_W 4
+                         ids=lambda case: "x".join(map(str, case[:4])) + f"-tile{case[5]}")
+def test_drop_words_tiles(case):
+    batch, num_instances, height, width, counts, tile = case
+    masks, _ = random_instances(batch, num_instances, height, width, seed=tile + num_instances)
+    counts = torch.tensor(counts, device=DEVICE)
+    check_against_reference(masks.to(DEVICE), None, counts, "drop", word_tile=tile)
+
+
+def test_drop_words_box_columns_within_a_word():
+    # one pixel per instance at every byte position of a word and on two rows: the word kernel's
+    # first/last surviving byte sets x0/x1; instances 4 and 5 overlap at (1, 6): both dropped there
+    masks = torch.zeros(1, 6, 2, 8, dtype=torch.bool)
+    for k in range(4):
+        masks[0, k, k % 2, k] = True  # byte k of word 0 on row k % 2
+    masks[0, 4, 1, 5:8] = True
+    masks[0, 5, 1, 6] = True
+    masks[0, 5, 0, 4] = True
+    counts = torch.tensor([6])
+    out, boxes = suppress_overlap_triton(masks.to(DEVICE), None, counts.to(DEVICE), "drop",
+                                         word_tile=8)
+    assert boxes.cpu().tolist() == [[[0, 0, 1, 1], [1, 1, 2, 2], [2, 0, 3, 1], [3, 1, 4, 2],
+                                     [5, 1, 8, 2], [4, 0, 5, 1]]]
+    assert out[0, 4, 1].cpu().int().tolist() == [0, 0, 0, 0, 0, 1, 0, 1]
+    check_against_reference(masks.to(DEVICE), None, counts.to(DEVICE), "drop", word_tile=8)
+
+
+def test_drop_words_treat_any_nonzero_byte_as_kept():
+    # bool storage holding bytes other than 0/1 (e.g. a uint8 mask viewed as bool): every
+    # non-zero byte is a kept pixel, as in the reference's masks.bool()
+    generator = torch.Generator().manual_seed(5)
+    raw = torch.randint(0, 256, (1, 5, 4, 8), generator=generator, dtype=torch.uint8)
+    raw[raw < 160] = 0  # about 40% of the pixels kept
+    counts = torch.tensor([5])
+    out, boxes = suppress_overlap_triton(raw.view(torch.bool).to(DEVICE), None, counts.to(DEVICE),
+                                         "drop", word_tile=16)
+    out_ref, boxes_ref = suppress_overlap_reference(raw != 0, None, counts, "drop")
+    assert torch.equal(out.cpu().view(torch.uint8), out_ref.view(torch.uint8))
+    assert torch.equal(boxes.cpu(), boxes_ref)
