@@ -1,6 +1,6 @@
 """Benchmark the Triton kernels against the torch eager reference and torch.compile of it.
 
-    python benchmarks/bench_kernels.py [--out benchmarks/results] [--cpu-smoke]
+    python benchmarks/bench_kernels.py [--out benchmarks/results] [--cpu-smoke] [--only CASE ...]
 
 Median times come from `triton.testing.do_bench`; GB/s counts the bytes each operation must
 move at least (inputs read once, outputs written once) and is set against the measured
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+CASES = ("entropy_filter", "suppress_overlap", "ssa_loss", "mask_loss")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,17 +35,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tiny shapes on CPU through the Triton interpreter (tests the script only)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile baseline")
+    parser.add_argument("--only", action="append", choices=CASES, default=None,
+                        help="run only this case (repeatable; default: all)")
     return parser.parse_args(argv)
 
 
 def shapes(smoke: bool) -> dict:
     if smoke:
-        return {"filter": [(1, 3, 16, 16)], "ssa": [(4, 16, 32), (4, 16, 0)]}
+        return {"filter": [(1, 3, 16, 16)], "ssa": [(4, 16, 32), (4, 16, 0)], "mask": [(1, 3, 16, 16)]}
     return {
         # B x K x H x W: K = 50 instances on the 256 (tiny) and 1024 (ViT) model canvas
         "filter": [(8, 50, 256, 256), (2, 50, 1024, 1024)],
         # N x C x q: 400 instances a step, 256 channels, queue lengths 128 .. 65536
         "ssa": [(400, 256, q) for q in (128, 1024, 8192, 65536)],
+        # B x K x H x W mask logits of the student: 4 images x 50 instances at 1024 (ViT-B step)
+        "mask": [(8, 50, 256, 256), (4, 50, 1024, 1024)],
     }
 
 
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import resam_kernels
     from resam_kernels.entropy import entropy_filter_reference
+    from resam_kernels.mask_loss import mask_loss_terms_reference
     from resam_kernels.overlap import suppress_overlap_reference
     from resam_kernels.ssa import ssa_loss_reference
 
@@ -146,13 +152,19 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         save()
 
+    def wanted(case: str) -> bool:
+        return args.only is None or case in args.only
+
     generator = torch.Generator(device=device).manual_seed(0)
-    for batch, num_instances, height, width in shapes(args.cpu_smoke)["filter"]:
+    filter_cases = wanted("entropy_filter") or wanted("suppress_overlap")
+    for batch, num_instances, height, width in shapes(args.cpu_smoke)["filter"] if filter_cases else []:
         shape = f"{batch}x{num_instances}x{height}x{width}"
         numel = batch * num_instances * height * width
         for dtype in (torch.float32, torch.bfloat16):
             logits = torch.randn(batch, num_instances, height, width, device=device,
                                  dtype=dtype, generator=generator) * 4
+            if not wanted("entropy_filter"):
+                continue
             compiled_filter = compiled(entropy_filter_reference)
             record(f"entropy_filter/{str(dtype)[6:]}", shape, {
                 "torch_eager": lambda: entropy_filter_reference(logits, 0.5, return_confidence=True),
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         del logits
         counts = torch.full((batch,), num_instances, dtype=torch.int64, device=device)
         counts[0] = max(0, num_instances - 7)
-        for mode in ("drop", "argmax"):
+        for mode in ("drop", "argmax") if wanted("suppress_overlap") else ():
             read_confidence = 4 if mode == "argmax" else 0
             compiled_overlap = compiled(suppress_overlap_reference)
             record(f"suppress_overlap/{mode}", shape, {
@@ -176,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         del keep, confidence
 
     tau = 0.07
-    for num_rows, dim, queue_len in shapes(args.cpu_smoke)["ssa"]:
+    for num_rows, dim, queue_len in shapes(args.cpu_smoke)["ssa"] if wanted("ssa_loss") else []:
         shape = f"N{num_rows}xC{dim}xq{queue_len}"
         for dtype in (torch.float32, torch.bfloat16):
             student = torch.randn(num_rows, dim, device=device, dtype=dtype, generator=generator)
@@ -194,6 +206,32 @@ def main(argv: list[str] | None = None) -> int:
                 "triton": forward_backward(resam_kernels.ssa_loss),
                 "torch_compile": compiled_ssa and forward_backward(compiled_ssa),
             }, num_bytes=(queue_len + 2 * num_rows) * dim * element + num_rows * dim * element)
+
+    for batch, num_instances, height, width in shapes(args.cpu_smoke)["mask"] if wanted("mask_loss") else []:
+        shape = f"{batch}x{num_instances}x{height}x{width}"
+        numel = batch * num_instances * height * width
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.randn(batch, num_instances, height, width, device=device, dtype=dtype,
+                                 generator=generator) * 4
+            logits.requires_grad_(True)
+            target = torch.rand(batch, num_instances, height, width, device=device,
+                                generator=generator) < 0.3
+
+            def forward_backward(terms_fn):
+                def run():
+                    focal, dice, _ = terms_fn(logits, target)
+                    return torch.autograd.grad(focal.sum() + dice.sum(), logits)
+                return run
+
+            compiled_terms = compiled(mask_loss_terms_reference)
+            element = logits.element_size()
+            # forward reads logits + target; backward reads them again and writes the gradient
+            record(f"mask_loss_fwd_bwd/{str(dtype)[6:]}", shape, {
+                "torch_eager": forward_backward(mask_loss_terms_reference),
+                "triton": forward_backward(resam_kernels.mask_loss_terms),
+                "torch_compile": compiled_terms and forward_backward(compiled_terms),
+            }, num_bytes=numel * (2 * (element + 1) + element))
+            del logits, target
 
     save()
     print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.md'}")

@@ -9,6 +9,7 @@ reference (the specification, `*_reference` in each module) runs.
 - `confidence(logits, *, use_triton=True)`
 - `suppress_overlap(masks, confidence, counts, mode, *, use_triton=True)`
 - `ssa_loss(student, weak, queue, tau, *, use_triton=True)`
+- `mask_loss_terms(logits, target, *, use_triton=True)`
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import torch
 
 from resam_kernels.entropy import (INTERPRET, confidence_reference, entropy_filter_reference,
                                    entropy_filter_triton)
+from resam_kernels.mask_loss import mask_loss_terms_reference, mask_loss_terms_triton
 from resam_kernels.overlap import (MODES, suppress_overlap_reference, suppress_overlap_triton,
                                    tight_boxes_reference)
 from resam_kernels.ssa import ssa_loss_reference, ssa_loss_triton
 
 __all__ = [
     "MODES", "confidence", "confidence_reference", "entropy_filter", "entropy_filter_reference",
-    "runs_triton", "ssa_loss", "ssa_loss_reference", "suppress_overlap",
+    "mask_loss_terms", "mask_loss_terms_reference", "runs_triton", "ssa_loss", "ssa_loss_reference", "suppress_overlap",
     "suppress_overlap_reference", "tight_boxes_reference",
 ]
 
@@ -77,3 +79,13 @@ def ssa_loss(student: torch.Tensor, weak: torch.Tensor, queue: torch.Tensor, tau
     if runs_triton(student, use_triton):
         return ssa_loss_triton(student, weak, queue, tau)
     return ssa_loss_reference(student, weak, queue, tau)
+
+
+def mask_loss_terms(logits: torch.Tensor, target: torch.Tensor, *, use_triton: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-instance (focal, dice, iou) of mask logits ... x H x W (fp32/bf16/fp16) against a bool
+    target of the same shape: each ... float32; focal and dice differentiable wrt the logits, iou
+    (of logits > 0) not. See `resam_kernels.mask_loss`."""
+    if runs_triton(logits, use_triton):
+        return mask_loss_terms_triton(logits, target)
+    return mask_loss_terms_reference(logits, target)

@@ -11,6 +11,8 @@ Conventions shared by every mask loss here:
   so backward() and gradient all-reduce work unchanged.
 - computation is in float32 whatever the input dtype (bf16 logits are upcast; autocast is
   switched off inside), so the losses do not depend on the engine's precision setting.
+The per-instance definitions (focal, dice, IoU of the thresholded mask) are the specification in
+`resam_kernels.mask_loss`, shared by the torch path and the fused Triton kernel.
 """
 
 from __future__ import annotations
@@ -18,10 +20,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-FOCAL_ALPHA = 0.25
-FOCAL_GAMMA = 2.0
-DICE_SMOOTH = 1.0
 
 
 def _no_autocast(tensor: torch.Tensor) -> torch.autocast:
@@ -42,52 +40,23 @@ def _valid_mean(per_instance: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return selected.sum() / valid.sum().clamp(min=1)
 
 
-def focal_per_instance(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = FOCAL_ALPHA,
-                       gamma: float = FOCAL_GAMMA) -> torch.Tensor:
-    """Pixel mean of the sigmoid focal loss: logits ... x H x W, target ... x H x W bool -> ... float32.
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al.): alpha_t (1 - p_t)^gamma BCE (alpha 0.25, gamma 2), pixel
+    mean per instance, then mean over valid instances. logits/target B x K x H x W, valid B x K.
+    Returns a float32 scalar."""
+    from resam_kernels.mask_loss import focal_per_instance  # late: TRITON_INTERPRET is read at import
 
-    With s = x (2t - 1): p_t = sigmoid(s), 1 - p_t = sigmoid(-s) and BCE = softplus(-s), so the
-    loss alpha_t (1 - p_t)^gamma BCE needs no separate probability tensors."""
-    with _no_autocast(logits):
-        signed = torch.where(target, logits.float(), -logits.float())  # s, ... x H x W
-        alpha_t = torch.where(target, alpha, 1.0 - alpha)
-        per_pixel = alpha_t * torch.sigmoid(-signed).pow(gamma) * F.softplus(-signed)
-        return per_pixel.flatten(-2).mean(dim=-1)
-
-
-def dice_per_instance(logits: torch.Tensor, target: torch.Tensor, *, smooth: float = DICE_SMOOTH) -> torch.Tensor:
-    """Soft dice loss 1 - (2 |P.T| + s) / (|P| + |T| + s) on sigmoid probabilities:
-    logits ... x H x W, target ... x H x W bool -> ... float32."""
-    with _no_autocast(logits):
-        p = torch.sigmoid(logits.float()).flatten(-2)  # ... x HW
-        t = target.flatten(-2)  # ... x HW bool
-        intersection = torch.where(t, p, 0.0).sum(dim=-1)
-        total = p.sum(dim=-1) + t.sum(dim=-1)
-        return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
-
-
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, *,
-               alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA) -> torch.Tensor:
-    """Sigmoid focal loss (Lin et al.): alpha_t (1 - p_t)^gamma BCE, pixel mean per instance, then
-    mean over valid instances. logits/target B x K x H x W, valid B x K. Returns a float32 scalar."""
     _check_pair(logits, target, valid, "focal_loss")
-    return _valid_mean(focal_per_instance(logits, target.bool(), alpha=alpha, gamma=gamma), valid)
+    return _valid_mean(focal_per_instance(logits, target.bool()), valid)
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, *,
-              smooth: float = DICE_SMOOTH) -> torch.Tensor:
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Soft dice on sigmoid probabilities, 1 - (2 |P.T| + s) / (|P| + |T| + s) per instance
     (s = 1), mean over valid instances. Returns a float32 scalar."""
+    from resam_kernels.mask_loss import dice_per_instance  # late: TRITON_INTERPRET is read at import
+
     _check_pair(logits, target, valid, "dice_loss")
-    return _valid_mean(dice_per_instance(logits, target.bool(), smooth=smooth), valid)
-
-
-def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """IoU of boolean masks over the last two dims: ... x H x W -> ... float32.
-    Two empty masks agree perfectly (IoU 1)."""
-    intersection = (pred & target).flatten(-2).sum(dim=-1).float()
-    union = (pred | target).flatten(-2).sum(dim=-1).float()
-    return torch.where(union > 0, intersection / union.clamp(min=1.0), torch.ones_like(union))
+    return _valid_mean(dice_per_instance(logits, target.bool()), valid)
 
 
 def iou_mse_loss(pred_iou: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
@@ -97,30 +66,44 @@ def iou_mse_loss(pred_iou: torch.Tensor, logits: torch.Tensor, target: torch.Ten
     _check_pair(logits, target, valid, "iou_mse_loss")
     if pred_iou.shape != valid.shape:
         raise ValueError(f"iou_mse_loss: pred_iou {tuple(pred_iou.shape)} must be B x K = {tuple(valid.shape)}")
+    from resam_kernels.mask_loss import mask_iou  # late: TRITON_INTERPRET is read at import
+
+    with torch.no_grad():
+        actual = mask_iou(logits.detach() > 0, target.bool())  # B x K
+    return _iou_mse(pred_iou, actual, valid)
+
+
+def _iou_mse(pred_iou: torch.Tensor, actual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     with _no_autocast(pred_iou):
-        with torch.no_grad():
-            actual = mask_iou(logits.detach() > 0, target.bool())  # B x K
         return _valid_mean((pred_iou.float() - actual).square(), valid)
 
 
 def mask_losses(logits: torch.Tensor, pred_iou: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, *,
-                recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(focal, dice, iou_mse) of `focal_loss`, `dice_loss` and `iou_mse_loss` in one call.
+                recompute: bool = False, use_kernels: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(focal, dice, iou_mse) of `focal_loss`, `dice_loss` and `iou_mse_loss` in one call, through
+    `resam_kernels.mask_loss_terms` (the fused Triton kernel when `use_kernels` and it runs on
+    this device; else the torch reference).
 
-    recompute: keep only logits and target for the backward and recompute the per-pixel
-    intermediates there (activation checkpointing; the same values), instead of storing several
-    B x K x H x W float32 tensors."""
+    recompute: with the torch reference, keep only logits and target for the backward and
+    recompute the per-pixel intermediates there (activation checkpointing; the same values),
+    instead of storing several B x K x H x W float32 tensors. The Triton path saves only the
+    logits, the target and three floats per instance anyway, so there it changes nothing."""
+    import resam_kernels  # imported late: TRITON_INTERPRET must be set before the kernels load
+
     _check_pair(logits, target, valid, "mask_losses")
+    if pred_iou.shape != valid.shape:
+        raise ValueError(f"mask_losses: pred_iou {tuple(pred_iou.shape)} must be B x K = {tuple(valid.shape)}")
     target = target.bool()
 
-    def per_instance(mask_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return focal_per_instance(mask_logits, target), dice_per_instance(mask_logits, target)  # B x K each
+    def terms(mask_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return resam_kernels.mask_loss_terms(mask_logits, target, use_triton=use_kernels)  # B x K each
 
-    if recompute and torch.is_grad_enabled():
-        focal, dice = checkpoint(per_instance, logits, use_reentrant=False)
+    if recompute and torch.is_grad_enabled() and not resam_kernels.runs_triton(logits, use_kernels):
+        focal, dice, actual_iou = checkpoint(terms, logits, use_reentrant=False)
     else:
-        focal, dice = per_instance(logits)
-    return _valid_mean(focal, valid), _valid_mean(dice, valid), iou_mse_loss(pred_iou, logits, target, valid)
+        focal, dice, actual_iou = terms(logits)
+    return _valid_mean(focal, valid), _valid_mean(dice, valid), _iou_mse(pred_iou, actual_iou, valid)
 
 
 def box_embeddings(features: torch.Tensor, boxes: torch.Tensor, *, stride: int = 16) -> torch.Tensor:

@@ -340,7 +340,8 @@ def pointsam_step(model: Any, batch: Batch, state: PointSamState, cfg: Config, *
     student_logits, student_iou = model.decode(student_features, counts, points, labels,
                                                max_instances=max_instances, min_chunks=min_chunks)
 
-    focal, dice, iou_mse = mask_losses(student_logits, student_iou, pseudo_masks, valid)
+    focal, dice, iou_mse = mask_losses(student_logits, student_iou, pseudo_masks, valid,
+                                       use_kernels=cfg.kernels.enabled)
 
     # prototype-based regularisation on the teacher's point features (gradient through the teacher)
     point_features = sample_point_features(

@@ -141,7 +141,8 @@ def resam_step(model, batch: Batch, queue: EmbeddingQueue, cfg: Config, *, min_c
     student_logits, student_iou = model.decode(strong_features, counts, points, point_labels,
                                                max_instances=max_instances, min_chunks=min_chunks)
     focal, dice, iou_mse = mask_losses(student_logits, student_iou, pseudo, valid,
-                                       recompute=cfg.train.activation_checkpointing in ("decoder", "all"))
+                                       recompute=cfg.train.activation_checkpointing in ("decoder", "all"),
+                                       use_kernels=use_kernels)
 
     # ---- Soft Semantic Alignment on the boxes of the targets --------------------------------
     embed_dim = strong_features.shape[1]

@@ -6,6 +6,7 @@ import torch
 import resam_kernels
 from resam_dist.resam.prompts import masks_to_boxes
 from resam_kernels.entropy import entropy_filter_reference
+from resam_kernels.mask_loss import mask_loss_terms_reference
 from resam_kernels.overlap import suppress_overlap_reference
 from resam_kernels.ssa import ssa_loss_reference
 
@@ -87,19 +88,67 @@ def test_ssa_loss_realistic(dtype, queue_len):
                                rtol=tolerance)
 
 
+def mask_terms_and_gradient(fn, logits, target):
+    """(focal, dice, iou) and d(sum focal + 2 sum dice)/d logits."""
+    focal, dice, iou = fn(logits, target)
+    (grad,) = torch.autograd.grad(focal.sum() + 2.0 * dice.sum(), logits)
+    return focal, dice, iou, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_loss_terms_realistic(dtype):
+    """4 images x 50 instances at 1024 x 1024 (the ViT-B training step), blob-like targets."""
+    logits = smooth_logits(4, 50, 1024, dtype, seed=3).requires_grad_(True)
+    target = smooth_logits(4, 50, 1024, torch.float32, seed=4) > 0
+    target[0, 0] = False  # an empty target and a full one
+    target[0, 1] = True
+    focal, dice, iou, grad = mask_terms_and_gradient(resam_kernels.mask_loss_terms, logits, target)
+    focal_ref, dice_ref, iou_ref, grad_ref = mask_terms_and_gradient(mask_loss_terms_reference, logits, target)
+    # float32 sums of 2^20 pixels in another order, GPU exp2/log2 against torch's exp/log1p
+    torch.testing.assert_close(focal, focal_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dice, dice_ref, atol=1e-6, rtol=1e-5)
+    assert torch.equal(iou, iou_ref)
+    assert grad.dtype == dtype
+    scale = grad_ref.float().abs().max().item()
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad.float(), grad_ref.float(), atol=tolerance * scale, rtol=tolerance)
+
+
+def test_mask_loss_terms_64bit_offsets():
+    """2100 instances of 1024 x 1024 (2.2e9 pixels, bf16): the last planes start beyond 2^31."""
+    num_instances = 2100
+    generator = torch.Generator(device=DEVICE).manual_seed(5)
+    logits = (torch.randn(num_instances, 1024, 1024, device=DEVICE, generator=generator,
+                          dtype=torch.bfloat16) * 4).requires_grad_(True)
+    target = torch.zeros(num_instances, 1024, 1024, dtype=torch.bool, device=DEVICE)
+    target[-3:, 100:700, 200:900] = True
+    focal, dice, iou, grad = mask_terms_and_gradient(resam_kernels.mask_loss_terms, logits, target)
+    tail = logits.detach()[-3:].clone().requires_grad_(True)  # the reference on the last planes only
+    focal_ref, dice_ref, iou_ref, grad_ref = mask_terms_and_gradient(mask_loss_terms_reference, tail,
+                                                                     target[-3:])
+    torch.testing.assert_close(focal[-3:], focal_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dice[-3:], dice_ref, atol=1e-6, rtol=1e-5)
+    assert torch.equal(iou[-3:], iou_ref)
+    scale = grad_ref.float().abs().max().item()
+    torch.testing.assert_close(grad[-3:].float(), grad_ref.float(), atol=1e-2 * scale, rtol=1e-2)
+
+
 def test_kernels_do_not_synchronise_the_host():
-    """Refine and SSA run inside the training step: no device-to-host sync allowed."""
+    """Refine, SSA and the mask losses run inside the training step: no device-to-host sync allowed."""
     logits = smooth_logits(2, 50, 256, torch.float32, seed=0)
     counts = torch.tensor([50, 20], device=DEVICE)
     student = torch.randn(40, 256, device=DEVICE, requires_grad=True)
     weak = torch.randn(40, 256, device=DEVICE)
     queue = torch.randn(1000, 256, device=DEVICE)
+    mask_logits = logits.clone().requires_grad_(True)
 
     def run_all():
         keep, confidence = resam_kernels.entropy_filter(logits, 0.5, return_confidence=True)
         for mode in ("drop", "argmax"):
             resam_kernels.suppress_overlap(keep, confidence, counts, mode)
         resam_kernels.ssa_loss(student, weak, queue, 0.07).backward()
+        focal, dice, _ = resam_kernels.mask_loss_terms(mask_logits, keep)
+        (focal.sum() + dice.sum()).backward()
 
     run_all()  # first call: compilation and the SSA autotuning may synchronise
     torch.cuda.synchronize()
@@ -109,3 +158,4 @@ def test_kernels_do_not_synchronise_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert student.grad is not None and student.grad.abs().sum() > 0
+    assert mask_logits.grad is not None and mask_logits.grad.abs().sum() > 0

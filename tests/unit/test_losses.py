@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from resam_dist.data.batch import valid_from_counts
-from resam_dist.resam.losses import box_embeddings, dice_loss, focal_loss, iou_mse_loss, mask_iou, ssa_loss
+from resam_dist.resam.losses import box_embeddings, dice_loss, focal_loss, iou_mse_loss, ssa_loss
+from resam_kernels.mask_loss import mask_iou
 
 
 def square(size: int, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:

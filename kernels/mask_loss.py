@@ -1,0 +1,314 @@
+"""Reinforce: the per-instance mask losses (focal, dice) and the IoU of the thresholded mask.
+
+Specification, per instance mask (logits x and boolean target t over H x W pixels, float32
+arithmetic whatever the input dtype):
+    s = x (2t - 1),  p = sigmoid(x)
+    focal = mean_pixels alpha_t sigmoid(-s)^gamma softplus(-s)     (alpha_t = alpha if t else 1 - alpha)
+    dice  = 1 - (2 I + smooth) / (P + T + smooth),  I = sum p t,  P = sum p,  T = sum t
+    iou   = |(x > 0) & t| / |(x > 0) | t|  (1 when both masks are empty; no gradient)
+with alpha = 0.25, gamma = 2, smooth = 1. `focal_per_instance`, `dice_per_instance` and
+`mask_iou` are that specification in torch (the training losses in `resam_dist.resam.losses`
+use them, through `mask_loss_terms_reference` or the fused path); `mask_loss_terms_reference`
+returns the three.
+
+`mask_loss_terms_triton` computes the same with two kernels and saves only the logits, the
+target and three floats per instance for the backward (the torch reference keeps several
+N x H x W float32 intermediates):
+- forward: grid = N instances x C chunks of CHUNK = BLOCK * ITERS pixels (flattened to 1-D).
+  A program streams its chunk in BLOCK-pixel steps, keeps lane-wise float32 sums of the focal
+  terms, p t and p and int32 counts of t, (x > 0) & t and (x > 0) | t in registers, and writes
+  one partial per chunk; torch sums the C partials of each instance (fixed order: deterministic,
+  no atomics, no host synchronisation). One read of logits and target.
+- backward: the same grid; with the per-instance coefficients (small torch ops on the saved
+  sums) a = g_focal / HW, b = g_dice (2 I + smooth) / D^2, c = 2 g_dice / D (D = P + T + smooth),
+  every pixel gets  d/dx = a dfocal/dx + (b - c t) p (1 - p)  in the logits dtype. One read of
+  logits and target, one write of the gradient.
+
+Derivation of the focal term's derivative. With q = sigmoid(-s) (so 1 - q = sigmoid(s)),
+dq/ds = -q (1 - q) and d softplus(-s)/ds = -q, hence
+    d/ds [alpha_t q^gamma softplus(-s)] = -alpha_t q^gamma (gamma (1 - q) softplus(-s) + q)
+and ds/dx = 2t - 1. Dice: d dice/dp = ((2 I + smooth) - 2 t D) / D^2 and dp/dx = p (1 - p).
+
+Stable forms: with e = exp(-|x|), sigmoid(|x|) = 1 / (1 + e) and sigmoid(-|x|) = e / (1 + e)
+(q, 1 - q, p and p (1 - p) are picked from these without cancellation); softplus(-s) =
+max(-s, 0) + log1p(e) with log1p(e) = log(u) e / (u - 1), u = 1 + e (e when u rounds to 1).
+gamma = 2 is q * q. The kernels use exp2/log2.
+
+Non-finite logits. NaN logits make the instance's focal and dice NaN (as in the reference) and
+count as "not > 0" for the IoU; the gradient of that instance is NaN. An infinite logit on the
+target's side costs 0 focal loss; one on the wrong side gives an infinite focal loss (as in the
+reference) and a NaN gradient at that pixel (the reference's autograd gives NaN there too:
+0 * inf). Empty inputs: N = 0 gives empty outputs; H W = 0 gives focal NaN (mean of nothing),
+dice 0 and IoU 1, like the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# Read once at import: Triton's interpreter must be switched on before this module is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+FOCAL_ALPHA = 0.25
+FOCAL_GAMMA = 2.0
+DICE_SMOOTH = 1.0
+MAX_MASK_PIXELS = 1 << 30  # H W below this: pixel offsets inside a mask stay int32 in the kernels
+
+
+def _no_autocast(tensor: torch.Tensor) -> torch.autocast:
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+def focal_per_instance(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = FOCAL_ALPHA,
+                       gamma: float = FOCAL_GAMMA) -> torch.Tensor:
+    """Pixel mean of the sigmoid focal loss: logits ... x H x W, target ... x H x W bool -> ... float32.
+
+    With s = x (2t - 1): p_t = sigmoid(s), 1 - p_t = sigmoid(-s) and BCE = softplus(-s), so the
+    loss alpha_t (1 - p_t)^gamma BCE needs no separate probability tensors."""
+    with _no_autocast(logits):
+        signed = torch.where(target, logits.float(), -logits.float())  # s, ... x H x W
+        alpha_t = torch.where(target, alpha, 1.0 - alpha)
+        per_pixel = alpha_t * torch.sigmoid(-signed).pow(gamma) * F.softplus(-signed)
+        return per_pixel.flatten(-2).mean(dim=-1)
+
+
+def dice_per_instance(logits: torch.Tensor, target: torch.Tensor, *, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+    """Soft dice loss 1 - (2 |P.T| + s) / (|P| + |T| + s) on sigmoid probabilities:
+    logits ... x H x W, target ... x H x W bool -> ... float32."""
+    with _no_autocast(logits):
+        p = torch.sigmoid(logits.float()).flatten(-2)  # ... x HW
+        t = target.flatten(-2)  # ... x HW bool
+        intersection = torch.where(t, p, 0.0).sum(dim=-1)
+        total = p.sum(dim=-1) + t.sum(dim=-1)
+        return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
+
+
+def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of boolean masks over the last two dims: ... x H x W -> ... float32.
+    Two empty masks agree perfectly (IoU 1)."""
+    intersection = (pred & target).flatten(-2).sum(dim=-1).float()
+    union = (pred | target).flatten(-2).sum(dim=-1).float()
+    return _iou_from_counts(intersection, union)
+
+
+def _iou_from_counts(intersection: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    return torch.where(union > 0, intersection / union.clamp(min=1.0), torch.ones_like(union))
+
+
+def check_mask_loss_inputs(logits: torch.Tensor, target: torch.Tensor) -> None:
+    if logits.dim() < 2 or logits.shape != target.shape or target.dtype != torch.bool:
+        raise ValueError(f"mask_loss_terms needs logits ... x H x W and a bool target of the same shape, "
+                         f"got {tuple(logits.shape)} and {tuple(target.shape)} {target.dtype}")
+
+
+def check_triton_sizes(logits: torch.Tensor) -> None:
+    """The kernels index the pixels of one mask in int32 (the instance offset is int64)."""
+    if logits.shape[-2] * logits.shape[-1] >= MAX_MASK_PIXELS:
+        raise ValueError(f"mask_loss_terms_triton: masks of {logits.shape[-2]} x {logits.shape[-1]} pixels; "
+                         f"at most {MAX_MASK_PIXELS - 1} per mask")
+
+
+def mask_loss_terms_reference(logits: torch.Tensor, target: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits ... x H x W (fp32/bf16/fp16), target ... x H x W bool -> (focal, dice, iou), each
+    ... float32; iou from the detached logits (no gradient)."""
+    check_mask_loss_inputs(logits, target)
+    with torch.no_grad():
+        iou = mask_iou(logits.detach() > 0, target)
+    return focal_per_instance(logits, target), dice_per_instance(logits, target), iou
+
+
+@triton.jit
+def _log2(u, FAST_LOG: tl.constexpr):
+    """log2 of u in [1, 2] (or NaN): the GPU's lg2.approx (relative error < 2^-22) instead of
+    libdevice's log2f (a branchy polynomial: most of the kernels' instructions); the
+    interpreter has no inline assembly and takes tl.log2."""
+    if FAST_LOG:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.log2(u)
+
+
+@triton.jit
+def _pixel_terms(x, t, FAST_LOG: tl.constexpr):
+    """Per pixel (float32 x, int1 t): q = sigmoid(-s), 1 - q, softplus(-s), p, p (1 - p)."""
+    e = tl.exp2(-tl.abs(x) * 1.4426950408889634)  # exp(-|x|), in (0, 1]; NaN stays NaN
+    u = 1.0 + e
+    big = 1.0 / u  # sigmoid(|x|)
+    small = e * big  # sigmoid(-|x|)
+    signed = tl.where(t, x, -x)  # s
+    q = tl.where(signed >= 0.0, small, big)  # sigmoid(-s)
+    q_rest = tl.where(signed >= 0.0, big, small)  # sigmoid(s) = 1 - q
+    # log1p(e) = ln(u) e / (u - 1); e itself where u rounds to 1 (the clamp only keeps the
+    # unselected branch finite)
+    log1p_e = tl.where(u == 1.0, e, _log2(u, FAST_LOG) * 0.6931471805599453 * e
+                       / tl.maximum(u - 1.0, 1e-30))
+    softplus = tl.maximum(-signed, 0.0) + log1p_e  # softplus(-s) = BCE
+    p = tl.where(x >= 0.0, big, small)  # sigmoid(x)
+    return q, q_rest, softplus, p, big * small
+
+
+@triton.jit
+def _chunk_origin(hw, chunks, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Program -> (program, instance, offset of its instance's first pixel (int64), offset of its
+    chunk's first pixel in the instance (int32: H W < 2^30 is checked on the host))."""
+    program = tl.program_id(0)
+    instance = program // chunks
+    return program, instance, instance.to(tl.int64) * hw, (program % chunks) * (BLOCK * ITERS)
+
+
+@triton.jit
+def _load_step(logits_ptr, target_ptr, start, step, hw, BLOCK: tl.constexpr):
+    """Pixels start + step BLOCK + [0, BLOCK) of one instance (pointers already at its first
+    pixel) -> (in range, logits float32 (0 outside), target int1 (False outside)), BLOCK each."""
+    pixels = start + step * BLOCK + tl.arange(0, BLOCK)  # BLOCK, int32
+    in_range = pixels < hw
+    x = tl.load(logits_ptr + pixels, mask=in_range, other=0.0).to(tl.float32)
+    t = tl.load(target_ptr + pixels, mask=in_range, other=0) != 0
+    return pixels, in_range, x, t
+
+
+@triton.jit
+def _mask_loss_forward_kernel(logits_ptr, target_ptr, sums_ptr, counts_ptr, hw, chunks,
+                              ALPHA: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                              FAST_LOG: tl.constexpr):
+    # logits: N x HW (fp32/bf16/fp16), target: N x HW uint8; program = (instance, chunk), one
+    # partial per program: sums (N * chunks) x 3 float32 (focal, p t, p), counts (N * chunks) x 3
+    # int32 (t, (x > 0) & t, (x > 0) | t).
+    program, instance, base, start = _chunk_origin(hw, chunks, BLOCK, ITERS)
+    focal_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    inter_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    prob_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    t_acc = tl.zeros([BLOCK], dtype=tl.int32)
+    hit_acc = tl.zeros([BLOCK], dtype=tl.int32)
+    union_acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for step in range(ITERS):
+        _, in_range, x, t = _load_step(logits_ptr + base, target_ptr + base, start, step, hw, BLOCK)
+        q, q_rest, softplus, p, p_dp = _pixel_terms(x, t, FAST_LOG)
+        alpha_t = tl.where(t, ALPHA, 1.0 - ALPHA)
+        focal_acc += tl.where(in_range, alpha_t * q * q * softplus, 0.0)
+        inter_acc += tl.where(t, p, 0.0)  # out of range: t is False
+        prob_acc += tl.where(in_range, p, 0.0)
+        positive = x > 0.0  # False for NaN and out of range (x = 0)
+        t_acc += t.to(tl.int32)
+        hit_acc += (positive & t).to(tl.int32)
+        union_acc += (positive | t).to(tl.int32)
+    out = program.to(tl.int64) * 3
+    tl.store(sums_ptr + out, tl.sum(focal_acc, axis=0))
+    tl.store(sums_ptr + out + 1, tl.sum(inter_acc, axis=0))
+    tl.store(sums_ptr + out + 2, tl.sum(prob_acc, axis=0))
+    tl.store(counts_ptr + out, tl.sum(t_acc, axis=0))
+    tl.store(counts_ptr + out + 1, tl.sum(hit_acc, axis=0))
+    tl.store(counts_ptr + out + 2, tl.sum(union_acc, axis=0))
+
+
+@triton.jit
+def _mask_loss_backward_kernel(logits_ptr, target_ptr, coef_ptr, grad_ptr, hw, chunks,
+                               ALPHA: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                               FAST_LOG: tl.constexpr):
+    # coef: N x 3 float32 (a, b, c); grad = a dfocal/dx + (b - c t) p (1 - p), N x HW in the
+    # logits dtype.
+    _, instance, base, start = _chunk_origin(hw, chunks, BLOCK, ITERS)
+    coef_focal = tl.load(coef_ptr + instance * 3)
+    coef_dice = tl.load(coef_ptr + instance * 3 + 1)
+    coef_dice_t = tl.load(coef_ptr + instance * 3 + 2)
+    for step in range(ITERS):
+        pixels, in_range, x, t = _load_step(logits_ptr + base, target_ptr + base, start, step, hw, BLOCK)
+        q, q_rest, softplus, p, p_dp = _pixel_terms(x, t, FAST_LOG)
+        alpha_t = tl.where(t, ALPHA, 1.0 - ALPHA)
+        d_focal_ds = -alpha_t * q * q * (2.0 * q_rest * softplus + q)  # gamma = 2
+        d_focal_dx = tl.where(t, d_focal_ds, -d_focal_ds)
+        grad = coef_focal * d_focal_dx + (coef_dice - tl.where(t, coef_dice_t, 0.0)) * p_dp
+        tl.store(grad_ptr + base + pixels, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
+
+
+# BLOCK pixels a step (4 warps: 8 per thread, two 16-byte fp32 loads) and ITERS steps a program:
+# 16384 pixels, so a 1024 x 1024 mask is 64 programs (200 of them: 12800 programs, ~100 per SM)
+# and a partial costs 24 bytes against 16384 x (4 + 1) bytes read. The interpreter runs one
+# numpy call per block operation: there bigger steps are much faster (two steps a program, so
+# that the tests still cover the loop and partial last steps and chunks).
+_BLOCK, _ITERS, _NUM_WARPS = 1024, 16, 4
+_INTERPRET_BLOCK, _INTERPRET_ITERS = 4096, 2
+
+
+def _launch_shape() -> tuple[int, int]:
+    """(BLOCK, ITERS) of both kernels."""
+    return (_INTERPRET_BLOCK, _INTERPRET_ITERS) if INTERPRET else (_BLOCK, _ITERS)
+
+
+def _flat(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    hw = logits.shape[-2] * logits.shape[-1]
+    num = logits.shape[:-2].numel()
+    flat_logits = logits.detach().contiguous().reshape(num, hw)  # N x HW
+    flat_target = target.contiguous().reshape(num, hw).view(torch.uint8)  # N x HW
+    return flat_logits, flat_target, hw
+
+
+def mask_loss_forward_triton(logits: torch.Tensor, target: torch.Tensor
+                             ) -> tuple[torch.Tensor, ...]:
+    """-> (focal_sum, intersection I, probability sum P, T, hits, union), each N float32/int64
+    (N = number of instances: the leading dims flattened)."""
+    flat_logits, flat_target, hw = _flat(logits, target)
+    num = flat_logits.shape[0]
+    block, iters = _launch_shape()
+    chunks = triton.cdiv(hw, block * iters)
+    sums = torch.zeros((num, chunks, 3), dtype=torch.float32, device=logits.device)
+    counts = torch.zeros((num, chunks, 3), dtype=torch.int32, device=logits.device)
+    if num * chunks > 0:
+        _mask_loss_forward_kernel[(num * chunks,)](
+            flat_logits, flat_target, sums, counts, hw, chunks, ALPHA=FOCAL_ALPHA, BLOCK=block,
+            ITERS=iters, FAST_LOG=not INTERPRET, num_warps=_NUM_WARPS)
+    focal_sum, intersection, prob_sum = sums.sum(dim=1).unbind(dim=1)  # N each
+    target_sum, hits, union = counts.sum(dim=1, dtype=torch.int64).unbind(dim=1)  # N each
+    return focal_sum, intersection, prob_sum, target_sum, hits, union
+
+
+class MaskLossFunction(torch.autograd.Function):
+    """Fused focal / dice / IoU; saves logits, target and I, P, T (N float32 each)."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        focal_sum, intersection, prob_sum, target_sum, hits, union = mask_loss_forward_triton(logits, target)
+        hw = logits.shape[-2] * logits.shape[-1]
+        denominator = prob_sum + target_sum.float() + DICE_SMOOTH  # D, N
+        focal = focal_sum / hw  # 0 / 0 = NaN for hw = 0, like the reference's mean
+        dice = 1.0 - (2.0 * intersection + DICE_SMOOTH) / denominator
+        lead = logits.shape[:-2]
+        iou = _iou_from_counts(hits.float(), union.float()).reshape(lead)
+        ctx.save_for_backward(logits, target, intersection, denominator)
+        ctx.mark_non_differentiable(iou)
+        return focal.reshape(lead), dice.reshape(lead), iou
+
+    @staticmethod
+    def backward(ctx, grad_focal, grad_dice, grad_iou):
+        logits, target, intersection, denominator = ctx.saved_tensors
+        flat_logits, flat_target, hw = _flat(logits, target)
+        num = flat_logits.shape[0]
+        zeros = intersection.new_zeros(num)
+        grad_focal = zeros if grad_focal is None else grad_focal.reshape(num).float()  # N
+        grad_dice = zeros if grad_dice is None else grad_dice.reshape(num).float()  # N
+        coef = torch.stack([grad_focal / max(hw, 1),
+                            grad_dice * (2.0 * intersection + DICE_SMOOTH) / denominator.square(),
+                            grad_dice * 2.0 / denominator], dim=1).contiguous()  # N x 3
+        grad = torch.empty_like(flat_logits)  # N x HW, logits dtype
+        block, iters = _launch_shape()
+        chunks = triton.cdiv(hw, block * iters)
+        if num * chunks > 0:
+            _mask_loss_backward_kernel[(num * chunks,)](
+                flat_logits, flat_target, coef, grad, hw, chunks, ALPHA=FOCAL_ALPHA, BLOCK=block,
+                ITERS=iters, FAST_LOG=not INTERPRET, num_warps=_NUM_WARPS)
+        return grad.reshape(logits.shape), None
+
+
+def mask_loss_terms_triton(logits: torch.Tensor, target: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused Triton version of `mask_loss_terms_reference` (same outputs and gradient)."""
+    check_mask_loss_inputs(logits, target)
+    check_triton_sizes(logits)
+    return MaskLossFunction.apply(logits, target)
+
