@@ -9,6 +9,8 @@
 # train.activation_checkpointing "all"), kernels = bench_kernels.py, tests = pytest -m gpu, ckpt =
 # ReSAM-dist with the other checkpointing settings (CKPT_MODES, default "off encoder decoder"),
 # profile = ReSAM-dist ("all" and "off") under torch.profiler ($OUT/profile*/).
+# KERNEL_CASES="suppress_overlap ..." limits the kernel benchmark to those cases, GPU_TEST_K="..." the
+# GPU tests to a pytest -k expression; *_LIMIT variables set each step's time limit in seconds.
 #
 # Each step has its own time limit and a failing step does not stop the next, so one call gives
 # as much as it can: the log ($OUT/gpu_checks.log), the kernel benchmark ($OUT/kernels/) and the
@@ -70,12 +72,14 @@ PYEOF
 wanted memory && step "memory benchmark (vit_b, 1024 px)" "${MEMORY_LIMIT:-240}" "$PY" benchmarks/memory_vs_pointsam.py \
     --model vit_b --instances 50 --images-per-step 4 --steps 10 --warmup 2 --device cuda --out "$OUT/memory" \
     --variants resam_dist,resam_public,pointsam --note "benchmarks/gpu_checks.sh on a lent machine"
-wanted kernels && step "kernel benchmark" "${KERNELS_LIMIT:-280}" "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels"
+ONLY=(); for case in ${KERNEL_CASES:-}; do ONLY+=(--only "$case"); done  # default: every case
+wanted kernels && step "kernel benchmark" "${KERNELS_LIMIT:-280}" "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels" "${ONLY[@]}"
 if wanted tests; then
     IGNORE=()
     "$PY" -c "import nvidia.dali" 2>/dev/null || IGNORE=(--ignore tests/gpu/test_pipeline_gpu.py --ignore tests/gpu/test_train_gpu.py)
+    SELECT=(); [[ -n ${GPU_TEST_K:-} ]] && SELECT=(-k "$GPU_TEST_K")  # e.g. GPU_TEST_K="overlap or model"
     step "pytest tests/gpu" "${GPU_TEST_LIMIT:-150}" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu "${IGNORE[@]}" \
-        --deselect tests/gpu/test_bench_memory_gpu.py::test_benchmark_on_cuda -rA
+        --deselect tests/gpu/test_bench_memory_gpu.py::test_benchmark_on_cuda -rA "${SELECT[@]}"
 fi
 # the trade-off: ReSAM-dist with the other checkpointing settings (charts dropped: fewer files come back)
 if wanted ckpt; then

@@ -33,6 +33,25 @@ def test_sdpa_encoder_matches_official_on_cuda(dtype, atol):
     assert (fused - official).abs().max().item() < atol * max(1.0, official.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-3), (torch.bfloat16, 0.1)])
+def test_fused_decoder_matches_official_on_cuda(dtype, atol):
+    """ViT-B's mask decoder on 2 images x 50 prompts: SDPA attention, fused LayerNorm2d and the
+    channels-last path against SAM's layers (logits relative to their largest magnitude)."""
+    model = build_sam("vit_b", seed=0).to("cuda", dtype)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    features = torch.randn(2, 256, 64, 64, device="cuda", dtype=dtype, generator=generator)
+    points = torch.rand(2, 50, 2, 2, device="cuda", generator=generator) * 1024
+    labels = torch.tensor([1, 0], device="cuda").expand(2, 50, 2)
+    counts = torch.tensor([50, 37], device="cuda")
+    with torch.no_grad():
+        fused, fused_iou = model.decode(features, counts, points, labels)
+        set_attention(model, "official")
+        official, official_iou = model.decode(features, counts, points, labels)
+    scale = max(1.0, official.abs().max().item())
+    assert (fused - official).abs().max().item() < atol * scale
+    assert (fused_iou - official_iou).abs().max().item() < atol * max(1.0, official_iou.abs().max().item())
+
+
 def test_checkpointed_step_matches_on_cuda():
     batch = make_batch().to("cuda")
     losses, grads = [], []
