@@ -16,7 +16,9 @@ N x (q + 1) similarity matrix: it streams the queue in tiles, accumulating the s
 k_i (a C-vector per row) in registers, split over the queue across programs (flash-decoding
 style); a second kernel adds the h_i key, merges the splits, and writes the per-row loss and the
 gradient wrt the raw student rows (through the L2 normalisation). The gradient is computed in
-the forward and only scaled by the incoming gradient in the backward.
+the forward and only scaled by the incoming gradient in the backward. For float32 (whose tf32x3
+products need hi and lo copies of every operand) the partial kernel runs h_i . Q_j over channel
+chunks and may split k_i's channels over programs, so that no tile spills registers at C = 256.
 
 Softmax shift. An online softmax tracks a running row maximum because it is unknown. Here it is
 known: for unit vectors h_i . Q_j <= 1 = h_i . h_i, so the self logit h_i . h_i / tau bounds
@@ -86,85 +88,172 @@ def _bf16_dot(a, b, acc, UPCAST: tl.constexpr):
 def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
                               num_rows, queue_len, dim, split_len, scale_log2, size_class,
                               BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+                              C_PARTS: tl.constexpr, K_CHUNKS: tl.constexpr,
                               BF16_DOT: tl.constexpr, UPCAST_BF16_DOT: tl.constexpr):
-    """One (row block, queue split): over the split's queue rows j, with t_ij = h_i . Qn_j / tau
-    in log2 units and the fixed shift m_i = h_i . h_i / tau, writes per row
-    sum_j exp2(t_ij - m_i) and acc_i = sum_j exp2(t_ij - m_i) Qn_j (Qn: normalised queue rows)."""
+    """One (row block, queue split, channel part): over the split's queue rows j, with
+    t_ij = h_i . Qn_j / tau in log2 units and the fixed shift m_i = h_i . h_i / tau, writes per row
+    sum_j exp2(t_ij - m_i) (channel part 0 only) and the part's channels of
+    acc_i = sum_j exp2(t_ij - m_i) Qn_j (Qn: normalised queue rows).
+
+    C_PARTS > 1 splits the channels of acc_i over programs (grid axis 2; every part computes the
+    full h_i . Q_j). K_CHUNKS > 1 runs that product over channel chunks of BLOCK_C // K_CHUNKS
+    (weak and queue chunks reloaded per queue tile, from cache) instead of holding the whole
+    BLOCK_N x BLOCK_C and BLOCK_Q x BLOCK_C operands at once: both cut float32 registers."""
     row_block = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)  # BLOCK_N
-    channels = tl.arange(0, BLOCK_C)  # BLOCK_C
     row_ok = rows < num_rows
-    channel_ok = channels < dim
-    weak = tl.load(weak_ptr + rows[:, None].to(tl.int64) * dim + channels[None, :],
-                   mask=row_ok[:, None] & channel_ok[None, :], other=0.0)  # BLOCK_N x BLOCK_C
-    weak_f32 = weak.to(tl.float32)
-    weak_sq = tl.sum(weak_f32 * weak_f32, axis=1)  # BLOCK_N
+    weak_rows = weak_ptr + rows[:, None].to(tl.int64) * dim  # BLOCK_N x 1
+    # this program's channels of acc_i
+    own = tl.program_id(2) * (BLOCK_C // C_PARTS) + tl.arange(0, BLOCK_C // C_PARTS)
+    own_ok = own < dim
+    chunk = tl.arange(0, BLOCK_C // K_CHUNKS)  # BLOCK_K
+    if K_CHUNKS == 1:  # the whole weak tile stays in registers across the queue loop
+        weak = tl.load(weak_rows + chunk[None, :], mask=row_ok[:, None] & (chunk < dim)[None, :],
+                       other=0.0)  # BLOCK_N x BLOCK_C
+        weak_f32 = weak.to(tl.float32)
+        weak_sq = tl.sum(weak_f32 * weak_f32, axis=1)  # BLOCK_N
+        if not BF16_DOT:
+            weak = weak_f32
+    else:
+        weak_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for c0 in range(0, BLOCK_C, BLOCK_C // K_CHUNKS):
+            part_weak = tl.load(weak_rows + (c0 + chunk)[None, :],
+                                mask=row_ok[:, None] & (c0 + chunk < dim)[None, :],
+                                other=0.0).to(tl.float32)  # BLOCK_N x BLOCK_K
+            weak_sq += tl.sum(part_weak * part_weak, axis=1)
     inv_weak_norm = 1.0 / tl.maximum(tl.sqrt(weak_sq), 1e-12)
     shift = weak_sq * inv_weak_norm * inv_weak_norm * scale_log2  # self logit, log2 units
     row_scale = inv_weak_norm * scale_log2
-    if not BF16_DOT:
-        weak = weak_f32
 
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_C // C_PARTS], dtype=tl.float32)
     first = split * split_len
     last = tl.minimum(first + split_len, queue_len)
     for start in range(first, last, BLOCK_Q):
         keys = start + tl.arange(0, BLOCK_Q)  # BLOCK_Q
         key_ok = keys < queue_len
-        queue = tl.load(queue_ptr + keys[:, None].to(tl.int64) * dim + channels[None, :],
-                        mask=key_ok[:, None] & channel_ok[None, :], other=0.0)  # BLOCK_Q x BLOCK_C
-        queue_f32 = queue.to(tl.float32)
-        inv_key_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(queue_f32 * queue_f32, axis=1)), 1e-12)
-        if BF16_DOT:
-            dots = _bf16_dot(weak, tl.trans(queue), tl.zeros([BLOCK_N, BLOCK_Q], tl.float32),
-                             UPCAST_BF16_DOT)  # exact bf16 products, float32 sums
+        queue_rows = queue_ptr + keys[:, None].to(tl.int64) * dim  # BLOCK_Q x 1
+        if K_CHUNKS == 1:
+            queue = tl.load(queue_rows + chunk[None, :],
+                            mask=key_ok[:, None] & (chunk < dim)[None, :],
+                            other=0.0)  # BLOCK_Q x BLOCK_C
+            queue_f32 = queue.to(tl.float32)
+            key_sq = tl.sum(queue_f32 * queue_f32, axis=1)  # BLOCK_Q
+            if BF16_DOT:
+                dots = _bf16_dot(weak, tl.trans(queue), tl.zeros([BLOCK_N, BLOCK_Q], tl.float32),
+                                 UPCAST_BF16_DOT)  # exact bf16 products, float32 sums
+            else:
+                dots = tl.dot(weak, tl.trans(queue_f32), input_precision="tf32x3")
         else:
-            queue = queue_f32
-            dots = tl.dot(weak, tl.trans(queue), input_precision="tf32x3")
+            key_sq = tl.zeros([BLOCK_Q], dtype=tl.float32)
+            dots = tl.zeros([BLOCK_N, BLOCK_Q], dtype=tl.float32)
+            for c0 in range(0, BLOCK_C, BLOCK_C // K_CHUNKS):
+                chunk_ok = (c0 + chunk < dim)[None, :]
+                part_weak = tl.load(weak_rows + (c0 + chunk)[None, :],
+                                    mask=row_ok[:, None] & chunk_ok, other=0.0)  # BLOCK_N x BLOCK_K
+                part_queue = tl.load(queue_rows + (c0 + chunk)[None, :],
+                                     mask=key_ok[:, None] & chunk_ok, other=0.0)  # BLOCK_Q x BLOCK_K
+                part_queue_f32 = part_queue.to(tl.float32)
+                key_sq += tl.sum(part_queue_f32 * part_queue_f32, axis=1)
+                if BF16_DOT:
+                    dots = _bf16_dot(part_weak, tl.trans(part_queue), dots, UPCAST_BF16_DOT)
+                else:
+                    dots = tl.dot(part_weak.to(tl.float32), tl.trans(part_queue_f32), dots,
+                                  input_precision="tf32x3")
+        inv_key_norm = 1.0 / tl.maximum(tl.sqrt(key_sq), 1e-12)
         logits = dots * row_scale[:, None] * inv_key_norm[None, :]  # BLOCK_N x BLOCK_Q
         weights = tl.exp2(logits - shift[:, None])
         weights = tl.where(key_ok[None, :], weights, 0.0)
         total += tl.sum(weights, axis=1)
         scaled = weights * inv_key_norm[None, :]  # weights of the raw queue rows
+        if C_PARTS == 1 and K_CHUNKS == 1:
+            values = queue  # BLOCK_Q x BLOCK_C, already loaded
+        else:  # this program's channels of the tile (just read: a cache hit)
+            values = tl.load(queue_rows + own[None, :], mask=key_ok[:, None] & own_ok[None, :],
+                             other=0.0)  # BLOCK_Q x BLOCK_CA
         if BF16_DOT:
             high = scaled.to(tl.bfloat16)
             low = (scaled - high.to(tl.float32)).to(tl.bfloat16)
-            acc = _bf16_dot(high, queue, acc, UPCAST_BF16_DOT)
-            acc = _bf16_dot(low, queue, acc, UPCAST_BF16_DOT)
+            acc = _bf16_dot(high, values, acc, UPCAST_BF16_DOT)
+            acc = _bf16_dot(low, values, acc, UPCAST_BF16_DOT)
         else:
-            acc = tl.dot(scaled, queue, acc, input_precision="tf32x3")
+            acc = tl.dot(scaled, values.to(tl.float32), acc, input_precision="tf32x3")
 
     part = rows.to(tl.int64) * num_splits + split  # N x splits layout
-    tl.store(part_sum_ptr + part, total, mask=row_ok)
-    tl.store(part_acc_ptr + part[:, None] * dim + channels[None, :], acc,
-             mask=row_ok[:, None] & channel_ok[None, :])
+    if C_PARTS == 1:  # (a separate branch: keeps the bf16 code as it was, see the configs)
+        tl.store(part_sum_ptr + part, total, mask=row_ok)
+    elif tl.program_id(2) == 0:  # every channel part has the same sum
+        tl.store(part_sum_ptr + part, total, mask=row_ok)
+    tl.store(part_acc_ptr + part[:, None] * dim + own[None, :], acc,
+             mask=row_ok[:, None] & own_ok[None, :])
+
+
+def _tile(block_n, block_q, c_parts, k_chunks, num_warps, num_stages):
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_Q": block_q, "C_PARTS": c_parts,
+                          "K_CHUNKS": k_chunks}, num_warps=num_warps, num_stages=num_stages)
 
 
 # The GPU picks its tile shape on first use per (dim, size class, dtype): the size class is the
 # bit length of queue rows per split (a growing queue re-tunes at most once per power of two).
-# Configs that do not fit the device's shared memory or registers are dropped by the autotuner;
-# the 16-row tiles keep the float32 (tf32x3) path from spilling registers at C = 256.
-_PARTIAL_CONFIGS = [
-    triton.Config({"BLOCK_N": 16, "BLOCK_Q": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 16, "BLOCK_Q": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 32, "BLOCK_Q": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 32, "BLOCK_Q": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 64, "BLOCK_Q": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 64, "BLOCK_Q": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 128, "BLOCK_Q": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 64, "BLOCK_Q": 32}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_N": 128, "BLOCK_Q": 64}, num_warps=8, num_stages=1),
-    # sm_90 ptxas (triton 3.8, C = 256): every float32 (tf32x3) config above spills (360 to
-    # 29156 bytes); 16 rows at 8 warps spill least (136 bytes). bf16 at 16 x 64, 3 stages: 166
-    # registers, no spill, deeper load pipelining for long splits (large queues).
-    triton.Config({"BLOCK_N": 16, "BLOCK_Q": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 16, "BLOCK_Q": 64}, num_warps=4, num_stages=3),
+# Configs that do not fit the device's shared memory or registers are dropped by the autotuner.
+# Tiles: (BLOCK_N, BLOCK_Q, C_PARTS, K_CHUNKS, warps, stages).
+# bf16: whole-width tiles (C_PARTS = K_CHUNKS = 1), the configs of before the channel split.
+_PARTIAL_CONFIGS_BF16 = [
+    _tile(16, 32, 1, 1, 4, 2),
+    _tile(16, 64, 1, 1, 4, 2),
+    _tile(32, 64, 1, 1, 4, 2),
+    _tile(32, 32, 1, 1, 4, 2),
+    _tile(64, 32, 1, 1, 4, 2),
+    _tile(64, 64, 1, 1, 8, 2),
+    _tile(128, 32, 1, 1, 8, 2),
+    _tile(64, 32, 1, 1, 8, 1),
+    _tile(128, 64, 1, 1, 8, 1),
+    _tile(16, 32, 1, 1, 8, 2),
+    # sm_90 ptxas: 166 registers, no spill; deeper load pipelining for long splits
+    _tile(16, 64, 1, 1, 4, 3),
 ]
-_ssa_queue_partial_kernel_tuned = triton.autotune(configs=_PARTIAL_CONFIGS, key=["dim", "size_class"])(
-    _ssa_queue_partial_kernel)
+# float32 (tf32x3): whole-width tiles spill registers in every config at C = 256 (sm_90 ptxas,
+# triton 3.8: 136 to 29156 bytes). Every config below runs h . Q in channel chunks (K_CHUNKS),
+# some also split acc_i over programs (C_PARTS, which recomputes h . Q once per part but lets
+# 64- and 128-row tiles fit); sm_90 ptxas at C = 256: 166 to 254 registers, no spill.
+_PARTIAL_CONFIGS_F32 = [
+    _tile(16, 32, 1, 4, 8, 2),
+    _tile(16, 32, 1, 2, 8, 2),
+    _tile(16, 64, 1, 4, 8, 2),
+    _tile(16, 64, 1, 8, 8, 2),
+    _tile(16, 64, 1, 4, 8, 3),
+    _tile(32, 32, 1, 8, 8, 2),
+    _tile(16, 32, 1, 4, 4, 2),
+    _tile(16, 32, 2, 2, 8, 2),
+    _tile(16, 64, 2, 4, 8, 2),
+    _tile(64, 32, 2, 8, 8, 2),
+    _tile(64, 32, 4, 8, 8, 2),
+    _tile(128, 32, 4, 8, 8, 2),
+]
+# tl.dot needs every tile side >= 16: channel chunks and parts never narrower than 16
+MIN_CHANNEL_TILE = 16
+
+
+def _fit_channel_tiles(configs, named_args, **kwargs):
+    """Autotuner pruning: caps C_PARTS and K_CHUNKS at BLOCK_C // 16 (small C), without duplicates."""
+    limit = kwargs["BLOCK_C"] // MIN_CHANNEL_TILE
+    fitted = {}
+    for config in configs:
+        meta = dict(config.kwargs, C_PARTS=min(config.kwargs["C_PARTS"], limit),
+                    K_CHUNKS=min(config.kwargs["K_CHUNKS"], limit))
+        tag = (tuple(sorted(meta.items())), config.num_warps, config.num_stages)
+        fitted.setdefault(tag, triton.Config(meta, num_warps=config.num_warps,
+                                             num_stages=config.num_stages))
+    return list(fitted.values())
+
+
+_ssa_queue_partial_kernel_bf16 = triton.autotune(
+    configs=_PARTIAL_CONFIGS_BF16, key=["dim", "size_class"])(_ssa_queue_partial_kernel)
+_ssa_queue_partial_kernel_f32 = triton.autotune(
+    configs=_PARTIAL_CONFIGS_F32, key=["dim", "size_class"],
+    prune_configs_by={"early_config_prune": _fit_channel_tiles})(_ssa_queue_partial_kernel)
 # split_len is a multiple of every BLOCK_Q above, so splits never share a queue tile
 _SPLIT_QUANTUM = 128
 
@@ -219,11 +308,13 @@ def _queue_split_len(num_rows: int, queue_len: int, device: torch.device,
 
 
 def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.Tensor,
-                       tau: float, *, queue_splits: int | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       tau: float, *, queue_splits: int | None = None, channel_parts: int = 1,
+                       channel_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (loss float32 scalar, d loss / d student N x C float32). Needs N >= 1.
 
-    `queue_splits` (tests) asks for that many queue splits instead of the launch heuristic."""
+    `queue_splits` (tests) asks for that many queue splits instead of the launch heuristic;
+    `channel_parts` and `channel_chunks` (tests) set C_PARTS and K_CHUNKS of the interpreter
+    launch (powers of two, with BLOCK_C divided by them >= 16; the GPU autotunes both)."""
     num_rows, dim = student.shape
     device = student.device
     student = student.detach().contiguous()
@@ -245,13 +336,13 @@ def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.T
         size_class = split_len.bit_length()  # autotuning bucket, not read by the kernel
         args = (weak, queue, part_sum, part_acc, num_rows, queue_len, dim, split_len, scale_log2, size_class)
         if INTERPRET:
-            _ssa_queue_partial_kernel[(triton.cdiv(num_rows, 64), num_splits)](
-                *args, BLOCK_N=64, BLOCK_Q=_SPLIT_QUANTUM, BLOCK_C=block_c, BF16_DOT=bf16_dot,
-                UPCAST_BF16_DOT=True)
+            _ssa_queue_partial_kernel[(triton.cdiv(num_rows, 64), num_splits, channel_parts)](
+                *args, BLOCK_N=64, BLOCK_Q=_SPLIT_QUANTUM, BLOCK_C=block_c, C_PARTS=channel_parts,
+                K_CHUNKS=channel_chunks, BF16_DOT=bf16_dot, UPCAST_BF16_DOT=True)
         else:
-            grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_splits)
-            _ssa_queue_partial_kernel_tuned[grid](*args, BLOCK_C=block_c, BF16_DOT=bf16_dot,
-                                                  UPCAST_BF16_DOT=False)
+            tuned = _ssa_queue_partial_kernel_bf16 if bf16_dot else _ssa_queue_partial_kernel_f32
+            grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_splits, meta["C_PARTS"])
+            tuned[grid](*args, BLOCK_C=block_c, BF16_DOT=bf16_dot, UPCAST_BF16_DOT=False)
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=device)
     grad = torch.empty((num_rows, dim), dtype=torch.float32, device=device)
     merge_block_n = 64 if INTERPRET else 16

@@ -3,8 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import resam_kernels
+from resam_kernels import ssa
 from resam_kernels.ssa import ssa_forward_triton, ssa_loss_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,3 +126,55 @@ def test_zero_rows_near_duplicates_and_temperatures(tau):
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     torch.testing.assert_close(loss, loss_ref.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-4)
+
+
+# Channel split of the partial kernel: (C_PARTS, K_CHUNKS) against the reference. C = 33 pads
+# to 64 channels (parts of 16: the last part holds 1 real channel and 3 parts-worth of padding
+# at 4 parts), C = 20 pads to 32 (two parts of 16, the second 4 channels wide), C = 256 is the
+# model width; q = 129 crosses the 128-row queue tile, N = 65 the 64-row block.
+SPLIT_CASES = [
+    (1, 0, 33), (1, 1, 33), (65, 129, 33), (5, 1000, 256), (3, 200, 20), (65, 1, 256),
+]
+
+
+@pytest.mark.parametrize("tiles", [(2, 1), (1, 2), (2, 2), (4, 4), (1, 4), (4, 8)],
+                         ids=lambda tiles: "parts%d-chunks%d" % tiles)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda case: "N%d-q%d-C%d" % case)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_parts_and_chunks(tiles, case, dtype):
+    channel_parts, channel_chunks = tiles
+    num_rows, queue_len, dim = case
+    if max(tiles) * 16 > max(16, triton.next_power_of_2(dim)):
+        pytest.skip("channel tile narrower than 16 (the autotuner prunes it)")
+    student, weak, queue = inputs(num_rows, queue_len, dim, dtype, seed=sum(case) + sum(tiles))
+    loss, grad = ssa_forward_triton(student, weak, queue, TAU, queue_splits=3,
+                                    channel_parts=channel_parts, channel_chunks=channel_chunks)
+    loss_ref = ssa_loss_reference(student, weak, queue, TAU)
+    (grad_ref,) = torch.autograd.grad(loss_ref, student)
+    torch.testing.assert_close(loss, loss_ref.detach(), atol=1e-5, rtol=1e-5)
+    scale = grad_ref.float().abs().max().item()
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad, grad_ref, atol=1e-7, rtol=1e-4)
+    else:  # the reference gradient is rounded to bf16 (relative step 2^-8)
+        torch.testing.assert_close(grad, grad_ref.float(), atol=1e-2 * scale, rtol=1e-2)
+    # the same kernel without the split: only the float32 summation order of h . Q differs
+    loss_whole, grad_whole = ssa_forward_triton(student, weak, queue, TAU, queue_splits=3)
+    torch.testing.assert_close(loss, loss_whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, grad_whole, atol=1e-6 * scale, rtol=1e-5)
+
+
+def test_channel_tile_pruning_and_config_counts():
+    """The GPU autotuner caps C_PARTS and K_CHUNKS so that no channel tile is under 16 wide."""
+    assert len(ssa._PARTIAL_CONFIGS_F32) <= 12 and len(ssa._PARTIAL_CONFIGS_BF16) <= 12
+    full = ssa._fit_channel_tiles(ssa._PARTIAL_CONFIGS_F32, {}, BLOCK_C=256)
+    assert [(c.kwargs, c.num_warps, c.num_stages) for c in full] == [
+        (c.kwargs, c.num_warps, c.num_stages) for c in ssa._PARTIAL_CONFIGS_F32]
+    for block_c in (16, 32, 64):
+        fitted = ssa._fit_channel_tiles(ssa._PARTIAL_CONFIGS_F32, {}, BLOCK_C=block_c)
+        tags = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in fitted]
+        assert len(tags) == len(set(tags)) >= 1
+        for config in fitted:
+            assert block_c // config.kwargs["C_PARTS"] >= 16
+            assert block_c // config.kwargs["K_CHUNKS"] >= 16
+    assert {c.kwargs["K_CHUNKS"] for c in ssa._fit_channel_tiles(
+        ssa._PARTIAL_CONFIGS_F32, {}, BLOCK_C=16)} == {1}
