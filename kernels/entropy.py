@@ -58,7 +58,13 @@ def _entropy_filter_kernel(logits_ptr, keep_ptr, confidence_ptr, numel, eps, num
     # and the other one 1 - q = t q; ln q = -ln(1+t), ln(1-q) = -a - ln(1+t), so the entropy in
     # bits is H = log2(1+t) + t q a / ln 2, and p = q for x >= 0, t q otherwise: one exp2, one
     # log2 and one division per element. Clamping a reproduces the reference's clamp of p.
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # BLOCK
+    # A BLOCK/4 x 4 tile, not a flat BLOCK vector: Triton then gives the load, both stores and
+    # the arithmetic the same layout (4 consecutive elements per thread). With a flat vector it
+    # vectorises each memory operation to 16 bytes (8 bf16, 4 float32 or 16 uint8 elements per
+    # thread) and converts between those layouts through shared memory (sm_90 PTX: st.shared,
+    # ldmatrix and a bar.sync per round); the tile form compiles without any of it.
+    rows = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # BLOCK/4
+    offsets = rows[:, None] * 4 + tl.arange(0, 4)[None, :]  # BLOCK/4 x 4
     in_range = offsets < numel
     logit = tl.load(logits_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
     # a / ln 2 (bits); NaN logits stay NaN (as in the reference: NaN confidence, not kept)
@@ -77,10 +83,11 @@ def _entropy_filter_kernel(logits_ptr, keep_ptr, confidence_ptr, numel, eps, num
 
 # On the GPU the block size is tuned on first use per (numel bucket, dtype, WRITE_CONFIDENCE);
 # every config writes the same outputs from the inputs only, so re-running one is harmless.
-# Elements per thread = BLOCK / (32 num_warps), 16-byte vector loads and stores (sm_90 ptxas,
-# no spills: 32-104 registers per thread). The loads of one thread are all in
-# flight at once, so 2-byte logits need twice the elements per thread of float32 ones for the
-# same bytes in flight: the 64-elements-per-thread configs are there for bf16/fp16.
+# Elements per thread = BLOCK / (32 num_warps), in runs of 4: float32 loads and confidence stores
+# of 16 bytes, bf16 loads of 8, keep stores of 4 (sm_90 ptxas, triton 3.8: no spills, 40-164
+# registers per thread, no shared memory). The loads of one thread are all in flight at once,
+# so 2-byte logits need twice the elements per thread of float32 ones for the same bytes in
+# flight: the 64-elements-per-thread configs are there for bf16/fp16.
 _CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps)
             for block, warps in ((2048, 8), (4096, 8), (8192, 8), (4096, 4), (8192, 4),
                                  (16384, 8), (16384, 16))]
