@@ -14,8 +14,8 @@
 #
 # Each step has its own time limit and a failing step does not stop the next, so one call gives
 # as much as it can: the log ($OUT/gpu_checks.log), the kernel benchmark ($OUT/kernels/) and the
-# ViT-B memory benchmark ($OUT/memory/, and ReSAM-dist without activation checkpointing in
-# $OUT/memory_nockpt/). The DALI loader and trainer GPU tests need the DALI wheel
+# ViT-B memory benchmark ($OUT/memory/, and ReSAM-dist with the other checkpointing settings in
+# $OUT/memory_ckpt_<setting>/). The DALI loader and trainer GPU tests need the DALI wheel
 # (too large to carry in one call) and are skipped when nvidia.dali is missing.
 set -u
 OUT=${OUT:-benchmarks/results/gpu_run}

@@ -234,7 +234,9 @@ def _check_value(value: Any, annotation: Any, key: str, source: str) -> Any:
     if origin is Literal:
         if value in args:
             return value
-        raise ValueError(f"{source}: key '{key}' must be one of {list(args)}, got {value!r}")
+        hint = (' (the former true/false are now "all"/"off")'
+                if key == "train.activation_checkpointing" and isinstance(value, bool) else "")
+        raise ValueError(f"{source}: key '{key}' must be one of {list(args)}, got {value!r}{hint}")
     if origin is list:
         if not isinstance(value, list):
             raise bad

@@ -66,7 +66,7 @@ class BatchedMaskDecoder(MaskDecoder):
         dense_prompt_embeddings: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embeddings B x C x h x w; image_index N (image of each prompt); image_pe
-        1 x C x h x w; sparse N x T x C; dense N x C x h x w (or broadcastable).
+        1 x C x h x w; sparse N x T x C; dense N (or 1) x C x h x w.
         Returns (low-res mask logits N x 1 x 4h x 4w, iou N x 1)."""
         dtype = self.iou_token.weight.dtype
         num_prompts = sparse_prompt_embeddings.shape[0]

@@ -202,6 +202,9 @@ def test_checkpointing_is_refused_with_zero3(tmp_path):
                                 "deepspeed": {"zero_optimization": {"stage": 3}}}))
     with pytest.raises(ValueError, match="train.activation_checkpointing.*ZeRO stage 3"):
         load_config(path)
+    path.write_text(json.dumps({"train": {"activation_checkpointing": True}}))
+    with pytest.raises(ValueError, match=r"train.activation_checkpointing.*former true/false are now"):
+        load_config(path)
     path.write_text(json.dumps({"model": {"attention": "fast"}}))
     with pytest.raises(ValueError, match="model.attention"):
         load_config(path)
