@@ -262,8 +262,9 @@ def mask_loss_forward_triton(logits: torch.Tensor, target: torch.Tensor
     num = flat_logits.shape[0]
     block, iters = _launch_shape()
     chunks = triton.cdiv(hw, block * iters)
-    sums = torch.zeros((num, chunks, 3), dtype=torch.float32, device=logits.device)
-    counts = torch.zeros((num, chunks, 3), dtype=torch.int32, device=logits.device)
+    # every program writes its partial, so no fill is needed (with no program: empty along chunks)
+    sums = torch.empty((num, chunks, 3), dtype=torch.float32, device=logits.device)
+    counts = torch.empty((num, chunks, 3), dtype=torch.int32, device=logits.device)
     if num * chunks > 0:
         _mask_loss_forward_kernel[(num * chunks,)](
             flat_logits, flat_target, sums, counts, hw, chunks, ALPHA=FOCAL_ALPHA, BLOCK=block,
