@@ -8,7 +8,7 @@
 # CHECKS (default "memory kernels tests ckpt"): memory = the ViT-B memory benchmark (ReSAM-dist with
 # train.activation_checkpointing "all"), kernels = bench_kernels.py, tests = pytest -m gpu, ckpt =
 # ReSAM-dist with the other checkpointing settings (CKPT_MODES, default "off encoder decoder"),
-# profile = ReSAM-dist ("all" and "off") under torch.profiler ($OUT/profile*/).
+# profile = ReSAM-dist ("all" and "off", or PROFILE_MODES="on"/"off") under torch.profiler ($OUT/profile*/).
 # KERNEL_CASES="suppress_overlap ..." limits the kernel benchmark to those cases, GPU_TEST_K="..." the
 # GPU tests to a pytest -k expression; *_LIMIT variables set each step's time limit in seconds.
 #
@@ -90,7 +90,7 @@ fi
 ONLY=(); for case in ${KERNEL_CASES:-}; do ONLY+=(--only "$case"); done  # default: every case
 wanted kernels && step "kernel benchmark" "${KERNELS_LIMIT:-280}" "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels" "${ONLY[@]}"
 if wanted profile; then
-    for ckpt in on off; do
+    for ckpt in ${PROFILE_MODES:-on off}; do
         extra=(); [[ $ckpt == off ]] && extra=(--dist-checkpointing off)
         step "profile ReSAM-dist, checkpointing $ckpt" "${PROFILE_LIMIT:-90}" "$PY" benchmarks/memory_vs_pointsam.py \
             --model vit_b --instances 50 --images-per-step 4 --steps 5 --warmup 2 --device cuda --variants resam_dist \

@@ -86,13 +86,26 @@ class BatchedMaskDecoder(MaskDecoder):
         mask_token_out = hs[:, 1, :]  # N x C, the single-mask token
 
         src = src.reshape(n, h, w, c).permute(0, 3, 1, 2)  # N x C x h x w, channels-last view
-        upscaled = self.output_upscaling(src)  # N x C/8 x 4h x 4w
-        hyper_in = self.output_hypernetworks_mlps[0](mask_token_out).unsqueeze(2)  # N x C/8 x 1
-        n, c_up, h_up, w_up = upscaled.shape
-        pixels = upscaled.permute(0, 2, 3, 1).reshape(n, h_up * w_up, c_up)  # N x 16hw x C/8 (a view if channels-last)
-        masks = (pixels @ hyper_in).reshape(n, 1, h_up, w_up)  # N x 1 x 4h x 4w
+        hyper_in = self.output_hypernetworks_mlps[0](mask_token_out)  # N x C/8
+        masks = self._upscale_stage2_and_masks(self._upscale_stage1(src), hyper_in)  # N x 1 x 4h x 4w
         iou_pred = self.iou_prediction_head(iou_token_out)[:, :1]  # N x 1
         return masks, iou_pred
+
+    def _upscale_stage1(self, src: torch.Tensor) -> torch.Tensor:
+        """SAM's `output_upscaling[:3]` (transposed conv, LayerNorm2d, GELU):
+        N x C x h x w -> N x C/4 x 2h x 2w."""
+        conv, norm, activation = self.output_upscaling[:3]
+        return activation(norm(conv(src)))
+
+    def _upscale_stage2_and_masks(self, upscaled: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+        """SAM's `output_upscaling[3:]` (transposed conv, GELU) and the dot product of every pixel
+        with the mask token's hypernetwork output: upscaled N x C/4 x 2h x 2w, hyper_in N x C/8
+        -> mask logits N x 1 x 4h x 4w."""
+        conv, activation = self.output_upscaling[3:]
+        pixels = activation(conv(upscaled))  # N x C/8 x 4h x 4w
+        n, c_up, h_up, w_up = pixels.shape
+        pixels = pixels.permute(0, 2, 3, 1).reshape(n, h_up * w_up, c_up)  # N x 16hw x C/8 (a view if channels-last)
+        return (pixels @ hyper_in.unsqueeze(2)).reshape(n, 1, h_up, w_up)  # N x 1 x 4h x 4w
 
 
 class PromptableSam(nn.Module):
