@@ -10,12 +10,14 @@ reference (the specification, `*_reference` in each module) runs.
 - `suppress_overlap(masks, confidence, counts, mode, *, use_triton=True)`
 - `ssa_loss(student, weak, queue, tau, *, use_triton=True)`
 - `mask_loss_terms(logits, target, *, use_triton=True)`
+- `instance_counts(pred, gt, *, use_triton=True)`
 """
 
 from __future__ import annotations
 
 import torch
 
+from resam_kernels.counts import instance_counts_reference, instance_counts_triton
 from resam_kernels.entropy import (INTERPRET, confidence_reference, entropy_filter_reference,
                                    entropy_filter_triton)
 from resam_kernels.mask_loss import mask_loss_terms_reference, mask_loss_terms_triton
@@ -25,6 +27,7 @@ from resam_kernels.ssa import ssa_loss_reference, ssa_loss_triton
 
 __all__ = [
     "MODES", "confidence", "confidence_reference", "entropy_filter", "entropy_filter_reference",
+    "instance_counts", "instance_counts_reference",
     "mask_loss_terms", "mask_loss_terms_reference", "runs_triton", "ssa_loss", "ssa_loss_reference", "suppress_overlap",
     "suppress_overlap_reference", "tight_boxes_reference",
 ]
@@ -89,3 +92,11 @@ def mask_loss_terms(logits: torch.Tensor, target: torch.Tensor, *, use_triton: b
     if runs_triton(logits, use_triton):
         return mask_loss_terms_triton(logits, target)
     return mask_loss_terms_reference(logits, target)
+
+
+def instance_counts(pred: torch.Tensor, gt: torch.Tensor, *, use_triton: bool = True) -> torch.Tensor:
+    """Per-instance (tp, fp, fn) pixel counts: pred ... x H x W (bool, or float logits with
+    foreground logit > 0), gt ... x H x W bool -> ... x 3 int64. See `resam_kernels.counts`."""
+    if runs_triton(pred, use_triton):
+        return instance_counts_triton(pred, gt)
+    return instance_counts_reference(pred, gt)

@@ -5,6 +5,7 @@ import torch
 
 import resam_kernels
 from resam_dist.resam.prompts import masks_to_boxes
+from resam_kernels.counts import instance_counts_reference
 from resam_kernels.entropy import entropy_filter_reference
 from resam_kernels.mask_loss import mask_loss_terms_reference
 from resam_kernels.overlap import suppress_overlap_reference
@@ -133,8 +134,20 @@ def test_mask_loss_terms_64bit_offsets():
     torch.testing.assert_close(grad[-3:].float(), grad_ref.float(), atol=1e-2 * scale, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.bfloat16])
+def test_instance_counts_realistic(dtype):
+    """4 images x 50 instances at 1024 x 1024: bool masks, and logits thresholded in the kernel."""
+    logits = smooth_logits(4, 50, 1024, torch.float32, seed=6)
+    pred = logits > 0 if dtype == torch.bool else logits.to(dtype)
+    gt = smooth_logits(4, 50, 1024, torch.float32, seed=7) > 0
+    gt[0, 0] = True
+    got = resam_kernels.instance_counts(pred, gt)
+    assert got.dtype == torch.int64 and got.shape == (4, 50, 3)
+    assert torch.equal(got, instance_counts_reference(pred, gt))
+
+
 def test_kernels_do_not_synchronise_the_host():
-    """Refine, SSA and the mask losses run inside the training step: no device-to-host sync allowed."""
+    """Refine, SSA, the mask losses and the monitoring counts run inside the training step: no device-to-host sync allowed."""
     logits = smooth_logits(2, 50, 256, torch.float32, seed=0)
     counts = torch.tensor([50, 20], device=DEVICE)
     student = torch.randn(40, 256, device=DEVICE, requires_grad=True)
@@ -149,6 +162,7 @@ def test_kernels_do_not_synchronise_the_host():
         resam_kernels.ssa_loss(student, weak, queue, 0.07).backward()
         focal, dice, _ = resam_kernels.mask_loss_terms(mask_logits, keep)
         (focal.sum() + dice.sum()).backward()
+        resam_kernels.instance_counts(logits, keep)
 
     run_all()  # first call: compilation and the SSA autotuning may synchronise
     torch.cuda.synchronize()
