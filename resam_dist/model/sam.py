@@ -76,8 +76,15 @@ class BatchedMaskDecoder(MaskDecoder):
 
         # channels-last (N x h x w x C) storage: the transformer's token view (N x hw x C) and the
         # upscaling convolutions then work on it without transposing copies
-        src = image_embeddings.to(dtype).permute(0, 2, 3, 1)[image_index]  # N x h x w x C
-        src = (src + dense_prompt_embeddings.to(dtype).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # N x C x h x w
+        images = image_embeddings.to(dtype).permute(0, 2, 3, 1)  # B x h x w x C
+        dense = dense_prompt_embeddings.to(dtype).permute(0, 2, 3, 1)  # N (or 1) x h x w x C
+        if dense.shape[0] >= 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
+            # one dense embedding for every prompt (no mask prompts: SAM expands its no-mask
+            # embedding): add it to the B images before gathering N copies, not to the N copies
+            src = (images + dense[:1])[image_index]  # N x h x w x C
+        else:
+            src = images[image_index] + dense  # N x h x w x C
+        src = src.permute(0, 3, 1, 2)  # N x C x h x w (channels-last storage)
         pos_src = image_pe.to(dtype).expand(num_prompts, -1, -1, -1)  # N x C x h x w
         n, c, h, w = src.shape
 
