@@ -85,7 +85,10 @@ class BatchedMaskDecoder(MaskDecoder):
         else:
             src = images[image_index] + dense  # N x h x w x C
         src = src.permute(0, 3, 1, 2)  # N x C x h x w (channels-last storage)
-        pos_src = image_pe.to(dtype).expand(num_prompts, -1, -1, -1)  # N x C x h x w
+        # channels-last too: the transformer's N x hw x C view of it then has unit channel stride
+        # (SAM's C x hw layout makes every `keys + key_pe` over N x hw x C a strided gather)
+        pos_src = image_pe.to(dtype).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # 1 x C x h x w
+        pos_src = pos_src.expand(num_prompts, -1, -1, -1)  # N x C x h x w
         n, c, h, w = src.shape
 
         hs, src = self.transformer(src, pos_src, tokens)  # N x T' x C, N x hw x C
