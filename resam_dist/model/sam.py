@@ -27,6 +27,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 
 from resam_dist.data.batch import valid_from_counts
+from resam_dist.model.upsample import upsample4x
 
 
 CHECKPOINT_PARTS = ("off", "encoder", "decoder", "all")
@@ -272,8 +273,11 @@ class PromptableSam(nn.Module):
         size = self.image_size
         sparse, dense = self.prompt_encoder(points=prompt_points, boxes=prompt_boxes, masks=None)
         low_res, iou_pred = self.mask_decoder(features, image_index, image_pe, sparse, dense)
-        upsampled = F.interpolate(low_res.float(), (size, size), mode="bilinear",
-                                  align_corners=False)  # N x 1 x S x S
+        if 4 * low_res.shape[-1] == size and 4 * low_res.shape[-2] == size:  # SAM's decoder: always
+            upsampled = upsample4x(low_res.float())  # N x 1 x S x S, bilinear with a gather-free backward
+        else:
+            upsampled = F.interpolate(low_res.float(), (size, size), mode="bilinear",
+                                      align_corners=False)  # N x 1 x S x S
         return upsampled[:, 0], iou_pred[:, 0].float()
 
     def forward(self, images: torch.Tensor, counts: torch.Tensor, points: torch.Tensor | None = None,
