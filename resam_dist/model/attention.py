@@ -111,17 +111,36 @@ class SdpaDecoderAttention(DecoderAttention):
     """The mask decoder's attention (same parameters) through `F.scaled_dot_product_attention`."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if k.shape[1] <= FEW_KEYS:
+            return self._few_keys_forward(q, k, v)
         q = self._separate_heads(self.q_proj(q), self.num_heads)  # B x heads x Nq x d
         k = self._separate_heads(self.k_proj(k), self.num_heads)  # B x heads x Nk x d
         v = self._separate_heads(self.v_proj(v), self.num_heads)  # B x heads x Nk x d
-        if k.shape[-2] <= FEW_KEYS:
-            # image-to-token attention (hw queries, a few prompt tokens as keys): the attention
-            # matrix is smaller than q, and fused kernels pad the keys to their block size
-            logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # B x heads x Nq x Nk
-            out = logits.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v  # B x heads x Nq x d
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # B x heads x Nq x d, scale 1/sqrt(d) as SAM's
+        out = F.scaled_dot_product_attention(q, k, v)  # B x heads x Nq x d, scale 1/sqrt(d) as SAM's
         return self.out_proj(self._recombine_heads(out))  # B x Nq x C
+
+    def _few_keys_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Image-to-token attention (Nq = hw image tokens, Nk = a few prompt tokens) without
+        separating heads: with block-diagonal key and value matrices (heads d x heads Nk and
+        heads Nk x heads d, small) every head's logits and outputs come from one batched matmul
+        on the queries' own B x Nq x (heads d) layout, and the output is already in the layout
+        `out_proj` takes. The attention matrix (B x Nq x heads Nk) is smaller than q; fused
+        kernels would pad the keys to their block size."""
+        heads = self.num_heads
+        q = self.q_proj(q)  # B x Nq x heads d
+        k = self.k_proj(k)  # B x Nk x heads d
+        v = self.v_proj(v)  # B x Nk x heads d
+        batch, num_keys, inner = k.shape
+        num_queries, head_dim = q.shape[1], inner // heads
+        eye = torch.eye(heads, dtype=k.dtype, device=k.device)  # heads x heads
+        k_heads = k.view(batch, num_keys, heads, head_dim) * head_dim ** -0.5  # scaled as SAM's logits
+        k_block = torch.einsum("bshd,hg->bhdgs", k_heads, eye).reshape(batch, inner, heads * num_keys)
+        v_block = torch.einsum("bshd,hg->bhsgd", v.view(batch, num_keys, heads, head_dim), eye)
+        v_block = v_block.reshape(batch, heads * num_keys, inner)  # B x heads Nk x heads d
+        logits = (q @ k_block).view(batch, num_queries, heads, num_keys)  # B x Nq x heads x Nk
+        probs = logits.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # B x Nq x heads x Nk
+        out = probs.view(batch, num_queries, heads * num_keys) @ v_block  # B x Nq x heads d
+        return self.out_proj(out)  # B x Nq x C
 
 
 class SharedKeysTwoWayBlock(TwoWayAttentionBlock):
