@@ -111,6 +111,22 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _head_offset(bh, heads, stride_b, stride_h):
+    """Offset (int64) of (batch bh // heads, head bh % heads) in a tensor of those strides."""
+    return (bh // heads).to(tl.int64) * stride_b + (bh % heads).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _logits(q, k, rel_h_tile, rel_w_tile, valid, scale_log2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            R: tl.constexpr, WP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Logits in base 2 (S log2(e)) of a BLOCK_M x BLOCK_N tile, -inf at masked keys; the rel
+    tiles are already multiplied by log2(e)."""
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2  # BLOCK_M x BLOCK_N
+    s += _tile_bias(rel_h_tile, rel_w_tile, BLOCK_M, BLOCK_N, R, WP)
+    return tl.where(valid[None, :], s, float("-inf"))
+
+
+@triton.jit
 def _key_block(kb, H, W, WP: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key block kb (rows kb R .. kb R + R - 1) -> (token index, valid), BLOCK_N each."""
     lane = tl.arange(0, BLOCK_N)
@@ -165,12 +181,10 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, relh_ptr, relw_ptr, o_ptr, lse_ptr,
     # (contiguous); o: BH x N x D contiguous (q's dtype); lse: BH x N float32 (base 2).
     mb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
     bh64 = bh.to(tl.int64)
-    q_ptr += b * sq_b + h * sq_h
-    k_ptr += b * sk_b + h * sk_h
-    v_ptr += b * sv_b + h * sv_h
+    q_ptr += _head_offset(bh, heads, sq_b, sq_h)
+    k_ptr += _head_offset(bh, heads, sk_b, sk_h)
+    v_ptr += _head_offset(bh, heads, sv_b, sv_h)
     relh_ptr += bh64 * N * H
     relw_ptr += bh64 * N * W
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # BLOCK_M query tokens
@@ -189,9 +203,8 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, relh_ptr, relw_ptr, o_ptr, lse_ptr,
         k = tl.load(k_ptr + keys[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)  # BLOCK_N x HEAD_DIM
         v = tl.load(v_ptr + keys[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)  # BLOCK_N x HEAD_DIM
         rel_h_tile = _load_rel_h(relh_ptr, offs_m, mask_m, kb, H, R) * 1.4426950408889634  # BLOCK_M x R
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2  # BLOCK_M x BLOCK_N
-        s += _tile_bias(rel_h_tile, rel_w_tile, BLOCK_M, BLOCK_N, R, WP)
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s = _logits(q, k, rel_h_tile, rel_w_tile, valid, scale_log2, BLOCK_M, BLOCK_N, R, WP, PRECISION,
+                    UPCAST)  # BLOCK_M x BLOCK_N, base 2
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every key block has a valid key
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -217,13 +230,11 @@ def _backward_query_kernel(q_ptr, k_ptr, v_ptr, relh_ptr, relw_ptr, o_ptr, do_pt
     # d rel_w (BH x N x W), all contiguous.
     mb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
     bh64 = bh.to(tl.int64)
-    q_ptr += b * sq_b + h * sq_h
-    k_ptr += b * sk_b + h * sk_h
-    v_ptr += b * sv_b + h * sv_h
-    do_ptr += b * sdo_b + h * sdo_h
+    q_ptr += _head_offset(bh, heads, sq_b, sq_h)
+    k_ptr += _head_offset(bh, heads, sk_b, sk_h)
+    v_ptr += _head_offset(bh, heads, sv_b, sv_h)
+    do_ptr += _head_offset(bh, heads, sdo_b, sdo_h)
     relh_ptr += bh64 * N * H
     relw_ptr += bh64 * N * W
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -247,9 +258,8 @@ def _backward_query_kernel(q_ptr, k_ptr, v_ptr, relh_ptr, relw_ptr, o_ptr, do_pt
         k = tl.load(k_ptr + keys[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)  # BLOCK_N x HEAD_DIM
         v = tl.load(v_ptr + keys[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
         rel_h_tile = _load_rel_h(relh_ptr, offs_m, mask_m, kb, H, R) * 1.4426950408889634  # BLOCK_M x R
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2  # BLOCK_M x BLOCK_N
-        s += _tile_bias(rel_h_tile, rel_w_tile, BLOCK_M, BLOCK_N, R, WP)
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s = _logits(q, k, rel_h_tile, rel_w_tile, valid, scale_log2, BLOCK_M, BLOCK_N, R, WP, PRECISION,
+                    UPCAST)  # BLOCK_M x BLOCK_N, base 2
         p = tl.exp2(s - lse[:, None])  # softmax probabilities, 0 at masked keys
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)  # BLOCK_M x BLOCK_N
         ds = p * (dp - delta[:, None])  # dL/dS (natural units)
@@ -277,13 +287,11 @@ def _backward_key_kernel(q_ptr, k_ptr, v_ptr, relh_ptr, relw_ptr, do_ptr, lse_pt
     # Key-block-major: dk, dv (BH x N x D contiguous) of one key block (R grid rows).
     kb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
     bh64 = bh.to(tl.int64)
-    q_ptr += b * sq_b + h * sq_h
-    k_ptr += b * sk_b + h * sk_h
-    v_ptr += b * sv_b + h * sv_h
-    do_ptr += b * sdo_b + h * sdo_h
+    q_ptr += _head_offset(bh, heads, sq_b, sq_h)
+    k_ptr += _head_offset(bh, heads, sk_b, sk_h)
+    v_ptr += _head_offset(bh, heads, sv_b, sv_h)
+    do_ptr += _head_offset(bh, heads, sdo_b, sdo_h)
     relh_ptr += bh64 * N * H
     relw_ptr += bh64 * N * W
     lse_ptr += bh64 * N
@@ -306,9 +314,8 @@ def _backward_key_kernel(q_ptr, k_ptr, v_ptr, relh_ptr, relw_ptr, do_ptr, lse_pt
         delta = tl.load(delta_ptr + offs_m, mask=mask_m, other=0.0)
         rel_h_tile = _load_rel_h(relh_ptr, offs_m, mask_m, kb, H, R) * 1.4426950408889634  # BLOCK_M x R
         rel_w_tile = _load_rel_w(relw_ptr, offs_m, mask_m, W, WP) * 1.4426950408889634  # BLOCK_M x WP
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2  # BLOCK_M x BLOCK_N
-        s += _tile_bias(rel_h_tile, rel_w_tile, BLOCK_M, BLOCK_N, R, WP)
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s = _logits(q, k, rel_h_tile, rel_w_tile, valid, scale_log2, BLOCK_M, BLOCK_N, R, WP, PRECISION,
+                    UPCAST)  # BLOCK_M x BLOCK_N, base 2
         p = tl.exp2(s - lse[:, None])
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)  # BLOCK_N x HEAD_DIM
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)  # BLOCK_M x BLOCK_N
