@@ -11,6 +11,7 @@ reference (the specification, `*_reference` in each module) runs.
 - `ssa_loss(student, weak, queue, tau, *, use_triton=True)`
 - `mask_loss_terms(logits, target, *, use_triton=True)`
 - `instance_counts(pred, gt, *, use_triton=True)`
+- `relpos_attention(q, k, v, rel_h, rel_w, grid_w, scale, *, use_triton=True)`
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from resam_kernels.entropy import (INTERPRET, confidence_reference, entropy_filt
 from resam_kernels.mask_loss import mask_loss_terms_reference, mask_loss_terms_triton
 from resam_kernels.overlap import (MODES, suppress_overlap_reference, suppress_overlap_triton,
                                    tight_boxes_reference)
+from resam_kernels.relpos_attention import relpos_attention_reference, relpos_attention_triton
 from resam_kernels.ssa import ssa_loss_reference, ssa_loss_triton
 
 __all__ = [
     "MODES", "confidence", "confidence_reference", "entropy_filter", "entropy_filter_reference",
-    "instance_counts", "instance_counts_reference",
-    "mask_loss_terms", "mask_loss_terms_reference", "runs_triton", "ssa_loss", "ssa_loss_reference", "suppress_overlap",
-    "suppress_overlap_reference", "tight_boxes_reference",
+    "instance_counts", "instance_counts_reference", "mask_loss_terms", "mask_loss_terms_reference",
+    "relpos_attention", "relpos_attention_reference", "runs_triton", "ssa_loss", "ssa_loss_reference",
+    "suppress_overlap", "suppress_overlap_reference", "tight_boxes_reference",
 ]
 
 
@@ -100,3 +102,14 @@ def instance_counts(pred: torch.Tensor, gt: torch.Tensor, *, use_triton: bool = 
     if runs_triton(pred, use_triton):
         return instance_counts_triton(pred, gt)
     return instance_counts_reference(pred, gt)
+
+
+def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                     grid_w: int, scale: float, *, use_triton: bool = True) -> torch.Tensor:
+    """softmax(scale q k^T + rel_h[i, row(j)] + rel_w[i, col(j)]) v: SAM's image-encoder attention
+    with decomposed relative positions. q, k, v B x heads x N x d (N = H W tokens, row-major,
+    W = grid_w), rel_h B x heads x N x H, rel_w B x heads x N x W -> B x heads x N x d in q's dtype;
+    differentiable in all five. See `resam_kernels.relpos_attention`."""
+    if runs_triton(q, use_triton):
+        return relpos_attention_triton(q, k, v, rel_h, rel_w, grid_w, scale)
+    return relpos_attention_reference(q, k, v, rel_h, rel_w, grid_w, scale)

@@ -20,6 +20,16 @@ through ordinary autograd. The result equals SAM's attention up to floating-poin
 `SdpaAttention` subclasses segment-anything's `Attention` without adding parameters, so state
 dicts, LoRA on `qkv` and official checkpoints are unchanged.
 
+On CUDA tensors `SdpaAttention` does not build the augmented vectors: the Triton flash attention
+`resam_kernels.relpos_attention` reads rel_h and rel_w directly and adds rel_h[i, row(j)] +
+rel_w[i, col(j)] to each logit tile (no q'/k' copies, no one-hot columns, head size d instead
+of d + H + W). `USE_TRITON_RELPOS = False` (module level) switches CUDA back to the augmented
+`F.scaled_dot_product_attention` path; CPU always takes that path. The gathered tables
+`relative_position_table(...)` are cached per layer while rel_pos_h / rel_pos_w do not require
+grad (frozen under LoRA), keyed on the parameter's version counter, storage, dtype, device and
+the grid size: an in-place update through the parameter (`copy_`, `load_state_dict`, optimiser
+steps) invalidates it, one through `param.data` does not (`clear_relative_position_cache`).
+
 The mask decoder gets the same treatment (it runs once per prompt, 200 prompts per step of 4
 images with 50 instances, so its elementwise work is as large as the encoder's):
 - `SdpaDecoderAttention`: the two-way transformer's attention (no relative positions) through
@@ -53,6 +63,9 @@ FEW_KEYS = 16
 """`SdpaDecoderAttention` with at most this many keys (the image-to-token attention: the prompt's
 output and prompt tokens) computes the attention explicitly instead of through a fused kernel."""
 
+# CUDA: the Triton flash attention with relative-position bias (True) or the augmented SDPA path.
+USE_TRITON_RELPOS = True
+
 
 def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """SAM's `get_rel_pos` (the same values): the table rel_pos (L x d, linearly resized to
@@ -72,6 +85,52 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
     return rel_pos[relative_coords.long()]  # q x k x d
 
 
+def augmented_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
+                             rel_w: torch.Tensor, grid_w: int, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T + rel_h[i, row(j)] + rel_w[i, col(j)]) v through
+    `F.scaled_dot_product_attention` on the augmented vectors q' = [scale q, rel_h, rel_w] and
+    k' = [k, onehot(row), onehot(col)] (see the module docstring). q, k, v B x heads x N x d,
+    rel_h B x heads x N x H, rel_w B x heads x N x W (N = H W, W = grid_w) -> B x heads x N x d."""
+    batch, heads, tokens, head_dim = q.shape
+    height = rel_h.shape[-1]
+    key_rows = torch.arange(tokens, device=q.device) // grid_w  # N
+    key_cols = torch.arange(tokens, device=q.device) % grid_w  # N
+    row_onehot = F.one_hot(key_rows, height).to(q.dtype)  # N x H
+    col_onehot = F.one_hot(key_cols, grid_w).to(q.dtype)  # N x W
+    padding = (-(head_dim + height + grid_w)) % 8  # fused kernels want a head size multiple of 8
+    zeros = q.new_zeros(()).expand(batch, heads, tokens, padding)  # B x heads x N x pad, no storage
+    # one copy each, padding included: B x heads x N x (d + H + W + pad)
+    q_aug = torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype), zeros], dim=-1)
+    k_aug = torch.cat([k, row_onehot.expand(batch, heads, -1, -1), col_onehot.expand(batch, heads, -1, -1),
+                       zeros], dim=-1)
+    return F.scaled_dot_product_attention(q_aug, k_aug, v, scale=1.0)  # B x heads x N x d
+
+
+def _cached_table(module: nn.Module, name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """`relative_position_table(size, size, param)` in `dtype` for the parameter `name` of
+    `module`, cached on the module while the parameter does not require grad."""
+    param = getattr(module, name)
+    if param.requires_grad:
+        return relative_position_table(size, size, param).to(dtype)
+    key = (param._version, param.data_ptr(), param.dtype, param.device, size, dtype)
+    cache = module.__dict__.setdefault("_relative_table_cache", {})
+    cached = cache.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            table = relative_position_table(size, size, param).to(dtype)
+        # the entry holds the parameter's storage (a few KB), so that no other tensor can take its
+        # address while the key refers to it
+        cached = (key, table, param.detach())
+        cache[name] = cached
+    return cached[1]
+
+
+def clear_relative_position_cache(module: nn.Module) -> None:
+    """Drop the cached relative-position tables of every attention layer inside `module`."""
+    for layer in module.modules():
+        layer.__dict__.pop("_relative_table_cache", None)
+
+
 class SdpaAttention(Attention):
     """SAM's attention (same parameters) with the relative positions folded into a fused kernel."""
 
@@ -86,23 +145,19 @@ class SdpaAttention(Attention):
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # B x heads x N x d
         else:
-            rel_rows = relative_position_table(height, height, self.rel_pos_h)  # H x H x d (query row, key row)
-            rel_cols = relative_position_table(width, width, self.rel_pos_w)  # W x W x d
+            rel_rows = _cached_table(self, "rel_pos_h", height, q.dtype)  # H x H x d (query row, key row)
+            rel_cols = _cached_table(self, "rel_pos_w", width, q.dtype)  # W x W x d
             grid_q = q.reshape(batch, heads, height, width, head_dim)
-            rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_rows.to(q.dtype))  # B x heads x H x W x H
-            rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_cols.to(q.dtype))  # B x heads x H x W x W
-            key_rows = torch.arange(tokens, device=x.device) // width  # N
-            key_cols = torch.arange(tokens, device=x.device) % width  # N
-            row_onehot = F.one_hot(key_rows, height).to(q.dtype)  # N x H
-            col_onehot = F.one_hot(key_cols, width).to(q.dtype)  # N x W
-            padding = (-(head_dim + height + width)) % 8  # fused kernels want a head size multiple of 8
-            zeros = q.new_zeros(()).expand(batch, heads, tokens, padding)  # B x heads x N x pad, no storage
-            # one copy each, padding included: B x heads x N x (d + H + W + pad)
-            q_aug = torch.cat([q * self.scale, rel_h.reshape(batch, heads, tokens, height),
-                               rel_w.reshape(batch, heads, tokens, width), zeros], dim=-1)
-            k_aug = torch.cat([k, row_onehot.expand(batch, heads, -1, -1), col_onehot.expand(batch, heads, -1, -1),
-                               zeros], dim=-1)
-            out = F.scaled_dot_product_attention(q_aug, k_aug, v, scale=1.0)  # B x heads x N x d
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_rows)  # B x heads x H x W x H
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_cols)  # B x heads x H x W x W
+            rel_h = rel_h.reshape(batch, heads, tokens, height)  # B x heads x N x H
+            rel_w = rel_w.reshape(batch, heads, tokens, width)  # B x heads x N x W
+            if q.is_cuda and USE_TRITON_RELPOS:
+                from resam_kernels.relpos_attention import relpos_attention_triton  # late: TRITON_INTERPRET
+
+                out = relpos_attention_triton(q, k, v, rel_h, rel_w, width, self.scale)  # B x heads x N x d
+            else:
+                out = augmented_sdpa_attention(q, k, v, rel_h, rel_w, width, self.scale)  # B x heads x N x d
         out = out.view(batch, heads, height, width, head_dim).permute(0, 2, 3, 1, 4)  # B x H x W x heads x d
         return self.proj(out.reshape(batch, height, width, -1))
 
