@@ -11,6 +11,7 @@ reference (the specification, `*_reference` in each module) runs.
 - `ssa_loss(student, weak, queue, tau, *, use_triton=True)`
 - `mask_loss_terms(logits, target, *, use_triton=True)`
 - `instance_counts(pred, gt, *, use_triton=True)`
+- `upsample4x(low_res, *, use_triton=True)`
 - `relpos_attention(q, k, v, rel_h, rel_w, grid_w, scale, *, use_triton=True)`
 """
 
@@ -26,12 +27,13 @@ from resam_kernels.overlap import (MODES, suppress_overlap_reference, suppress_o
                                    tight_boxes_reference)
 from resam_kernels.relpos_attention import relpos_attention_reference, relpos_attention_triton
 from resam_kernels.ssa import ssa_loss_reference, ssa_loss_triton
+from resam_kernels.upsample import upsample4x_reference, upsample4x_triton
 
 __all__ = [
     "MODES", "confidence", "confidence_reference", "entropy_filter", "entropy_filter_reference",
     "instance_counts", "instance_counts_reference", "mask_loss_terms", "mask_loss_terms_reference",
     "relpos_attention", "relpos_attention_reference", "runs_triton", "ssa_loss", "ssa_loss_reference",
-    "suppress_overlap", "suppress_overlap_reference", "tight_boxes_reference",
+    "suppress_overlap", "suppress_overlap_reference", "tight_boxes_reference", "upsample4x", "upsample4x_reference",
 ]
 
 
@@ -113,3 +115,11 @@ def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: t
     if runs_triton(q, use_triton):
         return relpos_attention_triton(q, k, v, rel_h, rel_w, grid_w, scale)
     return relpos_attention_reference(q, k, v, rel_h, rel_w, grid_w, scale)
+
+
+def upsample4x(low_res: torch.Tensor, *, use_triton: bool = True) -> torch.Tensor:
+    """Bilinear 4x upsampling (align_corners=False) of float32 N x C x h x w -> N x C x 4h x 4w,
+    differentiable. See `resam_kernels.upsample`."""
+    if runs_triton(low_res, use_triton):
+        return upsample4x_triton(low_res)
+    return upsample4x_reference(low_res)

@@ -26,8 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 
+import resam_kernels
 from resam_dist.data.batch import valid_from_counts
-from resam_dist.model.upsample import upsample4x
 
 
 CHECKPOINT_PARTS = ("off", "encoder", "decoder", "all")
@@ -274,7 +274,8 @@ class PromptableSam(nn.Module):
         sparse, dense = self.prompt_encoder(points=prompt_points, boxes=prompt_boxes, masks=None)
         low_res, iou_pred = self.mask_decoder(features, image_index, image_pe, sparse, dense)
         if 4 * low_res.shape[-1] == size and 4 * low_res.shape[-2] == size:  # SAM's decoder: always
-            upsampled = upsample4x(low_res.float())  # N x 1 x S x S, bilinear with a gather-free backward
+            # Triton on CUDA (an atomic-free backward), F.interpolate elsewhere
+            upsampled = resam_kernels.upsample4x(low_res.float(), use_triton=low_res.is_cuda)  # N x 1 x S x S
         else:
             upsampled = F.interpolate(low_res.float(), (size, size), mode="bilinear",
                                       align_corners=False)  # N x 1 x S x S

@@ -11,6 +11,7 @@ from resam_kernels.mask_loss import mask_loss_terms_reference
 from resam_kernels.overlap import suppress_overlap_reference
 from resam_kernels.relpos_attention import relpos_attention_reference, relpos_attention_triton
 from resam_kernels.ssa import ssa_loss_reference
+from resam_kernels.upsample import upsample4x_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -147,6 +148,22 @@ def test_instance_counts_realistic(dtype):
     assert torch.equal(got, instance_counts_reference(pred, gt))
 
 
+def test_upsample4x_realistic():
+    """200 masks of 256 x 256 -> 1024 x 1024 (a ViT-B decode): values and the atomic-free gradient
+    against F.interpolate and PyTorch's backward."""
+    generator = torch.Generator(device=DEVICE).manual_seed(8)
+    low_res = torch.randn(200, 1, 256, 256, device=DEVICE, generator=generator) * 8
+    reference_input = low_res.clone().requires_grad_(True)
+    expected = upsample4x_reference(reference_input)
+    grad_out = torch.randn(expected.shape, device=DEVICE, generator=generator)
+    expected_grad, = torch.autograd.grad(expected, reference_input, grad_out)
+    triton_input = low_res.clone().requires_grad_(True)
+    got = resam_kernels.upsample4x(triton_input)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-6)
+    got_grad, = torch.autograd.grad(got, triton_input, grad_out)
+    torch.testing.assert_close(got_grad, expected_grad, atol=1e-4, rtol=1e-5)
+
+
 def test_kernels_do_not_synchronise_the_host():
     """Refine, SSA, the mask losses and the monitoring counts run inside the training step: no device-to-host sync allowed."""
     logits = smooth_logits(2, 50, 256, torch.float32, seed=0)
@@ -164,6 +181,7 @@ def test_kernels_do_not_synchronise_the_host():
         focal, dice, _ = resam_kernels.mask_loss_terms(mask_logits, keep)
         (focal.sum() + dice.sum()).backward()
         resam_kernels.instance_counts(logits, keep)
+        resam_kernels.upsample4x(mask_logits[:, :3, :64, :64]).sum().backward()
 
     run_all()  # first call: compilation and the SSA autotuning may synchronise
     torch.cuda.synchronize()
