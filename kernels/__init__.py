@@ -10,6 +10,7 @@ reference (the specification, `*_reference` in each module) runs.
 - `suppress_overlap(masks, confidence, counts, mode, *, use_triton=True)`
 - `ssa_loss(student, weak, queue, tau, *, use_triton=True)`
 - `mask_loss_terms(logits, target, *, use_triton=True)`
+- `layer_norm(x, weight, bias, eps, *, residual=None, pre_bias=None, gelu=False, use_triton=True)`
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from resam_kernels.entropy import (INTERPRET, confidence_reference, entropy_filter_reference,
                                    entropy_filter_triton)
+from resam_kernels.layer_norm import layer_norm_reference, layer_norm_triton
 from resam_kernels.mask_loss import mask_loss_terms_reference, mask_loss_terms_triton
 from resam_kernels.overlap import (MODES, suppress_overlap_reference, suppress_overlap_triton,
                                    tight_boxes_reference)
@@ -25,8 +27,8 @@ from resam_kernels.ssa import ssa_loss_reference, ssa_loss_triton
 
 __all__ = [
     "MODES", "confidence", "confidence_reference", "entropy_filter", "entropy_filter_reference",
-    "mask_loss_terms", "mask_loss_terms_reference", "runs_triton", "ssa_loss", "ssa_loss_reference", "suppress_overlap",
-    "suppress_overlap_reference", "tight_boxes_reference",
+    "layer_norm", "layer_norm_reference", "mask_loss_terms", "mask_loss_terms_reference", "runs_triton",
+    "ssa_loss", "ssa_loss_reference", "suppress_overlap", "suppress_overlap_reference", "tight_boxes_reference",
 ]
 
 
@@ -89,3 +91,14 @@ def mask_loss_terms(logits: torch.Tensor, target: torch.Tensor, *, use_triton: b
     if runs_triton(logits, use_triton):
         return mask_loss_terms_triton(logits, target)
     return mask_loss_terms_reference(logits, target)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
+               residual: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None, gelu: bool = False,
+               use_triton: bool = True) -> torch.Tensor:
+    """act(LayerNorm(x + residual + pre_bias) weight + bias) over the last dim C of x ... x C, float32
+    math, in x's dtype (act = exact GELU with `gelu`); residual like x, pre_bias / weight / bias C.
+    Differentiable in x, residual, pre_bias, weight and bias. See `resam_kernels.layer_norm`."""
+    if runs_triton(x, use_triton):
+        return layer_norm_triton(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
+    return layer_norm_reference(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
