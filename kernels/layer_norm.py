@@ -84,23 +84,23 @@ def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
 
 @triton.jit
 def _tile(row_block, rows, C, BLOCK_ROWS: tl.constexpr, C_PAD: tl.constexpr):
-    """Row block -> (rows BLOCK_ROWS int64, row in range, col in range, offsets BLOCK_ROWS x C_PAD
-    int64, mask BLOCK_ROWS x C_PAD)."""
-    row = row_block.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # BLOCK_ROWS
+    """Row block -> (offset of its first value (int64 scalar), its first row (int64), row in
+    range, offsets BLOCK_ROWS x C_PAD from the first value (int32: BLOCK_ROWS C < 2^31), mask)."""
+    first_row = row_block.to(tl.int64) * BLOCK_ROWS
+    local_row = tl.arange(0, BLOCK_ROWS)  # BLOCK_ROWS
     col = tl.arange(0, C_PAD)  # C_PAD
-    row_ok = row < rows
-    col_ok = col < C
-    offsets = row[:, None] * C + col[None, :]
-    return row, row_ok, col_ok, offsets, row_ok[:, None] & col_ok[None, :]
+    row_ok = local_row < rows - first_row
+    offsets = local_row[:, None] * C + col[None, :]
+    return first_row * C, first_row, row_ok, offsets, row_ok[:, None] & (col < C)[None, :]
 
 
 @triton.jit
-def _load_z(x_ptr, res_ptr, pre_ptr, offsets, mask, col, col_ok, HAS_RES: tl.constexpr,
+def _load_z(x_ptr, res_ptr, pre_ptr, base, offsets, mask, col, col_ok, HAS_RES: tl.constexpr,
             HAS_PRE: tl.constexpr):
     """z = (x + residual) + pre_bias in float32, 0 outside the mask."""
-    z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(x_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        z += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        z += tl.load(res_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_PRE:
         pre = tl.load(pre_ptr + col, mask=col_ok, other=0.0).to(tl.float32)  # C_PAD
         z = tl.where(mask, z + pre[None, :], 0.0)
@@ -112,9 +112,10 @@ def _layer_norm_forward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, y_ptr, mea
                                rows, C, eps, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr,
                                GELU: tl.constexpr, BLOCK_ROWS: tl.constexpr, C_PAD: tl.constexpr):
     # x, residual, y: rows x C contiguous; pre_bias, weight, bias: C; mean, rstd: rows float32.
-    row, row_ok, col_ok, offsets, mask = _tile(tl.program_id(0), rows, C, BLOCK_ROWS, C_PAD)
+    base, first_row, row_ok, offsets, mask = _tile(tl.program_id(0), rows, C, BLOCK_ROWS, C_PAD)
     col = tl.arange(0, C_PAD)
-    z = _load_z(x_ptr, res_ptr, pre_ptr, offsets, mask, col, col_ok, HAS_RES, HAS_PRE)
+    col_ok = col < C
+    z = _load_z(x_ptr, res_ptr, pre_ptr, base, offsets, mask, col, col_ok, HAS_RES, HAS_PRE)
     mean = tl.sum(z, axis=1) / C  # BLOCK_ROWS
     diff = tl.where(mask, z - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(diff * diff, axis=1) / C + eps)  # BLOCK_ROWS
@@ -123,9 +124,10 @@ def _layer_norm_forward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, y_ptr, mea
     u = diff * rstd[:, None] * weight[None, :] + bias[None, :]
     if GELU:
         u = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))  # 1 / sqrt 2
-    tl.store(y_ptr + offsets, u.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + row, mean, mask=row_ok)
-    tl.store(rstd_ptr + row, rstd, mask=row_ok)
+    tl.store(y_ptr + base + offsets, u.to(y_ptr.dtype.element_ty), mask=mask)
+    local_row = tl.arange(0, BLOCK_ROWS)
+    tl.store(mean_ptr + first_row + local_row, mean, mask=row_ok)
+    tl.store(rstd_ptr + first_row + local_row, rstd, mask=row_ok)
 
 
 @triton.jit
@@ -140,47 +142,51 @@ def _layer_norm_backward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, dy_ptr, m
     col_ok = col < C
     weight = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)  # C_PAD
     bias = tl.load(b_ptr + col, mask=col_ok, other=0.0).to(tl.float32)  # C_PAD
-    acc_dw = tl.zeros([BLOCK_ROWS, C_PAD], dtype=tl.float32)
-    acc_db = tl.zeros([BLOCK_ROWS, C_PAD], dtype=tl.float32)
-    acc_dz = tl.zeros([BLOCK_ROWS, C_PAD], dtype=tl.float32)
+    acc_dw = tl.zeros([C_PAD], dtype=tl.float32)
+    acc_db = tl.zeros([C_PAD], dtype=tl.float32)
+    acc_dz = tl.zeros([C_PAD], dtype=tl.float32)
     for step in range(ITERS):
-        row, row_ok, col_ok, offsets, mask = _tile(program * ITERS + step, rows, C, BLOCK_ROWS, C_PAD)
-        z = _load_z(x_ptr, res_ptr, pre_ptr, offsets, mask, col, col_ok, HAS_RES, HAS_PRE)
-        mean = tl.load(mean_ptr + row, mask=row_ok, other=0.0)  # BLOCK_ROWS
-        rstd = tl.load(rstd_ptr + row, mask=row_ok, other=0.0)  # BLOCK_ROWS
+        base, first_row, row_ok, offsets, mask = _tile(program * ITERS + step, rows, C, BLOCK_ROWS, C_PAD)
+        z = _load_z(x_ptr, res_ptr, pre_ptr, base, offsets, mask, col, col_ok, HAS_RES, HAS_PRE)
+        local_row = tl.arange(0, BLOCK_ROWS)
+        mean = tl.load(mean_ptr + first_row + local_row, mask=row_ok, other=0.0)  # BLOCK_ROWS
+        rstd = tl.load(rstd_ptr + first_row + local_row, mask=row_ok, other=0.0)  # BLOCK_ROWS
         xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
-        g = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)  # 0 outside the mask
+        g = tl.load(dy_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)  # 0 outside the mask
         if GELU:
             u = xhat * weight[None, :] + bias[None, :]
             cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
             pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327  # 1 / sqrt(2 pi)
             g = g * (cdf + u * pdf)
-        acc_dw += g * xhat
-        acc_db += g
+        acc_dw += tl.sum(g * xhat, axis=0)
+        acc_db += tl.sum(g, axis=0)
         wg = g * weight[None, :]
         mean_wg_xhat = tl.sum(wg * xhat, axis=1) / C  # BLOCK_ROWS
         mean_wg = tl.sum(wg, axis=1) / C  # BLOCK_ROWS
         dz = (wg - mean_wg[:, None] - xhat * mean_wg_xhat[:, None]) * rstd[:, None]  # 0 outside rows
-        tl.store(dx_ptr + offsets, dz.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + base + offsets, dz.to(dx_ptr.dtype.element_ty), mask=mask)
         if SEPARATE_DRES:
-            tl.store(dres_ptr + offsets, dz.to(dres_ptr.dtype.element_ty), mask=mask)
+            tl.store(dres_ptr + base + offsets, dz.to(dres_ptr.dtype.element_ty), mask=mask)
         if HAS_PRE:
-            acc_dz += tl.where(mask, dz, 0.0)
+            acc_dz += tl.sum(tl.where(mask, dz, 0.0), axis=0)
     out = partial_ptr + program.to(tl.int64) * 3 * C + col
-    tl.store(out, tl.sum(acc_dw, axis=0), mask=col_ok)
-    tl.store(out + C, tl.sum(acc_db, axis=0), mask=col_ok)
+    tl.store(out, acc_dw, mask=col_ok)
+    tl.store(out + C, acc_db, mask=col_ok)
     if HAS_PRE:
-        tl.store(out + 2 * C, tl.sum(acc_dz, axis=0), mask=col_ok)
+        tl.store(out + 2 * C, acc_dz, mask=col_ok)
 
 
 # Launch shapes. A tile is BLOCK_ROWS x C_PAD with BLOCK_ROWS = max(1, TILE / C_PAD) (capped):
 # forward 8192 values (C = 64: 128 rows, 16 KB of bf16 read and 16 KB written a program; C = 256:
-# 32 rows), backward 4096 values a step and ITERS = 16 steps a program (C = 64: 1024 rows a
-# program, 3.3 M rows -> 3.2 k programs whose 3 x C float32 partials are ~2.5 MB against ~1.3 GB
-# of rows). 8 warps: 32 (forward) / 16 (backward, per step) float32 values per thread and tensor.
+# 32 rows), backward 2048 values a step and ITERS = 16 steps a program (C = 64: 512 rows a
+# program, 3.3 M rows -> 6.5 k programs whose 3 x C float32 partials are 5 MB against ~1.3 GB
+# of rows; C = 256: 128 rows, 19 MB against 1.6 GB). 8 warps: 32 (forward) / 8 (backward, per
+# step) values per thread and tensor. sm_90 compile (ptxas -v, Triton 3.8, bf16, no spills):
+# forward 64-103 registers (2+ programs per SM), backward 80-126 (2 per SM) for C <= 1024; a
+# 4096-value backward step needed up to 170 (1 per SM) for the same bytes in flight.
 # The interpreter runs one numpy call per block operation: the same tiles, 2 steps a program
 # (so the tests cover the loop, partial and empty steps).
-_FWD_TILE, _BWD_TILE, _MAX_BLOCK_ROWS, _NUM_WARPS = 8192, 4096, 256, 8
+_FWD_TILE, _BWD_TILE, _MAX_BLOCK_ROWS, _NUM_WARPS = 8192, 2048, 256, 8
 _ITERS, _INTERPRET_ITERS = 16, 2
 
 

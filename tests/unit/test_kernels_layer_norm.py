@@ -1,9 +1,10 @@
 """Fused LayerNorm (residual, pre-bias, GELU): the Triton kernels against autograd of the torch reference.
 
 Under TRITON_INTERPRET=1 the kernels use their GPU tiles (forward BLOCK_ROWS = 8192 / C_PAD rows a
-program, backward 4096 / C_PAD rows a step) and two backward steps a program: with C = 256 (16
-rows a step) 130 rows are 5 programs, the last one with a partial first step and an empty second
-one; C = 100 runs 128 padded columns; C = 1 has 4096 rows a tile (zero variance: y = bias).
+program, backward 2048 / C_PAD rows a step, both at most 256) and two backward steps a program:
+with C = 256 (8 rows a step) 130 rows are 9 programs, the last one with a partial first step and
+an empty second one; C = 100 runs 128 padded columns; C = 1 has 256 rows a tile (zero variance:
+y = bias).
 """
 
 import pytest
