@@ -22,7 +22,8 @@ far from the memory bandwidth. `layer_norm_triton` does each in one pass:
       dz = rstd (wg - mean_C(wg) - xhat mean_C(wg xhat))     (= d x = d residual)
   and it keeps float32 column sums of g xhat (d weight), g (d bias) and dz (d pre_bias), written
   as one partial row per program; torch sums the partials (fixed order: deterministic, no
-  atomics). d residual is the same tensor as d x when both have the same dtype.
+  atomics); without any parameter needing a gradient (frozen LayerNorms, as in LoRA training)
+  no column sums are kept. d residual is the same tensor as d x when both have the same dtype.
 
 Layout: the kernels read rows of C contiguous values. Inputs are made contiguous first
 (`.contiguous()`: no copy when x is contiguous in its own dim order, as the N x H x W x C
@@ -134,9 +135,11 @@ def _layer_norm_forward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, y_ptr, mea
 def _layer_norm_backward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
                                 dx_ptr, dres_ptr, partial_ptr, rows, C, HAS_RES: tl.constexpr,
                                 HAS_PRE: tl.constexpr, GELU: tl.constexpr, SEPARATE_DRES: tl.constexpr,
-                                BLOCK_ROWS: tl.constexpr, C_PAD: tl.constexpr, ITERS: tl.constexpr):
+                                ACCUMULATE: tl.constexpr, BLOCK_ROWS: tl.constexpr, C_PAD: tl.constexpr,
+                                ITERS: tl.constexpr):
     # dy, dx (x's dtype), dres (residual's dtype, written only when SEPARATE_DRES): rows x C;
-    # partial: programs x 3 x C float32 (column sums of g xhat, g, dz over this program's rows).
+    # partial (only with ACCUMULATE: some parameter needs its gradient): programs x 3 x C float32
+    # (column sums of g xhat, g, dz over this program's rows).
     program = tl.program_id(0)
     col = tl.arange(0, C_PAD)
     col_ok = col < C
@@ -158,8 +161,9 @@ def _layer_norm_backward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, dy_ptr, m
             cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
             pdf = tl.exp(-0.5 * u * u) * 0.3989422804014327  # 1 / sqrt(2 pi)
             g = g * (cdf + u * pdf)
-        acc_dw += tl.sum(g * xhat, axis=0)
-        acc_db += tl.sum(g, axis=0)
+        if ACCUMULATE:
+            acc_dw += tl.sum(g * xhat, axis=0)
+            acc_db += tl.sum(g, axis=0)
         wg = g * weight[None, :]
         mean_wg_xhat = tl.sum(wg * xhat, axis=1) / C  # BLOCK_ROWS
         mean_wg = tl.sum(wg, axis=1) / C  # BLOCK_ROWS
@@ -167,13 +171,14 @@ def _layer_norm_backward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, dy_ptr, m
         tl.store(dx_ptr + base + offsets, dz.to(dx_ptr.dtype.element_ty), mask=mask)
         if SEPARATE_DRES:
             tl.store(dres_ptr + base + offsets, dz.to(dres_ptr.dtype.element_ty), mask=mask)
-        if HAS_PRE:
+        if ACCUMULATE and HAS_PRE:
             acc_dz += tl.sum(tl.where(mask, dz, 0.0), axis=0)
-    out = partial_ptr + program.to(tl.int64) * 3 * C + col
-    tl.store(out, acc_dw, mask=col_ok)
-    tl.store(out + C, acc_db, mask=col_ok)
-    if HAS_PRE:
-        tl.store(out + 2 * C, acc_dz, mask=col_ok)
+    if ACCUMULATE:
+        out = partial_ptr + program.to(tl.int64) * 3 * C + col
+        tl.store(out, acc_dw, mask=col_ok)
+        tl.store(out + C, acc_db, mask=col_ok)
+        if HAS_PRE:
+            tl.store(out + 2 * C, acc_dz, mask=col_ok)
 
 
 # Launch shapes. A tile is BLOCK_ROWS x C_PAD with BLOCK_ROWS = max(1, TILE / C_PAD) (capped):
@@ -182,8 +187,9 @@ def _layer_norm_backward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, dy_ptr, m
 # program, 3.3 M rows -> 6.5 k programs whose 3 x C float32 partials are 5 MB against ~1.3 GB
 # of rows; C = 256: 128 rows, 19 MB against 1.6 GB). 8 warps: 32 (forward) / 8 (backward, per
 # step) values per thread and tensor. sm_90 compile (ptxas -v, Triton 3.8, bf16, no spills):
-# forward 64-103 registers (2+ programs per SM), backward 80-126 (2 per SM) for C <= 1024; a
-# 4096-value backward step needed up to 170 (1 per SM) for the same bytes in flight.
+# forward 64-103 registers (2+ programs per SM), backward 80-126 (2 per SM) for C <= 1024, 47-64
+# without column sums; a 4096-value backward step needed up to 170 (1 per SM) for the same bytes
+# in flight.
 # The interpreter runs one numpy call per block operation: the same tiles, 2 steps a program
 # (so the tests cover the loop, partial and empty steps).
 _FWD_TILE, _BWD_TILE, _MAX_BLOCK_ROWS, _NUM_WARPS = 8192, 2048, 256, 8
@@ -244,20 +250,25 @@ class LayerNormFunction(torch.autograd.Function):
         block_rows = _block_rows(_BWD_TILE, c_pad)
         iters = _INTERPRET_ITERS if INTERPRET else _ITERS
         programs = triton.cdiv(rows, block_rows * iters)
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        want_w = weight_dtype is not None and ctx.needs_input_grad[1]
+        want_b = bias_dtype is not None and ctx.needs_input_grad[2]
+        want_pre = pre is not None and ctx.needs_input_grad[4]
+        accumulate = want_w or want_b or want_pre  # frozen LayerNorms (LoRA training): dx only
         # every program writes its partial rows (the d pre_bias row only with pre_bias)
-        partial = torch.empty((programs, 3, channels), dtype=torch.float32, device=x2.device)
+        partial = torch.empty((programs if accumulate else 0, 3, channels), dtype=torch.float32,
+                              device=x2.device)
         if rows > 0:
             _layer_norm_backward_kernel[(programs,)](
                 x2, x2 if res2 is None else res2, w if pre is None else pre, w, b, dy, mean, rstd,
                 dx, dres, partial, rows, channels, HAS_RES=res2 is not None, HAS_PRE=pre is not None,
-                GELU=ctx.gelu, SEPARATE_DRES=separate, BLOCK_ROWS=block_rows, C_PAD=c_pad, ITERS=iters,
-                num_warps=_NUM_WARPS)
-        sums = partial.sum(dim=0)  # 3 x C (zeros for rows = 0)
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        grad_w = sums[0].to(weight_dtype) if weight_dtype is not None and ctx.needs_input_grad[1] else None
-        grad_b = sums[1].to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[2] else None
+                GELU=ctx.gelu, SEPARATE_DRES=separate, ACCUMULATE=accumulate, BLOCK_ROWS=block_rows,
+                C_PAD=c_pad, ITERS=iters, num_warps=_NUM_WARPS)
+        sums = partial.sum(dim=0)  # 3 x C (zeros for rows = 0 or without accumulation)
+        grad_w = sums[0].to(weight_dtype) if want_w else None
+        grad_b = sums[1].to(bias_dtype) if want_b else None
         grad_res = dres.view(ctx.shape) if res2 is not None and ctx.needs_input_grad[3] else None
-        grad_pre = sums[2].to(pre.dtype) if pre is not None and ctx.needs_input_grad[4] else None
+        grad_pre = sums[2].to(pre.dtype) if want_pre else None
         return dx.view(ctx.shape), grad_w, grad_b, grad_res, grad_pre, None, None
 
 

@@ -190,3 +190,16 @@ def test_dispatcher():
                                resam_kernels.layer_norm(*args, **extras, use_triton=False), atol=1e-5, rtol=1e-5)
     assert torch.equal(resam_kernels.layer_norm(*args, **extras, use_triton=False),
                        layer_norm_reference(*args, **extras))
+
+
+@pytest.mark.parametrize("wanted", ["x", "weight", "pre_bias", "residual"])
+def test_gradient_of_one_input_only(wanted):
+    """Frozen LayerNorm parameters (LoRA training) skip the column sums; any one input alone gets
+    the same gradient as with all of them."""
+    inputs = make_inputs(130, 64, torch.float32, residual=True, pre_bias=True, seed=9)
+    _, all_grads, upstream = output_and_gradients(layer_norm_triton, inputs, True)
+    leaves = {name: t.clone().requires_grad_(name == wanted) for name, t in inputs.items()}
+    y = layer_norm_triton(leaves["x"], leaves["weight"], leaves["bias"], EPS, residual=leaves["residual"],
+                          pre_bias=leaves["pre_bias"], gelu=True)
+    (grad,) = torch.autograd.grad(y, leaves[wanted], upstream)
+    assert torch.equal(grad, all_grads[wanted])
