@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-CASES = ("entropy_filter", "suppress_overlap", "ssa_loss", "mask_loss", "layer_norm")
+CASES = ("entropy_filter", "suppress_overlap", "ssa_loss", "mask_loss", "relpos_attention", "layer_norm")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def shapes(smoke: bool) -> dict:
     if smoke:
         return {"filter": [(1, 3, 16, 16)], "ssa": [(4, 16, 32), (4, 16, 0)], "mask": [(1, 3, 16, 16)],
+                "relpos": [(1, 2, 3, 5, 16)],
                 "layer_norm": [("upscale", 300, 64, False, True, True), ("norm4", 50, 256, True, False, False)]}
     return {
         # B x K x H x W: K = 50 instances on the 256 (tiny) and 1024 (ViT) model canvas
@@ -55,6 +56,9 @@ def shapes(smoke: bool) -> dict:
         "ssa": [(400, 256, q) for q in (128, 1024, 8192, 65536)],
         # B x K x H x W mask logits of the student: 4 images x 50 instances at 1024 (ViT-B step)
         "mask": [(8, 50, 256, 256), (4, 50, 1024, 1024)],
+        # B x heads x H x W x d of ViT-B's image-encoder attention on 4 images at 1024 px: the global
+        # blocks (64 x 64 tokens) and the windowed ones (25 windows of 14 x 14 tokens per image)
+        "relpos": [(4, 12, 64, 64, 64), (100, 12, 14, 14, 64)],
         # (site, rows, C, residual, pre_bias, gelu) of the ViT-B mask decoder, 200 prompts:
         # upscaling LayerNorm2d (200 x 128 x 128 pixels, 64 channels, conv bias + GELU fused) and
         # the two-way transformer's norm4 (200 x 4096 tokens, 256 channels, residual fused)
@@ -83,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     from resam_kernels.layer_norm import layer_norm_reference
     from resam_kernels.mask_loss import mask_loss_terms_reference
     from resam_kernels.overlap import suppress_overlap_reference
+    from resam_kernels.relpos_attention import relpos_attention_reference
     from resam_kernels.ssa import ssa_loss_reference
+    from resam_dist.model.attention import augmented_sdpa_attention
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     device_name = ("cpu (Triton interpreter, smoke test: numbers are meaningless)"
@@ -243,6 +249,37 @@ def main(argv: list[str] | None = None) -> int:
                 "torch_compile": compiled_terms and forward_backward(compiled_terms),
             }, num_bytes=numel * (2 * (element + 1) + element))
             del logits, target
+
+    for batch, heads, height, width, head_dim in shapes(args.cpu_smoke)["relpos"] if wanted("relpos_attention") else []:
+        shape = f"{batch}x{heads}x{height}x{width}xd{head_dim}"
+        tokens = height * width
+        dtype = torch.bfloat16
+        # q, k, v as the strided views of SAM's qkv projection; rel tables as the einsums give them
+        qkv = torch.randn(batch, tokens, 3, heads, head_dim, device=device, generator=generator).to(dtype)
+        q, k, v = (x.detach().requires_grad_(True) for x in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+        rel_h = torch.randn(batch, heads, tokens, height, device=device, generator=generator).to(dtype)
+        rel_w = torch.randn(batch, heads, tokens, width, device=device, generator=generator).to(dtype)
+        inputs = (q, k, v, rel_h.requires_grad_(True), rel_w.requires_grad_(True))
+        upstream = torch.randn(batch, heads, tokens, head_dim, device=device, generator=generator).to(dtype)
+
+        def forward_backward(attention_fn):
+            def run():
+                out = attention_fn(*inputs, width, head_dim ** -0.5)
+                return torch.autograd.grad(out, inputs, upstream)
+            return run
+
+        compiled_attention = compiled(relpos_attention_reference)
+        element = q.element_size()
+        qkv_bytes = batch * heads * tokens * head_dim * element
+        rel_bytes = batch * heads * tokens * (height + width) * element
+        # forward: q, k, v, rel tables in, out; backward: q, k, v, rel, out, d out in, their gradients out
+        record(f"relpos_attention_fwd_bwd/{str(dtype)[6:]}", shape, {
+            "torch_eager": forward_backward(relpos_attention_reference),
+            "triton": forward_backward(resam_kernels.relpos_attention),
+            "sdpa_augmented": forward_backward(augmented_sdpa_attention),
+            "torch_compile": compiled_attention and forward_backward(compiled_attention),
+        }, num_bytes=(4 * qkv_bytes + rel_bytes) + (5 * qkv_bytes + rel_bytes) + (3 * qkv_bytes + rel_bytes))
+        del qkv, inputs, upstream
 
     def layer_norm_native(x, weight, bias, eps, *, residual=None, pre_bias=None, gelu=False):
         """What the decoder ran before the fused kernel: add, F.layer_norm and GELU in x's dtype."""

@@ -10,6 +10,8 @@ reference (the specification, `*_reference` in each module) runs.
 - `suppress_overlap(masks, confidence, counts, mode, *, use_triton=True)`
 - `ssa_loss(student, weak, queue, tau, *, use_triton=True)`
 - `mask_loss_terms(logits, target, *, use_triton=True)`
+- `instance_counts(pred, gt, *, use_triton=True)`
+- `relpos_attention(q, k, v, rel_h, rel_w, grid_w, scale, *, use_triton=True)`
 - `layer_norm(x, weight, bias, eps, *, residual=None, pre_bias=None, gelu=False, use_triton=True)`
 """
 
@@ -17,18 +19,21 @@ from __future__ import annotations
 
 import torch
 
+from resam_kernels.counts import instance_counts_reference, instance_counts_triton
 from resam_kernels.entropy import (INTERPRET, confidence_reference, entropy_filter_reference,
                                    entropy_filter_triton)
 from resam_kernels.layer_norm import layer_norm_reference, layer_norm_triton
 from resam_kernels.mask_loss import mask_loss_terms_reference, mask_loss_terms_triton
 from resam_kernels.overlap import (MODES, suppress_overlap_reference, suppress_overlap_triton,
                                    tight_boxes_reference)
+from resam_kernels.relpos_attention import relpos_attention_reference, relpos_attention_triton
 from resam_kernels.ssa import ssa_loss_reference, ssa_loss_triton
 
 __all__ = [
     "MODES", "confidence", "confidence_reference", "entropy_filter", "entropy_filter_reference",
-    "layer_norm", "layer_norm_reference", "mask_loss_terms", "mask_loss_terms_reference", "runs_triton",
-    "ssa_loss", "ssa_loss_reference", "suppress_overlap", "suppress_overlap_reference", "tight_boxes_reference",
+    "instance_counts", "instance_counts_reference", "layer_norm", "layer_norm_reference", "mask_loss_terms",
+    "mask_loss_terms_reference", "relpos_attention", "relpos_attention_reference", "runs_triton", "ssa_loss",
+    "ssa_loss_reference", "suppress_overlap", "suppress_overlap_reference", "tight_boxes_reference",
 ]
 
 
@@ -91,6 +96,25 @@ def mask_loss_terms(logits: torch.Tensor, target: torch.Tensor, *, use_triton: b
     if runs_triton(logits, use_triton):
         return mask_loss_terms_triton(logits, target)
     return mask_loss_terms_reference(logits, target)
+
+
+def instance_counts(pred: torch.Tensor, gt: torch.Tensor, *, use_triton: bool = True) -> torch.Tensor:
+    """Per-instance (tp, fp, fn) pixel counts: pred ... x H x W (bool, or float logits with
+    foreground logit > 0), gt ... x H x W bool -> ... x 3 int64. See `resam_kernels.counts`."""
+    if runs_triton(pred, use_triton):
+        return instance_counts_triton(pred, gt)
+    return instance_counts_reference(pred, gt)
+
+
+def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                     grid_w: int, scale: float, *, use_triton: bool = True) -> torch.Tensor:
+    """softmax(scale q k^T + rel_h[i, row(j)] + rel_w[i, col(j)]) v: SAM's image-encoder attention
+    with decomposed relative positions. q, k, v B x heads x N x d (N = H W tokens, row-major,
+    W = grid_w), rel_h B x heads x N x H, rel_w B x heads x N x W -> B x heads x N x d in q's dtype;
+    differentiable in all five. See `resam_kernels.relpos_attention`."""
+    if runs_triton(q, use_triton):
+        return relpos_attention_triton(q, k, v, rel_h, rel_w, grid_w, scale)
+    return relpos_attention_reference(q, k, v, rel_h, rel_w, grid_w, scale)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,

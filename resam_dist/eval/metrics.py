@@ -44,6 +44,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 
+import resam_kernels
 from resam_dist.data.batch import valid_from_counts
 
 SCORE_KEYS = ("miou", "f1", "precision", "recall")
@@ -56,36 +57,18 @@ AP_KEYS = ("ap", "ap50", "ap75")
 # Micro-imagewise scores
 # --------------------------------------------------------------------------------------------
 
-def _as_masks(pred: torch.Tensor) -> torch.Tensor:
-    """Boolean masks from bool masks or float logits (prediction = logit > 0)."""
-    if pred.dtype == torch.bool:
-        return pred
-    if pred.is_floating_point():
-        return pred > 0
-    raise ValueError(f"predictions must be bool masks or float logits, got dtype {pred.dtype}")
-
-
-def _pixel_counts(masks: torch.Tensor) -> torch.Tensor:
-    """Foreground pixels of each mask: ... x H x W bool -> ... int64.
-
-    Summing a bool tensor makes torch copy it whole to int64 first (8 bytes per pixel); summing
-    it as float16 0/1 values with float32 accumulation needs a 2-byte copy and is exact while a
-    mask has at most 2^24 pixels (every partial sum is an integer below 2^24)."""
-    if masks.shape[-2] * masks.shape[-1] > 2 ** 24:
-        return masks.flatten(-2).sum(dim=-1)
-    return masks.flatten(-2).to(torch.float16).sum(dim=-1, dtype=torch.float32).to(torch.int64)
-
-
 def instance_counts(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """TP, FP, FN of every instance mask: pred (bool masks or float logits, logit > 0 is
-    foreground) and gt, both B x K x H x W -> B x K x 3 int64 (tp, fp, fn)."""
+    foreground) and gt, both B x K x H x W -> B x K x 3 int64 (tp, fp, fn).
+
+    On CUDA tensors a Triton kernel counts them in one read of pred and gt (logits thresholded in
+    registers); elsewhere the torch reference (`resam_kernels.counts`, the specification)."""
     if pred.dim() != 4 or pred.shape != gt.shape:
         raise ValueError(f"pred and gt must both be B x K x H x W with equal shapes, got "
                          f"{tuple(pred.shape)} and {tuple(gt.shape)}")
-    pred_masks = _as_masks(pred)  # B x K x H x W bool
-    gt_masks = gt.bool()          # B x K x H x W bool
-    tp = _pixel_counts(pred_masks & gt_masks)  # B x K
-    return torch.stack([tp, _pixel_counts(pred_masks) - tp, _pixel_counts(gt_masks) - tp], dim=2)  # B x K x 3
+    if not (pred.dtype == torch.bool or pred.is_floating_point()):
+        raise ValueError(f"predictions must be bool masks or float logits, got dtype {pred.dtype}")
+    return resam_kernels.instance_counts(pred, gt.bool(), use_triton=pred.is_cuda)
 
 
 def batch_image_counts(pred: torch.Tensor, gt: torch.Tensor,

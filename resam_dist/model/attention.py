@@ -20,11 +20,24 @@ through ordinary autograd. The result equals SAM's attention up to floating-poin
 `SdpaAttention` subclasses segment-anything's `Attention` without adding parameters, so state
 dicts, LoRA on `qkv` and official checkpoints are unchanged.
 
+On CUDA tensors `SdpaAttention` does not build the augmented vectors: the Triton flash attention
+`resam_kernels.relpos_attention` reads rel_h and rel_w directly and adds rel_h[i, row(j)] +
+rel_w[i, col(j)] to each logit tile (no q'/k' copies, no one-hot columns, head size d instead
+of d + H + W). `USE_TRITON_RELPOS = False` (module level) switches CUDA back to the augmented
+`F.scaled_dot_product_attention` path; CPU always takes that path. The gathered tables
+`relative_position_table(...)` are cached per layer while rel_pos_h / rel_pos_w do not require
+grad (frozen under LoRA), keyed on the parameter's version counter, storage, dtype, device and
+the grid size: an in-place update through the parameter (`copy_`, `load_state_dict`, optimiser
+steps) invalidates it, one through `param.data` does not (`clear_relative_position_cache`).
+
 The mask decoder gets the same treatment (it runs once per prompt, 200 prompts per step of 4
 images with 50 instances, so its elementwise work is as large as the encoder's):
 - `SdpaDecoderAttention`: the two-way transformer's attention (no relative positions) through
   `F.scaled_dot_product_attention`, without materialising the heads-separated copies and the
-  attention matrix;
+  attention matrix; with at most `FEW_KEYS` keys (image tokens attending to the handful of prompt
+  tokens) the attention matrix is smaller than the queries and is computed explicitly (softmax in
+  float32), since a fused kernel pads the keys to its block size (on an H200 cuDNN's took ~4 ms
+  per call for 200 prompts x 4096 queries x 7 keys);
 - `SharedKeysTwoWayBlock`: the two-way transformer block adding the positional encoding to the
   image tokens once instead of twice, and running its residual adds with their LayerNorms
   (`norm(x + residual)`, norm4 over N prompts x hw tokens x C) as one fused pass;
@@ -56,6 +69,12 @@ from torch import nn
 from resam_kernels import layer_norm
 
 ATTENTION_KINDS = ("sdpa", "official")
+FEW_KEYS = 16
+"""`SdpaDecoderAttention` with at most this many keys (the image-to-token attention: the prompt's
+output and prompt tokens) computes the attention explicitly instead of through a fused kernel."""
+
+# CUDA: the Triton flash attention with relative-position bias (True) or the augmented SDPA path.
+USE_TRITON_RELPOS = True
 
 
 def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -76,6 +95,52 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
     return rel_pos[relative_coords.long()]  # q x k x d
 
 
+def augmented_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
+                             rel_w: torch.Tensor, grid_w: int, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T + rel_h[i, row(j)] + rel_w[i, col(j)]) v through
+    `F.scaled_dot_product_attention` on the augmented vectors q' = [scale q, rel_h, rel_w] and
+    k' = [k, onehot(row), onehot(col)] (see the module docstring). q, k, v B x heads x N x d,
+    rel_h B x heads x N x H, rel_w B x heads x N x W (N = H W, W = grid_w) -> B x heads x N x d."""
+    batch, heads, tokens, head_dim = q.shape
+    height = rel_h.shape[-1]
+    key_rows = torch.arange(tokens, device=q.device) // grid_w  # N
+    key_cols = torch.arange(tokens, device=q.device) % grid_w  # N
+    row_onehot = F.one_hot(key_rows, height).to(q.dtype)  # N x H
+    col_onehot = F.one_hot(key_cols, grid_w).to(q.dtype)  # N x W
+    padding = (-(head_dim + height + grid_w)) % 8  # fused kernels want a head size multiple of 8
+    zeros = q.new_zeros(()).expand(batch, heads, tokens, padding)  # B x heads x N x pad, no storage
+    # one copy each, padding included: B x heads x N x (d + H + W + pad)
+    q_aug = torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype), zeros], dim=-1)
+    k_aug = torch.cat([k, row_onehot.expand(batch, heads, -1, -1), col_onehot.expand(batch, heads, -1, -1),
+                       zeros], dim=-1)
+    return F.scaled_dot_product_attention(q_aug, k_aug, v, scale=1.0)  # B x heads x N x d
+
+
+def _cached_table(module: nn.Module, name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """`relative_position_table(size, size, param)` in `dtype` for the parameter `name` of
+    `module`, cached on the module while the parameter does not require grad."""
+    param = getattr(module, name)
+    if param.requires_grad:
+        return relative_position_table(size, size, param).to(dtype)
+    key = (param._version, param.data_ptr(), param.dtype, param.device, size, dtype)
+    cache = module.__dict__.setdefault("_relative_table_cache", {})
+    cached = cache.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            table = relative_position_table(size, size, param).to(dtype)
+        # the entry holds the parameter's storage (a few KB), so that no other tensor can take its
+        # address while the key refers to it
+        cached = (key, table, param.detach())
+        cache[name] = cached
+    return cached[1]
+
+
+def clear_relative_position_cache(module: nn.Module) -> None:
+    """Drop the cached relative-position tables of every attention layer inside `module`."""
+    for layer in module.modules():
+        layer.__dict__.pop("_relative_table_cache", None)
+
+
 class SdpaAttention(Attention):
     """SAM's attention (same parameters) with the relative positions folded into a fused kernel."""
 
@@ -90,23 +155,19 @@ class SdpaAttention(Attention):
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # B x heads x N x d
         else:
-            rel_rows = relative_position_table(height, height, self.rel_pos_h)  # H x H x d (query row, key row)
-            rel_cols = relative_position_table(width, width, self.rel_pos_w)  # W x W x d
+            rel_rows = _cached_table(self, "rel_pos_h", height, q.dtype)  # H x H x d (query row, key row)
+            rel_cols = _cached_table(self, "rel_pos_w", width, q.dtype)  # W x W x d
             grid_q = q.reshape(batch, heads, height, width, head_dim)
-            rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_rows.to(q.dtype))  # B x heads x H x W x H
-            rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_cols.to(q.dtype))  # B x heads x H x W x W
-            key_rows = torch.arange(tokens, device=x.device) // width  # N
-            key_cols = torch.arange(tokens, device=x.device) % width  # N
-            row_onehot = F.one_hot(key_rows, height).to(q.dtype)  # N x H
-            col_onehot = F.one_hot(key_cols, width).to(q.dtype)  # N x W
-            padding = (-(head_dim + height + width)) % 8  # fused kernels want a head size multiple of 8
-            zeros = q.new_zeros(()).expand(batch, heads, tokens, padding)  # B x heads x N x pad, no storage
-            # one copy each, padding included: B x heads x N x (d + H + W + pad)
-            q_aug = torch.cat([q * self.scale, rel_h.reshape(batch, heads, tokens, height),
-                               rel_w.reshape(batch, heads, tokens, width), zeros], dim=-1)
-            k_aug = torch.cat([k, row_onehot.expand(batch, heads, -1, -1), col_onehot.expand(batch, heads, -1, -1),
-                               zeros], dim=-1)
-            out = F.scaled_dot_product_attention(q_aug, k_aug, v, scale=1.0)  # B x heads x N x d
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_rows)  # B x heads x H x W x H
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_cols)  # B x heads x H x W x W
+            rel_h = rel_h.reshape(batch, heads, tokens, height)  # B x heads x N x H
+            rel_w = rel_w.reshape(batch, heads, tokens, width)  # B x heads x N x W
+            if q.is_cuda and USE_TRITON_RELPOS:
+                from resam_kernels.relpos_attention import relpos_attention_triton  # late: TRITON_INTERPRET
+
+                out = relpos_attention_triton(q, k, v, rel_h, rel_w, width, self.scale)  # B x heads x N x d
+            else:
+                out = augmented_sdpa_attention(q, k, v, rel_h, rel_w, width, self.scale)  # B x heads x N x d
         out = out.view(batch, heads, height, width, head_dim).permute(0, 2, 3, 1, 4)  # B x H x W x heads x d
         return self.proj(out.reshape(batch, height, width, -1))
 
@@ -115,11 +176,36 @@ class SdpaDecoderAttention(DecoderAttention):
     """The mask decoder's attention (same parameters) through `F.scaled_dot_product_attention`."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if k.shape[1] <= FEW_KEYS:
+            return self._few_keys_forward(q, k, v)
         q = self._separate_heads(self.q_proj(q), self.num_heads)  # B x heads x Nq x d
         k = self._separate_heads(self.k_proj(k), self.num_heads)  # B x heads x Nk x d
         v = self._separate_heads(self.v_proj(v), self.num_heads)  # B x heads x Nk x d
         out = F.scaled_dot_product_attention(q, k, v)  # B x heads x Nq x d, scale 1/sqrt(d) as SAM's
         return self.out_proj(self._recombine_heads(out))  # B x Nq x C
+
+    def _few_keys_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Image-to-token attention (Nq = hw image tokens, Nk = a few prompt tokens) without
+        separating heads: with block-diagonal key and value matrices (heads d x heads Nk and
+        heads Nk x heads d, small) every head's logits and outputs come from one batched matmul
+        on the queries' own B x Nq x (heads d) layout, and the output is already in the layout
+        `out_proj` takes. The attention matrix (B x Nq x heads Nk) is smaller than q; fused
+        kernels would pad the keys to their block size."""
+        heads = self.num_heads
+        q = self.q_proj(q)  # B x Nq x heads d
+        k = self.k_proj(k)  # B x Nk x heads d
+        v = self.v_proj(v)  # B x Nk x heads d
+        batch, num_keys, inner = k.shape
+        num_queries, head_dim = q.shape[1], inner // heads
+        eye = torch.eye(heads, dtype=k.dtype, device=k.device)  # heads x heads
+        k_heads = k.view(batch, num_keys, heads, head_dim) * head_dim ** -0.5  # scaled as SAM's logits
+        k_block = torch.einsum("bshd,hg->bhdgs", k_heads, eye).reshape(batch, inner, heads * num_keys)
+        v_block = torch.einsum("bshd,hg->bhsgd", v.view(batch, num_keys, heads, head_dim), eye)
+        v_block = v_block.reshape(batch, heads * num_keys, inner)  # B x heads Nk x heads d
+        logits = (q @ k_block).view(batch, num_queries, heads, num_keys)  # B x Nq x heads x Nk
+        probs = logits.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # B x Nq x heads x Nk
+        out = probs.view(batch, num_queries, heads * num_keys) @ v_block  # B x Nq x heads d
+        return self.out_proj(out)  # B x Nq x C
 
 
 def fused_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,

@@ -28,6 +28,7 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 
 from resam_dist.data.batch import valid_from_counts
 from resam_dist.model.attention import FusedLayerNorm2d
+from resam_dist.model.upsample import upsample4x
 
 
 CHECKPOINT_PARTS = ("off", "encoder", "decoder", "all")
@@ -77,9 +78,19 @@ class BatchedMaskDecoder(MaskDecoder):
 
         # channels-last (N x h x w x C) storage: the transformer's token view (N x hw x C) and the
         # upscaling convolutions then work on it without transposing copies
-        src = image_embeddings.to(dtype).permute(0, 2, 3, 1)[image_index]  # N x h x w x C
-        src = (src + dense_prompt_embeddings.to(dtype).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # N x C x h x w
-        pos_src = image_pe.to(dtype).expand(num_prompts, -1, -1, -1)  # N x C x h x w
+        images = image_embeddings.to(dtype).permute(0, 2, 3, 1)  # B x h x w x C
+        dense = dense_prompt_embeddings.to(dtype).permute(0, 2, 3, 1)  # N (or 1) x h x w x C
+        if dense.shape[0] >= 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
+            # one dense embedding for every prompt (no mask prompts: SAM expands its no-mask
+            # embedding): add it to the B images before gathering N copies, not to the N copies
+            src = (images + dense[:1])[image_index]  # N x h x w x C
+        else:
+            src = images[image_index] + dense  # N x h x w x C
+        src = src.permute(0, 3, 1, 2)  # N x C x h x w (channels-last storage)
+        # channels-last too: the transformer's N x hw x C view of it then has unit channel stride
+        # (SAM's C x hw layout makes every `keys + key_pe` over N x hw x C a strided gather)
+        pos_src = image_pe.to(dtype).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # 1 x C x h x w
+        pos_src = pos_src.expand(num_prompts, -1, -1, -1)  # N x C x h x w
         n, c, h, w = src.shape
 
         hs, src = self.transformer(src, pos_src, tokens)  # N x T' x C, N x hw x C
@@ -189,29 +200,30 @@ class PromptableSam(nn.Module):
         calls are made (empty ones included): under ZeRO-3 every rank must make the same number
         of calls, so pass the maximum over ranks there.
         """
-        num_images, _, feat_h, feat_w = features.shape
-        num_instances = self._check_prompts(features, counts, points, point_labels, boxes)
+        num_images = features.shape[0]
+        num_instances, fewest = self._check_prompts(features, counts, points, point_labels, boxes)
         if max_instances < 1:
             raise ValueError(f"max_instances must be >= 1, got {max_instances}")
         size = self.image_size
+        image_pe = self.prompt_encoder.get_dense_pe()  # 1 x C x h x w (a buffer, no parameters)
+        num_chunks = max(math.ceil(num_instances / max_instances), min_chunks)
+        checkpointing = self._checkpointing_decoder()
+        if fewest == num_instances and not checkpointing:
+            # every instance is real (no padding): the decoder's outputs are already in B x K order
+            return self._decode_all(features, image_pe, points, point_labels, boxes, num_chunks, max_instances)
+
         logits = torch.zeros(num_images, num_instances, size, size, device=features.device,
                              dtype=torch.float32)  # B x K x S x S
         iou = torch.zeros(num_images, num_instances, device=features.device, dtype=torch.float32)  # B x K
-        image_pe = self.prompt_encoder.get_dense_pe()  # 1 x C x h x w (a buffer, no parameters)
-
         valid = valid_from_counts(counts.to(features.device), num_instances)  # B x K
-        num_chunks = max(math.ceil(num_instances / max_instances), min_chunks)
         for chunk in range(num_chunks):
             start = chunk * max_instances
             chunk_valid = valid[:, start:start + max_instances]  # B x k
             image_index, chunk_index = chunk_valid.nonzero(as_tuple=True)  # N, N
             instance_index = chunk_index + start  # N
-            prompt_points = None
-            if points is not None:
-                coords = points[image_index, instance_index] - 0.5  # N x P x 2, SAM adds the half pixel back
-                prompt_points = (coords, point_labels[image_index, instance_index])  # N x P
-            prompt_boxes = None if boxes is None else boxes[image_index, instance_index] - 0.5  # N x 4
-            if not self._checkpointing_decoder():
+            prompt_points, prompt_boxes = self._gather_prompts(points, point_labels, boxes, image_index,
+                                                               instance_index)
+            if not checkpointing:
                 logits[image_index, instance_index], iou[image_index, instance_index] = self._decode_prompts(
                     features, image_pe, image_index, prompt_points, prompt_boxes)
                 continue
@@ -226,6 +238,43 @@ class PromptableSam(nn.Module):
                 iou[image_index[group], instance_index[group]] = group_iou
         return logits, iou
 
+    def _decode_all(self, features: torch.Tensor, image_pe: torch.Tensor, points: torch.Tensor | None,
+                    point_labels: torch.Tensor | None, boxes: torch.Tensor | None, num_chunks: int,
+                    max_instances: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode` when no instance is padding: the prompts of chunk c are instances
+        [c m, (c + 1) m) of every image in image-major order, so the decoder's N x S x S output is
+        a B x k x S x S view: no zero-filled B x K x S x S buffer, no scatter into it (and no
+        gather in the backward), no nonzero() host synchronisation."""
+        num_images, device, size = features.shape[0], features.device, self.image_size
+        num_instances = (points if points is not None else boxes).shape[1]
+        chunk_logits, chunk_iou = [], []
+        for chunk in range(num_chunks):
+            start = chunk * max_instances
+            k = max(min(max_instances, num_instances - start), 0)  # 0 for the extra calls of min_chunks
+            image_index = torch.arange(num_images, device=device).repeat_interleave(k)  # N = B k
+            instance_index = (torch.arange(k, device=device) + start).repeat(num_images)  # N
+            prompt_points, prompt_boxes = self._gather_prompts(points, point_labels, boxes, image_index,
+                                                               instance_index)
+            logits, iou = self._decode_prompts(features, image_pe, image_index, prompt_points, prompt_boxes)
+            chunk_logits.append(logits.view(num_images, k, size, size))  # B x k x S x S
+            chunk_iou.append(iou.view(num_images, k))  # B x k
+        if len(chunk_logits) == 1:
+            return chunk_logits[0], chunk_iou[0]
+        return torch.cat(chunk_logits, dim=1), torch.cat(chunk_iou, dim=1)  # B x K x S x S, B x K
+
+    @staticmethod
+    def _gather_prompts(points: torch.Tensor | None, point_labels: torch.Tensor | None, boxes: torch.Tensor | None,
+                        image_index: torch.Tensor, instance_index: torch.Tensor
+                        ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """The prompts of instances (image_index[n], instance_index[n]) in SAM's pixel-index
+        convention: ((coords N x P x 2, labels N x P) or None, boxes N x 4 or None)."""
+        prompt_points = None
+        if points is not None:
+            coords = points[image_index, instance_index] - 0.5  # N x P x 2, SAM adds the half pixel back
+            prompt_points = (coords, point_labels[image_index, instance_index])  # N x P
+        prompt_boxes = None if boxes is None else boxes[image_index, instance_index] - 0.5  # N x 4
+        return prompt_points, prompt_boxes
+
     def _decode_prompts(self, features: torch.Tensor, image_pe: torch.Tensor, image_index: torch.Tensor,
                         prompt_points: tuple[torch.Tensor, torch.Tensor] | None,
                         prompt_boxes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,8 +283,11 @@ class PromptableSam(nn.Module):
         size = self.image_size
         sparse, dense = self.prompt_encoder(points=prompt_points, boxes=prompt_boxes, masks=None)
         low_res, iou_pred = self.mask_decoder(features, image_index, image_pe, sparse, dense)
-        upsampled = F.interpolate(low_res.float(), (size, size), mode="bilinear",
-                                  align_corners=False)  # N x 1 x S x S
+        if 4 * low_res.shape[-1] == size and 4 * low_res.shape[-2] == size:  # SAM's decoder: always
+            upsampled = upsample4x(low_res.float())  # N x 1 x S x S, bilinear with a gather-free backward
+        else:
+            upsampled = F.interpolate(low_res.float(), (size, size), mode="bilinear",
+                                      align_corners=False)  # N x 1 x S x S
         return upsampled[:, 0], iou_pred[:, 0].float()
 
     def forward(self, images: torch.Tensor, counts: torch.Tensor, points: torch.Tensor | None = None,
@@ -250,7 +302,7 @@ class PromptableSam(nn.Module):
 
     def _check_prompts(self, features: torch.Tensor, counts: torch.Tensor, points: torch.Tensor | None,
                        point_labels: torch.Tensor | None, boxes: torch.Tensor | None) -> int:
-        """Validate prompt shapes; returns K."""
+        """Validate prompt shapes; returns (K, the smallest count: K when no instance is padding)."""
         num_images = features.shape[0]
         side = self.image_size // self.feature_stride
         if features.dim() != 4 or tuple(features.shape[1:]) != (self.embed_dim, side, side):
@@ -276,8 +328,9 @@ class PromptableSam(nn.Module):
             num_instances = boxes.shape[1]
         if tuple(counts.shape) != (num_images,):
             raise ValueError(f"counts must have shape ({num_images},), got {tuple(counts.shape)}")
-        if num_images > 0:
-            low, high = torch.stack(torch.aminmax(counts)).tolist()  # one device-to-host transfer
-            if high > num_instances or low < 0:
-                raise ValueError(f"counts must lie in [0, K={num_instances}], got {counts.tolist()}")
-        return num_instances
+        if num_images == 0:
+            return num_instances, 0
+        low, high = torch.stack(torch.aminmax(counts)).tolist()  # one device-to-host transfer
+        if high > num_instances or low < 0:
+            raise ValueError(f"counts must lie in [0, K={num_instances}], got {counts.tolist()}")
+        return num_instances, low

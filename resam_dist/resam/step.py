@@ -65,7 +65,8 @@ def select_points(points: torch.Tensor, point_labels: torch.Tensor,
 
 def _mean_image_iou(pred: torch.Tensor, gt: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
     """Micro-imagewise IoU (SPEC "Evaluation") over the instances selected by `instances` (B x K):
-    per image TP/FP/FN over its stack, mean over images with ground-truth foreground (NaN if none)."""
+    per image TP/FP/FN over its stack, mean over images with ground-truth foreground (NaN if none).
+    pred: B x K x S x S bool masks or float logits (foreground: logit > 0)."""
     counts = (instance_counts(pred, gt) * instances[:, :, None]).sum(dim=1)  # B x 3
     evaluated = (counts[:, 0] + counts[:, 2]) > 0  # B
     iou = scores_from_counts(counts)["iou"]  # B float64
@@ -127,7 +128,7 @@ def resam_step(model, batch: Batch, queue: EmbeddingQueue, cfg: Config, *, min_c
             if settings.requery:
                 requery_logits = requery(model, weak_features, boxes, counts, max_instances=max_instances,
                                          min_chunks=min_chunks)  # B x K x S x S
-                monitored["iou_requery"] = _mean_image_iou(requery_logits > 0, gt_masks, real)
+                monitored["iou_requery"] = _mean_image_iou(requery_logits, gt_masks, real)  # logit > 0
                 pseudo, valid = pseudo_labels(point_masks, requery_logits, empty, counts,
                                               empty_policy=settings.empty_policy)
                 del requery_logits

@@ -5,10 +5,12 @@ import torch
 
 import resam_kernels
 from resam_dist.resam.prompts import masks_to_boxes
+from resam_kernels.counts import instance_counts_reference
 from resam_kernels.entropy import entropy_filter_reference
 from resam_kernels.layer_norm import layer_norm_reference
 from resam_kernels.mask_loss import mask_loss_terms_reference
 from resam_kernels.overlap import suppress_overlap_reference
+from resam_kernels.relpos_attention import relpos_attention_reference, relpos_attention_triton
 from resam_kernels.ssa import ssa_loss_reference
 
 pytestmark = pytest.mark.gpu
@@ -134,9 +136,21 @@ def test_mask_loss_terms_64bit_offsets():
     torch.testing.assert_close(grad[-3:].float(), grad_ref.float(), atol=1e-2 * scale, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.bfloat16])
+def test_instance_counts_realistic(dtype):
+    """4 images x 50 instances at 1024 x 1024: bool masks, and logits thresholded in the kernel."""
+    logits = smooth_logits(4, 50, 1024, torch.float32, seed=6)
+    pred = logits > 0 if dtype == torch.bool else logits.to(dtype)
+    gt = smooth_logits(4, 50, 1024, torch.float32, seed=7) > 0
+    gt[0, 0] = True
+    got = resam_kernels.instance_counts(pred, gt)
+    assert got.dtype == torch.int64 and got.shape == (4, 50, 3)
+    assert torch.equal(got, instance_counts_reference(pred, gt))
+
+
 def test_kernels_do_not_synchronise_the_host():
-    """Refine, SSA, the mask losses and the decoder's LayerNorm run inside the training step: no
-    device-to-host sync allowed."""
+    """Refine, SSA, the mask losses, the monitoring counts and the decoder's LayerNorm run inside
+    the training step: no device-to-host sync allowed."""
     logits = smooth_logits(2, 50, 256, torch.float32, seed=0)
     counts = torch.tensor([50, 20], device=DEVICE)
     student = torch.randn(40, 256, device=DEVICE, requires_grad=True)
@@ -152,6 +166,7 @@ def test_kernels_do_not_synchronise_the_host():
         resam_kernels.ssa_loss(student, weak, queue, 0.07).backward()
         focal, dice, _ = resam_kernels.mask_loss_terms(mask_logits, keep)
         (focal.sum() + dice.sum()).backward()
+        resam_kernels.instance_counts(logits, keep)
         resam_kernels.layer_norm(student, None, norm_bias, 1e-6, residual=weak, pre_bias=norm_bias,
                                  gelu=True).sum().backward()
 
@@ -164,6 +179,111 @@ def test_kernels_do_not_synchronise_the_host():
         torch.cuda.set_sync_debug_mode("default")
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert mask_logits.grad is not None and mask_logits.grad.abs().sum() > 0
+
+
+def relpos_inputs(batch, heads, height, width, dtype, seed, head_dim=64):
+    """q, k, v as the strided views SAM's qkv projection gives (B x N x 3 x heads x d permuted),
+    rel_h / rel_w with logit-sized values, and an upstream gradient in the layout the encoder's
+    permute gives (B x H x W x heads x d, permuted back): all as the training step has them."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    tokens = height * width
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, device=DEVICE, generator=generator).to(dtype)
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    rel_h = (torch.randn(batch, heads, tokens, height, device=DEVICE, generator=generator) * 2).to(dtype)
+    rel_w = (torch.randn(batch, heads, tokens, width, device=DEVICE, generator=generator) * 2).to(dtype)
+    upstream = torch.randn(batch, tokens, heads, head_dim, device=DEVICE, generator=generator).to(dtype)
+    upstream = upstream.transpose(1, 2)  # B x heads x N x d, strided
+    return [q, k, v, rel_h.requires_grad_(True), rel_w.requires_grad_(True)], upstream
+
+
+def relpos_forward_backward(fn, inputs, upstream, grid_w):
+    out = fn(*inputs, grid_w, inputs[0].shape[-1] ** -0.5)
+    return (out, *torch.autograd.grad(out, inputs, upstream))
+
+
+def assert_relpos_slices_match(inputs, upstream, grid_w, slices, tolerance):
+    """The Triton kernels on the whole batch; the reference (materialising N x N) on some
+    (image, heads) slices only: each slice's outputs and gradients depend on that slice alone."""
+    results = relpos_forward_backward(relpos_attention_triton, inputs, upstream, grid_w)
+    for index in slices:
+        part = [x.detach()[index].clone().requires_grad_(True) for x in inputs]
+        expected = relpos_forward_backward(relpos_attention_reference, part, upstream[index], grid_w)
+        for name, got, want in zip(("out", "dq", "dk", "dv", "d_rel_h", "d_rel_w"), results, expected):
+            scale = want.float().abs().max().item()
+            torch.testing.assert_close(got[index].float(), want.float(), atol=tolerance * scale, rtol=tolerance,
+                                       msg=f"{name} {index}")
+
+
+def test_relpos_attention_global_blocks_bf16():
+    """ViT-B global attention: 4 images x 12 heads, 64 x 64 tokens, d = 64, bf16."""
+    inputs, upstream = relpos_inputs(4, 12, 64, 64, torch.bfloat16, seed=0)
+    assert_relpos_slices_match(inputs, upstream, 64, [(slice(3, 4), slice(9, 12)), (slice(0, 1), slice(0, 1))],
+                               tolerance=2e-2)
+
+
+def test_relpos_attention_windowed_blocks_bf16():
+    """ViT-B windowed attention: 100 windows (4 images x 25) x 12 heads, 14 x 14 tokens, bf16."""
+    inputs, upstream = relpos_inputs(100, 12, 14, 14, torch.bfloat16, seed=1)
+    assert_relpos_slices_match(inputs, upstream, 14, [(slice(None), slice(None))], tolerance=2e-2)
+
+
+@pytest.mark.parametrize("height,width,head_dim", [(64, 64, 64), (14, 14, 64), (16, 16, 32), (9, 33, 24)])
+def test_relpos_attention_float32(height, width, head_dim):
+    """float32 (IEEE dot products in the kernels): close to the reference; d 32 is the tiny model's."""
+    inputs, upstream = relpos_inputs(2, 3, height, width, torch.float32, seed=height, head_dim=head_dim)
+    assert_relpos_slices_match(inputs, upstream, width, [(slice(None), slice(None))], tolerance=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-3), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("height,width", [(64, 64), (14, 14)])
+def test_sdpa_attention_layer_uses_the_kernel(dtype, tolerance, height, width):
+    """ViT-B's attention layer (768 channels, 12 heads) with the Triton kernel against SAM's own
+    Attention in float32: output and gradients of the input and of every parameter; frozen
+    relative-position tables (cached) and trainable ones."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    from resam_dist.model import attention as attention_module
+    from resam_dist.model.attention import set_attention
+
+    assert attention_module.USE_TRITON_RELPOS
+    torch.manual_seed(height)
+    official = Attention(768, 12, use_rel_pos=True, input_size=(height, width)).to(DEVICE)
+    official.rel_pos_h.data.normal_(0, 0.3)
+    official.rel_pos_w.data.normal_(0, 0.3)
+    fused = Attention(768, 12, use_rel_pos=True, input_size=(height, width))
+    fused.load_state_dict(official.state_dict())
+    fused = fused.to(DEVICE, dtype)
+    set_attention(fused, "sdpa")
+    x = torch.randn(2, height, width, 768, device=DEVICE)
+    for frozen in (False, True, True):  # the second frozen call reuses the cached tables
+        for module in (official, fused):
+            module.zero_grad(set_to_none=True)
+            module.rel_pos_h.requires_grad_(not frozen)
+            module.rel_pos_w.requires_grad_(not frozen)
+        x_a, x_b = x.clone().requires_grad_(True), x.to(dtype).requires_grad_(True)
+        out_a, out_b = official(x_a), fused(x_b)
+        upstream = torch.randn_like(out_a)
+        out_a.backward(upstream)
+        out_b.backward(upstream.to(dtype))
+        pairs = [("out", out_b, out_a), ("x.grad", x_b.grad, x_a.grad)]
+        pairs += [(name, p_b.grad, p_a.grad) for (name, p_a), (_, p_b)
+                  in zip(official.named_parameters(), fused.named_parameters()) if p_a.requires_grad]
+        for name, got, want in pairs:
+            scale = want.abs().max().item()
+            torch.testing.assert_close(got.float(), want, atol=tolerance * scale, rtol=tolerance,
+                                       msg=f"{name} frozen={frozen}")
+    assert fused.__dict__["_relative_table_cache"]
+
+
+def test_relpos_attention_does_not_synchronise_the_host():
+    inputs, upstream = relpos_inputs(2, 3, 14, 14, torch.bfloat16, seed=2)
+    relpos_forward_backward(relpos_attention_triton, inputs, upstream, 14)  # compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        relpos_forward_backward(relpos_attention_triton, inputs, upstream, 14)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("rows,channels,with_residual,with_pre_bias,gelu", [

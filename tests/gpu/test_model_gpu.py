@@ -68,3 +68,20 @@ def test_checkpointed_step_matches_on_cuda():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-3)
+
+
+def test_upsample4x_gradient_matches_interpolate_on_cuda():
+    """200 masks of 256 x 256 -> 1024 x 1024 (the ViT-B step): the closed-form backward against
+    PyTorch's atomic-add backward of F.interpolate."""
+    from resam_dist.model.upsample import upsample4x
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    low_res = torch.randn(200, 1, 256, 256, device="cuda", generator=generator, requires_grad=True)
+    expected = torch.nn.functional.interpolate(low_res, (1024, 1024), mode="bilinear", align_corners=False)
+    grad_out = torch.randn(expected.shape, device="cuda", generator=generator)
+    expected_grad, = torch.autograd.grad(expected, low_res, grad_out)
+    copy = low_res.detach().clone().requires_grad_(True)
+    got = upsample4x(copy)
+    assert torch.equal(got, expected)
+    got_grad, = torch.autograd.grad(got, copy, grad_out)
+    torch.testing.assert_close(got_grad, expected_grad, atol=1e-4, rtol=1e-5)

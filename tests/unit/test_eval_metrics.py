@@ -266,8 +266,8 @@ def test_score_results_bad_pairing_raises():
 
 @pytest.mark.parametrize("height,width", [(1, 1), (37, 53), (4096, 4096), (4097, 4097)])
 def test_instance_counts_are_exact(height, width):
-    """The float16-sum path (up to 2^24 pixels per mask, 4096 x 4096 is the limit) and the int64
-    fallback give exact counts, also for a full mask at the 2^24 limit."""
+    """Exact int64 counts, also for a full mask of 2^24 pixels and beyond (a float16 or float32
+    accumulation would lose counts there)."""
     generator = torch.Generator().manual_seed(height)
     k = 3 if height * width < 10 ** 6 else 1
     pred = torch.rand(1, k, height, width, generator=generator) > 0.3

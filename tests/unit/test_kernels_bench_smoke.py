@@ -20,7 +20,7 @@ def test_cpu_smoke_writes_results(tmp_path):
     assert result["copy_bandwidth_gbps"] > 0
     kernels = {row["kernel"].split("/")[0] for row in result["rows"]}
     assert kernels == {"entropy_filter", "suppress_overlap", "ssa_loss_fwd_bwd", "mask_loss_fwd_bwd",
-                       "layer_norm_fwd_bwd"}
+                       "relpos_attention_fwd_bwd", "layer_norm_fwd_bwd"}
     timed = [row for row in result["rows"] if row["impl"] in ("triton", "torch_eager")]
     assert timed and all(row["ms"] > 0 and row["gbps"] > 0 for row in timed)
     markdown = (tmp_path / "kernels.md").read_text()
@@ -55,3 +55,13 @@ def test_refuses_without_cuda(tmp_path):
     assert completed.returncode == 2
     assert "CUDA" in completed.stderr
     assert not (tmp_path / "kernels.json").exists()
+
+
+def test_cpu_smoke_relpos_attention(tmp_path):
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--only", "relpos_attention",
+                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    assert {row["kernel"] for row in result["rows"]} == {"relpos_attention_fwd_bwd/bfloat16"}
+    assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "sdpa_augmented", "torch_compile"}
+    assert all(row["ms"] > 0 for row in result["rows"] if row["impl"] != "torch_compile")

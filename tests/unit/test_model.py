@@ -218,6 +218,43 @@ def test_chunking_gives_the_same_result(tiny, features):
     torch.testing.assert_close(single_iou, whole_iou, atol=1e-6, rtol=1e-6)
 
 
+def test_decode_without_padding_matches_sam_and_the_scatter_path(tiny, features):
+    """All counts == K takes the no-scatter path (outputs already in B x K order): the same values
+    as SAM per image, the same decoder calls (empty ones of min_chunks included), and the same
+    gradients as the scatter path (taken here through decoder checkpointing)."""
+    points, labels, boxes = random_prompts(3, 7, 2, seed=6)
+    counts = torch.tensor([7, 7, 7])
+    calls = []
+    handle = tiny.mask_decoder.register_forward_pre_hook(lambda module, args: calls.append(args[1].numel()))
+    try:
+        with torch.no_grad():
+            logits, iou = tiny.decode(features, counts, points, labels, boxes, max_instances=3, min_chunks=4)
+    finally:
+        handle.remove()
+    assert calls == [9, 9, 3, 0]
+    assert logits.shape == (3, 7, SIZE, SIZE) and iou.shape == (3, 7)
+    for b, expected in enumerate(sam_reference(tiny, features, counts, points, labels, boxes)):
+        torch.testing.assert_close(logits[b], expected[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(iou[b], expected[1], atol=1e-5, rtol=1e-5)
+
+    def gradients():
+        tiny.zero_grad()
+        out, out_iou = tiny.decode(features, counts, points, labels, boxes, max_instances=3)
+        (out.sigmoid().mean() + out_iou.square().mean()).backward()
+        return {name: p.grad.clone() for name, p in tiny.mask_decoder.named_parameters() if p.grad is not None}
+
+    direct = gradients()
+    tiny.set_activation_checkpointing("decoder", prompts_per_group=4)
+    try:
+        scattered = gradients()
+    finally:
+        tiny.set_activation_checkpointing("off")
+        tiny.zero_grad()
+    assert direct.keys() == scattered.keys() and len(direct) > 5
+    for name in direct:
+        torch.testing.assert_close(direct[name], scattered[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_decoder_calls_per_chunk_including_empty_ones(tiny, features):
     calls = []
     handle = tiny.mask_decoder.register_forward_pre_hook(lambda module, args: calls.append(args[1].numel()))
