@@ -7,6 +7,10 @@ move at least (inputs read once, outputs written once) and is set against the me
 device-to-device copy bandwidth (read + write of a 1 GiB tensor). Writes `kernels.json` and
 `kernels.md` with the device name into the output folder.
 
+"layer_norm" (fused LayerNorm of the mask decoder, forward + backward, bf16) also times
+"torch_eager_native": the add / F.layer_norm / GELU ops in bf16 that the decoder ran before the
+fused kernel (the reference computes in float32, which costs extra passes).
+
 Without CUDA it refuses to run (exit code 2) unless `--cpu-smoke`: tiny shapes through Triton's
 interpreter and a wall-clock timer, only to test this script; those numbers mean nothing.
 """
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-CASES = ("entropy_filter", "suppress_overlap", "ssa_loss", "mask_loss", "relpos_attention")
+CASES = ("entropy_filter", "suppress_overlap", "ssa_loss", "mask_loss", "relpos_attention", "layer_norm")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def shapes(smoke: bool) -> dict:
     if smoke:
         return {"filter": [(1, 3, 16, 16)], "ssa": [(4, 16, 32), (4, 16, 0)], "mask": [(1, 3, 16, 16)],
-                "relpos": [(1, 2, 3, 5, 16)]}
+                "relpos": [(1, 2, 3, 5, 16)],
+                "layer_norm": [("upscale", 300, 64, False, True, True), ("norm4", 50, 256, True, False, False)]}
     return {
         # B x K x H x W: K = 50 instances on the 256 (tiny) and 1024 (ViT) model canvas
         "filter": [(8, 50, 256, 256), (2, 50, 1024, 1024)],
@@ -54,6 +59,11 @@ def shapes(smoke: bool) -> dict:
         # B x heads x H x W x d of ViT-B's image-encoder attention on 4 images at 1024 px: the global
         # blocks (64 x 64 tokens) and the windowed ones (25 windows of 14 x 14 tokens per image)
         "relpos": [(4, 12, 64, 64, 64), (100, 12, 14, 14, 64)],
+        # (site, rows, C, residual, pre_bias, gelu) of the ViT-B mask decoder, 200 prompts:
+        # upscaling LayerNorm2d (200 x 128 x 128 pixels, 64 channels, conv bias + GELU fused) and
+        # the two-way transformer's norm4 (200 x 4096 tokens, 256 channels, residual fused)
+        "layer_norm": [("upscale", 200 * 128 * 128, 64, False, True, True),
+                       ("norm4", 200 * 4096, 256, True, False, False)],
     }
 
 
@@ -74,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import resam_kernels
     from resam_kernels.entropy import entropy_filter_reference
+    from resam_kernels.layer_norm import layer_norm_reference
     from resam_kernels.mask_loss import mask_loss_terms_reference
     from resam_kernels.overlap import suppress_overlap_reference
     from resam_kernels.relpos_attention import relpos_attention_reference
@@ -269,6 +280,45 @@ def main(argv: list[str] | None = None) -> int:
             "torch_compile": compiled_attention and forward_backward(compiled_attention),
         }, num_bytes=(4 * qkv_bytes + rel_bytes) + (5 * qkv_bytes + rel_bytes) + (3 * qkv_bytes + rel_bytes))
         del qkv, inputs, upstream
+
+    def layer_norm_native(x, weight, bias, eps, *, residual=None, pre_bias=None, gelu=False):
+        """What the decoder ran before the fused kernel: add, F.layer_norm and GELU in x's dtype."""
+        z = x if residual is None else x + residual
+        z = z if pre_bias is None else z + pre_bias.to(z.dtype)
+        y = torch.nn.functional.layer_norm(z, (z.shape[-1],), weight, bias, eps)
+        return torch.nn.functional.gelu(y) if gelu else y
+
+    for site, num_rows, channels, with_residual, with_pre_bias, gelu in (
+            shapes(args.cpu_smoke)["layer_norm"] if wanted("layer_norm") else []):
+        shape = f"{site}:{num_rows}x{channels}" + "+res" * with_residual + "+bias+gelu" * with_pre_bias
+        dtype = torch.bfloat16  # the DeepSpeed bf16 model: activations and LayerNorm weights
+        x = torch.randn(num_rows, channels, device=device, dtype=dtype, generator=generator).requires_grad_(True)
+        residual = (torch.randn(num_rows, channels, device=device, dtype=dtype, generator=generator)
+                    .requires_grad_(True) if with_residual else None)
+        pre_bias = (torch.randn(channels, device=device, dtype=dtype, generator=generator).requires_grad_(True)
+                    if with_pre_bias else None)
+        weight = (1 + 0.1 * torch.randn(channels, device=device, generator=generator)).to(dtype).requires_grad_(True)
+        bias = (0.1 * torch.randn(channels, device=device, generator=generator)).to(dtype).requires_grad_(True)
+        upstream = torch.randn(num_rows, channels, device=device, dtype=dtype, generator=generator)
+        leaves = [t for t in (x, residual, pre_bias, weight, bias) if t is not None]
+
+        def forward_backward(norm_fn):
+            def run():
+                y = norm_fn(x, weight, bias, 1e-6, residual=residual, pre_bias=pre_bias, gelu=gelu)
+                return torch.autograd.grad(y, leaves, upstream)
+            return run
+
+        compiled_norm = compiled(layer_norm_reference)
+        # rows x C tensors only: forward reads x (+ residual) and writes y; backward reads x
+        # (+ residual) and dy and writes dx (also d residual: the same tensor)
+        tensors = 2 * (1 + with_residual) + 3
+        record("layer_norm_fwd_bwd/bfloat16", shape, {
+            "torch_eager": forward_backward(layer_norm_reference),
+            "triton": forward_backward(resam_kernels.layer_norm),
+            "torch_compile": compiled_norm and forward_backward(compiled_norm),
+            "torch_eager_native": forward_backward(layer_norm_native),
+        }, num_bytes=num_rows * channels * x.element_size() * tensors)
+        del x, residual, upstream
 
     save()
     print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.md'}")

@@ -13,6 +13,7 @@ reference (the specification, `*_reference` in each module) runs.
 - `instance_counts(pred, gt, *, use_triton=True)`
 - `upsample4x(low_res, *, use_triton=True)`
 - `relpos_attention(q, k, v, rel_h, rel_w, grid_w, scale, *, use_triton=True)`
+- `layer_norm(x, weight, bias, eps, *, residual=None, pre_bias=None, gelu=False, use_triton=True)`
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from resam_kernels.counts import instance_counts_reference, instance_counts_triton
 from resam_kernels.entropy import (INTERPRET, confidence_reference, entropy_filter_reference,
                                    entropy_filter_triton)
+from resam_kernels.layer_norm import layer_norm_reference, layer_norm_triton
 from resam_kernels.mask_loss import mask_loss_terms_reference, mask_loss_terms_triton
 from resam_kernels.overlap import (MODES, suppress_overlap_reference, suppress_overlap_triton,
                                    tight_boxes_reference)
@@ -31,9 +33,10 @@ from resam_kernels.upsample import upsample4x_reference, upsample4x_triton
 
 __all__ = [
     "MODES", "confidence", "confidence_reference", "entropy_filter", "entropy_filter_reference",
-    "instance_counts", "instance_counts_reference", "mask_loss_terms", "mask_loss_terms_reference",
-    "relpos_attention", "relpos_attention_reference", "runs_triton", "ssa_loss", "ssa_loss_reference",
-    "suppress_overlap", "suppress_overlap_reference", "tight_boxes_reference", "upsample4x", "upsample4x_reference",
+    "instance_counts", "instance_counts_reference", "layer_norm", "layer_norm_reference", "mask_loss_terms",
+    "mask_loss_terms_reference", "relpos_attention", "relpos_attention_reference", "runs_triton", "ssa_loss",
+    "ssa_loss_reference", "suppress_overlap", "suppress_overlap_reference", "tight_boxes_reference", "upsample4x",
+    "upsample4x_reference",
 ]
 
 
@@ -123,3 +126,14 @@ def upsample4x(low_res: torch.Tensor, *, use_triton: bool = True) -> torch.Tenso
     if runs_triton(low_res, use_triton):
         return upsample4x_triton(low_res)
     return upsample4x_reference(low_res)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
+               residual: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None, gelu: bool = False,
+               use_triton: bool = True) -> torch.Tensor:
+    """act(LayerNorm(x + residual + pre_bias) weight + bias) over the last dim C of x ... x C, float32
+    math, in x's dtype (act = exact GELU with `gelu`); residual like x, pre_bias / weight / bias C.
+    Differentiable in x, residual, pre_bias, weight and bias. See `resam_kernels.layer_norm`."""
+    if runs_triton(x, use_triton):
+        return layer_norm_triton(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
+    return layer_norm_reference(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)

@@ -39,10 +39,18 @@ images with 50 instances, so its elementwise work is as large as the encoder's):
   float32), since a fused kernel pads the keys to its block size (on an H200 cuDNN's took ~4 ms
   per call for 200 prompts x 4096 queries x 7 keys);
 - `SharedKeysTwoWayBlock`: the two-way transformer block adding the positional encoding to the
-  image tokens once instead of twice;
+  image tokens once instead of twice, and running its residual adds with their LayerNorms
+  (`norm(x + residual)`, norm4 over N prompts x hw tokens x C) as one fused pass;
 - `FusedLayerNorm2d`: `LayerNorm2d` (normalisation over channels of N x C x H x W) as one
-  `F.layer_norm` over the channel-last view, instead of SAM's six elementwise passes. On a
-  channels-last input (the decoder's upscaling path) no copy is made.
+  LayerNorm over the channel-last view, instead of SAM's six elementwise passes. On a
+  channels-last input (the decoder's upscaling path) no copy is made. `forward_fused` also takes
+  a bias to add first and a GELU to apply after (the decoder's upscaling: transposed conv bias,
+  LayerNorm2d and GELU in one pass, `BatchedMaskDecoder._upscale_stage1`).
+
+These LayerNorms go through `fused_layer_norm`: the Triton kernel of `resam_kernels.layer_norm`
+on CUDA tensors, its torch reference (`F.layer_norm` in float32: for float32 tensors exactly
+SAM's `nn.LayerNorm(x + residual)`) on any other device, Triton's interpreter
+(`TRITON_INTERPRET=1`) included, so that the model's CPU tests and demo stay fast.
 
 `set_attention(module, kind)` switches every such layer inside `module` between SAM's forward
 ("official") and these ("sdpa"); only classes change, never parameters.
@@ -57,6 +65,8 @@ from segment_anything.modeling.image_encoder import Attention
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 from segment_anything.modeling.transformer import TwoWayAttentionBlock
 from torch import nn
+
+from resam_kernels import layer_norm
 
 ATTENTION_KINDS = ("sdpa", "official")
 FEW_KEYS = 16
@@ -198,33 +208,58 @@ class SdpaDecoderAttention(DecoderAttention):
         return self.out_proj(out)  # B x Nq x C
 
 
+def fused_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
+                     residual: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
+                     gelu: bool = False) -> torch.Tensor:
+    """act(LayerNorm(x + residual + pre_bias)) over the last dim (`resam_kernels.layer_norm`):
+    Triton on CUDA tensors, the torch reference elsewhere (also under TRITON_INTERPRET=1)."""
+    return layer_norm(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu, use_triton=x.is_cuda)
+
+
+def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """norm(x + residual) (norm(x) without residual); one fused pass when `norm` is a plain
+    `nn.LayerNorm` over the last dim, else the module itself."""
+    if type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1:
+        return fused_layer_norm(x, norm.weight, norm.bias, norm.eps, residual=residual)
+    return norm(x if residual is None else x + residual)
+
+
 class SharedKeysTwoWayBlock(TwoWayAttentionBlock):
     """SAM's two-way transformer block (same parameters, same values) computing `keys + key_pe`
-    once: both cross attentions use it, and SAM adds it twice over N prompts x hw tokens x C."""
+    once: both cross attentions use it, and SAM adds it twice over N prompts x hw tokens x C.
+    The residual adds and their LayerNorms run as one pass each (`add_and_norm`); on the CPU
+    (float32) they are exactly SAM's `norm(x + residual)`."""
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
                 key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # queries N x T x C (prompt tokens), keys N x hw x C (image tokens)
         if self.skip_first_layer_pe:
-            queries = self.self_attn(q=queries, k=queries, v=queries)
+            queries = add_and_norm(self.norm1, self.self_attn(q=queries, k=queries, v=queries), None)
         else:
             q = queries + query_pe
-            queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
+            queries = add_and_norm(self.norm1, queries, self.self_attn(q=q, k=q, v=queries))
         keys_with_pe = keys + key_pe  # N x hw x C
         q = queries + query_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=keys_with_pe, v=keys))
-        queries = self.norm3(queries + self.mlp(queries))
+        queries = add_and_norm(self.norm2, queries, self.cross_attn_token_to_image(q=q, k=keys_with_pe, v=keys))
+        queries = add_and_norm(self.norm3, queries, self.mlp(queries))
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(q=keys_with_pe, k=q, v=queries))
+        keys = add_and_norm(self.norm4, keys, self.cross_attn_image_to_token(q=keys_with_pe, k=q, v=queries))
         return queries, keys
 
 
 class FusedLayerNorm2d(LayerNorm2d):
-    """SAM's `LayerNorm2d` (same parameters) as one `F.layer_norm` over channels."""
+    """SAM's `LayerNorm2d` (same parameters) as one LayerNorm over channels (`fused_layer_norm`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: N x C x H x W
-        normed = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)  # N x H x W x C
+        return self.forward_fused(x)
+
+    def forward_fused(self, x: torch.Tensor, pre_bias: torch.Tensor | None = None,
+                      gelu: bool = False) -> torch.Tensor:
+        """act(LayerNorm2d(x + pre_bias)): x N x C x H x W, pre_bias C (added to every pixel),
+        act exact GELU with `gelu`. The channel-last view of a channels-last x is read in place;
+        the result has channels-last strides."""
+        normed = fused_layer_norm(x.permute(0, 2, 3, 1), self.weight, self.bias, self.eps, pre_bias=pre_bias,
+                                  gelu=gelu)  # N x H x W x C
         return normed.permute(0, 3, 1, 2)  # N x C x H x W (channels-last strides)
 
 

@@ -28,6 +28,7 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 
 import resam_kernels
 from resam_dist.data.batch import valid_from_counts
+from resam_dist.model.attention import FusedLayerNorm2d
 
 
 CHECKPOINT_PARTS = ("off", "encoder", "decoder", "all")
@@ -104,8 +105,17 @@ class BatchedMaskDecoder(MaskDecoder):
 
     def _upscale_stage1(self, src: torch.Tensor) -> torch.Tensor:
         """SAM's `output_upscaling[:3]` (transposed conv, LayerNorm2d, GELU):
-        N x C x h x w -> N x C/4 x 2h x 2w."""
+        N x C x h x w -> N x C/4 x 2h x 2w.
+
+        With the fused LayerNorm2d ("sdpa" kind) and SAM's exact GELU, the convolution runs
+        without its bias, and bias add, LayerNorm2d and GELU are one pass over the channels-last
+        result (`FusedLayerNorm2d.forward_fused`); otherwise ("official") SAM's modules."""
         conv, norm, activation = self.output_upscaling[:3]
+        if (isinstance(norm, FusedLayerNorm2d) and type(conv) is nn.ConvTranspose2d
+                and type(activation) is nn.GELU and activation.approximate == "none"):
+            upscaled = F.conv_transpose2d(src, conv.weight, None, conv.stride, conv.padding, conv.output_padding,
+                                          conv.groups, conv.dilation)  # N x C/4 x 2h x 2w, no bias
+            return norm.forward_fused(upscaled, pre_bias=conv.bias, gelu=True)
         return activation(norm(conv(src)))
 
     def _upscale_stage2_and_masks(self, upscaled: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:

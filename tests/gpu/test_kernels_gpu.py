@@ -7,6 +7,7 @@ import resam_kernels
 from resam_dist.resam.prompts import masks_to_boxes
 from resam_kernels.counts import instance_counts_reference
 from resam_kernels.entropy import entropy_filter_reference
+from resam_kernels.layer_norm import layer_norm_reference
 from resam_kernels.mask_loss import mask_loss_terms_reference
 from resam_kernels.overlap import suppress_overlap_reference
 from resam_kernels.relpos_attention import relpos_attention_reference, relpos_attention_triton
@@ -165,13 +166,15 @@ def test_upsample4x_realistic():
 
 
 def test_kernels_do_not_synchronise_the_host():
-    """Refine, SSA, the mask losses and the monitoring counts run inside the training step: no device-to-host sync allowed."""
+    """Refine, SSA, the mask losses, the monitoring counts and the decoder's LayerNorm run inside
+    the training step: no device-to-host sync allowed."""
     logits = smooth_logits(2, 50, 256, torch.float32, seed=0)
     counts = torch.tensor([50, 20], device=DEVICE)
     student = torch.randn(40, 256, device=DEVICE, requires_grad=True)
     weak = torch.randn(40, 256, device=DEVICE)
     queue = torch.randn(1000, 256, device=DEVICE)
     mask_logits = logits.clone().requires_grad_(True)
+    norm_bias = torch.zeros(256, device=DEVICE, requires_grad=True)
 
     def run_all():
         keep, confidence = resam_kernels.entropy_filter(logits, 0.5, return_confidence=True)
@@ -182,6 +185,8 @@ def test_kernels_do_not_synchronise_the_host():
         (focal.sum() + dice.sum()).backward()
         resam_kernels.instance_counts(logits, keep)
         resam_kernels.upsample4x(mask_logits[:, :3, :64, :64]).sum().backward()
+        resam_kernels.layer_norm(student, None, norm_bias, 1e-6, residual=weak, pre_bias=norm_bias,
+                                 gelu=True).sum().backward()
 
     run_all()  # first call: compilation and the SSA autotuning may synchronise
     torch.cuda.synchronize()
@@ -297,3 +302,40 @@ def test_relpos_attention_does_not_synchronise_the_host():
         relpos_forward_backward(relpos_attention_triton, inputs, upstream, 14)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("rows,channels,with_residual,with_pre_bias,gelu", [
+    (200 * 128 * 128, 64, False, True, True),  # decoder upscaling: conv bias + LayerNorm2d + GELU
+    (200 * 4096, 256, True, False, False),  # two-way transformer norm4: keys + attention output
+    (1000 * 37 + 5, 100, True, True, True),  # C not a power of two, rows not a multiple of a tile
+])
+def test_layer_norm_realistic(rows, channels, with_residual, with_pre_bias, gelu):
+    """The ViT-B decoder's LayerNorm shapes in bf16 (activations and parameters, as under DeepSpeed):
+    values and all gradients against autograd of the float32 reference."""
+    generator = torch.Generator(device=DEVICE).manual_seed(rows % 1000)
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, device=DEVICE, generator=generator) * scale + shift).to(torch.bfloat16)
+
+    inputs = {"x": randn(rows, channels, scale=2.0, shift=0.5),
+              "residual": randn(rows, channels) if with_residual else None,
+              "pre_bias": randn(channels, scale=0.5) if with_pre_bias else None,
+              "weight": randn(channels, scale=0.3, shift=1.0), "bias": randn(channels, scale=0.3)}
+    upstream = randn(rows, channels)
+    results = []
+    for fn in (resam_kernels.layer_norm, layer_norm_reference):
+        leaves = {name: t.clone().requires_grad_(True) for name, t in inputs.items() if t is not None}
+        y = fn(leaves["x"], leaves["weight"], leaves["bias"], 1e-6, residual=leaves.get("residual"),
+               pre_bias=leaves.get("pre_bias"), gelu=gelu)
+        grads = torch.autograd.grad(y, list(leaves.values()), upstream)
+        results.append((y, dict(zip(leaves, grads))))
+    (y, grads), (y_ref, grads_ref) = results
+    assert y.dtype == torch.bfloat16
+    # both in float32, rounded to bf16 once: one or two steps of 2^-8
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
+    for name, grad_ref in grads_ref.items():
+        grad = grads[name]
+        assert grad.dtype == torch.bfloat16 and grad.shape == inputs[name].shape, name
+        # parameter gradients: float32 sums over up to 3.3 M rows in another order, then bf16
+        scale = grad_ref.float().abs().max().item()
+        torch.testing.assert_close(grad.float(), grad_ref.float(), atol=1e-2 * scale, rtol=2e-2, msg=name)

@@ -20,7 +20,7 @@ def test_cpu_smoke_writes_results(tmp_path):
     assert result["copy_bandwidth_gbps"] > 0
     kernels = {row["kernel"].split("/")[0] for row in result["rows"]}
     assert kernels == {"entropy_filter", "suppress_overlap", "ssa_loss_fwd_bwd", "mask_loss_fwd_bwd",
-                       "relpos_attention_fwd_bwd"}
+                       "relpos_attention_fwd_bwd", "layer_norm_fwd_bwd"}
     timed = [row for row in result["rows"] if row["impl"] in ("triton", "torch_eager")]
     assert timed and all(row["ms"] > 0 and row["gbps"] > 0 for row in timed)
     markdown = (tmp_path / "kernels.md").read_text()
@@ -34,6 +34,18 @@ def test_cpu_smoke_only_one_case(tmp_path):
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert {row["kernel"] for row in result["rows"]} == {"mask_loss_fwd_bwd/float32", "mask_loss_fwd_bwd/bfloat16"}
     assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "torch_compile"}
+
+
+def test_cpu_smoke_layer_norm(tmp_path):
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--only", "layer_norm",
+                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    assert {row["kernel"] for row in result["rows"]} == {"layer_norm_fwd_bwd/bfloat16"}
+    assert {row["shape"] for row in result["rows"]} == {"upscale:300x64+bias+gelu", "norm4:50x256+res"}
+    assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "torch_compile",
+                                                       "torch_eager_native"}
+    assert all(row["ms"] > 0 for row in result["rows"] if row["impl"] != "torch_compile")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal only happens without CUDA")

@@ -209,3 +209,41 @@ def test_checkpointing_is_refused_with_zero3(tmp_path):
     path.write_text(json.dumps({"model": {"attention": "fast"}}))
     with pytest.raises(ValueError, match="model.attention"):
         load_config(path)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_upscaling_stage1_matches_sam(channels_last):
+    """Transposed conv without bias + (bias, LayerNorm2d, GELU) in one pass, against SAM's three
+    modules: values and the gradients of the input and of every parameter."""
+    torch.manual_seed(4)
+    model = build_sam("tiny", seed=0)
+    decoder = model.mask_decoder
+    conv, norm = decoder.output_upscaling[0], decoder.output_upscaling[1]
+    norm.weight.data.normal_(1, 0.3)
+    norm.bias.data.normal_(0, 0.3)
+    conv.bias.data.normal_(0, 0.5)
+    src = torch.randn(3, model.embed_dim, 7, 9) * 2
+    if channels_last:
+        src = src.to(memory_format=torch.channels_last)
+    conv_calls = []
+    handle = conv.register_forward_pre_hook(lambda module, args: conv_calls.append(1))
+    results = []
+    try:
+        for kind in ("sdpa", "official"):
+            set_attention(decoder, kind)
+            decoder.zero_grad(set_to_none=True)
+            x = src.clone().requires_grad_()
+            out = decoder._upscale_stage1(x)  # N x C/4 x 14 x 18
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
+            params = {name: p.grad.clone() for name, p in decoder.output_upscaling[:3].named_parameters()}
+            results.append((out.detach(), x.grad, params))
+    finally:
+        handle.remove()
+    assert len(conv_calls) == 1  # only the official path calls the conv module
+    (out, grad, params), (out_ref, grad_ref, params_ref) = results
+    assert out.shape == out_ref.shape == (3, model.embed_dim // 4, 14, 18)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-4)
+    assert set(params) == set(params_ref) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    for name in params:
+        torch.testing.assert_close(params[name], params_ref[name], atol=1e-4, rtol=1e-4, msg=name)
