@@ -10,6 +10,7 @@ reference (the specification, `*_reference` in each module) runs.
 - `suppress_overlap(masks, confidence, counts, mode, *, use_triton=True)`
 - `ssa_loss(student, weak, queue, tau, *, use_triton=True)`
 - `mask_loss_terms(logits, target, *, use_triton=True)`
+- `mask_head(upscaled, weight, bias, hyper_in, *, use_triton=True)`
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from resam_kernels.entropy import (INTERPRET, confidence_reference, entropy_filter_reference,
                                    entropy_filter_triton)
+from resam_kernels.mask_head import mask_head_reference, mask_head_triton
 from resam_kernels.mask_loss import mask_loss_terms_reference, mask_loss_terms_triton
 from resam_kernels.overlap import (MODES, suppress_overlap_reference, suppress_overlap_triton,
                                    tight_boxes_reference)
@@ -25,8 +27,8 @@ from resam_kernels.ssa import ssa_loss_reference, ssa_loss_triton
 
 __all__ = [
     "MODES", "confidence", "confidence_reference", "entropy_filter", "entropy_filter_reference",
-    "mask_loss_terms", "mask_loss_terms_reference", "runs_triton", "ssa_loss", "ssa_loss_reference", "suppress_overlap",
-    "suppress_overlap_reference", "tight_boxes_reference",
+    "mask_head", "mask_head_reference", "mask_loss_terms", "mask_loss_terms_reference", "runs_triton", "ssa_loss",
+    "ssa_loss_reference", "suppress_overlap", "suppress_overlap_reference", "tight_boxes_reference",
 ]
 
 
@@ -89,3 +91,14 @@ def mask_loss_terms(logits: torch.Tensor, target: torch.Tensor, *, use_triton: b
     if runs_triton(logits, use_triton):
         return mask_loss_terms_triton(logits, target)
     return mask_loss_terms_reference(logits, target)
+
+
+def mask_head(upscaled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hyper_in: torch.Tensor, *,
+              use_triton: bool = True) -> torch.Tensor:
+    """SAM's last mask-decoder stage: gelu(conv_transpose2d(upscaled, weight, bias, stride=2)) dotted
+    with each prompt's hyper_in over channels. upscaled N x Cin x H x W, weight Cin x Cout x 2 x 2,
+    bias Cout, hyper_in N x Cout -> masks N x 1 x 2H x 2W float32, differentiable wrt all four.
+    See `resam_kernels.mask_head`."""
+    if runs_triton(upscaled, use_triton):
+        return mask_head_triton(upscaled, weight, bias, hyper_in)
+    return mask_head_reference(upscaled, weight, bias, hyper_in)
