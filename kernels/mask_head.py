@@ -235,11 +235,17 @@ def _mask_head_backward_kernel(x_ptr, w_ptr, bias_ptr, hyper_ptr, grad_ptr, dx_p
 
 
 # GPU launch: forward BLOCK_P pixels a program (N = 200 at 128 x 128: 25600 programs), backward
-# ITERS tiles a program (2048 pixels: 1600 programs, partials 1600 x 34 KB float32). The
-# interpreter runs one numpy call per block operation: small tiles and two steps a program, so
-# that the tests reach several tiles, chunks and partial last tiles with small images.
-_FORWARD_BLOCK_P, _FORWARD_WARPS = 128, 4
-_BACKWARD_BLOCK_P, _BACKWARD_ITERS, _BACKWARD_WARPS = 64, 32, 4
+# ITERS tiles a program (2048 pixels: 1600 programs, partials 1600 x 34 KB float32). sm_90 ptxas
+# (triton 3.8, Cin = 64, Cout = 32, compiled without a GPU): bf16 forward 64 registers (8 warps;
+# 136 with 4 warps), float32 forward 167, no spill; bf16 backward 254 registers, no spill (8
+# warps, 2 stages; 4 warps spill 104 bytes, 16 warps over 1 KB: the four dW accumulators and the
+# unrolled erf/exp of the four output positions). The float32 backward (tf32x3: hi and lo copies
+# of every operand) spills about 3.9 KB in every tile shape tried; it is correct but not tuned,
+# the model trains in bf16. The interpreter runs one numpy call per block operation: small tiles
+# and two steps a program, so that the tests reach several tiles, chunks and partial last tiles
+# with small images.
+_FORWARD_BLOCK_P, _FORWARD_WARPS = 128, 8
+_BACKWARD_BLOCK_P, _BACKWARD_ITERS, _BACKWARD_WARPS, _BACKWARD_STAGES = 64, 32, 8, 2
 _INTERPRET_BLOCK_P, _INTERPRET_ITERS = 32, 2
 
 
@@ -311,7 +317,8 @@ def mask_head_backward_triton(upscaled: torch.Tensor, weight: torch.Tensor, bias
     _mask_head_backward_kernel[(programs,)](
         x, w, b, h, grad, grad_x, dw_part, dbias_part, dhyper_part, num_pixels, width, c_in, c_out, chunks,
         BLOCK_P=block_p, ITERS=iters, CIN_P=_padded(c_in), COUT_P=_padded(c_out),
-        LOW_PRECISION=low_precision, UPCAST=INTERPRET, num_warps=_BACKWARD_WARPS)
+        LOW_PRECISION=low_precision, UPCAST=INTERPRET, num_warps=_BACKWARD_WARPS,
+        num_stages=_BACKWARD_STAGES)
     grad_w = dw_part.sum(dim=(0, 1))  # (a, b) x Cin x Cout -> Cin x Cout x 2 x 2
     grad_w = grad_w.reshape(2, 2, c_in, c_out).permute(2, 3, 0, 1).to(weight.dtype)
     grad_bias = dbias_part.sum(dim=0).to(bias.dtype)
