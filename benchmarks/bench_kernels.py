@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-CASES = ("entropy_filter", "suppress_overlap", "ssa_loss", "mask_loss", "relpos_attention", "layer_norm")
+CASES = ("entropy_filter", "suppress_overlap", "ssa_loss", "mask_loss", "relpos_attention", "layer_norm",
+         "mask_head")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,7 +49,8 @@ def shapes(smoke: bool) -> dict:
     if smoke:
         return {"filter": [(1, 3, 16, 16)], "ssa": [(4, 16, 32), (4, 16, 0)], "mask": [(1, 3, 16, 16)],
                 "relpos": [(1, 2, 3, 5, 16)],
-                "layer_norm": [("upscale", 300, 64, False, True, True), ("norm4", 50, 256, True, False, False)]}
+                "layer_norm": [("upscale", 300, 64, False, True, True), ("norm4", 50, 256, True, False, False)],
+                "head": [(3, 64, 32, 8, 8)]}
     return {
         # B x K x H x W: K = 50 instances on the 256 (tiny) and 1024 (ViT) model canvas
         "filter": [(8, 50, 256, 256), (2, 50, 1024, 1024)],
@@ -64,6 +66,9 @@ def shapes(smoke: bool) -> dict:
         # the two-way transformer's norm4 (200 x 4096 tokens, 256 channels, residual fused)
         "layer_norm": [("upscale", 200 * 128 * 128, 64, False, True, True),
                        ("norm4", 200 * 4096, 256, True, False, False)],
+        # N x Cin x Cout x H x W: the mask decoder's last stage in a ViT-B step (200 prompts,
+        # 64 -> 32 channels, 128 x 128 -> 256 x 256)
+        "head": [(200, 64, 32, 128, 128)],
     }
 
 
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     import resam_kernels
     from resam_kernels.entropy import entropy_filter_reference
     from resam_kernels.layer_norm import layer_norm_reference
+    from resam_kernels.mask_head import mask_head_reference
     from resam_kernels.mask_loss import mask_loss_terms_reference
     from resam_kernels.overlap import suppress_overlap_reference
     from resam_kernels.relpos_attention import relpos_attention_reference
@@ -319,6 +325,50 @@ def main(argv: list[str] | None = None) -> int:
             "torch_eager_native": forward_backward(layer_norm_native),
         }, num_bytes=num_rows * channels * x.element_size() * tensors)
         del x, residual, upstream
+    def sam_mask_head(upscaled, weight, bias, hyper_in):
+        """The decoder's torch code (SAM's modules) in the input dtype, converted to float32 as the
+        decoder's caller does: the path the fused kernel replaces."""
+        pixels = torch.nn.functional.gelu(torch.nn.functional.conv_transpose2d(
+            upscaled, weight, bias, stride=2))  # N x Cout x 2H x 2W
+        num, c_out, height, width = pixels.shape
+        pixels = pixels.permute(0, 2, 3, 1).reshape(num, height * width, c_out)  # N x 4HW x Cout
+        return (pixels @ hyper_in.unsqueeze(2)).reshape(num, 1, height, width).float()
+
+    for num, c_in, c_out, height, width in shapes(args.cpu_smoke)["head"] if wanted("mask_head") else []:
+        shape = f"N{num}xCin{c_in}xCout{c_out}x{height}x{width}"
+        dtype = torch.bfloat16
+        upscaled = torch.randn(num, height, width, c_in, device=device, generator=generator).permute(0, 3, 1, 2)
+        head_inputs = [upscaled.to(dtype).requires_grad_(True),  # channels-last, as the decoder has it
+                       (torch.randn(c_in, c_out, 2, 2, device=device, generator=generator) / c_in ** 0.5
+                        ).to(dtype).requires_grad_(True),
+                       torch.randn(c_out, device=device, generator=generator).to(dtype).requires_grad_(True),
+                       torch.randn(num, c_out, device=device, generator=generator).to(dtype).requires_grad_(True)]
+        grad_masks = torch.randn(num, 1, 2 * height, 2 * width, device=device, generator=generator)
+
+        def head_forward(head_fn):
+            def run():
+                with torch.no_grad():
+                    return head_fn(*head_inputs)
+            return run
+
+        def head_forward_backward(head_fn):
+            return lambda: torch.autograd.grad(head_fn(*head_inputs), head_inputs, grad_masks)
+
+        compiled_head = compiled(mask_head_reference)
+        upscaled_bytes = upscaled.numel() * head_inputs[0].element_size()
+        masks_bytes = grad_masks.numel() * 4  # float32 masks
+        # forward: read upscaled, write the masks; backward: read upscaled and d masks, write
+        # d upscaled (the weights, bias and hyper_in are negligible)
+        for kind, wrap, num_bytes in (
+                ("fwd", head_forward, upscaled_bytes + masks_bytes),
+                ("fwd_bwd", head_forward_backward, 3 * upscaled_bytes + 2 * masks_bytes)):
+            record(f"mask_head_{kind}/{str(dtype)[6:]}", shape, {
+                "torch_eager": wrap(mask_head_reference),
+                "triton": wrap(resam_kernels.mask_head),
+                "torch_compile": compiled_head and wrap(compiled_head),
+                "torch_sam_bf16": wrap(sam_mask_head),
+            }, num_bytes=num_bytes)
+        del upscaled, head_inputs, grad_masks
 
     save()
     print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.md'}")

@@ -14,6 +14,7 @@ reference (the specification, `*_reference` in each module) runs.
 - `upsample4x(low_res, *, use_triton=True)`
 - `relpos_attention(q, k, v, rel_h, rel_w, grid_w, scale, *, use_triton=True)`
 - `layer_norm(x, weight, bias, eps, *, residual=None, pre_bias=None, gelu=False, use_triton=True)`
+- `mask_head(upscaled, weight, bias, hyper_in, *, use_triton=True)`
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from resam_kernels.counts import instance_counts_reference, instance_counts_trit
 from resam_kernels.entropy import (INTERPRET, confidence_reference, entropy_filter_reference,
                                    entropy_filter_triton)
 from resam_kernels.layer_norm import layer_norm_reference, layer_norm_triton
+from resam_kernels.mask_head import mask_head_reference, mask_head_triton
 from resam_kernels.mask_loss import mask_loss_terms_reference, mask_loss_terms_triton
 from resam_kernels.overlap import (MODES, suppress_overlap_reference, suppress_overlap_triton,
                                    tight_boxes_reference)
@@ -33,10 +35,10 @@ from resam_kernels.upsample import upsample4x_reference, upsample4x_triton
 
 __all__ = [
     "MODES", "confidence", "confidence_reference", "entropy_filter", "entropy_filter_reference",
-    "instance_counts", "instance_counts_reference", "layer_norm", "layer_norm_reference", "mask_loss_terms",
-    "mask_loss_terms_reference", "relpos_attention", "relpos_attention_reference", "runs_triton", "ssa_loss",
-    "ssa_loss_reference", "suppress_overlap", "suppress_overlap_reference", "tight_boxes_reference", "upsample4x",
-    "upsample4x_reference",
+    "instance_counts", "instance_counts_reference", "layer_norm", "layer_norm_reference", "mask_head",
+    "mask_head_reference", "mask_loss_terms", "mask_loss_terms_reference", "relpos_attention",
+    "relpos_attention_reference", "runs_triton", "ssa_loss", "ssa_loss_reference", "suppress_overlap",
+    "suppress_overlap_reference", "tight_boxes_reference", "upsample4x", "upsample4x_reference",
 ]
 
 
@@ -137,3 +139,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     if runs_triton(x, use_triton):
         return layer_norm_triton(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
     return layer_norm_reference(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
+
+
+def mask_head(upscaled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hyper_in: torch.Tensor, *,
+              use_triton: bool = True) -> torch.Tensor:
+    """SAM's last mask-decoder stage: gelu(conv_transpose2d(upscaled, weight, bias, stride=2)) dotted
+    with each prompt's hyper_in over channels. upscaled N x Cin x H x W, weight Cin x Cout x 2 x 2,
+    bias Cout, hyper_in N x Cout -> masks N x 1 x 2H x 2W float32, differentiable wrt all four.
+    See `resam_kernels.mask_head`."""
+    if runs_triton(upscaled, use_triton):
+        return mask_head_triton(upscaled, weight, bias, hyper_in)
+    return mask_head_reference(upscaled, weight, bias, hyper_in)

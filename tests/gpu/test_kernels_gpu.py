@@ -8,6 +8,7 @@ from resam_dist.resam.prompts import masks_to_boxes
 from resam_kernels.counts import instance_counts_reference
 from resam_kernels.entropy import entropy_filter_reference
 from resam_kernels.layer_norm import layer_norm_reference
+from resam_kernels.mask_head import mask_head_reference
 from resam_kernels.mask_loss import mask_loss_terms_reference
 from resam_kernels.overlap import suppress_overlap_reference
 from resam_kernels.relpos_attention import relpos_attention_reference, relpos_attention_triton
@@ -165,9 +166,45 @@ def test_upsample4x_realistic():
     torch.testing.assert_close(got_grad, expected_grad, atol=1e-4, rtol=1e-5)
 
 
+def mask_head_inputs(num, c_in, c_out, size, dtype, seed):
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    upscaled = torch.randn(num, size, size, c_in, device=DEVICE, generator=generator).permute(0, 3, 1, 2)  # channels-last
+    weight = torch.randn(c_in, c_out, 2, 2, device=DEVICE, generator=generator) / c_in ** 0.5
+    bias = torch.randn(c_out, device=DEVICE, generator=generator)
+    hyper_in = torch.randn(num, c_out, device=DEVICE, generator=generator)
+    return [tensor.to(dtype).requires_grad_(True) for tensor in (upscaled, weight, bias, hyper_in)]
+
+
+def mask_head_and_gradients(fn, inputs, grad_masks):
+    masks = fn(*inputs)
+    return masks, torch.autograd.grad(masks, inputs, grad_masks)
+
+
+def test_mask_head_realistic():
+    """The decoder's last stage in a ViT-B step: 200 prompts, 64 -> 32 channels, 128 x 128 -> 256 x 256, bf16."""
+    inputs = mask_head_inputs(200, 64, 32, 128, torch.bfloat16, seed=6)
+    assert inputs[0].is_contiguous(memory_format=torch.channels_last)
+    grad_masks = torch.randn(200, 1, 256, 256, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(7))
+    masks, grads = mask_head_and_gradients(resam_kernels.mask_head, inputs, grad_masks)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # a float32 reference, not TF32
+        masks_ref, grads_ref = mask_head_and_gradients(mask_head_reference, inputs, grad_masks)
+    assert masks.dtype == torch.float32
+    # float32 on both sides from the same bf16 values: summation order and the GPU erf differ
+    scale = masks_ref.abs().max().item()
+    torch.testing.assert_close(masks, masks_ref, atol=1e-4 * scale, rtol=1e-3)
+    for name, grad, grad_ref, tensor in zip(("upscaled", "weight", "bias", "hyper_in"), grads, grads_ref, inputs):
+        assert grad.dtype == tensor.dtype and grad.shape == tensor.shape, name
+        # d(pre-activation) rounded to bf16 for the products with upscaled and weight, like torch's
+        # bf16 autograd; bf16 results: a step or two of 2^-8 relative to the largest entry
+        scale = grad_ref.float().abs().max().item()
+        torch.testing.assert_close(grad.float(), grad_ref.float(), atol=1e-2 * scale, rtol=2e-2, msg=name)
+    _, grads_again = mask_head_and_gradients(resam_kernels.mask_head, inputs, grad_masks)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_again))  # deterministic: no atomics
+
+
 def test_kernels_do_not_synchronise_the_host():
-    """Refine, SSA, the mask losses, the monitoring counts and the decoder's LayerNorm run inside
-    the training step: no device-to-host sync allowed."""
+    """Refine, SSA, the mask losses, the monitoring counts, the upsampling and the decoder's
+    LayerNorm and mask head run inside the training step: no device-to-host sync allowed."""
     logits = smooth_logits(2, 50, 256, torch.float32, seed=0)
     counts = torch.tensor([50, 20], device=DEVICE)
     student = torch.randn(40, 256, device=DEVICE, requires_grad=True)
@@ -175,6 +212,7 @@ def test_kernels_do_not_synchronise_the_host():
     queue = torch.randn(1000, 256, device=DEVICE)
     mask_logits = logits.clone().requires_grad_(True)
     norm_bias = torch.zeros(256, device=DEVICE, requires_grad=True)
+    head_inputs = mask_head_inputs(6, 64, 32, 32, torch.bfloat16, seed=0)
 
     def run_all():
         keep, confidence = resam_kernels.entropy_filter(logits, 0.5, return_confidence=True)
@@ -187,6 +225,7 @@ def test_kernels_do_not_synchronise_the_host():
         resam_kernels.upsample4x(mask_logits[:, :3, :64, :64]).sum().backward()
         resam_kernels.layer_norm(student, None, norm_bias, 1e-6, residual=weak, pre_bias=norm_bias,
                                  gelu=True).sum().backward()
+        resam_kernels.mask_head(*head_inputs).sum().backward()
 
     run_all()  # first call: compilation and the SSA autotuning may synchronise
     torch.cuda.synchronize()

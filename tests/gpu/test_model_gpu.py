@@ -35,8 +35,9 @@ def test_sdpa_encoder_matches_official_on_cuda(dtype, atol):
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-3), (torch.bfloat16, 0.1)])
 def test_fused_decoder_matches_official_on_cuda(dtype, atol):
-    """ViT-B's mask decoder on 2 images x 50 prompts: SDPA attention, fused LayerNorm2d and the
-    channels-last path against SAM's layers (logits relative to their largest magnitude)."""
+    """ViT-B's mask decoder on 2 images x 50 prompts: SDPA attention, fused LayerNorm2d, the
+    channels-last path and the fused mask head (`resam_kernels.mask_head`) against SAM's layers
+    (logits relative to their largest magnitude)."""
     model = build_sam("vit_b", seed=0).to("cuda", dtype)
     generator = torch.Generator(device="cuda").manual_seed(0)
     features = torch.randn(2, 256, 64, 64, device="cuda", dtype=dtype, generator=generator)
