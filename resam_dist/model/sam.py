@@ -128,16 +128,12 @@ class BatchedMaskDecoder(MaskDecoder):
         (`resam_kernels.mask_head`): float32 arithmetic and float32 logits, without the
         N x C/8 x 4h x 4w activations. Otherwise ("official", or CPU) SAM's modules, logits in
         the input's dtype."""
-        from resam_dist.model.attention import FusedLayerNorm2d  # late: leaves this method's edit self-contained
-
         conv, activation = self.output_upscaling[3:]
         if (upscaled.is_cuda and isinstance(self.output_upscaling[1], FusedLayerNorm2d)
                 and type(conv) is nn.ConvTranspose2d and conv.bias is not None
                 and conv.kernel_size == conv.stride == (2, 2) and conv.padding == conv.output_padding == (0, 0)
                 and conv.dilation == (1, 1) and conv.groups == 1
                 and type(activation) is nn.GELU and activation.approximate == "none"):
-            import resam_kernels  # late: TRITON_INTERPRET is read when the kernels load (and CPU runs skip Triton)
-
             return resam_kernels.mask_head(upscaled, conv.weight, conv.bias, hyper_in)  # N x 1 x 4h x 4w float32
         pixels = activation(conv(upscaled))  # N x C/8 x 4h x 4w
         n, c_up, h_up, w_up = pixels.shape
