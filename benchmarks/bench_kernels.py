@@ -28,7 +28,7 @@ from typing import Callable
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 CASES = ("entropy_filter", "suppress_overlap", "ssa_loss", "mask_loss", "relpos_attention", "layer_norm",
-         "mask_head")
+         "mask_head", "instance_counts", "upsample4x")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton.testing
 
     import resam_kernels
+    from resam_kernels.counts import instance_counts_reference
     from resam_kernels.entropy import entropy_filter_reference
     from resam_kernels.layer_norm import layer_norm_reference
     from resam_kernels.mask_head import mask_head_reference
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from resam_kernels.overlap import suppress_overlap_reference
     from resam_kernels.relpos_attention import relpos_attention_reference
     from resam_kernels.ssa import ssa_loss_reference
+    from resam_kernels.upsample import upsample4x_reference
     from resam_dist.model.attention import augmented_sdpa_attention
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
@@ -255,6 +257,44 @@ def main(argv: list[str] | None = None) -> int:
                 "torch_compile": compiled_terms and forward_backward(compiled_terms),
             }, num_bytes=numel * (2 * (element + 1) + element))
             del logits, target
+
+    for batch, num_instances, height, width in shapes(args.cpu_smoke)["mask"] if wanted("instance_counts") else []:
+        # the step's monitoring IoUs: bool masks, and float32 logits thresholded inside
+        shape = f"{batch}x{num_instances}x{height}x{width}"
+        numel = batch * num_instances * height * width
+        logits = torch.randn(batch, num_instances, height, width, device=device, generator=generator)
+        gt = torch.rand(batch, num_instances, height, width, device=device, generator=generator) < 0.3
+        compiled_counts = compiled(instance_counts_reference)
+        for name, pred in (("bool", logits > 0), ("float32", logits)):
+            record(f"instance_counts/{name}", shape, {
+                "torch_eager": lambda pred=pred: instance_counts_reference(pred, gt),
+                "triton": lambda pred=pred: resam_kernels.instance_counts(pred, gt),
+                "torch_compile": compiled_counts and (lambda pred=pred: compiled_counts(pred, gt)),
+            }, num_bytes=numel * (pred.element_size() + 1))
+        del logits, gt
+
+    for batch, num_instances, height, width in shapes(args.cpu_smoke)["mask"] if wanted("upsample4x") else []:
+        # the decoder's 4x upsampling of the low-res logits to the canvas (forward + backward)
+        low_h, low_w = height // 4, width // 4
+        shape = f"{batch * num_instances}x1x{low_h}x{low_w}"
+        low_res = torch.randn(batch * num_instances, 1, low_h, low_w, device=device, generator=generator)
+        low_res.requires_grad_(True)
+        upstream = torch.randn(batch * num_instances, 1, height, width, device=device, generator=generator)
+
+        def upsample_forward_backward(upsample_fn):
+            def run():
+                return torch.autograd.grad(upsample_fn(low_res), low_res, upstream)
+            return run
+
+        compiled_upsample = compiled(upsample4x_reference)
+        numel = batch * num_instances * height * width
+        # forward writes the float32 output; backward reads its gradient (inputs: 1/16 of that)
+        record("upsample4x_fwd_bwd/float32", shape, {
+            "torch_eager": upsample_forward_backward(upsample4x_reference),
+            "triton": upsample_forward_backward(resam_kernels.upsample4x),
+            "torch_compile": compiled_upsample and upsample_forward_backward(compiled_upsample),
+        }, num_bytes=numel * 4 * 2 + (numel // 16) * 4 * 2)
+        del low_res, upstream
 
     for batch, heads, height, width, head_dim in shapes(args.cpu_smoke)["relpos"] if wanted("relpos_attention") else []:
         shape = f"{batch}x{heads}x{height}x{width}xd{head_dim}"

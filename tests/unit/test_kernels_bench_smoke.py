@@ -20,7 +20,8 @@ def test_cpu_smoke_writes_results(tmp_path):
     assert result["copy_bandwidth_gbps"] > 0
     kernels = {row["kernel"].split("/")[0] for row in result["rows"]}
     assert kernels == {"entropy_filter", "suppress_overlap", "ssa_loss_fwd_bwd", "mask_loss_fwd_bwd",
-                       "relpos_attention_fwd_bwd", "layer_norm_fwd_bwd", "mask_head_fwd", "mask_head_fwd_bwd"}
+                       "relpos_attention_fwd_bwd", "layer_norm_fwd_bwd", "mask_head_fwd", "mask_head_fwd_bwd",
+                       "instance_counts", "upsample4x_fwd_bwd"}
     timed = [row for row in result["rows"] if row["impl"] in ("triton", "torch_eager")]
     assert timed and all(row["ms"] > 0 and row["gbps"] > 0 for row in timed)
     markdown = (tmp_path / "kernels.md").read_text()
