@@ -38,8 +38,12 @@ images with 50 instances, so its elementwise work is as large as the encoder's):
   tokens) the attention matrix is smaller than the queries and is computed explicitly (softmax in
   float32), since a fused kernel pads the keys to its block size (on an H200 cuDNN's took ~4 ms
   per call for 200 prompts x 4096 queries x 7 keys);
-- `SharedKeysTwoWayBlock`: the two-way transformer block adding the positional encoding to the
-  image tokens once instead of twice, and running its residual adds with their LayerNorms
+  `attend(..., q_pe=, k_pe=)` takes a positional encoding added before the q or k projection as
+  proj(x) + W pe (W pe computed once for all prompts), so `keys + key_pe` (N prompts x hw tokens
+  x C) is neither written nor kept for the backward;
+- `SharedKeysTwoWayBlock` / `SharedKeysTwoWayTransformer`: the two-way transformer block and
+  its final attention passing the image positional encoding that way (SAM forms `keys + key_pe`
+  three times per decode), and running the residual adds with their LayerNorms
   (`norm(x + residual)`, norm4 over N prompts x hw tokens x C) as one fused pass;
 - `FusedLayerNorm2d`: `LayerNorm2d` (normalisation over channels of N x C x H x W) as one
   LayerNorm over the channel-last view, instead of SAM's six elementwise passes. On a
@@ -63,7 +67,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Attention
 from segment_anything.modeling.transformer import Attention as DecoderAttention
-from segment_anything.modeling.transformer import TwoWayAttentionBlock
+from segment_anything.modeling.transformer import TwoWayAttentionBlock, TwoWayTransformer
 from torch import nn
 
 from resam_kernels import layer_norm
@@ -173,28 +177,40 @@ class SdpaAttention(Attention):
 
 
 class SdpaDecoderAttention(DecoderAttention):
-    """The mask decoder's attention (same parameters) through `F.scaled_dot_product_attention`."""
+    """The mask decoder's attention (same parameters) through `F.scaled_dot_product_attention`.
+
+    `attend(q, k, v, q_pe=..., k_pe=...)` is `forward(q + q_pe, k + k_pe, v)` without forming the
+    sums: a projection is linear, so proj(x + pe) = proj(x) + W pe, and W pe is computed once for
+    a positional encoding shared by all prompts (stride 0 over them). The N x hw x C sum
+    `keys + key_pe` is then neither written nor kept for the backward (the projection keeps
+    `keys`, which is kept anyway)."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.attend(q, k, v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_pe: torch.Tensor | None = None,
+               k_pe: torch.Tensor | None = None) -> torch.Tensor:
+        q = _project(self.q_proj, q, q_pe)  # B x Nq x heads d
+        k = _project(self.k_proj, k, k_pe)  # B x Nk x heads d
+        v = self.v_proj(v)  # B x Nk x heads d
         if k.shape[1] <= FEW_KEYS:
-            return self._few_keys_forward(q, k, v)
-        q = self._separate_heads(self.q_proj(q), self.num_heads)  # B x heads x Nq x d
-        k = self._separate_heads(self.k_proj(k), self.num_heads)  # B x heads x Nk x d
-        v = self._separate_heads(self.v_proj(v), self.num_heads)  # B x heads x Nk x d
+            return self.out_proj(self._few_keys_attention(q, k, v))  # B x Nq x C
+        q = self._separate_heads(q, self.num_heads)  # B x heads x Nq x d
+        k = self._separate_heads(k, self.num_heads)  # B x heads x Nk x d
+        v = self._separate_heads(v, self.num_heads)  # B x heads x Nk x d
         out = F.scaled_dot_product_attention(q, k, v)  # B x heads x Nq x d, scale 1/sqrt(d) as SAM's
         return self.out_proj(self._recombine_heads(out))  # B x Nq x C
 
-    def _few_keys_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Image-to-token attention (Nq = hw image tokens, Nk = a few prompt tokens) without
-        separating heads: with block-diagonal key and value matrices (heads d x heads Nk and
-        heads Nk x heads d, small) every head's logits and outputs come from one batched matmul
-        on the queries' own B x Nq x (heads d) layout, and the output is already in the layout
-        `out_proj` takes. The attention matrix (B x Nq x heads Nk) is smaller than q; fused
-        kernels would pad the keys to their block size."""
+    def _few_keys_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Projected q B x Nq x (heads d), k and v B x Nk x (heads d) -> B x Nq x (heads d).
+
+        For the image-to-token attention (Nq = hw image tokens, Nk = a few prompt tokens),
+        without separating heads: with block-diagonal key and value matrices (heads d x heads Nk
+        and heads Nk x heads d, small) every head's logits and outputs come from one batched
+        matmul on the queries' own layout, and the output is already in the layout `out_proj`
+        takes. The attention matrix (B x Nq x heads Nk) is smaller than q; fused kernels would
+        pad the keys to their block size."""
         heads = self.num_heads
-        q = self.q_proj(q)  # B x Nq x heads d
-        k = self.k_proj(k)  # B x Nk x heads d
-        v = self.v_proj(v)  # B x Nk x heads d
         batch, num_keys, inner = k.shape
         num_queries, head_dim = q.shape[1], inner // heads
         eye = torch.eye(heads, dtype=k.dtype, device=k.device)  # heads x heads
@@ -204,8 +220,26 @@ class SdpaDecoderAttention(DecoderAttention):
         v_block = v_block.reshape(batch, heads * num_keys, inner)  # B x heads Nk x heads d
         logits = (q @ k_block).view(batch, num_queries, heads, num_keys)  # B x Nq x heads x Nk
         probs = logits.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # B x Nq x heads x Nk
-        out = probs.view(batch, num_queries, heads * num_keys) @ v_block  # B x Nq x heads d
-        return self.out_proj(out)  # B x Nq x C
+        return probs.view(batch, num_queries, heads * num_keys) @ v_block  # B x Nq x heads d
+
+
+def _project(projection: nn.Linear, x: torch.Tensor, pe: torch.Tensor | None) -> torch.Tensor:
+    """projection(x + pe) as projection(x) + W pe: x B x L x C, pe B x L x C (broadcastable; one
+    encoding for the whole batch when its batch stride is 0) -> B x L x C'."""
+    if pe is None:
+        return projection(x)
+    if pe.shape[0] > 1 and pe.stride(0) == 0:
+        pe = pe[:1]  # 1 x L x C: the same for every batch entry
+    return projection(x) + F.linear(pe, projection.weight)  # W pe without the bias (it is in projection(x))
+
+
+def attend_with_pe(attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                   q_pe: torch.Tensor | None = None, k_pe: torch.Tensor | None = None) -> torch.Tensor:
+    """attention(q + q_pe, k + k_pe, v): through `SdpaDecoderAttention.attend` (no sums formed) or,
+    for SAM's own attention, with the sums."""
+    if isinstance(attention, SdpaDecoderAttention):
+        return attention.attend(q, k, v, q_pe=q_pe, k_pe=k_pe)
+    return attention(q=q if q_pe is None else q + q_pe, k=k if k_pe is None else k + k_pe, v=v)
 
 
 def fused_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
@@ -225,10 +259,11 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
 
 
 class SharedKeysTwoWayBlock(TwoWayAttentionBlock):
-    """SAM's two-way transformer block (same parameters, same values) computing `keys + key_pe`
-    once: both cross attentions use it, and SAM adds it twice over N prompts x hw tokens x C.
-    The residual adds and their LayerNorms run as one pass each (`add_and_norm`); on the CPU
-    (float32) they are exactly SAM's `norm(x + residual)`."""
+    """SAM's two-way transformer block (same parameters, same values up to rounding) without
+    forming `keys + key_pe` (N prompts x hw tokens x C, which SAM adds twice): both cross
+    attentions take the positional encoding through `attend_with_pe`. The residual adds and
+    their LayerNorms run as one pass each (`add_and_norm`); with SAM's own attention layers on
+    the CPU (float32) the block is exactly SAM's."""
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
                 key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,12 +273,31 @@ class SharedKeysTwoWayBlock(TwoWayAttentionBlock):
         else:
             q = queries + query_pe
             queries = add_and_norm(self.norm1, queries, self.self_attn(q=q, k=q, v=queries))
-        keys_with_pe = keys + key_pe  # N x hw x C
         q = queries + query_pe
-        queries = add_and_norm(self.norm2, queries, self.cross_attn_token_to_image(q=q, k=keys_with_pe, v=keys))
+        attn_out = attend_with_pe(self.cross_attn_token_to_image, q, keys, keys, k_pe=key_pe)  # N x T x C
+        queries = add_and_norm(self.norm2, queries, attn_out)
         queries = add_and_norm(self.norm3, queries, self.mlp(queries))
         q = queries + query_pe
-        keys = add_and_norm(self.norm4, keys, self.cross_attn_image_to_token(q=keys_with_pe, k=q, v=queries))
+        attn_out = attend_with_pe(self.cross_attn_image_to_token, keys, q, queries, q_pe=key_pe)  # N x hw x C
+        keys = add_and_norm(self.norm4, keys, attn_out)
+        return queries, keys
+
+
+class SharedKeysTwoWayTransformer(TwoWayTransformer):
+    """SAM's two-way transformer (same parameters) whose final token-to-image attention takes the
+    image positional encoding through `attend_with_pe` instead of forming `keys + image_pe`."""
+
+    def forward(self, image_embedding: torch.Tensor, image_pe: torch.Tensor,
+                point_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # image_embedding N x C x h x w, image_pe (1 or N) x C x h x w, point_embedding N x T x C
+        keys = image_embedding.flatten(2).permute(0, 2, 1)  # N x hw x C
+        key_pe = image_pe.flatten(2).permute(0, 2, 1)  # (1 or N) x hw x C
+        queries = point_embedding
+        for layer in self.layers:
+            queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe)
+        q = queries + point_embedding
+        attn_out = attend_with_pe(self.final_attn_token_to_image, q, keys, keys, k_pe=key_pe)  # N x T x C
+        queries = add_and_norm(self.norm_final_attn, queries, attn_out)
         return queries, keys
 
 
@@ -268,6 +322,7 @@ _KINDS = {  # SAM's class -> (official, sdpa) forwards
     DecoderAttention: (DecoderAttention, SdpaDecoderAttention),
     LayerNorm2d: (LayerNorm2d, FusedLayerNorm2d),
     TwoWayAttentionBlock: (TwoWayAttentionBlock, SharedKeysTwoWayBlock),
+    TwoWayTransformer: (TwoWayTransformer, SharedKeysTwoWayTransformer),
 }
 
 

@@ -9,12 +9,12 @@ import torch
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from segment_anything.modeling.transformer import Attention as DecoderAttention
-from segment_anything.modeling.transformer import TwoWayAttentionBlock
+from segment_anything.modeling.transformer import TwoWayAttentionBlock, TwoWayTransformer
 
 from resam_dist.config import Config, load_config
 from resam_dist.model.attention import (FusedLayerNorm2d, SdpaAttention, SdpaDecoderAttention,
-                                        SharedKeysTwoWayBlock, attention_kind, relative_position_table,
-                                        set_attention)
+                                        SharedKeysTwoWayBlock, SharedKeysTwoWayTransformer, attention_kind,
+                                        relative_position_table, set_attention)
 from resam_dist.model.build import build_sam
 from resam_dist.resam.losses import dice_loss, focal_loss, iou_mse_loss, mask_losses
 from resam_dist.resam.queue import EmbeddingQueue
@@ -79,6 +79,76 @@ def test_sdpa_decoder_attention_matches_sam(queries, keys, downsample):
     assert isinstance(fused, SdpaDecoderAttention)
     q, k = torch.randn(3, queries, 64), torch.randn(3, keys, 64)
     _same_forward_and_gradients(official, fused, [q, k, torch.randn(3, keys, 64)])
+
+
+@pytest.mark.parametrize("queries,keys,pe_on", [(4096, 7, "q"), (7, 300, "k"), (5, 33, "k")])
+def test_attend_with_positional_encoding_matches_sam(queries, keys, pe_on):
+    """attend(q, k, v, q_pe / k_pe) = SAM's attention(q + q_pe, k + k_pe, v): values and gradients
+    of q, k, v, the encoding (shared by the batch: stride 0) and every parameter."""
+    torch.manual_seed(queries + keys)
+    official = DecoderAttention(64, 8, downsample_rate=2)
+    fused = DecoderAttention(64, 8, downsample_rate=2)
+    fused.load_state_dict(official.state_dict())
+    set_attention(fused, "sdpa")
+    q, k, v = torch.randn(3, queries, 64), torch.randn(3, keys, 64), torch.randn(3, keys, 64)
+    pe = torch.randn(1, queries if pe_on == "q" else keys, 64)
+    copies_a = [x.clone().requires_grad_() for x in (q, k, v, pe)]
+    copies_b = [x.clone().requires_grad_() for x in (q, k, v, pe)]
+    q_a, k_a, v_a, pe_a = copies_a
+    if pe_on == "q":
+        out_a = official(q=q_a + pe_a.expand(3, -1, -1), k=k_a, v=v_a)
+    else:
+        out_a = official(q=q_a, k=k_a + pe_a.expand(3, -1, -1), v=v_a)
+    q_b, k_b, v_b, pe_b = copies_b
+    pe_arg = {f"{pe_on}_pe": pe_b.expand(3, -1, -1)}  # as the transformer passes it: batch stride 0
+    out_b = fused.attend(q_b, k_b, v_b, **pe_arg)
+    torch.testing.assert_close(out_b, out_a, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(out_a)
+    out_a.backward(upstream)
+    out_b.backward(upstream)
+    for name, x_a, x_b in zip("qkv", copies_a, copies_b):
+        torch.testing.assert_close(x_b.grad, x_a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(copies_b[3].grad, copies_a[3].grad, atol=1e-4, rtol=1e-4, msg="pe")
+    # float32 sums over up to 3 x 4096 tokens in another order; k_proj.bias's gradient is zero up
+    # to rounding (softmax ignores a shift shared by all keys), hence one scale for all parameters
+    scale = max(p.grad.abs().max().item() for p in official.parameters())
+    for (name, p_a), (_, p_b) in zip(official.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(p_b.grad, p_a.grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
+
+
+def test_shared_keys_transformer_matches_sam_and_keeps_no_keys_plus_pe():
+    """The whole two-way transformer (2 blocks + final attention) with the fused layers: SAM's
+    values and gradients, and the N x hw x C sum keys + key_pe is never kept for the backward
+    (what is saved shrinks by at least three such tensors)."""
+    torch.manual_seed(0)
+    official = TwoWayTransformer(depth=2, embedding_dim=32, num_heads=4, mlp_dim=64)
+    fused = TwoWayTransformer(depth=2, embedding_dim=32, num_heads=4, mlp_dim=64)
+    fused.load_state_dict(official.state_dict())
+    set_attention(fused, "sdpa")
+    assert isinstance(fused, SharedKeysTwoWayTransformer)
+    image, points = torch.randn(3, 32, 8, 8), torch.randn(3, 7, 32)
+    image_pe = torch.randn(1, 32, 8, 8).expand(3, -1, -1, -1)
+    saved_bytes = {}
+    results = {}
+    for name, module in (("official", official), ("fused", fused)):
+        inputs = [image.clone().requires_grad_(), points.clone().requires_grad_()]
+        storages = {}  # distinct storages kept for the backward -> bytes
+
+        def pack(tensor, storages=storages):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            queries, keys = module(inputs[0], image_pe, inputs[1])
+        saved_bytes[name] = sum(storages.values())
+        (queries.square().sum() + keys.sin().sum()).backward()
+        results[name] = (queries, keys, *(x.grad for x in inputs),
+                         *(p.grad for p in module.parameters()))
+    for got, expected in zip(results["fused"], results["official"]):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    keys_bytes = 3 * 64 * 32 * 4  # one N x hw x C float32 tensor
+    assert saved_bytes["fused"] <= saved_bytes["official"] - 3 * keys_bytes, saved_bytes
 
 
 @pytest.mark.parametrize("skip_first_layer_pe", [True, False])
