@@ -6,7 +6,7 @@
 #   OUT=/some/folder CHECKS="profile" bash benchmarks/gpu_checks.sh     # only the named checks
 #
 # CHECKS (default "memory kernels tests ckpt"): memory = the ViT-B memory benchmark (ReSAM-dist with
-# train.activation_checkpointing "all"), kernels = bench_kernels.py, tests = pytest -m gpu, ckpt =
+# train.activation_checkpointing MEMORY_CHECKPOINTING, default "all"), kernels = bench_kernels.py, tests = pytest -m gpu, ckpt =
 # ReSAM-dist with the other checkpointing settings (CKPT_MODES, default "off encoder decoder"),
 # profile = ReSAM-dist ("all" and "off", or PROFILE_MODES="on"/"off") under torch.profiler ($OUT/profile*/).
 # KERNEL_CASES="suppress_overlap ..." limits the kernel benchmark to those cases, GPU_TEST_K="..." the
@@ -65,13 +65,15 @@ for name in ("triton", "peft", "deepspeed", "segment_anything", "webdataset", "p
 PYEOF
 
 # order: the memory figures, the GPU tests, the kernel benchmark, the profile
-# Measured on an H200 (2026-11-25/26): memory benchmark 115-170 s (PointSAM-style alone ~70 s),
+# Measured on an H200 (2026-11-25/26): machine start ~36 s; memory benchmark 90-170 s (PointSAM-style
+# alone ~70 s; on a fresh machine ReSAM-dist first compiles its Triton kernels, 30-40 s more),
 # kernel benchmark 80-150 s before its autotune spaces grew (autotuning and torch.compile of every
-# case), GPU tests ~65 s, one extra ReSAM-dist run 40-45 s. Results are written after every
+# case), GPU tests ~65 s (all kernels of 2026-11-26: ~110 s), one extra ReSAM-dist run 40-70 s. Results are written after every
 # variant / case, and ReSAM-dist runs first.
 wanted memory && step "memory benchmark (vit_b, 1024 px)" "${MEMORY_LIMIT:-240}" "$PY" benchmarks/memory_vs_pointsam.py \
     --model vit_b --instances 50 --images-per-step 4 --steps 10 --warmup 2 --device cuda --out "$OUT/memory" \
-    --variants resam_dist,resam_public,pointsam --note "benchmarks/gpu_checks.sh on a lent machine"
+    --variants resam_dist,resam_public,pointsam --dist-checkpointing "${MEMORY_CHECKPOINTING:-all}" \
+    --note "benchmarks/gpu_checks.sh on a lent machine"
 # the trade-off: ReSAM-dist with the other checkpointing settings (charts dropped: fewer files come back)
 if wanted ckpt; then
     for mode in ${CKPT_MODES:-off encoder decoder}; do
