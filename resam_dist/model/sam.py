@@ -220,8 +220,9 @@ class PromptableSam(nn.Module):
         image_pe = self.prompt_encoder.get_dense_pe()  # 1 x C x h x w (a buffer, no parameters)
         num_chunks = max(math.ceil(num_instances / max_instances), min_chunks)
         checkpointing = self._checkpointing_decoder()
-        if fewest == num_instances and not checkpointing:
+        if fewest == num_instances and num_chunks > 0 and not checkpointing:
             # every instance is real (no padding): the decoder's outputs are already in B x K order
+            # (num_chunks = 0 only for K = 0 with min_chunks = 0: no call, the empty result below)
             return self._decode_all(features, image_pe, points, point_labels, boxes, num_chunks, max_instances)
 
         logits = torch.zeros(num_images, num_instances, size, size, device=features.device,

@@ -255,6 +255,24 @@ def test_decode_without_padding_matches_sam_and_the_scatter_path(tiny, features)
         torch.testing.assert_close(direct[name], scattered[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("num_images", [0, 3])
+def test_decode_of_zero_instances_without_calls(tiny, features, num_images):
+    """K = 0 with min_chunks = 0: no decoder call, empty B x 0 results (every count equals K, the
+    no-padding case, which has no chunk outputs to concatenate here)."""
+    points, labels, _ = random_prompts(num_images, 0, 2, seed=9)
+    calls = []
+    handle = tiny.mask_decoder.register_forward_pre_hook(lambda module, args: calls.append(args[1].numel()))
+    try:
+        with torch.no_grad():
+            logits, iou = tiny.decode(features[:num_images], torch.zeros(num_images, dtype=torch.int64), points,
+                                      labels, min_chunks=0)
+    finally:
+        handle.remove()
+    assert calls == []
+    assert logits.shape == (num_images, 0, SIZE, SIZE) and logits.dtype == torch.float32
+    assert iou.shape == (num_images, 0) and iou.dtype == torch.float32
+
+
 def test_decoder_calls_per_chunk_including_empty_ones(tiny, features):
     calls = []
     handle = tiny.mask_decoder.register_forward_pre_hook(lambda module, args: calls.append(args[1].numel()))
