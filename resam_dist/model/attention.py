@@ -132,6 +132,8 @@ def _cached_table(module: nn.Module, name: str, size: int, dtype: torch.dtype) -
     if cached is None or cached[0] != key:
         with torch.no_grad():
             table = relative_position_table(size, size, param).to(dtype)
+        if torch.is_inference_mode_enabled():
+            return table  # an inference tensor: not cached, autograd could not save it in a later training step
         # the entry holds the parameter's storage (a few KB), so that no other tensor can take its
         # address while the key refers to it
         cached = (key, table, param.detach())

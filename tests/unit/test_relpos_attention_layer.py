@@ -71,3 +71,15 @@ def test_no_cache_while_the_tables_require_grad():
     assert layer.rel_pos_h.grad is not None and layer.rel_pos_h.grad.abs().sum() > 0
 
 
+def test_tables_made_in_inference_mode_are_not_reused_for_training():
+    """A forward under torch.inference_mode() (evaluation) before a training step: the training
+    step's tables must be ordinary tensors (autograd cannot save inference tensors)."""
+    layer, official = _frozen_layer(4, 4)
+    x = torch.randn(1, 4, 4, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), official(x), atol=1e-5, rtol=1e-5)
+    x_a, x_b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    layer(x_a).square().sum().backward()
+    official(x_b).square().sum().backward()
+    torch.testing.assert_close(x_a.grad, x_b.grad, atol=1e-5, rtol=1e-5)
+    assert not layer.__dict__["_relative_table_cache"]["rel_pos_h"][1].is_inference()
