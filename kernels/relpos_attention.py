@@ -36,8 +36,9 @@ d rel_h[i, r] = sum_{row(j) = r} dS[i, j] and d rel_w[i, c] = sum_{col(j) = c} d
 
 Supported by the Triton path: q, k, v of one dtype (float32, bfloat16, float16) with unit stride
 along d (other strides are passed to the kernels: the q, k, v views of SAM's qkv projection need
-no copy), 1 <= d <= 128, 1 <= W <= 64, any H (N = H W < 2^31 / d), B heads <= 65535; other
-inputs raise ValueError. rel_h / rel_w may have any float dtype (read as float32, gradients
+no copy), 1 <= d <= 128, 1 <= W <= 64, any H (N = H W < 2^31 / d), heads <= 65535 (any B: the
+kernels are launched for slices of at most 65535 B x heads, grid axis 1); other inputs raise
+ValueError. rel_h / rel_w may have any float dtype (read as float32, gradients
 returned in their dtype). float32 inputs use IEEE float32 dot products (not TF32).
 """
 
@@ -54,7 +55,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 MAX_GRID_W = 64  # key blocks hold whole rows: next_power_of_2(W) <= BLOCK_N
 MAX_HEAD_DIM = 128
-MAX_BATCH_HEADS = 65535  # grid axis 1
+MAX_BATCH_HEADS = 65535  # grid axis 1: B x heads per launch (larger B: several launches)
 LOG2E = 1.4426950408889634
 
 
@@ -95,8 +96,8 @@ def _check_triton_inputs(q, k, v, rel_h, rel_w, grid_w) -> None:
         raise ValueError(f"relpos_attention_triton supports head dims 1 .. {MAX_HEAD_DIM}, got {head_dim}")
     if grid_w > MAX_GRID_W:
         raise ValueError(f"relpos_attention_triton supports grid widths up to {MAX_GRID_W}, got {grid_w}")
-    if batch * heads > MAX_BATCH_HEADS:
-        raise ValueError(f"relpos_attention_triton supports B x heads up to {MAX_BATCH_HEADS}, got {batch * heads}")
+    if heads > MAX_BATCH_HEADS:
+        raise ValueError(f"relpos_attention_triton supports up to {MAX_BATCH_HEADS} heads, got {heads}")
     if tokens * max(head_dim, grid_w, rel_h.shape[-1]) >= 2 ** 31:
         raise ValueError(f"relpos_attention_triton: {tokens} tokens of {head_dim} values overflow int32 offsets")
 
@@ -368,9 +369,22 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # the latter is ignored for 16-bit inputs
 
 
+def _batch_slices(batch: int, heads: int) -> list[slice]:
+    """Slices of the batch with at most MAX_BATCH_HEADS B x heads each (one kernel launch each)."""
+    step = max(1, MAX_BATCH_HEADS // heads)
+    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
 def relpos_attention_forward(q, k, v, rel_h, rel_w, grid_w, scale):
     """-> (out B x heads x N x d in q's dtype, contiguous; lse B x heads x N float32, base 2)."""
     batch, heads, tokens, head_dim = q.shape
+    if batch * heads > MAX_BATCH_HEADS:
+        out = torch.empty((batch, heads, tokens, head_dim), dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
+        for part in _batch_slices(batch, heads):  # batch slices of contiguous tensors stay contiguous
+            out[part], lse[part] = relpos_attention_forward(q[part], k[part], v[part], rel_h[part], rel_w[part],
+                                                            grid_w, scale)
+        return out, lse
     height = rel_h.shape[-1]
     out = torch.empty((batch, heads, tokens, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
@@ -390,6 +404,11 @@ def relpos_attention_forward(q, k, v, rel_h, rel_w, grid_w, scale):
 def relpos_attention_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, grid_w, scale):
     """-> (dq, dk, dv, d rel_h, d rel_w), contiguous, in the dtypes of the inputs."""
     batch, heads, tokens, head_dim = q.shape
+    if batch * heads > MAX_BATCH_HEADS:
+        parts = [relpos_attention_backward(grad_out[part], q[part], k[part], v[part], rel_h[part], rel_w[part],
+                                           out[part], lse[part], grid_w, scale)
+                 for part in _batch_slices(batch, heads)]
+        return tuple(torch.cat(grads, dim=0) for grads in zip(*parts))
     height = rel_h.shape[-1]
     dq = torch.empty((batch, heads, tokens, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq, dtype=k.dtype)

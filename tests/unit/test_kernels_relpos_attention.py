@@ -8,6 +8,8 @@ one half empty), W = 16 (R 4, 128 tokens = exactly 2 blocks), W = 40 (R 1: one r
 block, the path of ViT's 64 x 64 global attention, 24 of 64 lanes masked).
 """
 
+import sys
+
 import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
@@ -134,6 +136,15 @@ def test_input_errors():
     # the reference checks the shapes too
     with pytest.raises(ValueError, match="N = H W"):
         relpos_attention_reference(q, k, v, rel_h, rel_w, 2, 1.0)
+
+
+def test_more_batch_heads_than_one_launch(monkeypatch):
+    """B x heads beyond a launch's grid axis 1 (SAM's windowed blocks: B x 25 windows x heads, over
+    65535 from about 200 ViT-B images) run as several launches over batch slices; the limit is
+    lowered to 4 here, so 3 x 2 batch-heads take launches of 2 x 2 and 1 x 2, forward and backward."""
+    monkeypatch.setattr(sys.modules["resam_kernels.relpos_attention"], "MAX_BATCH_HEADS", 4)
+    inputs, upstream = make_inputs(3, 2, 3, 5, 16, torch.float32, seed=12)
+    assert_matches_reference(inputs, upstream, 5)
 
 
 @pytest.mark.parametrize("height,width", [(14, 14), (7, 9)])
