@@ -51,10 +51,13 @@ class ModelConfig:
     checkpoint: str | None = None
     """Local path of a SAM checkpoint in the official key layout (None: random init)."""
     attention: Literal["sdpa", "official"] = "sdpa"
-    """SAM's attention and LayerNorm2d layers: "sdpa" runs every attention (encoder, with SAM's
-    relative positions folded into the query/key vectors, and mask decoder) through a fused
-    scaled_dot_product_attention kernel and LayerNorm2d as one layer_norm (no N x N matrix; same
-    parameters, results equal up to rounding); "official" is SAM's own code."""
+    """SAM's attention and LayerNorm layers: "sdpa" runs them fused (no N x N matrix; same
+    parameters, results equal up to rounding): the encoder's attention with SAM's relative
+    positions as a Triton flash attention on CUDA (augmented q/k vectors through
+    scaled_dot_product_attention elsewhere), the mask decoder's attention through
+    scaled_dot_product_attention, its LayerNorms (residual add, LayerNorm2d, upscaling bias and
+    GELU) as one pass each and, on CUDA, its last upscaling stage and mask product as one Triton
+    kernel (see resam_dist/model/attention.py); "official" is SAM's own code."""
 
 
 @dataclass
