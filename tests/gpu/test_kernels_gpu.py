@@ -284,9 +284,11 @@ def test_relpos_attention_windowed_blocks_bf16():
     assert_relpos_slices_match(inputs, upstream, 14, [(slice(None), slice(None))], tolerance=2e-2)
 
 
-@pytest.mark.parametrize("height,width,head_dim", [(64, 64, 64), (14, 14, 64), (16, 16, 32), (9, 33, 24)])
+@pytest.mark.parametrize("height,width,head_dim", [(64, 64, 64), (14, 14, 64), (16, 16, 32), (9, 33, 24),
+                                                    (14, 14, 80), (64, 64, 80)])
 def test_relpos_attention_float32(height, width, head_dim):
-    """float32 (IEEE dot products in the kernels): close to the reference; d 32 is the tiny model's."""
+    """float32 (IEEE dot products in the kernels): close to the reference; d 32 is the tiny model's,
+    d 80 ViT-H's (the d > 64 launch configurations)."""
     inputs, upstream = relpos_inputs(2, 3, height, width, torch.float32, seed=height, head_dim=head_dim)
     assert_relpos_slices_match(inputs, upstream, width, [(slice(None), slice(None))], tolerance=1e-4)
 

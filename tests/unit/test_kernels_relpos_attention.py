@@ -138,6 +138,16 @@ def test_input_errors():
         relpos_attention_reference(q, k, v, rel_h, rel_w, 2, 1.0)
 
 
+@pytest.mark.parametrize("head_dim,grid", [(64, (14, 14)), (80, (5, 7)), (80, (3, 33))])
+def test_gpu_launch_configurations(monkeypatch, head_dim, grid):
+    """The sm_90 tile shapes (forward 128 queries a block; backward 64, or 32 queries for d > 64:
+    ViT-H's d = 80, padded to 128) instead of the interpreter's 64 x 64, in the interpreter."""
+    module = sys.modules["resam_kernels.relpos_attention"]
+    monkeypatch.setattr(module, "_config", lambda kernel, d: module._CONFIGS[kernel][64 if d <= 64 else 128])
+    inputs, upstream = make_inputs(1, 2, *grid, head_dim, torch.float32, seed=head_dim)
+    assert_matches_reference(inputs, upstream, grid[1])
+
+
 def test_more_batch_heads_than_one_launch(monkeypatch):
     """B x heads beyond a launch's grid axis 1 (SAM's windowed blocks: B x 25 windows x heads, over
     65535 from about 200 ViT-B images) run as several launches over batch slices; the limit is
