@@ -36,7 +36,8 @@ d rel_h[i, r] = sum_{row(j) = r} dS[i, j] and d rel_w[i, c] = sum_{col(j) = c} d
 
 Supported by the Triton path: q, k, v of one dtype (float32, bfloat16, float16) with unit stride
 along d (other strides are passed to the kernels: the q, k, v views of SAM's qkv projection need
-no copy), 1 <= d <= 128, 1 <= W <= 64, any H (N = H W < 2^31 / d), heads <= 65535 (any B: the
+no copy), 1 <= d <= 128, 1 <= W <= 64, any H (N times the row stride of q, k and v below 2^31:
+token offsets are int32), heads <= 65535 (any B: the
 kernels are launched for slices of at most 65535 B x heads, grid axis 1); other inputs raise
 ValueError. rel_h / rel_w may have any float dtype (read as float32, gradients
 returned in their dtype). float32 inputs use IEEE float32 dot products (not TF32).
@@ -98,8 +99,10 @@ def _check_triton_inputs(q, k, v, rel_h, rel_w, grid_w) -> None:
         raise ValueError(f"relpos_attention_triton supports grid widths up to {MAX_GRID_W}, got {grid_w}")
     if heads > MAX_BATCH_HEADS:
         raise ValueError(f"relpos_attention_triton supports up to {MAX_BATCH_HEADS} heads, got {heads}")
-    if tokens * max(head_dim, grid_w, rel_h.shape[-1]) >= 2 ** 31:
-        raise ValueError(f"relpos_attention_triton: {tokens} tokens of {head_dim} values overflow int32 offsets")
+    row_stride = max(q.stride(2), k.stride(2), v.stride(2), head_dim, grid_w, rel_h.shape[-1])
+    if tokens * row_stride >= 2 ** 31:  # token offsets inside one (batch, head) are int32 in the kernels
+        raise ValueError(f"relpos_attention_triton: {tokens} tokens with row stride {row_stride} overflow int32 "
+                         f"offsets")
 
 
 @triton.jit
@@ -417,6 +420,8 @@ def relpos_attention_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, grid_w,
     d_rel_w = torch.empty(rel_w.shape, dtype=rel_w.dtype, device=q.device)
     if dq.numel() == 0:
         return dq, dk, dv, d_rel_h.zero_(), d_rel_w.zero_()
+    if tokens * grad_out.stride(2) >= 2 ** 31:  # int32 token offsets (q, k, v were checked in the forward)
+        grad_out = grad_out.contiguous()
     delta = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
     common = (heads, tokens, height, grid_w, head_dim, scale, scale * LOG2E)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))

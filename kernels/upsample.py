@@ -12,9 +12,9 @@ pixels o = 4i - 2 ... 4i + 5, p = 4j - 2 ... 4j + 5 (the others have weight 0).
 
 Why kernels: 200 masks of 1024 x 1024 per decode (ViT-B step). PyTorch's CUDA backward scatters
 every output gradient into the input with atomic adds (about 2.9 ms a step on an H200); here
-- forward: grid = N C planes x output tiles of TILE_Y x TILE_X; one float32 write per output
+- forward: one program per (N C plane, output tile of TILE_Y x TILE_X); one float32 write per output
   pixel, the four taps read from the (4x smaller, cached) input;
-- backward: grid = N C planes x input tiles of BLOCK_I x BLOCK_J; each input pixel gathers its
+- backward: one program per (plane, input tile of BLOCK_I x BLOCK_J); each input pixel gathers its
   8 x 8 output gradients with the hat weights (no atomics: deterministic). One read of the
   output gradient (neighbouring tiles share a 2-pixel halo), one write of the input gradient.
 """
@@ -57,10 +57,11 @@ def _source(o, n):
 
 
 @triton.jit
-def _upsample_forward_kernel(x_ptr, out_ptr, h, w, tiles_x, TILE_Y: tl.constexpr, TILE_X: tl.constexpr):
-    # x: planes x h x w float32 contiguous, out: planes x 4h x 4w; program = (plane, tile)
-    plane = tl.program_id(0)
-    tile = tl.program_id(1)
+def _upsample_forward_kernel(x_ptr, out_ptr, h, w, tiles, tiles_x, TILE_Y: tl.constexpr, TILE_X: tl.constexpr):
+    # x: planes x h x w float32 contiguous, out: planes x 4h x 4w; program = plane * tiles + tile
+    # (one grid axis: any number of planes and tiles)
+    plane = tl.program_id(0) // tiles
+    tile = tl.program_id(0) % tiles
     out_w = 4 * w
     oy = (tile // tiles_x) * TILE_Y + tl.arange(0, TILE_Y)  # TILE_Y
     ox = (tile % tiles_x) * TILE_X + tl.arange(0, TILE_X)  # TILE_X
@@ -91,11 +92,11 @@ def _hat(o, i, n, n_out):
 
 
 @triton.jit
-def _upsample_backward_kernel(g_ptr, grad_ptr, h, w, tiles_j, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+def _upsample_backward_kernel(g_ptr, grad_ptr, h, w, tiles, tiles_j, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     # g: planes x 4h x 4w float32 contiguous (output gradient), grad: planes x h x w; program =
-    # (plane, tile of input pixels)
-    plane = tl.program_id(0)
-    tile = tl.program_id(1)
+    # plane * tiles + tile of input pixels
+    plane = tl.program_id(0) // tiles
+    tile = tl.program_id(0) % tiles
     i = (tile // tiles_j) * BLOCK_I + tl.arange(0, BLOCK_I)  # BLOCK_I input rows
     j = (tile % tiles_j) * BLOCK_J + tl.arange(0, BLOCK_J)  # BLOCK_J input columns
     out_h = 4 * h
@@ -131,8 +132,9 @@ def upsample4x_forward_triton(low_res: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n, c, 4 * h, 4 * w), dtype=torch.float32, device=low_res.device)
     tiles_y, tiles_x = triton.cdiv(4 * h, _TILE_Y), triton.cdiv(4 * w, _TILE_X)
     if planes * tiles_y * tiles_x > 0:
-        _upsample_forward_kernel[(planes, tiles_y * tiles_x)](x, out, h, w, tiles_x, TILE_Y=_TILE_Y,
-                                                             TILE_X=_TILE_X, num_warps=_FORWARD_WARPS)
+        tiles = tiles_y * tiles_x
+        _upsample_forward_kernel[(planes * tiles,)](x, out, h, w, tiles, tiles_x, TILE_Y=_TILE_Y, TILE_X=_TILE_X,
+                                                   num_warps=_FORWARD_WARPS)
     return out
 
 
@@ -143,8 +145,9 @@ def upsample4x_backward_triton(grad_out: torch.Tensor, h: int, w: int) -> torch.
     grad = torch.empty((n, c, h, w), dtype=torch.float32, device=grad_out.device)
     tiles_i, tiles_j = triton.cdiv(h, _BLOCK_I), triton.cdiv(w, _BLOCK_J)
     if planes * tiles_i * tiles_j > 0:
-        _upsample_backward_kernel[(planes, tiles_i * tiles_j)](g, grad, h, w, tiles_j, BLOCK_I=_BLOCK_I,
-                                                              BLOCK_J=_BLOCK_J, num_warps=_BACKWARD_WARPS)
+        tiles = tiles_i * tiles_j
+        _upsample_backward_kernel[(planes * tiles,)](g, grad, h, w, tiles, tiles_j, BLOCK_I=_BLOCK_I,
+                                                    BLOCK_J=_BLOCK_J, num_warps=_BACKWARD_WARPS)
     return grad
 
 
