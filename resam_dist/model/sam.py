@@ -293,15 +293,11 @@ class PromptableSam(nn.Module):
                         prompt_boxes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder + upsampling for N prompts (image `image_index[n]` each):
         (logits N x S x S float32, iou N float32)."""
-        size = self.image_size
         sparse, dense = self.prompt_encoder(points=prompt_points, boxes=prompt_boxes, masks=None)
         low_res, iou_pred = self.mask_decoder(features, image_index, image_pe, sparse, dense)
-        if 4 * low_res.shape[-1] == size and 4 * low_res.shape[-2] == size:  # SAM's decoder: always
-            # Triton on CUDA (an atomic-free backward), F.interpolate elsewhere
-            upsampled = resam_kernels.upsample4x(low_res.float(), use_triton=low_res.is_cuda)  # N x 1 x S x S
-        else:
-            upsampled = F.interpolate(low_res.float(), (size, size), mode="bilinear",
-                                      align_corners=False)  # N x 1 x S x S
+        # low_res is N x 1 x S/4 x S/4 (features are checked to be S/16): bilinear 4x to the canvas,
+        # Triton on CUDA (an atomic-free backward), F.interpolate elsewhere
+        upsampled = resam_kernels.upsample4x(low_res.float(), use_triton=low_res.is_cuda)  # N x 1 x S x S
         return upsampled[:, 0], iou_pred[:, 0].float()
 
     def forward(self, images: torch.Tensor, counts: torch.Tensor, points: torch.Tensor | None = None,
