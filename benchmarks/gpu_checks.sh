@@ -8,7 +8,9 @@
 # CHECKS (default "memory kernels tests ckpt"): memory = the ViT-B memory benchmark (ReSAM-dist with
 # train.activation_checkpointing MEMORY_CHECKPOINTING, default "all"), kernels = bench_kernels.py, tests = pytest -m gpu, ckpt =
 # ReSAM-dist with the other checkpointing settings (CKPT_MODES, default "off encoder decoder"),
-# profile = ReSAM-dist ("all" and "off", or PROFILE_MODES="on"/"off") under torch.profiler ($OUT/profile*/).
+# profile = ReSAM-dist ("all" and "off", or PROFILE_MODES="on"/"off") under torch.profiler ($OUT/profile*/),
+# trace = what is live at ReSAM-dist's memory peak and where it was allocated (checkpointing
+# MEMORY_CHECKPOINTING; $OUT/memory_trace/memory_peak_resam_dist.txt, benchmarks/memory_peak.py).
 # KERNEL_CASES="suppress_overlap ..." limits the kernel benchmark to those cases, GPU_TEST_K="..." the
 # GPU tests to a pytest -k expression; *_LIMIT variables set each step's time limit in seconds.
 #
@@ -99,4 +101,8 @@ if wanted profile; then
             "${extra[@]}" --profile "$OUT/profile_ckpt_$ckpt" --out "$OUT/profile_ckpt_$ckpt" && rm -f "$OUT"/profile_ckpt_$ckpt/*.png
     done
 fi
+wanted trace && step "memory trace of ReSAM-dist" "${TRACE_LIMIT:-120}" "$PY" benchmarks/memory_vs_pointsam.py \
+    --model vit_b --instances 50 --images-per-step 4 --steps 2 --warmup 2 --device cuda --variants resam_dist \
+    --dist-checkpointing "${MEMORY_CHECKPOINTING:-all}" --memory-trace "$OUT/memory_trace" --out "$OUT/memory_trace" \
+    && rm -f "$OUT"/memory_trace/*.png
 echo "=== done $(date -u +%T)"

@@ -88,6 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="after the timed steps, profile 2 more steps per variant (torch.profiler) and write "
                              "DIR/profile_<variant>.txt: top operators by device and by host time")
+    parser.add_argument("--memory-trace", type=Path, default=None, metavar="DIR",
+                        help="CUDA: after the timed steps, one more step per variant with the allocator history "
+                             "on; writes DIR/memory_peak_<variant>.txt (what is live at the peak, and where it "
+                             "was allocated; benchmarks/memory_peak.py)")
     parser.add_argument("--parallel", action="store_true",
                         help="run the variant processes at the same time (smoke tests: memory stays per "
                              "process, but the throughput figures are then not comparable)")
@@ -396,6 +400,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     samples = sampler.stop()
     if args.profile is not None and not out_of_memory:
         write_profile(args.profile / f"profile_{variant}.txt", train_step, synchronize, device)
+    if args.memory_trace is not None and device.type == "cuda" and not out_of_memory:
+        from memory_peak import write_peak_report
+
+        write_peak_report(args.memory_trace / f"memory_peak_{variant}.txt", train_step, synchronize)
     if device.type == "cuda":
         # out of memory: the device's capacity is a lower bound of what the variant needed
         peak = torch.cuda.get_device_properties(device).total_memory if out_of_memory \

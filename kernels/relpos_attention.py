@@ -335,19 +335,28 @@ def _backward_key_kernel(q_ptr, k_ptr, v_ptr, relh_ptr, relw_ptr, do_ptr, lse_pt
 # power of two >= MAX_GRID_W (key blocks hold whole grid rows). ptxas -v for sm_90 (bf16): no
 # spills with these (registers per thread, d 64 / d 128): forward 173 / 232, backward query
 # 254 / 255, backward key 218 / 255; d 128 with the d 64 backward configs spills 148 / 64 bytes.
-# Not tuned on a GPU yet.
+# Shared memory (sm_90 allows 232,448 bytes a block) grows with the element size and as the grid
+# width shrinks (WP 1 is the largest): float32 with d > 64 runs the forward with 2 stages (3 needs
+# 233,984 bytes at WP 16 and 295,424 at WP 1; found on an H200). tests/unit/test_kernel_resources.py
+# compiles every configuration for sm_90 and checks its shared memory.
 _CONFIGS = {
     "forward": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
     "backward_query": {64: (64, 64, 4, 2), 128: (32, 64, 4, 2)},
     "backward_key": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)},
 }
+_FLOAT32_CONFIGS = {("forward", 128): (128, 64, 8, 2)}  # overrides of _CONFIGS for float32 inputs
 _INTERPRET_CONFIG = (64, 64, 4, 1)  # the interpreter ignores warps and stages
 
 
-def _config(kernel: str, head_dim: int) -> tuple[int, int, int, int]:
-    if INTERPRET:
-        return _INTERPRET_CONFIG
-    return _CONFIGS[kernel][64 if head_dim <= 64 else 128]
+def _config(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    return _INTERPRET_CONFIG if INTERPRET else _gpu_config(kernel, head_dim, dtype)
+
+
+def _gpu_config(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    bucket = 64 if head_dim <= 64 else 128
+    if dtype == torch.float32 and (kernel, bucket) in _FLOAT32_CONFIGS:
+        return _FLOAT32_CONFIGS[kernel, bucket]
+    return _CONFIGS[kernel][bucket]
 
 
 def _geometry(head_dim: int, grid_w: int, block_n: int) -> tuple[int, int, int]:
@@ -393,7 +402,7 @@ def relpos_attention_forward(q, k, v, rel_h, rel_w, grid_w, scale):
     lse = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n, warps, stages = _config("forward", head_dim)
+    block_m, block_n, warps, stages = _config("forward", head_dim, q.dtype)
     head_pad, wp, rows = _geometry(head_dim, grid_w, block_n)
     grid = (triton.cdiv(tokens, block_m), batch * heads)
     _forward_kernel[grid](q, k, v, rel_h, rel_w, out, lse, *_strides(q), *_strides(k), *_strides(v),
@@ -426,13 +435,13 @@ def relpos_attention_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, grid_w,
     common = (heads, tokens, height, grid_w, head_dim, scale, scale * LOG2E)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     precision = _precision(q.dtype)
-    block_m, block_n, warps, stages = _config("backward_query", head_dim)
+    block_m, block_n, warps, stages = _config("backward_query", head_dim, q.dtype)
     head_pad, wp, rows = _geometry(head_dim, grid_w, block_n)
     _backward_query_kernel[(triton.cdiv(tokens, block_m), batch * heads)](
         q, k, v, rel_h, rel_w, out, grad_out, lse, delta, dq, d_rel_h, d_rel_w, *strides, *common,
         HEAD_DIM=head_pad, BLOCK_M=block_m, BLOCK_N=block_n, WP=wp, R=rows, PRECISION=precision,
         UPCAST=_upcast(q.dtype), num_warps=warps, num_stages=stages)
-    block_m, block_n, warps, stages = _config("backward_key", head_dim)
+    block_m, block_n, warps, stages = _config("backward_key", head_dim, q.dtype)
     head_pad, wp, rows = _geometry(head_dim, grid_w, block_n)
     _backward_key_kernel[(triton.cdiv(height, rows), batch * heads)](
         q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv, *strides, *common,

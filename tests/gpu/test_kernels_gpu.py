@@ -319,7 +319,7 @@ def test_sdpa_attention_layer_uses_the_kernel(dtype, tolerance, height, width):
             module.zero_grad(set_to_none=True)
             module.rel_pos_h.requires_grad_(not frozen)
             module.rel_pos_w.requires_grad_(not frozen)
-        x_a, x_b = x.clone().requires_grad_(True), x.to(dtype).requires_grad_(True)
+        x_a, x_b = x.clone().requires_grad_(True), x.to(dtype, copy=True).requires_grad_(True)  # never x itself
         out_a, out_b = official(x_a), fused(x_b)
         upstream = torch.randn_like(out_a)
         out_a.backward(upstream)

@@ -143,7 +143,7 @@ def test_gpu_launch_configurations(monkeypatch, head_dim, grid):
     """The sm_90 tile shapes (forward 128 queries a block; backward 64, or 32 queries for d > 64:
     ViT-H's d = 80, padded to 128) instead of the interpreter's 64 x 64, in the interpreter."""
     module = sys.modules["resam_kernels.relpos_attention"]
-    monkeypatch.setattr(module, "_config", lambda kernel, d: module._CONFIGS[kernel][64 if d <= 64 else 128])
+    monkeypatch.setattr(module, "_config", module._gpu_config)
     inputs, upstream = make_inputs(1, 2, *grid, head_dim, torch.float32, seed=head_dim)
     assert_matches_reference(inputs, upstream, grid[1])
 

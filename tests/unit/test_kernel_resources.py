@@ -1,0 +1,73 @@
+"""The relative-position attention's fixed launch configurations fit an sm_90 GPU (H100 / H200).
+
+Compiled ahead of time for sm_90 by Triton on this CPU machine (no GPU needed; Triton's bundled
+ptxas), in a subprocess without TRITON_INTERPRET. Shared memory grows with the element size and
+as the grid width shrinks, so both dtypes, both head-dim buckets and the widest (WP 64) and
+narrowest (WP 1) key-block layouts are compiled. A float32 d 80 forward over 14 x 14 windows
+once needed 233,984 bytes and failed on an H200 at launch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SM90_SHARED_MEMORY = 232_448  # bytes a block may use (opt-in maximum on H100 / H200)
+
+CHECK = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import torch
+import importlib
+rp = importlib.import_module("kernels.relpos_attention")  # the package exports a function of that name
+
+target = GPUTarget("cuda", 90, 32)
+kernels = {"forward": rp._forward_kernel, "backward_query": rp._backward_query_kernel,
+           "backward_key": rp._backward_key_kernel}
+results = []
+for dtype, type_name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+    for head_dim in (64, 80):
+        for wp in (1, 64):
+            for name, kernel in kernels.items():
+                block_m, block_n, warps, stages = rp._gpu_config(name, head_dim, dtype)
+                head_pad, _, _ = rp._geometry(head_dim, 64, block_n)
+                constants = dict(HEAD_DIM=head_pad, BLOCK_M=block_m, BLOCK_N=block_n, WP=wp, R=block_n // wp,
+                                 PRECISION=rp._precision(dtype), UPCAST=False)
+                signature = {}
+                for arg in kernel.arg_names:
+                    if arg in constants:
+                        signature[arg] = "constexpr"
+                    elif arg in ("lse_ptr", "delta_ptr"):
+                        signature[arg] = "*fp32"
+                    elif arg.endswith("_ptr"):
+                        signature[arg] = "*" + type_name
+                    elif arg.startswith("scale"):
+                        signature[arg] = "fp32"
+                    else:
+                        signature[arg] = "i32"
+                source = ASTSource(fn=kernel, signature=signature,
+                                   constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+                compiled = triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
+                results.append([type_name, head_dim, wp, name, compiled.metadata.shared])
+print(json.dumps(results))
+"""
+
+
+def test_relpos_attention_configs_fit_sm90_shared_memory():
+    pytest.importorskip("triton")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    done = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == 24
+    over = [row for row in results if row[-1] > SM90_SHARED_MEMORY]
+    assert not over, f"configurations over sm_90's {SM90_SHARED_MEMORY} bytes of shared memory: {over}"
+    assert all(row[-1] > 0 for row in results)  # the compiler reported a size for each
