@@ -10,6 +10,7 @@ reference (the specification, `*_reference` in each module) runs.
 - `suppress_overlap(masks, confidence, counts, mode, *, use_triton=True)`
 - `ssa_loss(student, weak, queue, tau, *, use_triton=True)`
 - `mask_loss_terms(logits, target, *, use_triton=True)`
+- `upsampled_mask_loss_terms(low_res, target, *, use_triton=True)`
 - `instance_counts(pred, gt, *, use_triton=True)`
 - `upsample4x(low_res, *, use_triton=True)`
 - `relpos_attention(q, k, v, rel_h, rel_w, grid_w, scale, *, use_triton=True)`
@@ -27,6 +28,7 @@ from resam_kernels.entropy import (INTERPRET, confidence_reference, entropy_filt
 from resam_kernels.layer_norm import layer_norm_reference, layer_norm_triton
 from resam_kernels.mask_head import mask_head_reference, mask_head_triton
 from resam_kernels.mask_loss import mask_loss_terms_reference, mask_loss_terms_triton
+from resam_kernels.mask_loss_upsampled import upsampled_mask_loss_terms_reference, upsampled_mask_loss_terms_triton
 from resam_kernels.overlap import (MODES, suppress_overlap_reference, suppress_overlap_triton,
                                    tight_boxes_reference)
 from resam_kernels.relpos_attention import relpos_attention_reference, relpos_attention_triton
@@ -39,6 +41,7 @@ __all__ = [
     "mask_head_reference", "mask_loss_terms", "mask_loss_terms_reference", "relpos_attention",
     "relpos_attention_reference", "runs_triton", "ssa_loss", "ssa_loss_reference", "suppress_overlap",
     "suppress_overlap_reference", "tight_boxes_reference", "upsample4x", "upsample4x_reference",
+    "upsampled_mask_loss_terms", "upsampled_mask_loss_terms_reference",
 ]
 
 
@@ -101,6 +104,16 @@ def mask_loss_terms(logits: torch.Tensor, target: torch.Tensor, *, use_triton: b
     if runs_triton(logits, use_triton):
         return mask_loss_terms_triton(logits, target)
     return mask_loss_terms_reference(logits, target)
+
+
+def upsampled_mask_loss_terms(low_res: torch.Tensor, target: torch.Tensor, *, use_triton: bool = True
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`mask_loss_terms(upsample4x(low_res), target)` from float32 low-res logits ... x h x w and a
+    bool target ... x 4h x 4w, without the full-resolution logits or their gradient. See
+    `resam_kernels.mask_loss_upsampled`."""
+    if runs_triton(low_res, use_triton):
+        return upsampled_mask_loss_terms_triton(low_res, target)
+    return upsampled_mask_loss_terms_reference(low_res, target)
 
 
 def instance_counts(pred: torch.Tensor, gt: torch.Tensor, *, use_triton: bool = True) -> torch.Tensor:
