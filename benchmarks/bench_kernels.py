@@ -336,34 +336,40 @@ def main(argv: list[str] | None = None) -> int:
 
     for site, num_rows, channels, with_residual, with_pre_bias, gelu in (
             shapes(args.cpu_smoke)["layer_norm"] if wanted("layer_norm") else []):
-        shape = f"{site}:{num_rows}x{channels}" + "+res" * with_residual + "+bias+gelu" * with_pre_bias
+        base_shape = f"{site}:{num_rows}x{channels}" + "+res" * with_residual + "+bias+gelu" * with_pre_bias
         dtype = torch.bfloat16  # the DeepSpeed bf16 model: activations and LayerNorm weights
         x = torch.randn(num_rows, channels, device=device, dtype=dtype, generator=generator).requires_grad_(True)
         residual = (torch.randn(num_rows, channels, device=device, dtype=dtype, generator=generator)
                     .requires_grad_(True) if with_residual else None)
         pre_bias = (torch.randn(channels, device=device, dtype=dtype, generator=generator).requires_grad_(True)
                     if with_pre_bias else None)
-        weight = (1 + 0.1 * torch.randn(channels, device=device, generator=generator)).to(dtype).requires_grad_(True)
-        bias = (0.1 * torch.randn(channels, device=device, generator=generator)).to(dtype).requires_grad_(True)
+        weight = (1 + 0.1 * torch.randn(channels, device=device, generator=generator)).to(dtype)
+        bias = (0.1 * torch.randn(channels, device=device, generator=generator)).to(dtype)
         upstream = torch.randn(num_rows, channels, device=device, dtype=dtype, generator=generator)
-        leaves = [t for t in (x, residual, pre_bias, weight, bias) if t is not None]
+        # frozen weight and bias as in LoRA training (the decoder's LayerNorms), then trainable ones
+        # (full fine-tuning: the backward also sums their gradients over the rows)
+        for trainable in (False, True):
+            weight.requires_grad_(trainable)
+            bias.requires_grad_(trainable)
+            leaves = [t for t in (x, residual, pre_bias, weight, bias) if t is not None and t.requires_grad]
+            shape = base_shape + ("+trainable" if trainable else "+frozen")
 
-        def forward_backward(norm_fn):
-            def run():
-                y = norm_fn(x, weight, bias, 1e-6, residual=residual, pre_bias=pre_bias, gelu=gelu)
-                return torch.autograd.grad(y, leaves, upstream)
-            return run
+            def forward_backward(norm_fn):
+                def run():
+                    y = norm_fn(x, weight, bias, 1e-6, residual=residual, pre_bias=pre_bias, gelu=gelu)
+                    return torch.autograd.grad(y, leaves, upstream)
+                return run
 
-        compiled_norm = compiled(layer_norm_reference)
-        # rows x C tensors only: forward reads x (+ residual) and writes y; backward reads x
-        # (+ residual) and dy and writes dx (also d residual: the same tensor)
-        tensors = 2 * (1 + with_residual) + 3
-        record("layer_norm_fwd_bwd/bfloat16", shape, {
-            "torch_eager": forward_backward(layer_norm_reference),
-            "triton": forward_backward(resam_kernels.layer_norm),
-            "torch_compile": compiled_norm and forward_backward(compiled_norm),
-            "torch_eager_native": forward_backward(layer_norm_native),
-        }, num_bytes=num_rows * channels * x.element_size() * tensors)
+            compiled_norm = compiled(layer_norm_reference)
+            # rows x C tensors only: forward reads x (+ residual) and writes y; backward reads x
+            # (+ residual) and dy and writes dx (also d residual: the same tensor)
+            tensors = 2 * (1 + with_residual) + 3
+            record("layer_norm_fwd_bwd/bfloat16", shape, {
+                "torch_eager": forward_backward(layer_norm_reference),
+                "triton": forward_backward(resam_kernels.layer_norm),
+                "torch_compile": compiled_norm and forward_backward(compiled_norm),
+                "torch_eager_native": forward_backward(layer_norm_native),
+            }, num_bytes=num_rows * channels * x.element_size() * tensors)
         del x, residual, upstream
     def sam_mask_head(upscaled, weight, bias, hyper_in):
         """The decoder's torch code (SAM's modules) in the input dtype, converted to float32 as the

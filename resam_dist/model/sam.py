@@ -200,14 +200,17 @@ class PromptableSam(nn.Module):
 
     def decode(self, features: torch.Tensor, counts: torch.Tensor, points: torch.Tensor | None = None,
                point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
-               max_instances: int = 50, *, min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+               max_instances: int = 50, *, min_chunks: int = 1, upsample: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks for K prompted instances per image.
 
         features B x C x h x w (from `encode`); counts B (instances k >= counts[b] are padding);
         points B x K x P x 2 (x, y) with point_labels B x K x P (1 positive, 0 negative,
         -1 ignored); boxes B x K x 4 (x0, y0, x1, y1); points, boxes or both.
         Returns (logits B x K x S x S float32, iou B x K float32); padding instances get zeros
-        and are not computed. The instances of all images go through the decoder together, in
+        and are not computed. upsample=False: the decoder's low-resolution logits B x K x S/4 x
+        S/4 instead (those that are upsampled 4x bilinearly to S x S; the training loss reads
+        them through `resam_kernels.upsampled_mask_loss_terms` without the S x S logits). The instances of all images go through the decoder together, in
         chunks of at most `max_instances` instances per image. At least `min_chunks` decoder
         calls are made (empty ones included): under ZeRO-3 every rank must make the same number
         of calls, so pass the maximum over ranks there.
@@ -216,14 +219,15 @@ class PromptableSam(nn.Module):
         num_instances, fewest = self._check_prompts(features, counts, points, point_labels, boxes)
         if max_instances < 1:
             raise ValueError(f"max_instances must be >= 1, got {max_instances}")
-        size = self.image_size
+        size = self.image_size if upsample else self.image_size // 4
         image_pe = self.prompt_encoder.get_dense_pe()  # 1 x C x h x w (a buffer, no parameters)
         num_chunks = max(math.ceil(num_instances / max_instances), min_chunks)
         checkpointing = self._checkpointing_decoder()
         if fewest == num_instances and num_chunks > 0 and not checkpointing:
             # every instance is real (no padding): the decoder's outputs are already in B x K order
             # (num_chunks = 0 only for K = 0 with min_chunks = 0: no call, the empty result below)
-            return self._decode_all(features, image_pe, points, point_labels, boxes, num_chunks, max_instances)
+            return self._decode_all(features, image_pe, points, point_labels, boxes, num_chunks, max_instances,
+                                    upsample)
 
         logits = torch.zeros(num_images, num_instances, size, size, device=features.device,
                              dtype=torch.float32)  # B x K x S x S
@@ -238,7 +242,7 @@ class PromptableSam(nn.Module):
                                                                instance_index)
             if not checkpointing:
                 logits[image_index, instance_index], iou[image_index, instance_index] = self._decode_prompts(
-                    features, image_pe, image_index, prompt_points, prompt_boxes)
+                    features, image_pe, image_index, prompt_points, prompt_boxes, upsample)
                 continue
             # groups of prompts, each keeping only its inputs for the backward
             for first in range(0, image_index.shape[0], self.checkpoint_prompts):
@@ -246,19 +250,20 @@ class PromptableSam(nn.Module):
                 group_points = None if prompt_points is None else (prompt_points[0][group], prompt_points[1][group])
                 group_boxes = None if prompt_boxes is None else prompt_boxes[group]
                 group_logits, group_iou = checkpoint(self._decode_prompts, features, image_pe, image_index[group],
-                                                     group_points, group_boxes, use_reentrant=False)
+                                                     group_points, group_boxes, upsample, use_reentrant=False)
                 logits[image_index[group], instance_index[group]] = group_logits  # n x S x S
                 iou[image_index[group], instance_index[group]] = group_iou
         return logits, iou
 
     def _decode_all(self, features: torch.Tensor, image_pe: torch.Tensor, points: torch.Tensor | None,
                     point_labels: torch.Tensor | None, boxes: torch.Tensor | None, num_chunks: int,
-                    max_instances: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    max_instances: int, upsample: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """`decode` when no instance is padding: the prompts of chunk c are instances
         [c m, (c + 1) m) of every image in image-major order, so the decoder's N x S x S output is
         a B x k x S x S view: no zero-filled B x K x S x S buffer, no scatter into it (and no
         gather in the backward), no nonzero() host synchronisation."""
-        num_images, device, size = features.shape[0], features.device, self.image_size
+        num_images, device = features.shape[0], features.device
+        size = self.image_size if upsample else self.image_size // 4
         num_instances = (points if points is not None else boxes).shape[1]
         chunk_logits, chunk_iou = [], []
         for chunk in range(num_chunks):
@@ -268,7 +273,8 @@ class PromptableSam(nn.Module):
             instance_index = (torch.arange(k, device=device) + start).repeat(num_images)  # N
             prompt_points, prompt_boxes = self._gather_prompts(points, point_labels, boxes, image_index,
                                                                instance_index)
-            logits, iou = self._decode_prompts(features, image_pe, image_index, prompt_points, prompt_boxes)
+            logits, iou = self._decode_prompts(features, image_pe, image_index, prompt_points, prompt_boxes,
+                                               upsample)
             chunk_logits.append(logits.view(num_images, k, size, size))  # B x k x S x S
             chunk_iou.append(iou.view(num_images, k))  # B x k
         if len(chunk_logits) == 1:
@@ -290,11 +296,14 @@ class PromptableSam(nn.Module):
 
     def _decode_prompts(self, features: torch.Tensor, image_pe: torch.Tensor, image_index: torch.Tensor,
                         prompt_points: tuple[torch.Tensor, torch.Tensor] | None,
-                        prompt_boxes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                        prompt_boxes: torch.Tensor | None, upsample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder + upsampling for N prompts (image `image_index[n]` each):
-        (logits N x S x S float32, iou N float32)."""
+        (logits N x S x S float32, iou N float32); without `upsample` the logits are the
+        decoder's N x S/4 x S/4."""
         sparse, dense = self.prompt_encoder(points=prompt_points, boxes=prompt_boxes, masks=None)
         low_res, iou_pred = self.mask_decoder(features, image_index, image_pe, sparse, dense)
+        if not upsample:
+            return low_res[:, 0].float(), iou_pred[:, 0].float()  # N x S/4 x S/4, N
         # low_res is N x 1 x S/4 x S/4 (features are checked to be S/16): bilinear 4x to the canvas,
         # Triton on CUDA (an atomic-free backward), F.interpolate elsewhere
         upsampled = resam_kernels.upsample4x(low_res.float(), use_triton=low_res.is_cuda)  # N x 1 x S x S

@@ -79,11 +79,16 @@ def _iou_mse(pred_iou: torch.Tensor, actual: torch.Tensor, valid: torch.Tensor) 
 
 
 def mask_losses(logits: torch.Tensor, pred_iou: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, *,
-                recompute: bool = False, use_kernels: bool = False
+                low_res: bool = False, recompute: bool = False, use_kernels: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(focal, dice, iou_mse) of `focal_loss`, `dice_loss` and `iou_mse_loss` in one call, through
     `resam_kernels.mask_loss_terms` (the fused Triton kernel when `use_kernels` and it runs on
     this device; else the torch reference).
+
+    low_res: `logits` are the decoder's float32 B x K x H/4 x W/4 low-resolution logits and the
+    terms are those of their 4x bilinear upsampling (the logits `decode` returns by default),
+    through `resam_kernels.upsampled_mask_loss_terms`: its Triton path never writes the
+    B x K x H x W float32 logits or their gradient (the training step's memory peak otherwise).
 
     recompute: with the torch reference, keep only logits and target for the backward and
     recompute the per-pixel intermediates there (activation checkpointing; the same values),
@@ -91,13 +96,21 @@ def mask_losses(logits: torch.Tensor, pred_iou: torch.Tensor, target: torch.Tens
     logits, the target and three floats per instance anyway, so there it changes nothing."""
     import resam_kernels  # imported late: TRITON_INTERPRET must be set before the kernels load
 
-    _check_pair(logits, target, valid, "mask_losses")
+    if low_res:
+        if target.shape != (*logits.shape[:-2], 4 * logits.shape[-2], 4 * logits.shape[-1]):
+            raise ValueError(f"mask_losses: low-res logits {tuple(logits.shape)} need a target of 4x their "
+                             f"height and width, got {tuple(target.shape)}")
+        if valid.shape != logits.shape[:2]:
+            raise ValueError(f"mask_losses: valid {tuple(valid.shape)} must be B x K = {tuple(logits.shape[:2])}")
+    else:
+        _check_pair(logits, target, valid, "mask_losses")
     if pred_iou.shape != valid.shape:
         raise ValueError(f"mask_losses: pred_iou {tuple(pred_iou.shape)} must be B x K = {tuple(valid.shape)}")
     target = target.bool()
+    loss_terms = resam_kernels.upsampled_mask_loss_terms if low_res else resam_kernels.mask_loss_terms
 
     def terms(mask_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return resam_kernels.mask_loss_terms(mask_logits, target, use_triton=use_kernels)  # B x K each
+        return loss_terms(mask_logits, target, use_triton=use_kernels)  # B x K each
 
     if recompute and torch.is_grad_enabled() and not resam_kernels.runs_triton(logits, use_kernels):
         focal, dice, actual_iou = checkpoint(terms, logits, use_reentrant=False)

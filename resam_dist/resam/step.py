@@ -139,9 +139,10 @@ def resam_step(model, batch: Batch, queue: EmbeddingQueue, cfg: Config, *, min_c
 
     # ---- student: gradient, strong view, the same point prompts -----------------------------
     strong_features = model.encode(batch.strong)  # B x C x h x w
+    # low-res logits (B x K x S/4 x S/4): the loss upsamples them itself, without S x S logits
     student_logits, student_iou = model.decode(strong_features, counts, points, point_labels,
-                                               max_instances=max_instances, min_chunks=min_chunks)
-    focal, dice, iou_mse = mask_losses(student_logits, student_iou, pseudo, valid,
+                                               max_instances=max_instances, min_chunks=min_chunks, upsample=False)
+    focal, dice, iou_mse = mask_losses(student_logits, student_iou, pseudo, valid, low_res=True,
                                        recompute=cfg.train.activation_checkpointing in ("decoder", "all"),
                                        use_kernels=use_kernels)
 

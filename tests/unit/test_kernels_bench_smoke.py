@@ -43,7 +43,9 @@ def test_cpu_smoke_layer_norm(tmp_path):
     assert completed.returncode == 0, completed.stderr
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert {row["kernel"] for row in result["rows"]} == {"layer_norm_fwd_bwd/bfloat16"}
-    assert {row["shape"] for row in result["rows"]} == {"upscale:300x64+bias+gelu", "norm4:50x256+res"}
+    sites = ("upscale:300x64+bias+gelu", "norm4:50x256+res")
+    assert {row["shape"] for row in result["rows"]} == {site + kind for site in sites
+                                                       for kind in ("+frozen", "+trainable")}
     assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "torch_compile",
                                                        "torch_eager_native"}
     assert all(row["ms"] > 0 for row in result["rows"] if row["impl"] != "torch_compile")

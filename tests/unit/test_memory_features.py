@@ -239,6 +239,28 @@ def test_mask_losses_equal_the_separate_losses_and_recompute_changes_nothing():
     assert all(value.item() == 0.0 and value.requires_grad for value in zeros)
 
 
+def test_mask_losses_of_low_res_logits_equal_those_of_the_upsampled_logits():
+    """low_res=True: the losses (and gradients) of the 4x bilinear upsampling of the logits, with
+    and without recomputation; a target that is not 4x the logits is refused."""
+    generator = torch.Generator().manual_seed(1)
+    low = (torch.randn(2, 3, 9, 7, generator=generator) * 4).requires_grad_()
+    target = torch.rand(2, 3, 36, 28, generator=generator) > 0.5
+    valid = torch.tensor([[True, False, True], [True, True, True]])
+    pred_iou = torch.rand(2, 3, generator=generator).requires_grad_()
+    upsampled = torch.nn.functional.interpolate(low.reshape(6, 1, 9, 7), size=(36, 28), mode="bilinear",
+                                                align_corners=False).reshape(2, 3, 36, 28)
+    expected = mask_losses(upsampled, pred_iou, target, valid)
+    grads = torch.autograd.grad(sum(expected), (low, pred_iou))
+    for recompute in (False, True):
+        got = mask_losses(low, pred_iou, target, valid, low_res=True, recompute=recompute)
+        for value, reference in zip(got, expected):
+            torch.testing.assert_close(value, reference, atol=1e-6, rtol=1e-5)
+        for grad, reference in zip(torch.autograd.grad(sum(got), (low, pred_iou)), grads):
+            torch.testing.assert_close(grad, reference, atol=1e-7, rtol=1e-5)
+    with pytest.raises(ValueError, match="4x their"):
+        mask_losses(low, pred_iou, target[..., :35, :], valid, low_res=True)
+
+
 def test_activation_checkpointing_gives_the_same_step_loss_and_gradients():
     """resam_step (teacher, Refine, Requery, student, SSA) with and without checkpointing; groups of
     2 prompts so the decoder is split inside a chunk."""

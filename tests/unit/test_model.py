@@ -255,6 +255,31 @@ def test_decode_without_padding_matches_sam_and_the_scatter_path(tiny, features)
         torch.testing.assert_close(direct[name], scattered[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("counts,checkpointed", [((5, 5), False), ((5, 2), False), ((5, 2), True)])
+def test_decode_low_res_is_what_gets_upsampled(tiny, features, counts, checkpointed):
+    """upsample=False returns the decoder's B x K x S/4 x S/4 logits: upsampled 4x bilinearly they
+    are the default S x S output, on the no-padding path, the scatter path (padding: zeros) and
+    with decoder checkpointing; the gradient reaches the decoder either way."""
+    points, labels, boxes = random_prompts(2, 5, 1, seed=9)
+    counts = torch.tensor(counts)
+    tiny.set_activation_checkpointing("decoder" if checkpointed else "off", prompts_per_group=3)
+    try:
+        full, iou_full = tiny.decode(features[:2], counts, points, labels, max_instances=4)
+        low, iou_low = tiny.decode(features[:2], counts, points, labels, max_instances=4, upsample=False)
+    finally:
+        tiny.set_activation_checkpointing("off")
+    assert low.shape == (2, 5, SIZE // 4, SIZE // 4) and low.dtype == torch.float32
+    upsampled = F.interpolate(low.reshape(10, 1, SIZE // 4, SIZE // 4), size=(SIZE, SIZE), mode="bilinear",
+                              align_corners=False).reshape(2, 5, SIZE, SIZE)
+    torch.testing.assert_close(upsampled, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(iou_low, iou_full)
+    assert not low[1, counts[1]:].any() and low[1, :counts[1]].abs().sum() > 0  # padding instances stay zero
+    tiny.zero_grad()
+    low.square().mean().backward()
+    assert tiny.mask_decoder.output_hypernetworks_mlps[0].layers[0].weight.grad.abs().sum() > 0
+    tiny.zero_grad()
+
+
 @pytest.mark.parametrize("num_images", [0, 3])
 def test_decode_of_zero_instances_without_calls(tiny, features, num_images):
     """K = 0 with min_chunks = 0: no decoder call, empty B x 0 results (every count equals K, the
