@@ -73,33 +73,18 @@ def _mean_image_iou(pred: torch.Tensor, gt: torch.Tensor, instances: torch.Tenso
     return (iou * evaluated).sum() / evaluated.sum()
 
 
-def resam_step(model, batch: Batch, queue: EmbeddingQueue, cfg: Config, *, min_chunks: int = 1) -> StepResult:
-    """One forward of the ReSAM objective; the caller runs backward, the optimizer and the queue push.
-
-    min_chunks: passed to every `decode` (under ZeRO-3 all ranks must make the same number of
-    decoder calls: give the maximum over ranks of ceil(K / data.max_instances)).
-
-    stats (floats): n_instances (real instances), n_valid (instances with a target), n_ssa
-    (instances in SSA), kept_fraction (n_valid / n_instances), and when the stage ran:
-    empty_refined (real instances whose refined mask is empty), and micro-imagewise IoU against
-    batch.gt_masks of the point-prompted teacher masks (iou_point), refined masks (iou_refined),
-    requeried masks (iou_requery), all over the real instances, and of the final targets over the
-    valid instances (iou_pseudo). An IoU key is left out when no image of the batch has GT
-    foreground (e.g. a batch of empty tiles): stats never hold NaN.
-    """
+def _teacher_targets(model, batch: Batch, cfg: Config, gt_masks: torch.Tensor, real: torch.Tensor,
+                     points: torch.Tensor, point_labels: torch.Tensor, monitored: dict[str, torch.Tensor], *,
+                     min_chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The student's targets: (pseudo B x K x S x S bool, valid B x K bool, weak-view features
+    B x C x h x w or None for "supervised"). The teacher (same network, no gradient, weak view)
+    decodes the point prompts; then, by method, Refine and Requery. Adds the stage IoUs to
+    `monitored`. A function of its own so that the teacher's S x S logits and masks (point,
+    refined: 200 MiB of bool each in the ViT-B step) are freed before the student's forward."""
     settings = cfg.resam
-    if settings.method not in STEP_METHODS:
-        raise ValueError(f"{cfg.source or '<config>'}: resam.method '{settings.method}' is not run by "
-                         f"resam_step (methods: {STEP_METHODS})")
     use_kernels = cfg.kernels.enabled
     max_instances = cfg.data.max_instances
     counts = batch.counts
-    gt_masks = batch.gt_masks.bool()  # B x K x S x S
-    real = valid_from_counts(counts, gt_masks.shape[1])  # B x K
-    points, point_labels = select_points(batch.points, batch.point_labels, cfg.data.num_points)
-    monitored: dict[str, torch.Tensor] = {}
-
-    # ---- teacher: same network, no gradient, weak view --------------------------------------
     weak_features = None
     if settings.method == "supervised":
         pseudo, valid = gt_masks & real[:, :, None, None], real
@@ -136,6 +121,38 @@ def resam_step(model, batch: Batch, queue: EmbeddingQueue, cfg: Config, *, min_c
                 pseudo, valid = apply_empty_policy(candidates, point_masks, empty, counts,
                                                    empty_policy=settings.empty_policy)
         monitored["iou_pseudo"] = _mean_image_iou(pseudo, gt_masks, valid)
+    return pseudo, valid, weak_features
+
+
+def resam_step(model, batch: Batch, queue: EmbeddingQueue, cfg: Config, *, min_chunks: int = 1) -> StepResult:
+    """One forward of the ReSAM objective; the caller runs backward, the optimizer and the queue push.
+
+    min_chunks: passed to every `decode` (under ZeRO-3 all ranks must make the same number of
+    decoder calls: give the maximum over ranks of ceil(K / data.max_instances)).
+
+    stats (floats): n_instances (real instances), n_valid (instances with a target), n_ssa
+    (instances in SSA), kept_fraction (n_valid / n_instances), and when the stage ran:
+    empty_refined (real instances whose refined mask is empty), and micro-imagewise IoU against
+    batch.gt_masks of the point-prompted teacher masks (iou_point), refined masks (iou_refined),
+    requeried masks (iou_requery), all over the real instances, and of the final targets over the
+    valid instances (iou_pseudo). An IoU key is left out when no image of the batch has GT
+    foreground (e.g. a batch of empty tiles): stats never hold NaN.
+    """
+    settings = cfg.resam
+    if settings.method not in STEP_METHODS:
+        raise ValueError(f"{cfg.source or '<config>'}: resam.method '{settings.method}' is not run by "
+                         f"resam_step (methods: {STEP_METHODS})")
+    use_kernels = cfg.kernels.enabled
+    max_instances = cfg.data.max_instances
+    counts = batch.counts
+    gt_masks = batch.gt_masks.bool()  # B x K x S x S
+    real = valid_from_counts(counts, gt_masks.shape[1])  # B x K
+    points, point_labels = select_points(batch.points, batch.point_labels, cfg.data.num_points)
+    monitored: dict[str, torch.Tensor] = {}
+
+    # ---- teacher targets (their intermediate S x S masks are freed before the student runs) ----
+    pseudo, valid, weak_features = _teacher_targets(model, batch, cfg, gt_masks, real, points, point_labels,
+                                                    monitored, min_chunks=min_chunks)
 
     # ---- student: gradient, strong view, the same point prompts -----------------------------
     strong_features = model.encode(batch.strong)  # B x C x h x w
