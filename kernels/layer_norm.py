@@ -14,9 +14,13 @@ norm4), where PyTorch's CUDA kernel and the separate residual add / bias add / G
 far from the memory bandwidth. `layer_norm_triton` does each in one pass:
 - forward: one program normalises a BLOCK_ROWS x C_PAD tile (C_PAD = next power of two of C,
   masked columns beyond C), float32 math; it reads x (and residual, pre_bias), writes y and a
-  float32 mean and rstd per row. The backward keeps x and residual as given (no z is written;
-  in the decoder residual / x are the tensors the block holds anyway, or what a conv output
-  would have cost) plus mean / rstd, and recomputes z, LN(z) and the GELU input.
+  float32 mean and rstd per row. With a residual (and no pre_bias) it also writes the normalised
+  xhat = (z - mean) rstd in x's dtype, and the backward keeps xhat instead of x and the
+  residual: in the two-way transformer (norm4) those are the attention output and the previous
+  keys, which no other node keeps, so 2 tensors of 200 x 4096 x 256 are freed for 1 (bf16:
+  400 MiB each in the ViT-B step). xhat, not z: z rounded to bf16 loses the deviations from a
+  large row mean, xhat keeps bf16's relative precision. Otherwise it keeps x (and residual,
+  pre_bias) and recomputes z and xhat. Either way it recomputes the GELU input.
 - backward: a program walks ITERS tiles of rows; per row, with g = dy act'(u) (u the GELU input,
   act' = Phi(u) + u phi(u)), xhat = (z - mean) rstd, wg = g weight:
       dz = rstd (wg - mean_C(wg) - xhat mean_C(wg xhat))     (= d x = d residual)
@@ -109,10 +113,12 @@ def _load_z(x_ptr, res_ptr, pre_ptr, base, offsets, mask, col, col_ok, HAS_RES: 
 
 
 @triton.jit
-def _layer_norm_forward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+def _layer_norm_forward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, y_ptr, xhat_ptr, mean_ptr, rstd_ptr,
                                rows, C, eps, HAS_RES: tl.constexpr, HAS_PRE: tl.constexpr,
-                               GELU: tl.constexpr, BLOCK_ROWS: tl.constexpr, C_PAD: tl.constexpr):
-    # x, residual, y: rows x C contiguous; pre_bias, weight, bias: C; mean, rstd: rows float32.
+                               GELU: tl.constexpr, STORE_XHAT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                               C_PAD: tl.constexpr):
+    # x, residual, y, xhat (written with STORE_XHAT, in its dtype): rows x C contiguous; pre_bias,
+    # weight, bias: C; mean, rstd: rows float32.
     base, first_row, row_ok, offsets, mask = _tile(tl.program_id(0), rows, C, BLOCK_ROWS, C_PAD)
     col = tl.arange(0, C_PAD)
     col_ok = col < C
@@ -120,6 +126,8 @@ def _layer_norm_forward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, y_ptr, mea
     mean = tl.sum(z, axis=1) / C  # BLOCK_ROWS
     diff = tl.where(mask, z - mean[:, None], 0.0)
     rstd = tl.rsqrt(tl.sum(diff * diff, axis=1) / C + eps)  # BLOCK_ROWS
+    if STORE_XHAT:
+        tl.store(xhat_ptr + base + offsets, (diff * rstd[:, None]).to(xhat_ptr.dtype.element_ty), mask=mask)
     weight = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)  # C_PAD
     bias = tl.load(b_ptr + col, mask=col_ok, other=0.0).to(tl.float32)  # C_PAD
     u = diff * rstd[:, None] * weight[None, :] + bias[None, :]
@@ -134,7 +142,8 @@ def _layer_norm_forward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, y_ptr, mea
 @triton.jit
 def _layer_norm_backward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr,
                                 dx_ptr, dres_ptr, partial_ptr, rows, C, HAS_RES: tl.constexpr,
-                                HAS_PRE: tl.constexpr, GELU: tl.constexpr, SEPARATE_DRES: tl.constexpr,
+                                HAS_PRE: tl.constexpr, GELU: tl.constexpr, FROM_XHAT: tl.constexpr,
+                                SEPARATE_DRES: tl.constexpr,
                                 ACCUMULATE: tl.constexpr, BLOCK_ROWS: tl.constexpr, C_PAD: tl.constexpr,
                                 ITERS: tl.constexpr):
     # dy, dx (x's dtype), dres (residual's dtype, written only when SEPARATE_DRES): rows x C;
@@ -153,11 +162,14 @@ def _layer_norm_backward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, dy_ptr, m
     acc_dz = tl.zeros([BLOCK_ROWS, C_PAD], dtype=tl.float32)
     for step in range(ITERS):
         base, first_row, row_ok, offsets, mask = _tile(program * ITERS + step, rows, C, BLOCK_ROWS, C_PAD)
-        z = _load_z(x_ptr, res_ptr, pre_ptr, base, offsets, mask, col, col_ok, HAS_RES, HAS_PRE)
         local_row = tl.arange(0, BLOCK_ROWS)
-        mean = tl.load(mean_ptr + first_row + local_row, mask=row_ok, other=0.0)  # BLOCK_ROWS
         rstd = tl.load(rstd_ptr + first_row + local_row, mask=row_ok, other=0.0)  # BLOCK_ROWS
-        xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+        if FROM_XHAT:  # x_ptr holds the forward's xhat
+            xhat = tl.load(x_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
+        else:
+            z = _load_z(x_ptr, res_ptr, pre_ptr, base, offsets, mask, col, col_ok, HAS_RES, HAS_PRE)
+            mean = tl.load(mean_ptr + first_row + local_row, mask=row_ok, other=0.0)  # BLOCK_ROWS
+            xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
         g = tl.load(dy_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)  # 0 outside the mask
         if GELU:
             u = xhat * weight[None, :] + bias[None, :]
@@ -190,7 +202,8 @@ def _layer_norm_backward_kernel(x_ptr, res_ptr, pre_ptr, w_ptr, b_ptr, dy_ptr, m
 # program, 3.3 M rows -> 6.5 k programs whose 3 x C float32 partials are 5 MB against ~1.3 GB
 # of rows; C = 256: 128 rows, 19 MB against 1.6 GB). 8 warps: 32 (forward) / 8 (backward, per
 # step) values per thread and tensor. sm_90 compile (ptxas -v, Triton 3.8, bf16):
-# forward 64-103 registers (2+ programs per SM); backward (column sums per tile row, reduced at
+# forward 64-103 registers (2+ programs per SM; 161 at C = 256 when it also writes xhat: 1 per
+# SM, not yet timed); backward (column sums per tile row, reduced at
 # the end) 76-181 for C = 64 ... 1024 without spills, except C = 1024 with pre_bias, GELU and
 # column sums (16 bytes); a 4096-value backward step needed more registers for the same bytes in
 # flight.
@@ -216,7 +229,9 @@ def _param(param: torch.Tensor | None, channels: int, fill: float, like: torch.T
 
 
 class LayerNormFunction(torch.autograd.Function):
-    """Fused residual / bias / LayerNorm / GELU; saves x, residual, pre_bias, weight, bias, mean, rstd."""
+    """Fused residual / bias / LayerNorm / GELU; saves weight, bias, mean, rstd and either xhat
+    (with a residual and no pre_bias: one rows x C tensor in x's dtype instead of two) or x,
+    residual and pre_bias."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, pre_bias, eps, gelu):
@@ -227,29 +242,36 @@ class LayerNormFunction(torch.autograd.Function):
         w, b = _param(weight, channels, 1.0, x), _param(bias, channels, 0.0, x)  # C each
         rows = x2.shape[0]
         y = torch.empty_like(x2)  # rows x C, x's dtype
+        store_xhat = res2 is not None and pre is None
+        xhat = torch.empty_like(x2) if store_xhat else None  # rows x C, x's dtype
         mean = torch.empty(rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         c_pad = triton.next_power_of_2(channels)
         block_rows = _block_rows(_FWD_TILE, c_pad)
         if rows > 0:
             _layer_norm_forward_kernel[(triton.cdiv(rows, block_rows),)](
-                x2, x2 if res2 is None else res2, w if pre is None else pre, w, b, y, mean, rstd,
-                rows, channels, eps, HAS_RES=res2 is not None, HAS_PRE=pre is not None, GELU=gelu,
-                BLOCK_ROWS=block_rows, C_PAD=c_pad, num_warps=_NUM_WARPS)
-        ctx.save_for_backward(x2, res2, pre, w, b, mean, rstd)
+                x2, x2 if res2 is None else res2, w if pre is None else pre, w, b, y, y if xhat is None else xhat,
+                mean, rstd, rows, channels, eps, HAS_RES=res2 is not None, HAS_PRE=pre is not None, GELU=gelu,
+                STORE_XHAT=store_xhat, BLOCK_ROWS=block_rows, C_PAD=c_pad, num_warps=_NUM_WARPS)
+        # with xhat saved, x and the residual can be freed (in the decoder no other node keeps the
+        # attention output or the previous keys)
+        ctx.save_for_backward(xhat if store_xhat else x2, None if store_xhat else res2, pre, w, b, mean, rstd)
+        ctx.from_xhat = store_xhat
         ctx.gelu = gelu
         ctx.shape = x.shape
+        ctx.residual_dtype = None if residual is None else residual.dtype
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, res2, pre, w, b, mean, rstd = ctx.saved_tensors
+        x2, res2, pre, w, b, mean, rstd = ctx.saved_tensors  # x2: xhat when ctx.from_xhat (res2 None)
         rows, channels = x2.shape
         dy = _rows_view(grad_y, channels)  # rows x C
         dx = torch.empty_like(x2)  # rows x C, x's dtype
-        separate = res2 is not None and res2.dtype != x2.dtype
-        dres = torch.empty_like(res2) if separate else dx
+        has_residual = ctx.residual_dtype is not None
+        separate = has_residual and ctx.residual_dtype != x2.dtype
+        dres = torch.empty_like(x2, dtype=ctx.residual_dtype) if separate else dx
         c_pad = triton.next_power_of_2(channels)
         block_rows = _block_rows(_BWD_TILE, c_pad)
         iters = _INTERPRET_ITERS if INTERPRET else _ITERS
@@ -266,12 +288,12 @@ class LayerNormFunction(torch.autograd.Function):
             _layer_norm_backward_kernel[(programs,)](
                 x2, x2 if res2 is None else res2, w if pre is None else pre, w, b, dy, mean, rstd,
                 dx, dres, partial, rows, channels, HAS_RES=res2 is not None, HAS_PRE=pre is not None,
-                GELU=ctx.gelu, SEPARATE_DRES=separate, ACCUMULATE=accumulate, BLOCK_ROWS=block_rows,
+                GELU=ctx.gelu, FROM_XHAT=ctx.from_xhat, SEPARATE_DRES=separate, ACCUMULATE=accumulate, BLOCK_ROWS=block_rows,
                 C_PAD=c_pad, ITERS=iters, num_warps=_NUM_WARPS)
         sums = partial.sum(dim=0)  # 3 x C (zeros for rows = 0 or without accumulation)
         grad_w = sums[0].to(weight_dtype) if want_w else None
         grad_b = sums[1].to(bias_dtype) if want_b else None
-        grad_res = dres.view(ctx.shape) if res2 is not None and ctx.needs_input_grad[3] else None
+        grad_res = dres.view(ctx.shape) if has_residual and ctx.needs_input_grad[3] else None
         grad_pre = sums[2].to(pre.dtype) if want_pre else None
         return dx.view(ctx.shape), grad_w, grad_b, grad_res, grad_pre, None, None
 

@@ -203,3 +203,25 @@ def test_gradient_of_one_input_only(wanted):
                           pre_bias=leaves["pre_bias"], gelu=True)
     (grad,) = torch.autograd.grad(y, leaves[wanted], upstream)
     assert torch.equal(grad, all_grads[wanted])
+
+
+@pytest.mark.parametrize("residual,pre_bias", [(True, False), (False, False), (True, True)])
+def test_what_the_backward_keeps(residual, pre_bias):
+    """With a residual and no pre_bias the backward keeps one rows x C tensor (xhat), not x and
+    the residual (the decoder frees both); otherwise x (and the residual) as given."""
+    inputs = make_inputs(33, 64, torch.bfloat16, residual=residual, pre_bias=pre_bias, seed=5)
+    x = inputs["x"].requires_grad_(True)
+    res = inputs["residual"]
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = layer_norm_triton(x, inputs["weight"], inputs["bias"], EPS, residual=res, pre_bias=inputs["pre_bias"])
+    rows_by_c = [t for t in kept if t is not None and tuple(t.shape) == (33, 64)]
+    storages = {t.untyped_storage().data_ptr() for t in rows_by_c}
+    if residual and not pre_bias:
+        assert len(rows_by_c) == 1
+        assert x.untyped_storage().data_ptr() not in storages and res.untyped_storage().data_ptr() not in storages
+    else:
+        assert x.untyped_storage().data_ptr() in storages
+        assert (res is None) or res.untyped_storage().data_ptr() in storages
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()
