@@ -184,7 +184,7 @@ def _upsampled_loss_forward_kernel(low_ptr, target_ptr, sums_ptr, counts_ptr, h,
             focal_acc += tl.where(valid, alpha_t * q * q * softplus, 0.0)
             inter_acc += tl.where(t, p, 0.0)  # outside: t is False
             prob_acc += tl.where(valid, p, 0.0)
-            positive = (x > 0.0) & valid  # False for NaN
+            positive = x > 0.0  # False for NaN and outside the plane (x = 0 there)
             t_acc += t.to(tl.int32)
             hit_acc += (positive & t).to(tl.int32)
             union_acc += (positive | t).to(tl.int32)
