@@ -46,8 +46,9 @@ pixels of one instance (grid = N instances x tiles, one program each, one grid a
   handle the borders). Deterministic, no atomics; one write of the low-res gradient. Every
   full-res pixel is evaluated by the 2 x 2 low-res pixels whose windows contain it: 4x the
   forward's per-pixel arithmetic, traded for never storing g.
-Launch shapes: see `_BLOCK_I` below. Empty inputs behave as in `mask_loss`: N = 0 gives empty
-outputs; h w = 0 gives focal NaN, dice 0, IoU 1 and an empty gradient.
+Launch shapes: see `_BLOCK_I` below (runtime loops over the 16 / 64 offsets). Empty inputs
+behave as in `mask_loss`: N = 0 gives empty outputs; h w = 0 gives focal NaN, dice 0, IoU 1
+and an empty gradient.
 """
 
 from __future__ import annotations
@@ -170,12 +171,12 @@ def _upsampled_loss_forward_kernel(low_ptr, target_ptr, sums_ptr, counts_ptr, h,
     t_acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
     hit_acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
     union_acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
-    for b in tl.static_range(4):
+    for b in range(4):
         ox = 4 * j + b  # BLOCK_J full-res columns
         row_up = _row_values(v_ul, v_um, v_ur, ox, j, w)
         row_mid = _row_values(v_ml, v_mm, v_mr, ox, j, w)
         row_down = _row_values(v_dl, v_dm, v_dr, ox, j, w)
-        for a in tl.static_range(4):
+        for a in range(4):
             oy = 4 * i + a  # BLOCK_I full-res rows
             x = _logits(row_up, row_mid, row_down, oy, i, h)  # BLOCK_I x BLOCK_J
             t = tl.load(tgt + oy[:, None] * out_w + ox[None, :], mask=valid, other=0) != 0
@@ -213,14 +214,14 @@ def _upsampled_loss_backward_kernel(low_ptr, target_ptr, coef_ptr, grad_ptr, h, 
     tgt = target_ptr + instance.to(tl.int64) * (16 * h * w)
     v_ul, v_um, v_ur, v_ml, v_mm, v_mr, v_dl, v_dm, v_dr = _neighbourhood(low, i, j, h, w)
     acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-    for b in tl.static_range(8):
+    for b in range(8):
         ox = 4 * j - 2 + b  # BLOCK_J full-res columns
         wx = _hat(ox, j, w, out_w)  # BLOCK_J, 0 outside [0, 4w)
         row_up = _row_values(v_ul, v_um, v_ur, ox, j, w)
         row_mid = _row_values(v_ml, v_mm, v_mr, ox, j, w)
         row_down = _row_values(v_dl, v_dm, v_dr, ox, j, w)
         column = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-        for a in tl.static_range(8):
+        for a in range(8):
             oy = 4 * i - 2 + a  # BLOCK_I full-res rows
             wy = _hat(oy, i, h, out_h)  # BLOCK_I, 0 outside [0, 4h)
             valid = ((oy >= 0) & (oy < out_h))[:, None] & ((ox >= 0) & (ox < out_w))[None, :]
@@ -233,14 +234,18 @@ def _upsampled_loss_backward_kernel(low_ptr, target_ptr, coef_ptr, grad_ptr, h, 
     tl.store(grad_ptr + instance.to(tl.int64) * h * w + i[:, None] * w + j[None, :], acc, mask=valid)
 
 
-# BLOCK_I x BLOCK_J = 16 x 64 low-res pixels a program (as the upsample backward): 16384 full-res
-# pixels, so a 256 x 256 -> 1024 x 1024 instance is 64 programs (200 of them: 12800 programs, the
-# forward's partials as many as mask_loss's) and a row of 64 float32 low-res logits is one 256-byte
-# read. 8 warps: 4 pixels a thread, so the nine neighbourhood tensors and six accumulators stay in
-# registers (see the module's test of the sm_90 build). The interpreter runs one numpy call per
-# block operation and a backward program takes about half a second there: 16 x 16 tiles, so that
-# the tests' 16 x 16 planes are exactly one tile and 17 x 9 ones span two.
-_BLOCK_I, _BLOCK_J, _NUM_WARPS = 16, 64, 8
+# BLOCK_I x BLOCK_J = 16 x 32 low-res pixels a program, 8 warps: 8192 full-res pixels, so a
+# 256 x 256 -> 1024 x 1024 instance is 128 programs (200 of them: 25600; a partial costs 24 bytes
+# against 8192 x 1.25 bytes read) and a row of 32 float32 low-res logits is one 128-byte read.
+# The offset loops are runtime loops: unrolled (tl.static_range) the compiler hoisted the 16 / 64
+# pixel evaluations' loads and spilled (sm_90 ptxas, 16 x 64 tiles: 255 registers and 184 bytes
+# of spill in the forward, 21 KB of spill stores in the backward). Rolled, ptxas -v for sm_90
+# (Triton 3.8) reports: 16 x 32, 8 warps (2 pixels a thread): forward 69 / backward 71 registers,
+# no spill; 16 x 64, 8 warps: 127 / 128, the backward spilling 4 bytes; 16 x 64, 4 warps: 221 /
+# 247. Not yet timed on a GPU. The interpreter runs one numpy call per block operation and a
+# backward program takes about half a second there: 16 x 16 tiles, so that the tests' 16 x 16
+# planes are exactly one tile and 17 x 9 ones span two.
+_BLOCK_I, _BLOCK_J, _NUM_WARPS = 16, 32, 8
 _INTERPRET_BLOCK_I, _INTERPRET_BLOCK_J = 16, 16
 
 
