@@ -11,6 +11,10 @@ device-to-device copy bandwidth (read + write of a 1 GiB tensor). Writes `kernel
 "torch_eager_native": the add / F.layer_norm / GELU ops in bf16 that the decoder ran before the
 fused kernel (the reference computes in float32, which costs extra passes).
 
+"mask_loss_upsampled" (mask losses of the 4x upsampled low-res logits, forward + backward, float32)
+also times "triton_unfused": the Triton upsampling then the Triton mask losses, which write the
+full-resolution logits and their gradient (what the training step ran before the fused kernels).
+
 Without CUDA it refuses to run (exit code 2) unless `--cpu-smoke`: tiny shapes through Triton's
 interpreter and a wall-clock timer, only to test this script; those numbers mean nothing.
 """
@@ -28,7 +32,7 @@ from typing import Callable
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 CASES = ("entropy_filter", "suppress_overlap", "ssa_loss", "mask_loss", "relpos_attention", "layer_norm",
-         "mask_head", "instance_counts", "upsample4x")
+         "mask_head", "instance_counts", "upsample4x", "mask_loss_upsampled")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,7 +54,7 @@ def shapes(smoke: bool) -> dict:
         return {"filter": [(1, 3, 16, 16)], "ssa": [(4, 16, 32), (4, 16, 0)], "mask": [(1, 3, 16, 16)],
                 "relpos": [(1, 2, 3, 5, 16)],
                 "layer_norm": [("upscale", 300, 64, False, True, True), ("norm4", 50, 256, True, False, False)],
-                "head": [(3, 64, 32, 8, 8)]}
+                "head": [(3, 64, 32, 8, 8)], "upsampled_loss": [(3, 4, 4)]}
     return {
         # B x K x H x W: K = 50 instances on the 256 (tiny) and 1024 (ViT) model canvas
         "filter": [(8, 50, 256, 256), (2, 50, 1024, 1024)],
@@ -69,6 +73,8 @@ def shapes(smoke: bool) -> dict:
         # N x Cin x Cout x H x W: the mask decoder's last stage in a ViT-B step (200 prompts,
         # 64 -> 32 channels, 128 x 128 -> 256 x 256)
         "head": [(200, 64, 32, 128, 128)],
+        # N x h x w low-res logits of a ViT-B step (4 images x 50 instances, 256 x 256 -> 1024 x 1024)
+        "upsampled_loss": [(200, 256, 256)],
     }
 
 
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from resam_kernels.layer_norm import layer_norm_reference
     from resam_kernels.mask_head import mask_head_reference
     from resam_kernels.mask_loss import mask_loss_terms_reference
+    from resam_kernels.mask_loss_upsampled import upsampled_mask_loss_terms_reference
     from resam_kernels.overlap import suppress_overlap_reference
     from resam_kernels.relpos_attention import relpos_attention_reference
     from resam_kernels.ssa import ssa_loss_reference
@@ -295,6 +302,34 @@ def main(argv: list[str] | None = None) -> int:
             "torch_compile": compiled_upsample and upsample_forward_backward(compiled_upsample),
         }, num_bytes=numel * 4 * 2 + (numel // 16) * 4 * 2)
         del low_res, upstream
+
+    for num, low_h, low_w in shapes(args.cpu_smoke)["upsampled_loss"] if wanted("mask_loss_upsampled") else []:
+        shape = f"{num}x{low_h}x{low_w}->{4 * low_h}x{4 * low_w}"
+        low_res = torch.randn(num, low_h, low_w, device=device, generator=generator) * 4  # N x h x w
+        low_res.requires_grad_(True)
+        target = torch.rand(num, 4 * low_h, 4 * low_w, device=device, generator=generator) < 0.3
+
+        def unfused_terms(low_res, target):
+            full = resam_kernels.upsample4x(low_res.unsqueeze(1)).squeeze(1)  # N x 4h x 4w float32
+            return resam_kernels.mask_loss_terms(full, target)
+
+        def upsampled_forward_backward(terms_fn):
+            def run():
+                focal, dice, _ = terms_fn(low_res, target)
+                return torch.autograd.grad(focal.sum() + dice.sum(), low_res)
+            return run
+
+        compiled_upsampled = compiled(upsampled_mask_loss_terms_reference)
+        low_numel = num * low_h * low_w
+        # low-res logits and target read, low-res gradient written (the fused kernels read both
+        # twice, once a pass; the others also write and read full-res logits and gradients)
+        record("mask_loss_upsampled_fwd_bwd/float32", shape, {
+            "torch_eager": upsampled_forward_backward(upsampled_mask_loss_terms_reference),
+            "triton": upsampled_forward_backward(resam_kernels.upsampled_mask_loss_terms),
+            "triton_unfused": upsampled_forward_backward(unfused_terms),
+            "torch_compile": compiled_upsampled and upsampled_forward_backward(compiled_upsampled),
+        }, num_bytes=low_numel * 4 + 16 * low_numel + low_numel * 4)
+        del low_res, target
 
     for batch, heads, height, width, head_dim in shapes(args.cpu_smoke)["relpos"] if wanted("relpos_attention") else []:
         shape = f"{batch}x{heads}x{height}x{width}xd{head_dim}"

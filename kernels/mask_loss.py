@@ -157,6 +157,17 @@ def _pixel_terms(x, t, FAST_LOG: tl.constexpr):
 
 
 @triton.jit
+def _pixel_gradient(x, t, coef_focal, coef_dice, coef_dice_t, ALPHA: tl.constexpr, FAST_LOG: tl.constexpr):
+    """d/dx of coef_focal focal_term + dice part at each pixel (float32 x, int1 t):
+    a dfocal/dx + (b - c t) p (1 - p) with (a, b, c) = (coef_focal, coef_dice, coef_dice_t)."""
+    q, q_rest, softplus, p, p_dp = _pixel_terms(x, t, FAST_LOG)
+    alpha_t = tl.where(t, ALPHA, 1.0 - ALPHA)
+    d_focal_ds = -alpha_t * q * q * (2.0 * q_rest * softplus + q)  # gamma = 2
+    d_focal_dx = tl.where(t, d_focal_ds, -d_focal_ds)
+    return coef_focal * d_focal_dx + (coef_dice - tl.where(t, coef_dice_t, 0.0)) * p_dp
+
+
+@triton.jit
 def _chunk_origin(hw, chunks, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """Program -> (program, instance, offset of its instance's first pixel (int64), offset of its
     chunk's first pixel in the instance (int32: H W < 2^30 is checked on the host))."""
@@ -222,11 +233,7 @@ def _mask_loss_backward_kernel(logits_ptr, target_ptr, coef_ptr, grad_ptr, hw, c
     coef_dice_t = tl.load(coef_ptr + instance * 3 + 2)
     for step in range(ITERS):
         pixels, in_range, x, t = _load_step(logits_ptr + base, target_ptr + base, start, step, hw, BLOCK)
-        q, q_rest, softplus, p, p_dp = _pixel_terms(x, t, FAST_LOG)
-        alpha_t = tl.where(t, ALPHA, 1.0 - ALPHA)
-        d_focal_ds = -alpha_t * q * q * (2.0 * q_rest * softplus + q)  # gamma = 2
-        d_focal_dx = tl.where(t, d_focal_ds, -d_focal_ds)
-        grad = coef_focal * d_focal_dx + (coef_dice - tl.where(t, coef_dice_t, 0.0)) * p_dp
+        grad = _pixel_gradient(x, t, coef_focal, coef_dice, coef_dice_t, ALPHA, FAST_LOG)
         tl.store(grad_ptr + base + pixels, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
 
 
@@ -274,33 +281,49 @@ def mask_loss_forward_triton(logits: torch.Tensor, target: torch.Tensor
     return focal_sum, intersection, prob_sum, target_sum, hits, union
 
 
+def terms_from_sums(sums: tuple[torch.Tensor, ...], hw: int, lead: torch.Size
+                    ) -> tuple[torch.Tensor, ...]:
+    """(focal_sum, I, P, T, hits, union), each N (as `mask_loss_forward_triton` returns them) ->
+    (focal, dice, iou), each `lead`, and (I, D = P + T + smooth), each N, for the backward."""
+    focal_sum, intersection, prob_sum, target_sum, hits, union = sums
+    denominator = prob_sum + target_sum.float() + DICE_SMOOTH  # D, N
+    focal = focal_sum / hw  # 0 / 0 = NaN for hw = 0, like the reference's mean
+    dice = 1.0 - (2.0 * intersection + DICE_SMOOTH) / denominator
+    iou = _iou_from_counts(hits.float(), union.float())
+    return focal.reshape(lead), dice.reshape(lead), iou.reshape(lead), intersection, denominator
+
+
+def gradient_coefficients(grad_focal: torch.Tensor | None, grad_dice: torch.Tensor | None,
+                          intersection: torch.Tensor, denominator: torch.Tensor, hw: int) -> torch.Tensor:
+    """Upstream gradients of focal and dice (... or None) and the saved I, D (N each) -> the
+    per-instance coefficients (a, b, c) of the pixel gradient, N x 3 float32 contiguous."""
+    num = intersection.shape[0]
+    zeros = intersection.new_zeros(num)
+    grad_focal = zeros if grad_focal is None else grad_focal.reshape(num).float()  # N
+    grad_dice = zeros if grad_dice is None else grad_dice.reshape(num).float()  # N
+    return torch.stack([grad_focal / max(hw, 1),
+                        grad_dice * (2.0 * intersection + DICE_SMOOTH) / denominator.square(),
+                        grad_dice * 2.0 / denominator], dim=1).contiguous()  # N x 3
+
+
 class MaskLossFunction(torch.autograd.Function):
     """Fused focal / dice / IoU; saves logits, target and I, P, T (N float32 each)."""
 
     @staticmethod
     def forward(ctx, logits, target):
-        focal_sum, intersection, prob_sum, target_sum, hits, union = mask_loss_forward_triton(logits, target)
-        hw = logits.shape[-2] * logits.shape[-1]
-        denominator = prob_sum + target_sum.float() + DICE_SMOOTH  # D, N
-        focal = focal_sum / hw  # 0 / 0 = NaN for hw = 0, like the reference's mean
-        dice = 1.0 - (2.0 * intersection + DICE_SMOOTH) / denominator
-        lead = logits.shape[:-2]
-        iou = _iou_from_counts(hits.float(), union.float()).reshape(lead)
+        sums = mask_loss_forward_triton(logits, target)
+        focal, dice, iou, intersection, denominator = terms_from_sums(
+            sums, logits.shape[-2] * logits.shape[-1], logits.shape[:-2])
         ctx.save_for_backward(logits, target, intersection, denominator)
         ctx.mark_non_differentiable(iou)
-        return focal.reshape(lead), dice.reshape(lead), iou
+        return focal, dice, iou
 
     @staticmethod
     def backward(ctx, grad_focal, grad_dice, grad_iou):
         logits, target, intersection, denominator = ctx.saved_tensors
         flat_logits, flat_target, hw = _flat(logits, target)
         num = flat_logits.shape[0]
-        zeros = intersection.new_zeros(num)
-        grad_focal = zeros if grad_focal is None else grad_focal.reshape(num).float()  # N
-        grad_dice = zeros if grad_dice is None else grad_dice.reshape(num).float()  # N
-        coef = torch.stack([grad_focal / max(hw, 1),
-                            grad_dice * (2.0 * intersection + DICE_SMOOTH) / denominator.square(),
-                            grad_dice * 2.0 / denominator], dim=1).contiguous()  # N x 3
+        coef = gradient_coefficients(grad_focal, grad_dice, intersection, denominator, hw)  # N x 3
         grad = torch.empty_like(flat_logits)  # N x HW, logits dtype
         block, iters = _launch_shape()
         chunks = triton.cdiv(hw, block * iters)

@@ -10,6 +10,7 @@ from resam_kernels.entropy import entropy_filter_reference
 from resam_kernels.layer_norm import layer_norm_reference
 from resam_kernels.mask_head import mask_head_reference
 from resam_kernels.mask_loss import mask_loss_terms_reference
+from resam_kernels.mask_loss_upsampled import upsampled_mask_loss_terms_reference
 from resam_kernels.overlap import suppress_overlap_reference
 from resam_kernels.relpos_attention import relpos_attention_reference, relpos_attention_triton
 from resam_kernels.ssa import ssa_loss_reference
@@ -136,6 +137,34 @@ def test_mask_loss_terms_64bit_offsets():
     assert torch.equal(iou[-3:], iou_ref)
     scale = grad_ref.float().abs().max().item()
     torch.testing.assert_close(grad[-3:].float(), grad_ref.float(), atol=1e-2 * scale, rtol=1e-2)
+
+
+def test_upsampled_mask_loss_terms_realistic():
+    """200 low-res masks of 256 x 256 against 1024 x 1024 targets (the ViT-B training step), float32,
+    blob-like logits and targets: the fused kernels against the reference (F.interpolate, then the
+    torch losses), forward and backward; and the fused path's memory stays far below one
+    full-resolution float32 tensor (800 MiB), which the unfused path writes twice."""
+    low_res = smooth_logits(4, 50, 256, torch.float32, seed=9).reshape(200, 256, 256).requires_grad_(True)
+    target = (smooth_logits(4, 50, 1024, torch.float32, seed=10) > 0).reshape(200, 1024, 1024)
+    target[0] = False  # an empty target and a full one
+    target[1] = True
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    focal, dice, iou, grad = mask_terms_and_gradient(resam_kernels.upsampled_mask_loss_terms, low_res, target)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 128 * 2**20, f"fused forward + backward allocated {extra / 2**20:.0f} MiB"
+    focal_ref, dice_ref, iou_ref, grad_ref = mask_terms_and_gradient(upsampled_mask_loss_terms_reference,
+                                                                     low_res, target)
+    # float32 sums of 2^20 pixels in another order, GPU exp2/log2 against torch's exp/log1p
+    torch.testing.assert_close(focal, focal_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dice, dice_ref, atol=1e-6, rtol=1e-5)
+    # the kernels interpolate with their own (fused) multiply-adds: a logit within rounding of 0
+    # may take the other sign, which moves an IoU by about 1 / union (unions of ~10^5 pixels)
+    torch.testing.assert_close(iou, iou_ref, atol=1e-5, rtol=0)
+    scale = grad_ref.abs().max().item()
+    torch.testing.assert_close(grad, grad_ref, atol=1e-4 * scale, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.bfloat16])

@@ -21,7 +21,7 @@ def test_cpu_smoke_writes_results(tmp_path):
     kernels = {row["kernel"].split("/")[0] for row in result["rows"]}
     assert kernels == {"entropy_filter", "suppress_overlap", "ssa_loss_fwd_bwd", "mask_loss_fwd_bwd",
                        "relpos_attention_fwd_bwd", "layer_norm_fwd_bwd", "mask_head_fwd", "mask_head_fwd_bwd",
-                       "instance_counts", "upsample4x_fwd_bwd"}
+                       "instance_counts", "upsample4x_fwd_bwd", "mask_loss_upsampled_fwd_bwd"}
     timed = [row for row in result["rows"] if row["impl"] in ("triton", "torch_eager")]
     assert timed and all(row["ms"] > 0 and row["gbps"] > 0 for row in timed)
     markdown = (tmp_path / "kernels.md").read_text()
@@ -35,6 +35,18 @@ def test_cpu_smoke_only_one_case(tmp_path):
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert {row["kernel"] for row in result["rows"]} == {"mask_loss_fwd_bwd/float32", "mask_loss_fwd_bwd/bfloat16"}
     assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "torch_compile"}
+
+
+def test_cpu_smoke_mask_loss_upsampled(tmp_path):
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--only", "mask_loss_upsampled",
+                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    assert {row["kernel"] for row in result["rows"]} == {"mask_loss_upsampled_fwd_bwd/float32"}
+    assert {row["shape"] for row in result["rows"]} == {"3x4x4->16x16"}
+    assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "triton_unfused", "torch_compile"}
+    assert all(row["ms"] > 0 and row["bytes"] == 3 * 16 * (4 + 16 + 4) for row in result["rows"]
+               if row["impl"] != "torch_compile")
 
 
 def test_cpu_smoke_layer_norm(tmp_path):
