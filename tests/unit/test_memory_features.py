@@ -289,6 +289,41 @@ def test_activation_checkpointing_gives_the_same_step_loss_and_gradients():
         tiny_lora_model().set_activation_checkpointing(True)
 
 
+def test_step_keeps_no_full_resolution_logits_for_the_backward():
+    """With the kernels on (Triton's interpreter here, CUDA in production) the student's loss reads
+    the decoder's low-res logits: nothing of B x K x S x S float is saved for the backward, and
+    the loss and gradients equal those of the torch reference path."""
+    batch = make_batch()
+    size = batch.gt_masks.shape[-1]
+    results = []
+    for kernels in (True, False):
+        torch.manual_seed(0)
+        model = tiny_lora_model().train()
+        cfg = Config()
+        cfg.model.name = "tiny"
+        cfg.kernels.enabled = kernels
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            result = resam_step(model, batch, EmbeddingQueue(16, 128), cfg)
+        instances = batch.gt_masks.shape[0] * batch.gt_masks.shape[1]  # B K
+        # mask logits: at most B K planes of S x S (the tiny encoder's 256-token attention
+        # matrices are 256 x 256 too, but B x heads of them)
+        full_resolution = [tuple(t.shape) for t in saved
+                           if t.is_floating_point() and t.dim() >= 2 and tuple(t.shape[-2:]) == (size, size)
+                           and t.shape[:-2].numel() <= instances]
+        if kernels:
+            assert full_resolution == []
+        else:  # the reference path keeps them (what the test would catch on the kernel path)
+            assert full_resolution
+        result.loss.backward()
+        results.append((result.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_kernels, grads_kernels), (loss_reference, grads_reference) = results
+    torch.testing.assert_close(loss_kernels, loss_reference, atol=1e-5, rtol=1e-5)
+    assert grads_kernels.keys() == grads_reference.keys() and grads_kernels
+    for name in grads_kernels:
+        torch.testing.assert_close(grads_kernels[name], grads_reference[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
 def test_checkpointing_is_refused_with_zero3(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"train": {"activation_checkpointing": "encoder"},
