@@ -242,11 +242,14 @@ def _upsampled_loss_backward_kernel(low_ptr, target_ptr, coef_ptr, grad_ptr, h, 
 # of spill in the forward, 21 KB of spill stores in the backward). Rolled, ptxas -v for sm_90
 # (Triton 3.8) reports: 16 x 32, 8 warps (2 pixels a thread): forward 69 / backward 71 registers,
 # no spill; 16 x 64, 8 warps: 127 / 128, the backward spilling 4 bytes; 16 x 64, 4 warps: 221 /
-# 247. Not yet timed on a GPU. The interpreter runs one numpy call per block operation and a
-# backward program takes about half a second there: 16 x 16 tiles, so that the tests' 16 x 16
-# planes are exactly one tile and 17 x 9 ones span two.
+# 247. Not yet timed on a GPU. The interpreter runs one numpy call per block operation, so its
+# time goes with the number of programs (a backward program takes about half a second there
+# whatever its tile): 64 x 64 tiles, one program per plane of the tiny model's 64 x 64 low-res
+# logits, so that training steps under the interpreter (the test suite) stay fast; the kernels'
+# own tests set 16 x 16 tiles, under which their planes of 16 are exactly one tile and 17 x 9
+# span two.
 _BLOCK_I, _BLOCK_J, _NUM_WARPS = 16, 32, 8
-_INTERPRET_BLOCK_I, _INTERPRET_BLOCK_J = 16, 16
+_INTERPRET_BLOCK_I, _INTERPRET_BLOCK_J = 64, 64
 
 
 def _launch_shape() -> tuple[int, int, int]:

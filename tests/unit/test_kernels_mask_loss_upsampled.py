@@ -1,10 +1,13 @@
 """Mask losses of the 4x upsampled low-res logits: the fused Triton kernels (no full-resolution
 logits or gradient) against autograd of the reference (F.interpolate, then the torch mask losses).
 
-Under TRITON_INTERPRET=1 the kernels take tiles of 16 x 16 low-res pixels: h = w = 16 is exactly
-one tile, h = 17 spans two (rows 16 .. 67 of the full-res target in the second), and 1, 2 and 5
-exercise the clamped borders (h = 1: every full-res row samples the one low-res row).
+Under TRITON_INTERPRET=1 these tests give the kernels tiles of 16 x 16 low-res pixels (the
+interpreter's default is 64 x 64): h = w = 16 is exactly one tile, h = 17 spans two (rows
+16 .. 67 of the full-res target in the second), and 1, 2 and 5 exercise the clamped borders
+(h = 1: every full-res row samples the one low-res row).
 """
+
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,24 @@ from resam_kernels.mask_loss_upsampled import (check_upsampled_inputs, upsampled
 
 pytestmark = pytest.mark.skipif(not resam_kernels.runs_triton(torch.zeros(1)),
                                 reason="needs TRITON_INTERPRET=1 (the kernels run on CPU tensors through the interpreter)")
+
+
+@pytest.fixture(autouse=True)
+def tiles_of_16(monkeypatch):
+    module = sys.modules["resam_kernels.mask_loss_upsampled"]
+    monkeypatch.setattr(module, "_INTERPRET_BLOCK_I", 16)
+    monkeypatch.setattr(module, "_INTERPRET_BLOCK_J", 16)
+
+
+def test_default_interpreter_tiles_match_too():
+    """The interpreter's default 64 x 64 tiles (one program per plane up to 64 x 64)."""
+    module = sys.modules["resam_kernels.mask_loss_upsampled"]
+    module_defaults = (64, 64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "_INTERPRET_BLOCK_I", module_defaults[0])
+        patch.setattr(module, "_INTERPRET_BLOCK_J", module_defaults[1])
+        low_res, target = make_inputs((3,), 17, 9, seed=11)
+        assert_matches_reference(low_res, target)
 
 
 def make_inputs(lead, height, width, seed, scale=4.0):
