@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from resam_kernels.launch import steps_per_program
+
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -87,7 +89,9 @@ def _instance_counts_kernel(pred_ptr, gt_ptr, partial_ptr, hw, chunks, PRED_IS_L
     tl.store(out + 2, tl.sum(gt_acc, axis=0))
 
 
-_BLOCK, _ITERS, _NUM_WARPS = 2048, 16, 4  # 32 K pixels a program: 32 / 16 programs per 1024^2 mask
+# 32 K pixels a program: 32 / 16 programs per 1024^2 mask; fewer steps when that gives under 4096
+# programs (`resam_kernels.launch`: 8 x 50 masks of 256 x 256)
+_BLOCK, _ITERS, _NUM_WARPS = 2048, 16, 4
 _INTERPRET_BLOCK, _INTERPRET_ITERS = 4096, 2
 
 
@@ -104,7 +108,8 @@ def instance_counts_triton(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor
     if flat_pred.dtype == torch.bool:
         flat_pred = flat_pred.view(torch.uint8)
     flat_gt = gt.contiguous().reshape(num, hw).view(torch.uint8)  # N x HW
-    block, iters = (_INTERPRET_BLOCK, _INTERPRET_ITERS) if INTERPRET else (_BLOCK, _ITERS)
+    block, iters = ((_INTERPRET_BLOCK, _INTERPRET_ITERS) if INTERPRET
+                    else (_BLOCK, steps_per_program(num, hw, _BLOCK, _ITERS)))  # small batches: shorter chunks
     chunks = triton.cdiv(hw, block * iters)
     partial = torch.empty((num, chunks, 3), dtype=torch.int32, device=pred.device)  # every program writes its own
     if num * chunks > 0:

@@ -51,6 +51,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from resam_kernels.launch import steps_per_program
+
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -239,7 +241,8 @@ def _mask_loss_backward_kernel(logits_ptr, target_ptr, coef_ptr, grad_ptr, hw, c
 
 # BLOCK pixels a step (4 warps: 8 per thread, two 16-byte fp32 loads) and ITERS steps a program:
 # 16384 pixels, so a 1024 x 1024 mask is 64 programs (200 of them: 12800 programs, ~100 per SM)
-# and a partial costs 24 bytes against 16384 x (4 + 1) bytes read. The interpreter runs one
+# and a partial costs 24 bytes against 16384 x (4 + 1) bytes read; fewer steps when that gives
+# under 4096 programs (`resam_kernels.launch`: 8 x 50 masks of 256 x 256). The interpreter runs one
 # numpy call per block operation: there bigger steps are much faster (two steps a program, so
 # that the tests still cover the loop and partial last steps and chunks).
 # lg2.approx is PTX: NVIDIA GPUs only (a ROCm build also reports tensors as CUDA)
@@ -248,9 +251,12 @@ _BLOCK, _ITERS, _NUM_WARPS = 1024, 16, 4
 _INTERPRET_BLOCK, _INTERPRET_ITERS = 4096, 2
 
 
-def _launch_shape() -> tuple[int, int]:
-    """(BLOCK, ITERS) of both kernels."""
-    return (_INTERPRET_BLOCK, _INTERPRET_ITERS) if INTERPRET else (_BLOCK, _ITERS)
+def _launch_shape(num: int, hw: int) -> tuple[int, int]:
+    """(BLOCK, ITERS) of both kernels for num instances of hw pixels (fewer steps a program for
+    small batches, `resam_kernels.launch`)."""
+    if INTERPRET:
+        return _INTERPRET_BLOCK, _INTERPRET_ITERS
+    return _BLOCK, steps_per_program(num, hw, _BLOCK, _ITERS)
 
 
 def _flat(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -267,7 +273,7 @@ def mask_loss_forward_triton(logits: torch.Tensor, target: torch.Tensor
     (N = number of instances: the leading dims flattened)."""
     flat_logits, flat_target, hw = _flat(logits, target)
     num = flat_logits.shape[0]
-    block, iters = _launch_shape()
+    block, iters = _launch_shape(num, hw)
     chunks = triton.cdiv(hw, block * iters)
     # every program writes its partial, so no fill is needed (with no program: empty along chunks)
     sums = torch.empty((num, chunks, 3), dtype=torch.float32, device=logits.device)
@@ -325,7 +331,7 @@ class MaskLossFunction(torch.autograd.Function):
         num = flat_logits.shape[0]
         coef = gradient_coefficients(grad_focal, grad_dice, intersection, denominator, hw)  # N x 3
         grad = torch.empty_like(flat_logits)  # N x HW, logits dtype
-        block, iters = _launch_shape()
+        block, iters = _launch_shape(num, hw)
         chunks = triton.cdiv(hw, block * iters)
         if num * chunks > 0:
             _mask_loss_backward_kernel[(num * chunks,)](

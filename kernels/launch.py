@@ -1,0 +1,27 @@
+"""Launch shape of the streaming kernels (instance counts, mask loss): one program per chunk of
+BLOCK x ITERS pixels of one instance, ITERS steps of BLOCK pixels each.
+
+Long chunks amortise a program's start and its partial write, but a small batch then launches too
+few programs to keep the GPU busy: 8 x 50 masks of 256 x 256 in chunks of 32 K pixels are 800
+programs of 4 warps, about 6 per SM of an H100 / H200 (132 SMs), where both kernels lost to
+`torch.compile` (H200 runs 5 and 9) while winning at 1024 x 1024. `steps_per_program` halves
+ITERS until the launch has at least `MIN_PROGRAMS` programs.
+"""
+
+from __future__ import annotations
+
+import triton
+
+MIN_PROGRAMS = 4096  # about 31 programs per SM of 132 SMs
+
+
+def steps_per_program(instances: int, pixels: int, block: int, max_steps: int,
+                      min_programs: int = MIN_PROGRAMS) -> int:
+    """The largest ITERS among max_steps, max_steps / 2, ..., 1 for which instances x
+    ceil(pixels / (block ITERS)) >= min_programs (1 if none does)."""
+    if max_steps < 1 or block < 1:
+        raise ValueError(f"steps_per_program needs max_steps >= 1 and block >= 1, got {max_steps}, {block}")
+    steps = max_steps
+    while steps > 1 and instances * triton.cdiv(pixels, block * steps) < min_programs:
+        steps //= 2
+    return steps
