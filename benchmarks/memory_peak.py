@@ -36,22 +36,16 @@ def _origin(frames: list[dict[str, Any]], depth: int = 3) -> str:
     return " <- ".join(parts)
 
 
-def peak_allocations(events: list[dict[str, Any]], start_bytes: int) -> dict[str, Any]:
-    """Replay allocator events ('alloc', 'free_requested': where the allocator's allocated-bytes
-    statistic moves; others ignored) from `start_bytes`
-    allocated. Returns {peak_bytes, peak_index, live: {origin: bytes at the peak}, timeline:
-    [(event index, allocated bytes, origin of that event)]}; allocations from before the replay
-    that are freed during it are subtracted from the 'before the step' share."""
+def _replay(events: list[dict[str, Any]], start_bytes: int, stop: int | None = None):
+    """Yield (index, allocated bytes, live {address: (bytes, origin)}, bytes from before the
+    replay still live) after each allocation or free among events[:stop]. `live` is the same
+    dict throughout (updated in place)."""
     live: dict[int, tuple[int, str]] = {}  # address -> (bytes, origin)
     allocated = before = start_bytes
-    peak, peak_index, peak_live, peak_before = allocated, -1, {}, before
-    timeline: list[tuple[int, int, str]] = []
-    stride = max(1, len(events) // TIMELINE_POINTS)
-    for index, event in enumerate(events):
+    for index, event in enumerate(events[:stop]):
         action = event.get("action")
         if action == "alloc":
-            origin = _origin(event.get("frames", []))
-            live[event["addr"]] = (event["size"], origin)
+            live[event["addr"]] = (event["size"], _origin(event.get("frames", [])))
             allocated += event["size"]
         elif action == "free_requested":
             size, origin = live.pop(event["addr"], (event["size"], None))
@@ -60,14 +54,31 @@ def peak_allocations(events: list[dict[str, Any]], start_bytes: int) -> dict[str
             allocated -= size
         else:
             continue
+        yield index, allocated, live, before
+
+
+def peak_allocations(events: list[dict[str, Any]], start_bytes: int) -> dict[str, Any]:
+    """Replay allocator events ('alloc', 'free_requested': where the allocator's allocated-bytes
+    statistic moves; others ignored) from `start_bytes` allocated. Returns {peak_bytes, peak_index,
+    live: {origin: bytes at the peak}, timeline: [(event index, allocated bytes, origin of that
+    event)]}; allocations from before the replay that are freed during it are subtracted from the
+    'before the step' share. Event sizes are the requested bytes (the allocator rounds blocks up:
+    its own statistics can be a little higher)."""
+    peak, peak_index = start_bytes, -1
+    timeline: list[tuple[int, int, str]] = []
+    stride = max(1, len(events) // TIMELINE_POINTS)
+    for index, allocated, _, _ in _replay(events, start_bytes):
         if allocated > peak:
-            peak, peak_index, peak_before = allocated, index, before
-            peak_live = dict(live)
+            peak, peak_index = allocated, index
         if index % stride == 0:
-            timeline.append((index, allocated, _origin(event.get("frames", []), depth=1)))
+            timeline.append((index, allocated, _origin(events[index].get("frames", []), depth=1)))
     grouped: dict[str, int] = defaultdict(int)
-    for size, origin in peak_live.values():
-        grouped[origin] += size
+    peak_before = start_bytes
+    for index, _, live, before in _replay(events, start_bytes, stop=peak_index + 1):  # again, to the peak
+        if index == peak_index:
+            for size, origin in live.values():
+                grouped[origin] += size
+            peak_before = before
     grouped["(before the step: weights, optimizer state, batch, ...)"] = peak_before
     return {"peak_bytes": peak, "peak_index": peak_index, "events": len(events),
             "live": dict(sorted(grouped.items(), key=lambda item: -item[1])), "timeline": timeline}
@@ -84,21 +95,31 @@ def format_report(result: dict[str, Any], title: str, top: int = 45) -> str:
     return "\n".join(lines) + "\n"
 
 
+MAX_EVENTS = 2_000_000  # the history is a ring buffer: a step with more events loses its first ones
+
+
 def write_peak_report(path: Path, train_step: Callable[[], float], synchronize: Callable[[], None]) -> None:
-    """One step with the allocator history on; the report of its peak to `path`."""
+    """One step with the allocator history on; the report of its peak to `path`, with the
+    allocator's own peak of that step beside the replayed one."""
     import torch
 
     synchronize()
+    torch.cuda.reset_peak_memory_stats()
     start_bytes = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
-                                             max_entries=2_000_000)
+                                             max_entries=MAX_EVENTS)
     try:
         train_step()
         synchronize()
         snapshot = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
+    allocator_peak = torch.cuda.max_memory_allocated()
     events = snapshot["device_traces"][torch.cuda.current_device()]
     result = peak_allocations(events, start_bytes)
+    title = (f"{path.stem}: one training step, allocator history\n"
+             f"allocator's peak of the step (max_memory_allocated, whole blocks): {allocator_peak / (1 << 20):,.1f} MiB")
+    if len(events) >= MAX_EVENTS:
+        title += f"\nWARNING: {len(events)} events fill the history: its first events were dropped, the replay is wrong"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(format_report(result, f"{path.stem}: one training step, allocator history"))
+    path.write_text(format_report(result, title))

@@ -15,10 +15,11 @@ far from the memory bandwidth. `layer_norm_triton` does each in one pass:
 - forward: one program normalises a BLOCK_ROWS x C_PAD tile (C_PAD = next power of two of C,
   masked columns beyond C), float32 math; it reads x (and residual, pre_bias), writes y and a
   float32 mean and rstd per row. With a residual (and no pre_bias) it also writes the normalised
-  xhat = (z - mean) rstd in x's dtype, and the backward keeps xhat instead of x and the
-  residual: in the two-way transformer (norm4) those are the attention output and the previous
-  keys, which no other node keeps, so 2 tensors of 200 x 4096 x 256 are freed for 1 (bf16:
-  400 MiB each in the ViT-B step). xhat, not z: z rounded to bf16 loses the deviations from a
+  xhat = (z - mean) rstd (in x's dtype, or the residual's if wider), and the backward keeps
+  xhat instead of x and the residual: in the two-way transformer (norm4) those are the attention
+  output and the previous keys, which no other node keeps while the decoder's weights are frozen
+  (LoRA on the encoder), so 2 tensors of 200 x 4096 x 256 are freed for 1 (bf16: 400 MiB each in
+  the ViT-B step). xhat, not z: z rounded to bf16 loses the deviations from a
   large row mean, xhat keeps bf16's relative precision. Otherwise it keeps x (and residual,
   pre_bias) and recomputes z and xhat. Either way it recomputes the GELU input.
 - backward: a program walks ITERS tiles of rows; per row, with g = dy act'(u) (u the GELU input,
@@ -243,7 +244,9 @@ class LayerNormFunction(torch.autograd.Function):
         rows = x2.shape[0]
         y = torch.empty_like(x2)  # rows x C, x's dtype
         store_xhat = res2 is not None and pre is None
-        xhat = torch.empty_like(x2) if store_xhat else None  # rows x C, x's dtype
+        # rows x C in the wider of x's and the residual's dtypes (a float32 residual's gradient
+        # stays float32-accurate under bf16 activations)
+        xhat = torch.empty_like(x2, dtype=torch.promote_types(x2.dtype, res2.dtype)) if store_xhat else None
         mean = torch.empty(rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         c_pad = triton.next_power_of_2(channels)
@@ -259,6 +262,7 @@ class LayerNormFunction(torch.autograd.Function):
         ctx.from_xhat = store_xhat
         ctx.gelu = gelu
         ctx.shape = x.shape
+        ctx.x_dtype = x.dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return y.view(x.shape)
@@ -268,9 +272,9 @@ class LayerNormFunction(torch.autograd.Function):
         x2, res2, pre, w, b, mean, rstd = ctx.saved_tensors  # x2: xhat when ctx.from_xhat (res2 None)
         rows, channels = x2.shape
         dy = _rows_view(grad_y, channels)  # rows x C
-        dx = torch.empty_like(x2)  # rows x C, x's dtype
+        dx = torch.empty(x2.shape, dtype=ctx.x_dtype, device=x2.device)  # rows x C, x's dtype
         has_residual = ctx.residual_dtype is not None
-        separate = has_residual and ctx.residual_dtype != x2.dtype
+        separate = has_residual and ctx.residual_dtype != ctx.x_dtype
         dres = torch.empty_like(x2, dtype=ctx.residual_dtype) if separate else dx
         c_pad = triton.next_power_of_2(channels)
         block_rows = _block_rows(_BWD_TILE, c_pad)

@@ -39,7 +39,7 @@ pixels of one instance (grid = N instances x tiles, one program each, one grid a
   is never stored: since x = sum_{i, j} hat(o, i) hat(p, j) X[i, j] (`resam_kernels.upsample`),
       dL/dX[i, j] = sum_{o, p} hat(o, i) hat(p, j) g(o, p),
   and hat(o, i) = 0 unless |min(s(o), n - 1) - i| < 1, i.e. unless o is in 4i - 2 .. 4i + 5
-  (s(4i - 3) = i - 1 and s(4i + 6) = i + 1 exactly; the clamps only move s towards i at the
+  (s(4i - 3) = i - 1.125 and s(4i + 6) = i + 1.125; the clamps only move s towards i at the
   borders, and o outside [0, 4n) does not exist). So each low-res pixel gathers over its 8 x 8
   full-res pixels (64 steps over the tile), recomputing x there from the neighbourhood and
   reading t, with the weights hat(o, i) hat(p, j) of the upsample kernel's backward (which

@@ -124,9 +124,13 @@ def test_bf16_activations_with_float32_parameters():
     assert_matches_reference(inputs, gelu=True)
 
 
-def test_residual_of_another_dtype_gets_its_own_gradient():
-    inputs = make_inputs(7, 64, torch.float32, residual=True, pre_bias=False)
-    inputs["residual"] = inputs["residual"].bfloat16()
+@pytest.mark.parametrize("x_dtype,residual_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_residual_of_another_dtype_gets_its_own_gradient(x_dtype, residual_dtype):
+    """Each gradient in its input's dtype and to that dtype's accuracy (the backward's saved xhat
+    takes the wider of the two dtypes: a bf16 one would make the float32 residual's gradient
+    bf16-accurate)."""
+    inputs = make_inputs(300, 256, x_dtype, residual=True, pre_bias=False)
+    inputs["residual"] = inputs["residual"].to(residual_dtype)
     assert_matches_reference(inputs, gelu=False)
 
 

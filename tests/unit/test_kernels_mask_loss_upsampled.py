@@ -3,8 +3,8 @@ logits or gradient) against autograd of the reference (F.interpolate, then the t
 
 Under TRITON_INTERPRET=1 these tests give the kernels tiles of 16 x 16 low-res pixels (the
 interpreter's default is 64 x 64): h = w = 16 is exactly one tile, h = 17 spans two (rows
-16 .. 67 of the full-res target in the second), and 1, 2 and 5 exercise the clamped borders
-(h = 1: every full-res row samples the one low-res row).
+16 .. 67 of the full-res target in the second), w = 37 spans three tiles along a row, and 1, 2
+and 5 exercise the clamped borders (h = 1: every full-res row samples the one low-res row).
 """
 
 import sys
@@ -80,7 +80,7 @@ def assert_matches_reference(low_res, target, seed=0):
 
 
 @pytest.mark.parametrize("num", [0, 1, 7])
-@pytest.mark.parametrize("height,width", [(1, 1), (2, 2), (5, 5), (16, 16), (17, 9)])
+@pytest.mark.parametrize("height,width", [(1, 1), (2, 2), (5, 5), (16, 16), (17, 9), (9, 37)])
 def test_triton_matches_reference(num, height, width):
     low_res, target = make_inputs((num,), height, width, seed=100 * num + 10 * height + width)
     assert resam_kernels.runs_triton(low_res)
