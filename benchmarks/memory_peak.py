@@ -118,7 +118,8 @@ def write_peak_report(path: Path, train_step: Callable[[], float], synchronize: 
     events = snapshot["device_traces"][torch.cuda.current_device()]
     result = peak_allocations(events, start_bytes)
     title = (f"{path.stem}: one training step, allocator history\n"
-             f"allocator's peak of the step (max_memory_allocated, whole blocks): {allocator_peak / (1 << 20):,.1f} MiB")
+             f"allocator's peak of the step (max_memory_allocated, whole blocks): "
+             f"{allocator_peak / (1 << 20):,.1f} MiB")
     if len(events) >= MAX_EVENTS:
         title += f"\nWARNING: {len(events)} events fill the history: its first events were dropped, the replay is wrong"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -292,8 +292,8 @@ class LayerNormFunction(torch.autograd.Function):
             _layer_norm_backward_kernel[(programs,)](
                 x2, x2 if res2 is None else res2, w if pre is None else pre, w, b, dy, mean, rstd,
                 dx, dres, partial, rows, channels, HAS_RES=res2 is not None, HAS_PRE=pre is not None,
-                GELU=ctx.gelu, FROM_XHAT=ctx.from_xhat, SEPARATE_DRES=separate, ACCUMULATE=accumulate, BLOCK_ROWS=block_rows,
-                C_PAD=c_pad, ITERS=iters, num_warps=_NUM_WARPS)
+                GELU=ctx.gelu, FROM_XHAT=ctx.from_xhat, SEPARATE_DRES=separate, ACCUMULATE=accumulate,
+                BLOCK_ROWS=block_rows, C_PAD=c_pad, ITERS=iters, num_warps=_NUM_WARPS)
         sums = partial.sum(dim=0)  # 3 x C (zeros for rows = 0 or without accumulation)
         grad_w = sums[0].to(weight_dtype) if want_w else None
         grad_b = sums[1].to(bias_dtype) if want_b else None

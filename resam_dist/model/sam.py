@@ -210,8 +210,9 @@ class PromptableSam(nn.Module):
         Returns (logits B x K x S x S float32, iou B x K float32); padding instances get zeros
         and are not computed. upsample=False: the decoder's low-resolution logits B x K x S/4 x
         S/4 instead (those that are upsampled 4x bilinearly to S x S; the training loss reads
-        them through `resam_kernels.upsampled_mask_loss_terms` without the S x S logits). The instances of all images go through the decoder together, in
-        chunks of at most `max_instances` instances per image. At least `min_chunks` decoder
+        them through `resam_kernels.upsampled_mask_loss_terms` without the S x S logits).
+        The instances of all images go through the decoder together, in chunks of at most
+        `max_instances` instances per image. At least `min_chunks` decoder
         calls are made (empty ones included): under ZeRO-3 every rank must make the same number
         of calls, so pass the maximum over ranks there.
         """
