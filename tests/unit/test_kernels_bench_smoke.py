@@ -11,11 +11,17 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
 
 
-def test_cpu_smoke_writes_results(tmp_path):
-    completed = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path)],
+def run_smoke(tmp_path, *only):
+    """bench_kernels.py --cpu-smoke [--only CASE ...] into tmp_path -> its kernels.json."""
+    selection = [arg for case in only for arg in ("--only", case)]
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", *selection, "--out", str(tmp_path)],
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
-    result = json.loads((tmp_path / "kernels.json").read_text())
+    return json.loads((tmp_path / "kernels.json").read_text())
+
+
+def test_cpu_smoke_writes_results(tmp_path):
+    result = run_smoke(tmp_path)
     assert result["smoke"] is True and "cpu" in result["device"]
     assert result["copy_bandwidth_gbps"] > 0
     kernels = {row["kernel"].split("/")[0] for row in result["rows"]}
@@ -29,19 +35,13 @@ def test_cpu_smoke_writes_results(tmp_path):
 
 
 def test_cpu_smoke_only_one_case(tmp_path):
-    completed = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--only", "mask_loss",
-                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 0, completed.stderr
-    result = json.loads((tmp_path / "kernels.json").read_text())
+    result = run_smoke(tmp_path, "mask_loss")
     assert {row["kernel"] for row in result["rows"]} == {"mask_loss_fwd_bwd/float32", "mask_loss_fwd_bwd/bfloat16"}
     assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "torch_compile"}
 
 
 def test_cpu_smoke_mask_loss_upsampled(tmp_path):
-    completed = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--only", "mask_loss_upsampled",
-                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 0, completed.stderr
-    result = json.loads((tmp_path / "kernels.json").read_text())
+    result = run_smoke(tmp_path, "mask_loss_upsampled")
     assert {row["kernel"] for row in result["rows"]} == {"mask_loss_upsampled_fwd_bwd/float32"}
     assert {row["shape"] for row in result["rows"]} == {"3x4x4->16x16"}
     assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "triton_unfused", "torch_compile"}
@@ -50,10 +50,7 @@ def test_cpu_smoke_mask_loss_upsampled(tmp_path):
 
 
 def test_cpu_smoke_layer_norm(tmp_path):
-    completed = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--only", "layer_norm",
-                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 0, completed.stderr
-    result = json.loads((tmp_path / "kernels.json").read_text())
+    result = run_smoke(tmp_path, "layer_norm")
     assert {row["kernel"] for row in result["rows"]} == {"layer_norm_fwd_bwd/bfloat16"}
     sites = ("upscale:300x64+bias+gelu", "norm4:50x256+res")
     assert {row["shape"] for row in result["rows"]} == {site + kind for site in sites
@@ -73,10 +70,7 @@ def test_refuses_without_cuda(tmp_path):
 
 
 def test_cpu_smoke_relpos_attention(tmp_path):
-    completed = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--only", "relpos_attention",
-                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 0, completed.stderr
-    result = json.loads((tmp_path / "kernels.json").read_text())
+    result = run_smoke(tmp_path, "relpos_attention")
     assert {row["kernel"] for row in result["rows"]} == {"relpos_attention_fwd_bwd/bfloat16"}
     assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "sdpa_augmented", "torch_compile"}
     assert all(row["ms"] > 0 for row in result["rows"] if row["impl"] != "torch_compile")
