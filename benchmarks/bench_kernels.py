@@ -5,7 +5,10 @@
 Median times come from `triton.testing.do_bench`; GB/s counts the bytes each operation must
 move at least (inputs read once, outputs written once) and is set against the measured
 device-to-device copy bandwidth (read + write of a 1 GiB tensor). Writes `kernels.json` and
-`kernels.md` with the device name into the output folder.
+`kernels.md` with the device name into the output folder. On a GPU each case also gets a
+"triton_cuda_graph" row (the Triton call replayed from a CUDA graph: device time without the host's
+launch cost, which dominates small shapes) and the memory-bound ones a "copy_same_bytes" row (a
+copy moving as many bytes: what an op of that size can reach).
 
 "layer_norm" (fused LayerNorm of the mask decoder, forward + backward, bf16) also times
 "torch_eager_native": the add / F.layer_norm / GELU ops in bf16 that the decoder ran before the
@@ -157,8 +160,25 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out / "kernels.md").write_text(markdown(result))
 
-    def record(kernel: str, shape: str, impls: dict[str, Callable | None], num_bytes: int) -> None:
-        """Times each implementation ("torch_eager" first: the others' speed-up refers to it)."""
+    def graph_ms(fn: Callable[[], object]) -> float:
+        """Median of replays of fn captured in a CUDA graph: device time without host launch cost."""
+        fn()
+        return float(triton.testing.do_bench_cudagraph(fn, return_mode="median"))
+
+    def record(kernel: str, shape: str, impls: dict[str, Callable | None], num_bytes: int,
+               copy_reference: bool = False) -> None:
+        """Times each implementation ("torch_eager" first: the others' speed-up refers to it).
+        On a GPU two rows follow: "triton_cuda_graph" (the Triton call replayed from a CUDA graph:
+        its device time alone, to tell host launch cost from kernel time) and, with
+        copy_reference, "copy_same_bytes" (a device-to-device copy moving the same number of bytes:
+        the bandwidth a memory-bound op of this size can reach)."""
+        impls = dict(impls)
+        copy_buffers = None
+        if not args.cpu_smoke and impls.get("triton") is not None:
+            impls["triton_cuda_graph"] = impls["triton"]
+        if not args.cpu_smoke and copy_reference:
+            copy_buffers = [torch.empty(num_bytes // 2, dtype=torch.uint8, device=device) for _ in range(2)]
+            impls["copy_same_bytes"] = lambda: copy_buffers[1].copy_(copy_buffers[0])
         eager_ms = None
         for impl, fn in impls.items():
             row = {"kernel": kernel, "shape": shape, "impl": impl, "bytes": num_bytes}
@@ -167,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                            note="skipped")
             else:
                 try:
-                    ms = median_ms(fn)
+                    ms = graph_ms(fn) if impl == "triton_cuda_graph" else median_ms(fn)
                 except Exception as error:  # a baseline that fails to compile is reported, not fatal
                     row.update(ms=None, gbps=None, pct_copy_bw=None, speedup_vs_eager=None,
                                note=f"failed: {type(error).__name__}: {error}"[:300])
@@ -182,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kernel:18s} {shape:28s} {impl:14s} "
                   + (f"{row['ms']:9.4f} ms {row['gbps']:8.1f} GB/s" if row["ms"] else row["note"]),
                   flush=True)
+        del copy_buffers
         save()
 
     def wanted(case: str) -> bool:
@@ -203,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                 "triton": lambda: resam_kernels.entropy_filter(logits, 0.5, return_confidence=True),
                 "torch_compile": compiled_filter and (
                     lambda: compiled_filter(logits, 0.5, return_confidence=True)),
-            }, num_bytes=numel * (logits.element_size() + 1 + 4))  # logits in, keep + confidence out
+            }, num_bytes=numel * (logits.element_size() + 1 + 4),  # logits in, keep + confidence out
+                copy_reference=True)
         keep, confidence = resam_kernels.entropy_filter(logits, 0.5, return_confidence=True)
         del logits
         counts = torch.full((batch,), num_instances, dtype=torch.int64, device=device)
@@ -216,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                 "triton": lambda: resam_kernels.suppress_overlap(keep, confidence, counts, mode),
                 "torch_compile": compiled_overlap and (
                     lambda: compiled_overlap(keep, confidence, counts, mode)),
-            }, num_bytes=numel * (1 + read_confidence + 1) + batch * num_instances * 16)
+            }, num_bytes=numel * (1 + read_confidence + 1) + batch * num_instances * 16,
+                copy_reference=True)
         del keep, confidence
 
     tau = 0.07
@@ -277,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch_eager": lambda pred=pred: instance_counts_reference(pred, gt),
                 "triton": lambda pred=pred: resam_kernels.instance_counts(pred, gt),
                 "torch_compile": compiled_counts and (lambda pred=pred: compiled_counts(pred, gt)),
-            }, num_bytes=numel * (pred.element_size() + 1))
+            }, num_bytes=numel * (pred.element_size() + 1), copy_reference=True)
         del logits, gt
 
     for batch, num_instances, height, width in shapes(args.cpu_smoke)["mask"] if wanted("upsample4x") else []:
@@ -466,7 +489,9 @@ def markdown(result: dict) -> str:
         f"Device: **{result['device']}** (torch {result['torch']}, triton {result['triton']}). "
         f"Measured device-to-device copy bandwidth: {result['copy_bandwidth_gbps']:.1f} GB/s. "
         f"Median time ({result['timer']}); GB/s = minimum bytes moved / time; "
-        "% copy = GB/s against that copy bandwidth; speed-up against torch eager.",
+        "% copy = GB/s against that copy bandwidth; speed-up against torch eager. "
+        "\"triton_cuda_graph\": the Triton call replayed from a CUDA graph (device time without "
+        "host launch cost); \"copy_same_bytes\": a device-to-device copy of the same number of bytes.",
         "",
         "| kernel | shape | impl | median ms | GB/s | % copy BW | speed-up vs eager |",
         "|---|---|---|---:|---:|---:|---:|",

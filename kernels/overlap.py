@@ -7,23 +7,28 @@ Specification, per image b and pixel, over the valid instances k < counts[b]
 Then the tight box (x0, y0, x1, y1) of every resulting mask, x1/y1 exclusive, (0, 0, 0, 0) when
 empty: the same as `resam_dist.resam.prompts.masks_to_boxes`.
 
-`suppress_overlap_reference` is the specification in torch. `suppress_overlap_triton` does it in
-one kernel launch per call and one pass over the data (grid: pixel spans x images): a program
-loads the K masks (and, in "argmax" mode, confidences) of a block of pixels as one
-KP x BLOCK_P tile (KP = next power of two >= K), counts / picks the most confident kept
-instance over the instance axis, writes the suppressed tile once, and reduces each instance's box
-over the pixel axis; after its pixel blocks it folds the boxes into the B x K x 4 int32 result
-with one masked vector atomic min/max per coordinate. The int32 boxes are turned into float32
-(empty -> zeros) by a few elementwise torch ops: no host loop and no device synchronisation.
-Counts larger than K mean all K instances are valid. Above MAX_INSTANCES instances the tile
-would not fit in registers and the torch reference runs instead.
-
+`suppress_overlap_reference` is the specification in torch. `suppress_overlap_triton` does it
+in one kernel launch after one memset, in one pass over the data (grid: pixel spans x images),
+with no host loop and no device synchronisation. Two designs of the byte kernel:
+- tile: a program loads the K masks (and, in "argmax" mode, confidences) of a block of pixels as
+  one KP x BLOCK_P tile (KP = next power of two >= K), counts / picks the most confident kept
+  instance across the tile's rows, writes the suppressed tile once, and reduces each instance's
+  box over the pixel axis;
+- rows: a program loops over the instances, one contiguous row of pixels each, keeping per pixel
+  only its owner (first most confident kept instance; in "drop" mode the first keeper and the
+  number of keepers), then writes the output rows a few instances at a time with their boxes.
+  Its registers do not grow with K.
 Mode "drop" with rows of a multiple of 4 pixels and K <= 64 (the usual case) runs
-`_suppress_drop_words_kernel` instead: the same one-pass tile, but over int32 words of 4 pixels
-(the per-pixel count is a byte lane of one int32 sum), so every operation handles 4 pixels. The
-byte kernel spent about as many instructions per pixel as the SM can issue for the bandwidth
-(16.7% of copy bandwidth at 2x50x1024x1024 on the H200); the word kernel needs about a quarter.
-On CUDA both kernels' tile sizes and warps are autotuned (one pixel block per program).
+`_suppress_drop_words_kernel` instead: the tile design over int32 words of 4 pixels (the
+per-pixel count is a byte lane of one int32 sum), so every operation handles 4 pixels.
+
+Boxes: every program folds its boxes into a zeroed B x K x 4 int32 state with vector atomic
+maxima (order-free, so deterministic); the last program of each image to arrive (an atomic
+counter) writes that image's float32 boxes (empty -> zeros) and zeroes the state again.
+On the GPU, KP <= 64: the word kernel's tile and both designs of the byte kernel (tile sizes,
+pixels per program, warps) are autotuned per size class; KP > 64 runs the rows design. Above
+MAX_INSTANCES instances the torch reference runs instead. Counts larger than K mean all K
+instances are valid.
 """
 
 from __future__ import annotations
@@ -82,42 +87,70 @@ def suppress_overlap_reference(masks: torch.Tensor, confidence: torch.Tensor | N
     return suppressed, tight_boxes_reference(suppressed)
 
 
-@triton.jit
-def _fold_boxes(boxes_ptr, image, num_instances, instance, real, x0, y0, x1, y1):
-    """Folds a program's boxes (KP each, x1 = 0: no surviving pixel) into boxes B x K x 4 int32:
-    one vector atomic per coordinate, only for instances with a surviving pixel here (min/max
-    are idempotent and order-free: the result does not depend on program order)."""
-    touched = real & (x1 > 0)
-    box_ptrs = boxes_ptr + (image * num_instances + instance) * 4  # KP
-    tl.atomic_min(box_ptrs + 0, x0, mask=touched, sem="relaxed")
-    tl.atomic_min(box_ptrs + 1, y0, mask=touched, sem="relaxed")
-    tl.atomic_max(box_ptrs + 2, x1, mask=touched, sem="relaxed")
-    tl.atomic_max(box_ptrs + 3, y1, mask=touched, sem="relaxed")
+# Boxes are accumulated in a zero-initialised int32 state, B x K x 4, as running maxima of
+# (-x0 + BIG, -y0 + BIG, x1, y1): 0 means "no surviving pixel yet" for every coordinate, so one
+# memset initialises it. BIG is above any pixel coordinate.
+BIG = tl.constexpr(1 << 30)
 
 
 @triton.jit
-def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, boxes_ptr,
-                             num_instances, width, num_pixels, blocks_per_program, pixels_bucket,
-                             ARGMAX: tl.constexpr, KP: tl.constexpr, BLOCK_P: tl.constexpr):
-    # masks/out: B x K x H x W uint8, confidence: B x K x H x W float, counts: B int64,
-    # boxes: B x K x 4 int32 (x0, y0, x1, y1). One program: image program_id(1), pixels
-    # [first, first + blocks_per_program * BLOCK_P), all K instances at once as a KP x BLOCK_P
-    # tile (KP = next power of two >= K): masks (and confidences) read once, output written once.
-    # pixels_bucket (log2 of pixels per image, rounded up) is only an autotuning key.
-    image = tl.program_id(1).to(tl.int64)
-    first = tl.program_id(0) * blocks_per_program * BLOCK_P
-    count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
+def _fold_boxes(state_ptr, image, num_instances, instance, touched, x0, y0, x1, y1):
+    """Folds boxes of a set of instances (vectors; `touched`: has a surviving pixel here) into
+    the B x K x 4 int32 state: one vector atomic max per coordinate (order-free: the result does
+    not depend on program order)."""
+    ptrs = state_ptr + (image * num_instances + instance) * 4
+    tl.atomic_max(ptrs + 0, -x0 + BIG, mask=touched, sem="relaxed")
+    tl.atomic_max(ptrs + 1, -y0 + BIG, mask=touched, sem="relaxed")
+    tl.atomic_max(ptrs + 2, x1, mask=touched, sem="relaxed")
+    tl.atomic_max(ptrs + 3, y1, mask=touched, sem="relaxed")
+
+
+@triton.jit
+def _finish_image(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, KP: tl.constexpr):
+    """Called by every program after its folds. The image's last program to arrive (an atomic
+    counter per image, arrivals: B int32) writes the image's float32 boxes (B x K x 4; empty ->
+    zeros) from the state, then zeroes its state and counter, so a re-run (autotuning) starts
+    clean. The barrier orders the program's box atomics before its arrival; the last program
+    reads the state from L2 (".cg"), where the atomics were performed."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals_ptr + image, 1, sem="acq_rel")
+    if arrived == tl.num_programs(0) - 1:
+        instance = tl.arange(0, KP)  # KP
+        real = instance < num_instances
+        state = state_ptr + (image * num_instances + instance) * 4  # KP
+        left = tl.load(state + 0, mask=real, other=0, cache_modifier=".cg")
+        top = tl.load(state + 1, mask=real, other=0, cache_modifier=".cg")
+        right = tl.load(state + 2, mask=real, other=0, cache_modifier=".cg")
+        bottom = tl.load(state + 3, mask=real, other=0, cache_modifier=".cg")
+        empty = right == 0
+        out = boxes_ptr + (image * num_instances + instance) * 4  # KP
+        tl.store(out + 0, tl.where(empty, 0, -left + BIG).to(tl.float32), mask=real)
+        tl.store(out + 1, tl.where(empty, 0, -top + BIG).to(tl.float32), mask=real)
+        tl.store(out + 2, right.to(tl.float32), mask=real)
+        tl.store(out + 3, bottom.to(tl.float32), mask=real)
+        for coordinate in tl.static_range(4):
+            tl.store(state + coordinate, tl.zeros([KP], dtype=tl.int32), mask=real)
+        tl.store(arrivals_ptr + image, 0)
+
+
+@triton.jit
+def _tile_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
+                 width, num_pixels, ARGMAX: tl.constexpr, KP: tl.constexpr,
+                 BLOCK_P: tl.constexpr, WALK: tl.constexpr):
+    """The pixels [first, first + WALK * BLOCK_P) of one image, all K instances at once as a
+    KP x BLOCK_P tile (KP = next power of two >= K) per step: masks (and confidences) read once,
+    output written once; the reduction over instances runs across the tile's rows."""
+    first = tl.program_id(0) * WALK * BLOCK_P
     instance = tl.arange(0, KP)  # KP
     valid = instance < count  # instances k >= count are padding: not read, written empty
     real = instance < num_instances
     # 64-bit offset of each instance plane of this image (B x K x H x W may exceed 2^31)
     plane = image * num_instances * num_pixels + instance.to(tl.int64) * num_pixels  # KP
-    big = 1 << 30  # above any pixel coordinate
-    x0 = tl.full([KP], big, dtype=tl.int32)
-    y0 = tl.full([KP], big, dtype=tl.int32)
+    x0 = tl.full([KP], BIG, dtype=tl.int32)
+    y0 = tl.full([KP], BIG, dtype=tl.int32)
     x1 = tl.zeros([KP], dtype=tl.int32)  # 0: no surviving pixel yet
     y1 = tl.zeros([KP], dtype=tl.int32)
-    for block in range(0, blocks_per_program):
+    for block in range(0, WALK):
         pixel = first + block * BLOCK_P + tl.arange(0, BLOCK_P)  # BLOCK_P
         in_range = pixel < num_pixels
         offsets = plane[:, None] + pixel[None, :]  # KP x BLOCK_P int64
@@ -136,20 +169,99 @@ def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, box
         # this block's box of every instance (x1/y1 exclusive), folded into the running one
         row = pixel // width  # BLOCK_P
         col = pixel - row * width
-        x0 = tl.minimum(x0, tl.min(tl.where(survives, col[None, :], big), axis=1))
-        y0 = tl.minimum(y0, tl.min(tl.where(survives, row[None, :], big), axis=1))
+        x0 = tl.minimum(x0, tl.min(tl.where(survives, col[None, :], BIG), axis=1))
+        y0 = tl.minimum(y0, tl.min(tl.where(survives, row[None, :], BIG), axis=1))
         x1 = tl.maximum(x1, tl.max(tl.where(survives, col[None, :] + 1, 0), axis=1))
         y1 = tl.maximum(y1, tl.max(tl.where(survives, row[None, :] + 1, 0), axis=1))
-    _fold_boxes(boxes_ptr, image, num_instances, instance, real, x0, y0, x1, y1)
+    _fold_boxes(state_ptr, image, num_instances, instance, real & (x1 > 0), x0, y0, x1, y1)
 
 
 @triton.jit
-def _suppress_drop_words_kernel(words_ptr, counts_ptr, out_ptr, boxes_ptr, num_instances,
-                                words_per_row, num_words, words_bucket,
+def _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
+                 width, num_pixels, ARGMAX: tl.constexpr, BLOCK_P: tl.constexpr,
+                 CHUNK: tl.constexpr):
+    """The pixels [first, first + BLOCK_P) of one image in two phases, with no reduction over
+    the instance axis across threads:
+    1. a loop over the valid instances, one contiguous row of BLOCK_P pixels each, keeps per
+       pixel its owner (argmax: first most confident kept instance so far; drop: first instance
+       that kept it) and whether the owner keeps it (argmax: owner kept; drop: kept by exactly one);
+    2. the output rows, CHUNK instances at a time: (instance == owner) & owned, and their boxes.
+    Registers hold a few values per pixel instead of a K x pixels tile, so K is not bounded by
+    registers."""
+    pixel = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # BLOCK_P
+    in_range = pixel < num_pixels
+    image_base = image * num_instances * num_pixels  # int64: first pixel of this image's planes
+    owner = tl.zeros([BLOCK_P], dtype=tl.int32)
+    if ARGMAX:
+        best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
+        owned = tl.zeros([BLOCK_P], dtype=tl.int1)
+        plane = image_base  # int64, first pixel of instance k's plane
+        for k in range(0, count):
+            kept = tl.load(masks_ptr + plane + pixel, mask=in_range, other=0) != 0  # BLOCK_P
+            score = tl.load(confidence_ptr + plane + pixel, mask=in_range, other=0.0).to(tl.float32)
+            score = tl.where(kept, score, float("-inf"))
+            # strictly better: ties keep the lowest k, as torch.argmax. No kept score above -inf:
+            # the owner stays 0 and keeps the pixel only if instance 0 kept it (as the reference)
+            better = score > best
+            owned = better | tl.where(k == 0, kept, owned)
+            owner = tl.where(better, k, owner)
+            best = tl.where(better, score, best)
+            plane += num_pixels
+    else:
+        keepers = tl.zeros([BLOCK_P], dtype=tl.int32)
+        plane = image_base  # int64, first pixel of instance k's plane
+        for k in range(0, count):
+            kept = tl.load(masks_ptr + plane + pixel, mask=in_range, other=0) != 0  # BLOCK_P
+            owner = tl.where(kept & (keepers == 0), k, owner)
+            keepers += kept.to(tl.int32)
+            plane += num_pixels
+        owned = keepers == 1
+    owned = owned & in_range
+    row = pixel // width  # BLOCK_P
+    col = pixel - row * width
+    for start in range(0, num_instances, CHUNK):
+        instance = start + tl.arange(0, CHUNK)  # CHUNK
+        real = instance < num_instances
+        survives = (instance[:, None] == owner[None, :]) & owned[None, :]  # CHUNK x BLOCK_P
+        offsets = image_base + instance.to(tl.int64)[:, None] * num_pixels + pixel[None, :]
+        tl.store(out_ptr + offsets, survives.to(tl.uint8), mask=real[:, None] & in_range[None, :])
+        x0 = tl.min(tl.where(survives, col[None, :], BIG), axis=1)  # CHUNK
+        y0 = tl.min(tl.where(survives, row[None, :], BIG), axis=1)
+        x1 = tl.max(tl.where(survives, col[None, :] + 1, 0), axis=1)
+        y1 = tl.max(tl.where(survives, row[None, :] + 1, 0), axis=1)
+        _fold_boxes(state_ptr, image, num_instances, instance, real & (x1 > 0), x0, y0, x1, y1)
+
+
+@triton.jit
+def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, state_ptr,
+                             arrivals_ptr, boxes_ptr, num_instances, width, num_pixels,
+                             pixels_bucket, batch_bucket, ARGMAX: tl.constexpr, KP: tl.constexpr,
+                             BLOCK_P: tl.constexpr, WALK: tl.constexpr, ROWS: tl.constexpr,
+                             CHUNK: tl.constexpr):
+    # masks/out: B x K x H x W uint8, confidence: B x K x H x W float (read in "argmax" mode),
+    # counts: B int64, state: B x K x 4 int32 + arrivals: B int32 (zeroed), boxes: B x K x 4
+    # float32. Grid: (pixel spans, images). ROWS picks the design (`_rows_design`, else
+    # `_tile_design`); pixels_bucket and batch_bucket (log2 of pixels per image and of images,
+    # rounded up) are only autotuning keys.
+    image = tl.program_id(1).to(tl.int64)
+    count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
+    if ROWS:
+        _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
+                     width, num_pixels, ARGMAX, BLOCK_P, CHUNK)
+    else:
+        _tile_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
+                     width, num_pixels, ARGMAX, KP, BLOCK_P, WALK)
+    _finish_image(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, KP)
+
+
+@triton.jit
+def _suppress_drop_words_kernel(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals_ptr,
+                                boxes_ptr, num_instances, words_per_row, num_words, words_bucket,
                                 KP: tl.constexpr, TILE: tl.constexpr):
     # "drop" mode on 32-bit words of 4 pixels (width % 4 == 0, so a word never straddles two
     # rows). words/out: B x K x (H W / 4) int32, each byte one pixel (0 = not kept),
-    # counts: B int64, boxes: B x K x 4 int32. words_bucket is only an autotuning key.
+    # counts: B int64, state/arrivals/boxes as in `_suppress_overlap_kernel`. words_bucket is
+    # only an autotuning key.
     # One program: image program_id(1), BLOCK_W words of all KP instances as one KP x BLOCK_W
     # tile; the per-pixel counts are byte lanes of one int32 sum over the instance axis
     # (K < 256: no carry between lanes), so every operation handles 4 pixels at once.
@@ -185,54 +297,59 @@ def _suppress_drop_words_kernel(words_ptr, counts_ptr, out_ptr, boxes_ptr, num_i
     row = word // words_per_row  # BLOCK_W
     col = (word - row * words_per_row) * 4  # column of the word's byte 0
     hit = survives != 0
-    big = 1 << 30  # above any pixel coordinate
-    x0 = tl.min(tl.where(hit, col[None, :] + first, big), axis=1)  # KP
-    y0 = tl.min(tl.where(hit, row[None, :], big), axis=1)
+    x0 = tl.min(tl.where(hit, col[None, :] + first, BIG), axis=1)  # KP
+    y0 = tl.min(tl.where(hit, row[None, :], BIG), axis=1)
     x1 = tl.max(tl.where(hit, col[None, :] + last + 1, 0), axis=1)
     y1 = tl.max(tl.where(hit, row[None, :] + 1, 0), axis=1)
-    _fold_boxes(boxes_ptr, image, num_instances, instance, real, x0, y0, x1, y1)
+    _fold_boxes(state_ptr, image, num_instances, instance, real & (x1 > 0), x0, y0, x1, y1)
+    _finish_image(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, KP)
 
 
-# Tile elements (KP x BLOCK_P) per loop step: masks only in "drop" mode, masks + confidences in
-# "argmax" mode. Every element of the tile stays live across the reduction over instances, so the
-# tile sets the registers: sm_90 ptxas (triton 3.8, K = 50, 8 warps) gives 64 registers per thread
-# for the 4096-element "drop" tile (4 programs per SM) and 116 for the 8192-element "argmax" tile
-# (2 per SM), no spills. Above MAX_INSTANCES the tile would not fit in registers, and the torch
-# reference runs instead.
+# The tile design: tile elements (KP x BLOCK_P) per step: masks only in "drop" mode, masks +
+# confidences in "argmax" mode. Every element of the tile stays live across the reduction over
+# instances, so the tile sets the registers. The rows design holds a few values per pixel instead
+# and runs on the GPU above KP = 64 (where tiles would spill) and under the autotuner.
 _TILE = {"drop": 4096, "argmax": 8192}
 _NUM_WARPS = 8
 _MIN_BLOCK_P = 16
 MAX_INSTANCES = 1024
-# Enough programs to fill the GPU; beyond that, each program walks several pixel blocks so that
-# fewer box atomics are issued.
+# Fixed launch of the tile design: enough programs to fill the GPU; beyond that, each program
+# walks several pixel blocks so that fewer box atomics are issued.
 _TARGET_PROGRAMS = 2048
 _MAX_BLOCKS_PER_PROGRAM = 8
+# Fixed launch of the rows design (GPU above KP = 64; interpreter tests): pixels per program,
+# instances per output chunk, warps.
+_ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_WARPS = 1024, 8, 8
 
 
 # "drop" mode on words of 4 pixels: KP x BLOCK_W tiles of TILE words (BLOCK_W = TILE / KP).
 # On the GPU the tile and warps are tuned on first use per (KP, log2 of words per image); every
-# config writes the same outputs and min/max box atomics are idempotent, so re-running one while
+# config writes the same outputs and leaves the box state zeroed, so re-running one while
 # tuning is harmless. Larger tiles put more bytes in flight per program, smaller ones more programs.
 _WORD_CONFIGS = [triton.Config({"TILE": tile}, num_warps=warps)
                  for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8),
                                      (8192, 8))]
 _suppress_drop_words_kernel_tuned = triton.autotune(
     configs=_WORD_CONFIGS, key=["KP", "words_bucket"])(_suppress_drop_words_kernel)
-# The byte kernel on the GPU with KP <= 64 and one pixel block per program (mode "argmax", or
-# "drop" on rows that are not a multiple of 4 pixels): BLOCK_P and warps tuned per (KP, log2 of
-# pixels per image, mode); KP x BLOCK_P stays <= 8192 (116 registers at 8 warps, see above).
-_BYTE_CONFIGS = [triton.Config({"BLOCK_P": block_p}, num_warps=warps)
-                 for block_p, warps in ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8))]
+# The byte kernel on the GPU with KP <= 64 (mode "argmax", or "drop" on rows that are not a
+# multiple of 4 pixels): both designs compete per (KP, log2 of pixels per image, log2 of images,
+# mode). Tile design: BLOCK_P and the blocks walked per program (walking issues fewer box
+# atomics). Rows design: pixels per program and instances per output chunk. sm_90 ptxas
+# (triton 3.8, KP = 64, both modes): tile configs 72-177 registers a thread, (64, 4) 170 / 254,
+# rows configs 95-162, the fixed rows launch at KP = 1024 80; no spills. Walking 128-pixel blocks
+# spilled (2 blocks: 380-492 bytes), as did stop 12's runtime-walk launch at BLOCK_P = 128.
+_BYTE_CONFIGS = (
+    [triton.Config({"BLOCK_P": block_p, "WALK": walk, "ROWS": False, "CHUNK": 1}, num_warps=warps)
+     for block_p, walk, warps in ((32, 1, 4), (64, 1, 8), (128, 1, 8), (64, 4, 8))]
+    + [triton.Config({"BLOCK_P": block_p, "WALK": 1, "ROWS": True, "CHUNK": chunk}, num_warps=warps)
+       for block_p, chunk, warps in ((512, 8, 4), (1024, 8, 4), (1024, 16, 8), (2048, 8, 8))])
 _suppress_overlap_kernel_tuned = triton.autotune(
-    configs=_BYTE_CONFIGS, key=["KP", "pixels_bucket", "ARGMAX"])(_suppress_overlap_kernel)
+    configs=_BYTE_CONFIGS, key=["KP", "pixels_bucket", "batch_bucket", "ARGMAX"]
+)(_suppress_overlap_kernel)
 MAX_TUNED_INSTANCES = 64
-# The tuned launch walks one pixel block per program. Once the fixed launch would walk more than
-# this many blocks per program, it wins: fewer programs issue fewer box atomics. Measured on an
-# H200 in "argmax" mode (K = 50): 8x50x256x256, tuned 0.175 ms vs fixed (2 blocks per program)
-# 0.268 ms; 2x50x1024x1024, tuned 0.634 ms vs fixed (8 blocks per program) 0.440 ms.
-_MAX_TUNED_WALK = 2
 MAX_WORD_INSTANCES = 64  # KP <= 64: the smallest tile above still has 16 words per row
 _INTERPRET_WORD_TILE = 1 << 14
+DESIGNS = ("tile", "rows")
 
 
 def _use_words(masks_u8: torch.Tensor, out: torch.Tensor, mode: str) -> bool:
@@ -244,13 +361,14 @@ def _use_words(masks_u8: torch.Tensor, out: torch.Tensor, mode: str) -> bool:
 
 
 def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None,
-                            counts: torch.Tensor, mode: str, *,
+                            counts: torch.Tensor, mode: str, *, design: str | None = None,
                             blocks_per_program: int | None = None, word_tile: int | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of `suppress_overlap_reference` (same outputs). `blocks_per_program`
-    (pixel blocks walked by one program of the byte kernel; given: the byte kernel runs) is
-    chosen from the size unless given, and `word_tile` (words per program of the 4-pixel word
-    kernel, a power of two >= KP) is tuned on the GPU unless given (tests)."""
+    """Triton version of `suppress_overlap_reference` (same outputs), in one kernel launch after
+    one memset. Overrides for tests (each makes the byte or word kernel run with a fixed launch):
+    `design` ("tile" or "rows") with `blocks_per_program` (pixel blocks walked by one program of
+    the tile design), or `word_tile` (words per program of the 4-pixel word kernel, a power of two
+    >= KP). Otherwise the launch is chosen from the sizes, and tuned on the GPU."""
     check_mode(mode)
     batch, num_instances, height, width = masks.shape
     argmax = mode == "argmax"
@@ -258,21 +376,29 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
         raise ValueError("argmax overlap suppression needs a confidence tensor shaped like masks "
                          f"{tuple(masks.shape)}, got "
                          f"{None if confidence is None else tuple(confidence.shape)}")
+    if design is not None and design not in DESIGNS:
+        raise ValueError(f"overlap suppression design must be one of {DESIGNS}, got {design!r}")
     if num_instances > MAX_INSTANCES:
         return suppress_overlap_reference(masks, confidence, counts, mode)
+    if masks.numel() == 0:
+        boxes = torch.zeros((batch, num_instances, 4), dtype=torch.float32, device=masks.device)
+        return torch.zeros_like(masks, dtype=torch.bool), boxes
     masks_u8 = masks.contiguous().view(torch.uint8)  # B x K x H x W
     confidence = confidence.contiguous() if argmax else masks_u8  # not read in "drop" mode
     counts = counts.to(device=masks.device, dtype=torch.int64).contiguous()
     out = torch.empty_like(masks_u8)
-    # Boxes as int32 (x0, y0, x1, y1): mins start above any pixel index, maxes at 0 (= empty).
-    boxes = torch.zeros((batch, num_instances, 4), dtype=torch.int32, device=masks.device)
+    # the box state (B x K x 4 int32) and the per-image arrival counters (B int32), zeroed once;
+    # the kernels leave them zeroed
+    state = torch.zeros(batch * num_instances * 4 + batch, dtype=torch.int32, device=masks.device)
+    arrivals = state[batch * num_instances * 4:]
+    boxes = torch.empty((batch, num_instances, 4), dtype=torch.float32, device=masks.device)
     num_pixels = height * width
-    boxes[:, :, :2] = num_pixels
-    if out.numel() > 0 and blocks_per_program is None and _use_words(masks_u8, out, mode):
-        kp = triton.next_power_of_2(num_instances)
+    kp = triton.next_power_of_2(num_instances)
+    overridden = design is not None or blocks_per_program is not None or word_tile is not None
+    if word_tile is not None or (not overridden and _use_words(masks_u8, out, mode)):
         num_words = num_pixels // 4
-        args = (masks_u8.view(torch.int32), counts, out.view(torch.int32), boxes, num_instances,
-                width // 4, num_words, (num_words - 1).bit_length())
+        args = (masks_u8.view(torch.int32), counts, out.view(torch.int32), state, arrivals, boxes,
+                num_instances, width // 4, num_words, (num_words - 1).bit_length())
         if INTERPRET or word_tile is not None:
             tile = word_tile if word_tile is not None else max(kp, _INTERPRET_WORD_TILE)
             grid = (triton.cdiv(num_words, tile // kp), batch)
@@ -281,32 +407,27 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
             def grid(meta):
                 return (triton.cdiv(num_words, meta["TILE"] // kp), batch)
             _suppress_drop_words_kernel_tuned[grid](*args, KP=kp)
-    elif out.numel() > 0:
-        kp = triton.next_power_of_2(num_instances)
-        pixels_bucket = (num_pixels - 1).bit_length()
+        return out.view(torch.bool), boxes
+    args = (masks_u8, confidence, counts, out, state, arrivals, boxes, num_instances, width,
+            num_pixels, (num_pixels - 1).bit_length(), (batch - 1).bit_length())
+    if not INTERPRET and not overridden and kp <= MAX_TUNED_INSTANCES:
+        def grid(meta):
+            return (triton.cdiv(num_pixels, meta["BLOCK_P"] * meta["WALK"]), batch)
+        _suppress_overlap_kernel_tuned[grid](*args, ARGMAX=argmax, KP=kp)
+    elif design == "rows" or (design is None and not INTERPRET):  # GPU, KP > 64
+        block_p = min(_ROWS_BLOCK_P, max(_MIN_BLOCK_P, triton.next_power_of_2(num_pixels)))
+        grid = (triton.cdiv(num_pixels, block_p), batch)
+        _suppress_overlap_kernel[grid](*args, ARGMAX=argmax, KP=kp, BLOCK_P=block_p, WALK=1,
+                                       ROWS=True, CHUNK=_ROWS_CHUNK, num_warps=_ROWS_WARPS)
+    else:
         block_p = min(max(_MIN_BLOCK_P, _TILE[mode] // kp),
                       max(_MIN_BLOCK_P, triton.next_power_of_2(num_pixels)))
         num_blocks = triton.cdiv(num_pixels, block_p)
-        walk = min(_MAX_BLOCKS_PER_PROGRAM, max(1, num_blocks * batch // _TARGET_PROGRAMS))
-        if (not INTERPRET and blocks_per_program is None and kp <= MAX_TUNED_INSTANCES
-                and walk <= _MAX_TUNED_WALK):
-            def grid(meta):
-                return (triton.cdiv(num_pixels, meta["BLOCK_P"]), batch)
-            _suppress_overlap_kernel_tuned[grid](masks_u8, confidence, counts, out, boxes,
-                                                 num_instances, width, num_pixels, 1,
-                                                 pixels_bucket, ARGMAX=argmax, KP=kp)
-            return out.view(torch.bool), _boxes_float(boxes)
         if blocks_per_program is None:
-            blocks_per_program = walk
+            blocks_per_program = min(_MAX_BLOCKS_PER_PROGRAM,
+                                     max(1, num_blocks * batch // _TARGET_PROGRAMS))
         grid = (triton.cdiv(num_blocks, blocks_per_program), batch)
-        _suppress_overlap_kernel[grid](masks_u8, confidence, counts, out, boxes,
-                                       num_instances, width, num_pixels, blocks_per_program,
-                                       pixels_bucket, ARGMAX=argmax, KP=kp, BLOCK_P=block_p,
+        _suppress_overlap_kernel[grid](*args, ARGMAX=argmax, KP=kp, BLOCK_P=block_p,
+                                       WALK=blocks_per_program, ROWS=False, CHUNK=1,
                                        num_warps=_NUM_WARPS)
-    return out.view(torch.bool), _boxes_float(boxes)
-
-
-def _boxes_float(boxes: torch.Tensor) -> torch.Tensor:
-    """B x K x 4 int32 boxes of the kernels -> float32, empty (x1 = 0) -> zeros."""
-    empty = boxes[:, :, 2:3] == 0  # B x K x 1
-    return torch.where(empty, torch.zeros_like(boxes), boxes).to(torch.float32)
+    return out.view(torch.bool), boxes

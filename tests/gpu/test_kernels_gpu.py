@@ -58,6 +58,42 @@ def test_suppress_overlap_realistic(mode, size):
 
 
 
+@pytest.mark.parametrize("mode", ["drop", "argmax"])
+def test_suppress_overlap_every_tuned_config(mode):
+    """Every config the autotuner may pick (tile and rows designs), launched directly at 250 x 250
+    (not a multiple of the pixel blocks), twice on one box state: same outputs as the reference,
+    state and arrival counters zeroed after each launch. Then K = 100 (KP = 128: the fixed rows
+    launch of the dispatcher)."""
+    import triton
+    from resam_kernels.overlap import _BYTE_CONFIGS, _suppress_overlap_kernel
+    logits = smooth_logits(3, 50, 250, torch.float32, seed=7)
+    keep, confidence = entropy_filter_reference(logits, 0.2, return_confidence=True)
+    counts = torch.tensor([50, 31, 0], device=DEVICE)
+    out_ref, boxes_ref = suppress_overlap_reference(keep, confidence, counts, mode)
+    batch, num_instances, height, width = keep.shape
+    state = torch.zeros(batch * num_instances * 4 + batch, dtype=torch.int32, device=DEVICE)
+    for config in _BYTE_CONFIGS:
+        meta = config.kwargs
+        for _ in range(2):
+            out = torch.empty(keep.shape, dtype=torch.uint8, device=DEVICE)
+            boxes = torch.full((batch, num_instances, 4), -1.0, device=DEVICE)
+            grid = (triton.cdiv(height * width, meta["BLOCK_P"] * meta["WALK"]), batch)
+            _suppress_overlap_kernel[grid](
+                keep.view(torch.uint8), confidence, counts, out, state, state[batch * num_instances * 4:],
+                boxes, num_instances, width, height * width, 0, 0, ARGMAX=mode == "argmax", KP=64,
+                num_warps=config.num_warps, **meta)
+            assert torch.equal(out.bool(), out_ref), meta
+            assert torch.equal(boxes, boxes_ref), meta
+            assert not state.any(), meta
+    logits = smooth_logits(2, 100, 256, torch.float32, seed=8)
+    keep, confidence = entropy_filter_reference(logits, 0.2, return_confidence=True)
+    counts = torch.tensor([100, 77], device=DEVICE)
+    out, boxes = resam_kernels.suppress_overlap(keep, confidence, counts, mode)
+    out_ref, boxes_ref = suppress_overlap_reference(keep, confidence, counts, mode)
+    assert torch.equal(out, out_ref)
+    assert torch.equal(boxes, boxes_ref)
+
+
 def test_suppress_overlap_64bit_offsets():
     """1 x 36 x 8192 x 8192 masks (2.4e9 elements): the later instance planes start beyond 2^31."""
     num_instances, size = 36, 8192

@@ -199,3 +199,62 @@ def test_drop_words_treat_any_nonzero_byte_as_kept():
     out_ref, boxes_ref = suppress_overlap_reference(raw != 0, None, counts, "drop")
     assert torch.equal(out.cpu().view(torch.uint8), out_ref.view(torch.uint8))
     assert torch.equal(boxes.cpu(), boxes_ref)
+
+
+# The rows design (a loop over instances keeping each pixel's owner, then the output rows in
+# chunks): every CASE and tile-height case, both modes, against the reference.
+@pytest.mark.parametrize("case", CASES + [(2, 63, 31, 67, [63, 40]), (1, 300, 37, 29, [250])],
+                         ids=lambda case: "x".join(map(str, case[:4])))
+@pytest.mark.parametrize("mode", ["drop", "argmax"])
+def test_rows_design(case, mode):
+    batch, num_instances, height, width, counts = case
+    masks, confidence = random_instances(batch, num_instances, height, width, seed=sum(case[:4]) + 1)
+    counts = torch.tensor(counts, dtype=torch.int64, device=DEVICE)
+    check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, mode, design="rows")
+
+
+def test_rows_design_ties_and_negative_infinity():
+    # the rows design's running owner: ties keep the lowest k, a kept -inf never takes a pixel,
+    # and with no kept score above -inf the pixel goes to instance 0 only if it kept it
+    masks = torch.tensor([[[[1, 0, 0, 1, 0]], [[1, 1, 1, 1, 1]], [[1, 1, 1, 0, 1]]]], dtype=torch.bool)
+    confidence = torch.tensor([[[[0.5, 0.9, 0.0, -float("inf"), 0.3]],
+                                [[0.5, 0.5, 0.7, -float("inf"), -float("inf")]],
+                                [[0.5, 0.5, 0.7, 0.1, -float("inf")]]]])
+    counts = torch.tensor([3])
+    out, boxes = suppress_overlap_triton(masks, confidence, counts, "argmax", design="rows")
+    assert out[0, :, 0].int().tolist() == [[1, 0, 0, 1, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]]
+    assert boxes[0].tolist() == [[0, 0, 4, 1], [1, 0, 3, 1], [0, 0, 0, 0]]
+    check_against_reference(masks, confidence, counts, "argmax", design="rows")
+
+
+def test_unknown_design_is_rejected():
+    masks, confidence = random_instances(1, 2, 4, 4, seed=0)
+    with pytest.raises(ValueError, match="design"):
+        suppress_overlap_triton(masks, confidence, torch.tensor([2]), "argmax", design="columns")
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_kernel_leaves_its_box_state_zeroed(rows):
+    # the last program of each image turns the box state into float boxes and zeroes the state and
+    # its arrival counter, so the autotuner's repeated runs on one state give the same boxes
+    from resam_kernels.overlap import _suppress_overlap_kernel
+    masks, confidence = random_instances(3, 7, 19, 23, seed=4)
+    counts = torch.tensor([7, 4, 0])
+    out_ref, boxes_ref = suppress_overlap_reference(masks, confidence, counts, "argmax")
+    batch, num_instances, height, width = masks.shape
+    state = torch.zeros(batch * num_instances * 4 + batch, dtype=torch.int32)
+    out = torch.empty(masks.shape, dtype=torch.uint8)
+    for _ in range(2):
+        boxes = torch.full((batch, num_instances, 4), -1.0)
+        block_p = 64
+        _suppress_overlap_kernel[(triton_cdiv(height * width, block_p), batch)](
+            masks.view(torch.uint8), confidence, counts, out, state, state[batch * num_instances * 4:],
+            boxes, num_instances, width, height * width, 0, 0, ARGMAX=True, KP=8, BLOCK_P=block_p,
+            WALK=1, ROWS=rows, CHUNK=4)
+        assert torch.equal(out.bool(), out_ref)
+        assert torch.equal(boxes, boxes_ref)
+        assert not state.any()
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
