@@ -41,18 +41,16 @@ MAX_MASK_PIXELS = 1 << 30  # H W below this: pixel offsets inside a mask stay in
 
 
 def _foreground(pred: torch.Tensor) -> torch.Tensor:
-    if pred.dtype == torch.bool:
-        return pred
-    if pred.is_floating_point():
-        return pred > 0  # NaN > 0 is False
-    raise ValueError(f"instance_counts: pred must be bool masks or float logits, got dtype {pred.dtype}")
+    return pred if pred.dtype == torch.bool else pred > 0  # NaN > 0 is False
 
 
 def check_count_inputs(pred: torch.Tensor, gt: torch.Tensor) -> None:
+    """Shapes and dtypes only (no tensor op: the Triton path runs this on every call)."""
     if pred.dim() < 2 or pred.shape != gt.shape or gt.dtype != torch.bool:
         raise ValueError(f"instance_counts needs pred ... x H x W (bool or float logits) and a bool gt of the "
                          f"same shape, got {tuple(pred.shape)} {pred.dtype} and {tuple(gt.shape)} {gt.dtype}")
-    _foreground(pred[..., :0, :0])  # dtype check only
+    if not (pred.dtype == torch.bool or pred.is_floating_point()):
+        raise ValueError(f"instance_counts: pred must be bool masks or float logits, got dtype {pred.dtype}")
 
 
 def instance_counts_reference(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
