@@ -14,8 +14,14 @@ and writes nothing but the counts.
 
 Layout of the kernel: grid = N instances x C chunks of CHUNK = BLOCK * ITERS pixels (pixels of an
 instance flattened to 1-D). A program streams its chunk in BLOCK-pixel steps with int32 lane
-counters and writes one partial (tp, |pred|, |gt|) per chunk; torch sums the C partials of each
-instance (fixed order: deterministic, no atomics, no host synchronisation) and forms fp, fn.
+counters and adds its chunk's (tp, |pred| - tp, |gt| - tp) to its instance's row of the
+zero-initialised N x 3 int64 output with integer atomic adds. Integer addition is exact and
+order-free, so the result is deterministic whatever order the programs run in; fp and fn come
+out directly (the sums over chunks of |pred| - tp and |gt| - tp). Why atomics rather than
+partials and a second kernel: the output's zero fill and the count kernel are the only two
+launches (partials would need their own allocation and a Triton finalize launch, whose host
+cost is higher than a fill's; the int64 atomics are 3 per program, on N x 3 addresses). No host
+synchronisation.
 """
 
 from __future__ import annotations
@@ -35,18 +41,16 @@ MAX_MASK_PIXELS = 1 << 30  # H W below this: pixel offsets inside a mask stay in
 
 
 def _foreground(pred: torch.Tensor) -> torch.Tensor:
-    if pred.dtype == torch.bool:
-        return pred
-    if pred.is_floating_point():
-        return pred > 0  # NaN > 0 is False
-    raise ValueError(f"instance_counts: pred must be bool masks or float logits, got dtype {pred.dtype}")
+    return pred if pred.dtype == torch.bool else pred > 0  # NaN > 0 is False
 
 
 def check_count_inputs(pred: torch.Tensor, gt: torch.Tensor) -> None:
+    """Shapes and dtypes only (no tensor op: the Triton path runs this on every call)."""
     if pred.dim() < 2 or pred.shape != gt.shape or gt.dtype != torch.bool:
         raise ValueError(f"instance_counts needs pred ... x H x W (bool or float logits) and a bool gt of the "
                          f"same shape, got {tuple(pred.shape)} {pred.dtype} and {tuple(gt.shape)} {gt.dtype}")
-    _foreground(pred[..., :0, :0])  # dtype check only
+    if not (pred.dtype == torch.bool or pred.is_floating_point()):
+        raise ValueError(f"instance_counts: pred must be bool masks or float logits, got dtype {pred.dtype}")
 
 
 def instance_counts_reference(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -62,12 +66,13 @@ def instance_counts_reference(pred: torch.Tensor, gt: torch.Tensor) -> torch.Ten
 
 
 @triton.jit
-def _instance_counts_kernel(pred_ptr, gt_ptr, partial_ptr, hw, chunks, PRED_IS_LOGITS: tl.constexpr,
+def _instance_counts_kernel(pred_ptr, gt_ptr, counts_ptr, hw, chunks, PRED_IS_LOGITS: tl.constexpr,
                             BLOCK: tl.constexpr, ITERS: tl.constexpr):
     # pred: N x HW (uint8 0/1, or float logits), gt: N x HW uint8; program = (instance, chunk);
-    # partial: (N * chunks) x 3 int32 (tp, |pred|, |gt|) of the chunk.
+    # counts: N x 3 int64 (tp, fp, fn), zero-initialised, to which the program adds its chunk's.
     program = tl.program_id(0)
-    base = (program // chunks).to(tl.int64) * hw  # first pixel of the instance
+    instance = (program // chunks).to(tl.int64)
+    base = instance * hw  # first pixel of the instance
     start = (program % chunks) * (BLOCK * ITERS)  # first pixel of the chunk in the instance (int32)
     tp_acc = tl.zeros([BLOCK], dtype=tl.int32)
     pred_acc = tl.zeros([BLOCK], dtype=tl.int32)
@@ -83,10 +88,12 @@ def _instance_counts_kernel(pred_ptr, gt_ptr, partial_ptr, hw, chunks, PRED_IS_L
         pred_acc += positive.to(tl.int32)
         gt_acc += truth.to(tl.int32)
         tp_acc += (positive & truth).to(tl.int32)
-    out = partial_ptr + program * 3
-    tl.store(out, tl.sum(tp_acc, axis=0))
-    tl.store(out + 1, tl.sum(pred_acc, axis=0))
-    tl.store(out + 2, tl.sum(gt_acc, axis=0))
+    tp = tl.sum(tp_acc, axis=0).to(tl.int64)
+    out = counts_ptr + instance * 3
+    # integer adds: exact in any order, so deterministic; no ordering with other memory needed
+    tl.atomic_add(out, tp, sem="relaxed")
+    tl.atomic_add(out + 1, tl.sum(pred_acc, axis=0).to(tl.int64) - tp, sem="relaxed")
+    tl.atomic_add(out + 2, tl.sum(gt_acc, axis=0).to(tl.int64) - tp, sem="relaxed")
 
 
 # 32 K pixels a program: 32 / 16 programs per 1024^2 mask; fewer steps when that gives under 4096
@@ -111,10 +118,9 @@ def instance_counts_triton(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor
     block, iters = ((_INTERPRET_BLOCK, _INTERPRET_ITERS) if INTERPRET
                     else (_BLOCK, steps_per_program(num, hw, _BLOCK, _ITERS)))  # small batches: shorter chunks
     chunks = triton.cdiv(hw, block * iters)
-    partial = torch.empty((num, chunks, 3), dtype=torch.int32, device=pred.device)  # every program writes its own
+    counts = torch.zeros((num, 3), dtype=torch.int64, device=pred.device)  # the programs add into it
     if num * chunks > 0:
         _instance_counts_kernel[(num * chunks,)](
-            flat_pred, flat_gt, partial, hw, chunks, PRED_IS_LOGITS=flat_pred.is_floating_point(),
+            flat_pred, flat_gt, counts, hw, chunks, PRED_IS_LOGITS=flat_pred.is_floating_point(),
             BLOCK=block, ITERS=iters, num_warps=_NUM_WARPS)
-    tp, pred_sum, gt_sum = partial.sum(dim=1, dtype=torch.int64).unbind(dim=1)  # N each
-    return torch.stack([tp, pred_sum - tp, gt_sum - tp], dim=1).reshape(*lead, 3)
+    return counts.view(*lead, 3)

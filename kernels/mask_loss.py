@@ -11,18 +11,24 @@ with alpha = 0.25, gamma = 2, smooth = 1. `focal_per_instance`, `dice_per_instan
 use them, through `mask_loss_terms_reference` or the fused path); `mask_loss_terms_reference`
 returns the three.
 
-`mask_loss_terms_triton` computes the same with two kernels and saves only the logits, the
-target and three floats per instance for the backward (the torch reference keeps several
-N x H x W float32 intermediates):
+`mask_loss_terms_triton` computes the same with three kernel launches (two forward, one
+backward) and saves only the logits, the target and two floats per instance (I and
+D = P + T + smooth) for the backward (the torch reference keeps several N x H x W float32
+intermediates):
 - forward: grid = N instances x C chunks of CHUNK = BLOCK * ITERS pixels (flattened to 1-D).
   A program streams its chunk in BLOCK-pixel steps, keeps lane-wise float32 sums of the focal
   terms, p t and p and int32 counts of t, (x > 0) & t and (x > 0) | t in registers, and writes
-  one partial per chunk; torch sums the C partials of each instance (fixed order: deterministic,
-  no atomics, no host synchronisation). One read of logits and target.
-- backward: the same grid; with the per-instance coefficients (small torch ops on the saved
-  sums) a = g_focal / HW, b = g_dice (2 I + smooth) / D^2, c = 2 g_dice / D (D = P + T + smooth),
-  every pixel gets  d/dx = a dfocal/dx + (b - c t) p (1 - p)  in the logits dtype. One read of
-  logits and target, one write of the gradient.
+  one partial per chunk (N x 6 x C). One read of logits and target.
+- finalize (`finalize_terms`): one program per BLOCK_N instances sums their C partials in a
+  fixed order (deterministic, no atomics, no host synchronisation) and writes focal and dice
+  (2 x N float32, the outputs are its rows), the IoU (N float32) and I, D (N x 2 float32,
+  saved). Nothing else runs on the device in the forward but these two launches (and, for
+  non-contiguous inputs, their copy).
+- backward: the same grid as the forward; each program reads its instance's upstream gradients
+  and saved I, D and forms the coefficients a = g_focal / HW, b = g_dice (2 I + smooth) / D^2,
+  c = 2 g_dice / D itself (a missing upstream gradient is a compile-time 0: nothing allocated),
+  then every pixel gets  d/dx = a dfocal/dx + (b - c t) p (1 - p)  in the logits dtype. One
+  launch: one read of logits and target, one write of the gradient.
 
 Derivation of the focal term's derivative. With q = sigmoid(-s) (so 1 - q = sigmoid(s)),
 dq/ds = -q (1 - q) and d softplus(-s)/ds = -q, hence
@@ -95,10 +101,6 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Two empty masks agree perfectly (IoU 1)."""
     intersection = (pred & target).flatten(-2).sum(dim=-1).float()
     union = (pred | target).flatten(-2).sum(dim=-1).float()
-    return _iou_from_counts(intersection, union)
-
-
-def _iou_from_counts(intersection: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, intersection / union.clamp(min=1.0), torch.ones_like(union))
 
 
@@ -190,12 +192,27 @@ def _load_step(logits_ptr, target_ptr, start, step, hw, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _store_partial(sums_ptr, counts_ptr, program, chunks, focal_acc, inter_acc, prob_acc, t_acc, hit_acc,
+                   union_acc):
+    """Reduce a program's lane-wise accumulators (any block shape) and write them as the partial of
+    chunk program % chunks of instance program // chunks into partials N x 6 x chunks: fields
+    0 .. 2 (focal terms, p t, p) through sums_ptr (float32), 3 .. 5 (t, (x > 0) & t, (x > 0) | t)
+    through counts_ptr (the same buffer as int32)."""
+    at = (program // chunks).to(tl.int64) * (6 * chunks) + program % chunks
+    tl.store(sums_ptr + at, tl.sum(focal_acc))
+    tl.store(sums_ptr + at + chunks, tl.sum(inter_acc))
+    tl.store(sums_ptr + at + 2 * chunks, tl.sum(prob_acc))
+    tl.store(counts_ptr + at + 3 * chunks, tl.sum(t_acc))
+    tl.store(counts_ptr + at + 4 * chunks, tl.sum(hit_acc))
+    tl.store(counts_ptr + at + 5 * chunks, tl.sum(union_acc))
+
+
+@triton.jit
 def _mask_loss_forward_kernel(logits_ptr, target_ptr, sums_ptr, counts_ptr, hw, chunks,
                               ALPHA: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
                               FAST_LOG: tl.constexpr):
     # logits: N x HW (fp32/bf16/fp16), target: N x HW uint8; program = (instance, chunk), one
-    # partial per program: sums (N * chunks) x 3 float32 (focal, p t, p), counts (N * chunks) x 3
-    # int32 (t, (x > 0) & t, (x > 0) | t).
+    # partial per program into partials N x 6 x chunks (`_store_partial`).
     program, instance, base, start = _chunk_origin(hw, chunks, BLOCK, ITERS)
     focal_acc = tl.zeros([BLOCK], dtype=tl.float32)
     inter_acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -214,25 +231,84 @@ def _mask_loss_forward_kernel(logits_ptr, target_ptr, sums_ptr, counts_ptr, hw, 
         t_acc += t.to(tl.int32)
         hit_acc += (positive & t).to(tl.int32)
         union_acc += (positive | t).to(tl.int32)
-    out = program.to(tl.int64) * 3
-    tl.store(sums_ptr + out, tl.sum(focal_acc, axis=0))
-    tl.store(sums_ptr + out + 1, tl.sum(inter_acc, axis=0))
-    tl.store(sums_ptr + out + 2, tl.sum(prob_acc, axis=0))
-    tl.store(counts_ptr + out, tl.sum(t_acc, axis=0))
-    tl.store(counts_ptr + out + 1, tl.sum(hit_acc, axis=0))
-    tl.store(counts_ptr + out + 2, tl.sum(union_acc, axis=0))
+    _store_partial(sums_ptr, counts_ptr, program, chunks, focal_acc, inter_acc, prob_acc, t_acc, hit_acc,
+                   union_acc)
 
 
 @triton.jit
-def _mask_loss_backward_kernel(logits_ptr, target_ptr, coef_ptr, grad_ptr, hw, chunks,
-                               ALPHA: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                               FAST_LOG: tl.constexpr):
-    # coef: N x 3 float32 (a, b, c); grad = a dfocal/dx + (b - c t) p (1 - p), N x HW in the
-    # logits dtype.
+def _mask_loss_finalize_kernel(sums_ptr, counts_ptr, losses_ptr, iou_ptr, saved_ptr, num, chunks, hw,
+                               SMOOTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    # partials: N x 6 x chunks (`_store_partial`; sums_ptr float32, counts_ptr the same buffer as
+    # int32); program = BLOCK_N instances, summing their partials BLOCK_C chunks a step (a fixed
+    # order); losses: 2 x N float32 (focal, dice), iou: N float32, saved: N x 2 float32 (I, D).
+    instances = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # BLOCK_N, int32
+    valid = instances < num
+    rows = instances.to(tl.int64) * (6 * chunks)  # BLOCK_N: each instance's first partial
+    focal_acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    inter_acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    prob_acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    t_acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.int32)  # sums up to HW < 2^30: int32
+    hit_acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.int32)
+    union_acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.int32)
+    for first in range(0, chunks, BLOCK_C):
+        chunk = first + tl.arange(0, BLOCK_C)  # BLOCK_C
+        mask = valid[:, None] & (chunk < chunks)[None, :]  # BLOCK_N x BLOCK_C
+        at = rows[:, None] + chunk[None, :]  # BLOCK_N x BLOCK_C
+        focal_acc += tl.load(sums_ptr + at, mask=mask, other=0.0)
+        inter_acc += tl.load(sums_ptr + at + chunks, mask=mask, other=0.0)
+        prob_acc += tl.load(sums_ptr + at + 2 * chunks, mask=mask, other=0.0)
+        t_acc += tl.load(counts_ptr + at + 3 * chunks, mask=mask, other=0)
+        hit_acc += tl.load(counts_ptr + at + 4 * chunks, mask=mask, other=0)
+        union_acc += tl.load(counts_ptr + at + 5 * chunks, mask=mask, other=0)
+    intersection = tl.sum(inter_acc, axis=1)  # BLOCK_N
+    denominator = tl.sum(prob_acc, axis=1) + tl.sum(t_acc, axis=1).to(tl.float32) + SMOOTH  # D
+    hits = tl.sum(hit_acc, axis=1).to(tl.float32)
+    union = tl.sum(union_acc, axis=1).to(tl.float32)
+    # HW = 0 (no chunk): NaN, like the reference's mean of nothing (without evaluating 0 / 0)
+    focal = tl.where(hw > 0, tl.sum(focal_acc, axis=1) / tl.maximum(hw, 1), float("nan"))
+    dice = 1.0 - (2.0 * intersection + SMOOTH) / denominator
+    iou = tl.where(union > 0.0, hits / tl.maximum(union, 1.0), 1.0)
+    out = instances.to(tl.int64)  # BLOCK_N
+    tl.store(losses_ptr + out, focal, mask=valid)
+    tl.store(losses_ptr + out + num, dice, mask=valid)
+    tl.store(iou_ptr + out, iou, mask=valid)
+    tl.store(saved_ptr + 2 * out, intersection, mask=valid)
+    tl.store(saved_ptr + 2 * out + 1, denominator, mask=valid)
+
+
+@triton.jit
+def _gradient_coefficients(grad_focal_ptr, grad_dice_ptr, saved_ptr, focal_stride, dice_stride, instance, hw,
+                           SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, HAS_DICE: tl.constexpr):
+    """One instance's (a, b, c) = (g_focal / HW, g_dice (2 I + smooth) / D^2, 2 g_dice / D) from
+    its upstream gradients (element instance of each, at the given strides, any float dtype;
+    0 where HAS_FOCAL / HAS_DICE is off: nothing is read) and its saved I, D (N x 2 float32).
+    HW > 0: no program runs otherwise."""
+    row = instance.to(tl.int64)
+    coef_focal = 0.0
+    coef_dice = 0.0
+    coef_dice_t = 0.0
+    if HAS_FOCAL:
+        coef_focal = tl.load(grad_focal_ptr + row * focal_stride).to(tl.float32) / hw
+    if HAS_DICE:
+        grad_dice = tl.load(grad_dice_ptr + row * dice_stride).to(tl.float32)
+        intersection = tl.load(saved_ptr + 2 * row)
+        denominator = tl.load(saved_ptr + 2 * row + 1)
+        coef_dice = grad_dice * (2.0 * intersection + SMOOTH) / (denominator * denominator)
+        coef_dice_t = grad_dice * 2.0 / denominator
+    return coef_focal, coef_dice, coef_dice_t
+
+
+@triton.jit
+def _mask_loss_backward_kernel(logits_ptr, target_ptr, grad_ptr, grad_focal_ptr, grad_dice_ptr, saved_ptr,
+                               focal_stride, dice_stride, hw, chunks, ALPHA: tl.constexpr,
+                               SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, HAS_DICE: tl.constexpr,
+                               BLOCK: tl.constexpr, ITERS: tl.constexpr, FAST_LOG: tl.constexpr):
+    # upstream gradients: N each (strided), saved: N x 2 float32 (I, D); grad = a dfocal/dx +
+    # (b - c t) p (1 - p) (`_gradient_coefficients`), N x HW in the logits dtype.
     _, instance, base, start = _chunk_origin(hw, chunks, BLOCK, ITERS)
-    coef_focal = tl.load(coef_ptr + instance * 3)
-    coef_dice = tl.load(coef_ptr + instance * 3 + 1)
-    coef_dice_t = tl.load(coef_ptr + instance * 3 + 2)
+    coef_focal, coef_dice, coef_dice_t = _gradient_coefficients(
+        grad_focal_ptr, grad_dice_ptr, saved_ptr, focal_stride, dice_stride, instance, hw, SMOOTH, HAS_FOCAL,
+        HAS_DICE)
     for step in range(ITERS):
         pixels, in_range, x, t = _load_step(logits_ptr + base, target_ptr + base, start, step, hw, BLOCK)
         grad = _pixel_gradient(x, t, coef_focal, coef_dice, coef_dice_t, ALPHA, FAST_LOG)
@@ -249,11 +325,15 @@ def _mask_loss_backward_kernel(logits_ptr, target_ptr, coef_ptr, grad_ptr, hw, c
 FAST_LOG = not INTERPRET and torch.version.hip is None
 _BLOCK, _ITERS, _NUM_WARPS = 1024, 16, 4
 _INTERPRET_BLOCK, _INTERPRET_ITERS = 4096, 2
+# finalize: 32 instances x 32 chunks a step, 4 warps (8 partials of each field a thread); 8 x 50
+# masks of 256 x 256 (16 chunks each) are 13 programs of one step, 4 x 50 of 1024 x 1024 (64
+# chunks) 7 programs of two steps
+_FINALIZE_BLOCK_N, _FINALIZE_BLOCK_C, _FINALIZE_WARPS = 32, 32, 4
 
 
 def _launch_shape(num: int, hw: int) -> tuple[int, int]:
-    """(BLOCK, ITERS) of both kernels for num instances of hw pixels (fewer steps a program for
-    small batches, `resam_kernels.launch`)."""
+    """(BLOCK, ITERS) of the forward and backward kernels for num instances of hw pixels (fewer
+    steps a program for small batches, `resam_kernels.launch`)."""
     if INTERPRET:
         return _INTERPRET_BLOCK, _INTERPRET_ITERS
     return _BLOCK, steps_per_program(num, hw, _BLOCK, _ITERS)
@@ -267,76 +347,85 @@ def _flat(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, tor
     return flat_logits, flat_target, hw
 
 
-def mask_loss_forward_triton(logits: torch.Tensor, target: torch.Tensor
-                             ) -> tuple[torch.Tensor, ...]:
-    """-> (focal_sum, intersection I, probability sum P, T, hits, union), each N float32/int64
-    (N = number of instances: the leading dims flattened)."""
+def new_partials(num: int, chunks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernels' partials N x 6 x chunks (`_store_partial`), one allocation: (float32,
+    the same memory as int32). Every program writes its own, so no fill."""
+    partials = torch.empty((num, 6, chunks), dtype=torch.float32, device=device)
+    return partials, partials.view(torch.int32)
+
+
+def finalize_terms(sums: torch.Tensor, counts: torch.Tensor, hw: int, lead: torch.Size
+                   ) -> tuple[torch.Tensor, ...]:
+    """Partials (`new_partials`, filled by a forward kernel) of masks of hw pixels -> (focal, dice,
+    iou), each `lead` float32, and saved = (I, D) N x 2 float32 for the backward. One launch (none
+    for N = 0) and three allocations: focal and dice are the rows of one 2 x N buffer (changing
+    either in place is refused by autograd anyway), while the IoU, which has no gradient and may
+    be changed in place, shares its buffer (and so its version counter) with neither them nor
+    the saved values."""
+    num, _, chunks = sums.shape
+    losses = torch.empty((2, *lead), dtype=torch.float32, device=sums.device)
+    iou = torch.empty(lead, dtype=torch.float32, device=sums.device)
+    saved = torch.empty((num, 2), dtype=torch.float32, device=sums.device)
+    if num > 0:
+        _mask_loss_finalize_kernel[(triton.cdiv(num, _FINALIZE_BLOCK_N),)](
+            sums, counts, losses, iou, saved, num, chunks, hw, SMOOTH=DICE_SMOOTH, BLOCK_N=_FINALIZE_BLOCK_N,
+            BLOCK_C=_FINALIZE_BLOCK_C, num_warps=_FINALIZE_WARPS)
+    focal, dice = losses.unbind(0)
+    return focal, dice, iou, saved
+
+
+def coefficient_args(grad_focal: torch.Tensor | None, grad_dice: torch.Tensor | None, saved: torch.Tensor
+                     ) -> tuple[tuple, dict]:
+    """Upstream gradients of focal and dice (`lead` or None) and saved (N x 2) -> the backward
+    kernels' arguments for `_gradient_coefficients`: (grad_focal, grad_dice, saved, focal stride,
+    dice stride) (N-element views: no copy unless the strides forbid one; saved stands in for a
+    None gradient's pointer, never read) and the flags HAS_FOCAL, HAS_DICE."""
+    num = saved.shape[0]
+    focal = saved if grad_focal is None else grad_focal.reshape(num)  # N
+    dice = saved if grad_dice is None else grad_dice.reshape(num)  # N
+    strides = (0 if grad_focal is None else focal.stride(0), 0 if grad_dice is None else dice.stride(0))
+    return (focal, dice, saved) + strides, {"HAS_FOCAL": grad_focal is not None, "HAS_DICE": grad_dice is not None}
+
+
+def mask_loss_forward_triton(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """-> (focal, dice, iou), each `lead` float32 (the leading dims), and saved = (I, D) N x 2
+    float32 (N = number of instances). Two launches: the partials, `finalize_terms`."""
     flat_logits, flat_target, hw = _flat(logits, target)
     num = flat_logits.shape[0]
     block, iters = _launch_shape(num, hw)
     chunks = triton.cdiv(hw, block * iters)
-    # every program writes its partial, so no fill is needed (with no program: empty along chunks)
-    sums = torch.empty((num, chunks, 3), dtype=torch.float32, device=logits.device)
-    counts = torch.empty((num, chunks, 3), dtype=torch.int32, device=logits.device)
+    sums, counts = new_partials(num, chunks, logits.device)
     if num * chunks > 0:
         _mask_loss_forward_kernel[(num * chunks,)](
             flat_logits, flat_target, sums, counts, hw, chunks, ALPHA=FOCAL_ALPHA, BLOCK=block,
             ITERS=iters, FAST_LOG=FAST_LOG, num_warps=_NUM_WARPS)
-    focal_sum, intersection, prob_sum = sums.sum(dim=1).unbind(dim=1)  # N each
-    target_sum, hits, union = counts.sum(dim=1, dtype=torch.int64).unbind(dim=1)  # N each
-    return focal_sum, intersection, prob_sum, target_sum, hits, union
-
-
-def terms_from_sums(sums: tuple[torch.Tensor, ...], hw: int, lead: torch.Size
-                    ) -> tuple[torch.Tensor, ...]:
-    """(focal_sum, I, P, T, hits, union), each N (as `mask_loss_forward_triton` returns them) ->
-    (focal, dice, iou), each `lead`, and (I, D = P + T + smooth), each N, for the backward."""
-    focal_sum, intersection, prob_sum, target_sum, hits, union = sums
-    denominator = prob_sum + target_sum.float() + DICE_SMOOTH  # D, N
-    focal = focal_sum / hw  # 0 / 0 = NaN for hw = 0, like the reference's mean
-    dice = 1.0 - (2.0 * intersection + DICE_SMOOTH) / denominator
-    iou = _iou_from_counts(hits.float(), union.float())
-    return focal.reshape(lead), dice.reshape(lead), iou.reshape(lead), intersection, denominator
-
-
-def gradient_coefficients(grad_focal: torch.Tensor | None, grad_dice: torch.Tensor | None,
-                          intersection: torch.Tensor, denominator: torch.Tensor, hw: int) -> torch.Tensor:
-    """Upstream gradients of focal and dice (... or None) and the saved I, D (N each) -> the
-    per-instance coefficients (a, b, c) of the pixel gradient, N x 3 float32 contiguous."""
-    num = intersection.shape[0]
-    zeros = intersection.new_zeros(num)
-    grad_focal = zeros if grad_focal is None else grad_focal.reshape(num).float()  # N
-    grad_dice = zeros if grad_dice is None else grad_dice.reshape(num).float()  # N
-    return torch.stack([grad_focal / max(hw, 1),
-                        grad_dice * (2.0 * intersection + DICE_SMOOTH) / denominator.square(),
-                        grad_dice * 2.0 / denominator], dim=1).contiguous()  # N x 3
+    return finalize_terms(sums, counts, hw, logits.shape[:-2])
 
 
 class MaskLossFunction(torch.autograd.Function):
-    """Fused focal / dice / IoU; saves logits, target and I, P, T (N float32 each)."""
+    """Fused focal / dice / IoU; saves logits, target and I, D (N x 2 float32)."""
 
     @staticmethod
     def forward(ctx, logits, target):
-        sums = mask_loss_forward_triton(logits, target)
-        focal, dice, iou, intersection, denominator = terms_from_sums(
-            sums, logits.shape[-2] * logits.shape[-1], logits.shape[:-2])
-        ctx.save_for_backward(logits, target, intersection, denominator)
+        focal, dice, iou, saved = mask_loss_forward_triton(logits, target)
+        ctx.save_for_backward(logits, target, saved)
         ctx.mark_non_differentiable(iou)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
         return focal, dice, iou
 
     @staticmethod
     def backward(ctx, grad_focal, grad_dice, grad_iou):
-        logits, target, intersection, denominator = ctx.saved_tensors
+        logits, target, saved = ctx.saved_tensors
         flat_logits, flat_target, hw = _flat(logits, target)
         num = flat_logits.shape[0]
-        coef = gradient_coefficients(grad_focal, grad_dice, intersection, denominator, hw)  # N x 3
+        upstream, flags = coefficient_args(grad_focal, grad_dice, saved)
         grad = torch.empty_like(flat_logits)  # N x HW, logits dtype
         block, iters = _launch_shape(num, hw)
         chunks = triton.cdiv(hw, block * iters)
         if num * chunks > 0:
             _mask_loss_backward_kernel[(num * chunks,)](
-                flat_logits, flat_target, coef, grad, hw, chunks, ALPHA=FOCAL_ALPHA, BLOCK=block,
-                ITERS=iters, FAST_LOG=FAST_LOG, num_warps=_NUM_WARPS)
+                flat_logits, flat_target, grad, *upstream, hw, chunks, ALPHA=FOCAL_ALPHA, SMOOTH=DICE_SMOOTH,
+                BLOCK=block, ITERS=iters, FAST_LOG=FAST_LOG, num_warps=_NUM_WARPS, **flags)
         return grad.reshape(logits.shape), None
 
 
@@ -346,4 +435,3 @@ def mask_loss_terms_triton(logits: torch.Tensor, target: torch.Tensor
     check_mask_loss_inputs(logits, target)
     check_triton_sizes(logits)
     return MaskLossFunction.apply(logits, target)
-

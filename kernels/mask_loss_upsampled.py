@@ -14,9 +14,10 @@ starts, the training step's memory peak (H200 run 9, benchmarks/memory_peak.py).
 loss from the low-res logits (200 x 256 x 256) never writes either.
 
 `upsampled_mask_loss_terms_triton` computes the same with two kernels that never materialise a
-full-resolution float tensor; the backward saves only low_res, the target and two floats per
-instance (I and D = P + T + smooth). Both kernels work on tiles of BLOCK_I x BLOCK_J low-res
-pixels of one instance (grid = N instances x tiles, one program each, one grid axis):
+full-resolution float tensor (plus `mask_loss`'s finalize kernel: three launches in all); the
+backward saves only low_res, the target and two floats per instance (I and D = P + T + smooth).
+Both kernels work on tiles of BLOCK_I x BLOCK_J low-res pixels of one instance (grid = N instances
+x tiles, one program each, one grid axis):
 - neighbourhood: along an axis of n low-res pixels, full-res pixel o samples s(o) =
   max((o + 0.5) / 4 - 0.5, 0), taps i0 = floor(s), i1 = min(i0 + 1, n - 1), weight l = s - i0
   (`resam_kernels.upsample._source`). For o = 4i - 2 + a with a in 0 .. 7 (and so for o = 4i + a,
@@ -30,11 +31,13 @@ pixels of one instance (grid = N instances x tiles, one program each, one grid a
   p = 4j .. 4j + 3; the program evaluates their logits (16 steps over its tile), reads the
   target there (bool as uint8) and keeps the same lane-wise sums as
   `resam_kernels.mask_loss._mask_loss_forward_kernel` (float32 focal terms, p t, p; int32 counts
-  of t, (x > 0) & t, (x > 0) | t), one partial per program, summed by torch in a fixed order.
-  One read of the target and of the (4x4 smaller, cached) low-res logits, nothing of full-res
-  size written.
-- backward: the per-instance coefficients a, b, c come from the saved sums exactly as in
-  `mask_loss.MaskLossFunction.backward`, and the full-res gradient
+  of t, (x > 0) & t, (x > 0) | t), one partial per program (N x 6 x tiles,
+  `mask_loss._store_partial`), which `mask_loss.finalize_terms` (one more launch) sums in a fixed
+  order into focal, dice, IoU and the saved I, D. One read of the target and of the (4x4
+  smaller, cached) low-res logits, nothing of full-res size written.
+- backward: each program forms its instance's coefficients a, b, c from the upstream gradients
+  and the saved I, D exactly as `mask_loss`'s backward kernel does
+  (`mask_loss._gradient_coefficients`, one launch in all), and the full-res gradient
       g(o, p) = a dfocal/dx + (b - c t) p (1 - p)     (`mask_loss._pixel_gradient`)
   is never stored: since x = sum_{i, j} hat(o, i) hat(p, j) X[i, j] (`resam_kernels.upsample`),
       dL/dX[i, j] = sum_{o, p} hat(o, i) hat(p, j) g(o, p),
@@ -59,8 +62,9 @@ import torch
 import triton
 import triton.language as tl
 
-from resam_kernels.mask_loss import (FAST_LOG, FOCAL_ALPHA, _pixel_gradient, _pixel_terms, check_triton_sizes,
-                                     gradient_coefficients, mask_loss_terms_reference, terms_from_sums)
+from resam_kernels.mask_loss import (DICE_SMOOTH, FAST_LOG, FOCAL_ALPHA, _gradient_coefficients, _pixel_gradient,
+                                     _pixel_terms, _store_partial, check_triton_sizes, coefficient_args,
+                                     finalize_terms, mask_loss_terms_reference, new_partials)
 from resam_kernels.upsample import _hat, _source, upsample4x_reference
 
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
@@ -156,9 +160,8 @@ def _upsampled_loss_forward_kernel(low_ptr, target_ptr, sums_ptr, counts_ptr, h,
                                    ALPHA: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                                    FAST_LOG: tl.constexpr):
     # low: N x h x w float32, target: N x 4h x 4w uint8; program = (instance, tile of low-res
-    # pixels); one partial per program: sums (N * tiles) x 3 float32 (focal, p t, p), counts
-    # (N * tiles) x 3 int32 (t, (x > 0) & t, (x > 0) | t), over the 4 x 4 full-res pixels of
-    # each low-res pixel of the tile.
+    # pixels); one partial per program into partials N x 6 x tiles (`mask_loss._store_partial`),
+    # over the 4 x 4 full-res pixels of each low-res pixel of the tile.
     program, instance, i, j = _tile_origin(h, w, tiles, tiles_j, BLOCK_I, BLOCK_J)
     out_w = 4 * w
     low = low_ptr + instance.to(tl.int64) * h * w
@@ -189,27 +192,24 @@ def _upsampled_loss_forward_kernel(low_ptr, target_ptr, sums_ptr, counts_ptr, h,
             t_acc += t.to(tl.int32)
             hit_acc += (positive & t).to(tl.int32)
             union_acc += (positive | t).to(tl.int32)
-    out = program.to(tl.int64) * 3
-    tl.store(sums_ptr + out, tl.sum(tl.sum(focal_acc, axis=1), axis=0))
-    tl.store(sums_ptr + out + 1, tl.sum(tl.sum(inter_acc, axis=1), axis=0))
-    tl.store(sums_ptr + out + 2, tl.sum(tl.sum(prob_acc, axis=1), axis=0))
-    tl.store(counts_ptr + out, tl.sum(tl.sum(t_acc, axis=1), axis=0))
-    tl.store(counts_ptr + out + 1, tl.sum(tl.sum(hit_acc, axis=1), axis=0))
-    tl.store(counts_ptr + out + 2, tl.sum(tl.sum(union_acc, axis=1), axis=0))
+    _store_partial(sums_ptr, counts_ptr, program, tiles, focal_acc, inter_acc, prob_acc, t_acc, hit_acc,
+                   union_acc)
 
 
 @triton.jit
-def _upsampled_loss_backward_kernel(low_ptr, target_ptr, coef_ptr, grad_ptr, h, w, tiles, tiles_j,
-                                    ALPHA: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                                    FAST_LOG: tl.constexpr):
-    # coef: N x 3 float32 (a, b, c); grad: N x h x w float32, each low-res pixel the hat-weighted
-    # sum of the full-res gradient g = a dfocal/dx + (b - c t) p (1 - p) over its 8 x 8 window.
+def _upsampled_loss_backward_kernel(low_ptr, target_ptr, grad_ptr, grad_focal_ptr, grad_dice_ptr, saved_ptr,
+                                    focal_stride, dice_stride, h, w, tiles, tiles_j, ALPHA: tl.constexpr,
+                                    SMOOTH: tl.constexpr, HAS_FOCAL: tl.constexpr, HAS_DICE: tl.constexpr,
+                                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, FAST_LOG: tl.constexpr):
+    # upstream gradients: N each (strided), saved: N x 2 float32 (I, D); grad: N x h x w float32,
+    # each low-res pixel the hat-weighted sum of the full-res gradient g = a dfocal/dx +
+    # (b - c t) p (1 - p) (`mask_loss._gradient_coefficients`) over its 8 x 8 window.
     _, instance, i, j = _tile_origin(h, w, tiles, tiles_j, BLOCK_I, BLOCK_J)
     out_h = 4 * h
     out_w = 4 * w
-    coef_focal = tl.load(coef_ptr + instance * 3)
-    coef_dice = tl.load(coef_ptr + instance * 3 + 1)
-    coef_dice_t = tl.load(coef_ptr + instance * 3 + 2)
+    coef_focal, coef_dice, coef_dice_t = _gradient_coefficients(
+        grad_focal_ptr, grad_dice_ptr, saved_ptr, focal_stride, dice_stride, instance, 16 * h * w, SMOOTH,
+        HAS_FOCAL, HAS_DICE)
     low = low_ptr + instance.to(tl.int64) * h * w
     tgt = target_ptr + instance.to(tl.int64) * (16 * h * w)
     v_ul, v_um, v_ur, v_ml, v_mm, v_mr, v_dl, v_dm, v_dr = _neighbourhood(low, i, j, h, w)
@@ -275,47 +275,43 @@ def _grid(num: int, height: int, width: int) -> tuple[int, int, int, int, int]:
 
 def upsampled_mask_loss_forward_triton(low_res: torch.Tensor, target: torch.Tensor
                                        ) -> tuple[torch.Tensor, ...]:
-    """-> (focal_sum, I, P, T, hits, union) of the upsampled logits, each N float32 / int64."""
+    """-> (focal, dice, iou) of the upsampled logits, each `lead` float32 (the leading dims), and
+    saved = (I, D) N x 2 float32. Two launches: the partials, `mask_loss.finalize_terms`."""
     flat_low, flat_target = _flat(low_res, target)
     num, height, width = flat_low.shape
     block_i, block_j, warps, tiles, tiles_j = _grid(num, height, width)
-    # every program writes its partial, so no fill is needed (with no program: empty along tiles)
-    sums = torch.empty((num, tiles, 3), dtype=torch.float32, device=low_res.device)
-    counts = torch.empty((num, tiles, 3), dtype=torch.int32, device=low_res.device)
+    sums, counts = new_partials(num, tiles, low_res.device)
     if num * tiles > 0:
         _upsampled_loss_forward_kernel[(num * tiles,)](
             flat_low, flat_target, sums, counts, height, width, tiles, tiles_j, ALPHA=FOCAL_ALPHA,
             BLOCK_I=block_i, BLOCK_J=block_j, FAST_LOG=FAST_LOG, num_warps=warps)
-    focal_sum, intersection, prob_sum = sums.sum(dim=1).unbind(dim=1)  # N each
-    target_sum, hits, union = counts.sum(dim=1, dtype=torch.int64).unbind(dim=1)  # N each
-    return focal_sum, intersection, prob_sum, target_sum, hits, union
+    return finalize_terms(sums, counts, 16 * height * width, low_res.shape[:-2])
 
 
 class UpsampledMaskLossFunction(torch.autograd.Function):
-    """Fused upsampling + focal / dice / IoU; saves low_res, target and I, D (N float32 each)."""
+    """Fused upsampling + focal / dice / IoU; saves low_res, target and I, D (N x 2 float32)."""
 
     @staticmethod
     def forward(ctx, low_res, target):
-        sums = upsampled_mask_loss_forward_triton(low_res, target)
-        hw = 16 * low_res.shape[-2] * low_res.shape[-1]  # full-res pixels per instance
-        focal, dice, iou, intersection, denominator = terms_from_sums(sums, hw, low_res.shape[:-2])
-        ctx.save_for_backward(low_res, target, intersection, denominator)
+        focal, dice, iou, saved = upsampled_mask_loss_forward_triton(low_res, target)
+        ctx.save_for_backward(low_res, target, saved)
         ctx.mark_non_differentiable(iou)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
         return focal, dice, iou
 
     @staticmethod
     def backward(ctx, grad_focal, grad_dice, grad_iou):
-        low_res, target, intersection, denominator = ctx.saved_tensors
+        low_res, target, saved = ctx.saved_tensors
         flat_low, flat_target = _flat(low_res, target)
         num, height, width = flat_low.shape
-        coef = gradient_coefficients(grad_focal, grad_dice, intersection, denominator,
-                                     16 * height * width)  # N x 3
+        upstream, flags = coefficient_args(grad_focal, grad_dice, saved)
         grad = torch.empty_like(flat_low)  # N x h x w float32
         block_i, block_j, warps, tiles, tiles_j = _grid(num, height, width)
         if num * tiles > 0:
             _upsampled_loss_backward_kernel[(num * tiles,)](
-                flat_low, flat_target, coef, grad, height, width, tiles, tiles_j, ALPHA=FOCAL_ALPHA,
-                BLOCK_I=block_i, BLOCK_J=block_j, FAST_LOG=FAST_LOG, num_warps=warps)
+                flat_low, flat_target, grad, *upstream, height, width, tiles, tiles_j, ALPHA=FOCAL_ALPHA,
+                SMOOTH=DICE_SMOOTH, BLOCK_I=block_i, BLOCK_J=block_j, FAST_LOG=FAST_LOG, num_warps=warps,
+                **flags)
         return grad.reshape(low_res.shape), None
 
 

@@ -70,3 +70,21 @@ def test_dispatcher_and_bad_inputs():
         instance_counts_triton(pred, gt.float())
     with pytest.raises(ValueError, match="bool masks or float logits"):
         instance_counts_triton(pred.to(torch.int32), gt)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 63, 65), (1, 3, 1, 1), (2, 3, 0, 5), (0, 4, 9, 9)])
+def test_many_chunks_add_into_one_row(monkeypatch, shape):
+    """Chunks of 2 x 64 pixels: 63 x 65 = 4095 pixels are 32 programs (the last one partial), each
+    adding its (tp, fp, fn) to its instance's row with integer atomics; H W = 0 and no instance
+    launch nothing and give zeros / an empty result."""
+    from resam_kernels import counts as module
+
+    monkeypatch.setattr(module, "_INTERPRET_BLOCK", 64)
+    monkeypatch.setattr(module, "_INTERPRET_ITERS", 2)
+    generator = torch.Generator().manual_seed(sum(shape))
+    logits = torch.randn(shape, generator=generator)
+    gt = _masks(shape, generator, 0.4)
+    for pred in (logits > 0, logits):
+        got = instance_counts_triton(pred, gt)
+        assert got.dtype == torch.int64 and got.shape == (*shape[:2], 3) and got.is_contiguous()
+        assert torch.equal(got, _expected(logits > 0, gt))

@@ -165,3 +165,79 @@ def test_masks_of_2_to_the_30_pixels_are_refused():
     target = torch.zeros(1, 1, 1, dtype=torch.bool, device=DEVICE).expand(2, 1 << 15, 1 << 15)
     with pytest.raises(ValueError, match="pixels"):
         mask_loss_terms_triton(logits, target)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 2 x 256 pixels and a finalize of 4 instances x 4 chunks a step: 63 x 41 = 2583
+    pixels are 6 chunks (the last one partial), so a finalize program takes a full and a partial
+    step, and 7 instances are a full and a partial finalize program."""
+    from resam_kernels import mask_loss as module
+
+    for name, value in (("_INTERPRET_BLOCK", 256), ("_INTERPRET_ITERS", 2), ("_FINALIZE_BLOCK_N", 4),
+                        ("_FINALIZE_BLOCK_C", 4)):
+        monkeypatch.setattr(module, name, value)
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 63, 41), (2, 3, 17, 30), (1, 1, 1, 1)],
+                         ids=lambda shape: "x".join(map(str, shape)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finalize_over_several_chunks_and_instance_blocks(small_chunks, shape, dtype):
+    logits, target = make_inputs(shape, dtype, seed=sum(shape) + 1)
+    assert_matches_reference(logits, target, seed=7)
+
+
+def test_one_unused_output_and_strided_upstream_gradients(small_chunks):
+    """Only focal or only dice in the loss: the other's gradient is None in the backward (read as a
+    compile-time 0, nothing allocated). The upstream gradients arrive broadcast (stride 0, from a
+    sum) or transposed (copied to N elements)."""
+    logits, target = make_inputs((3, 5, 63, 41), torch.float32, seed=21)
+    weights = torch.rand(5, 3, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    losses = {"focal only": lambda focal, dice: focal.sum(),
+              "dice only": lambda focal, dice: (weights * dice.t()).sum(),
+              "both, strided": lambda focal, dice: focal.sum() + (weights * dice.t()).sum()}
+    for name, loss in losses.items():
+        grads = []
+        for fn in (mask_loss_terms_triton, mask_loss_terms_reference):
+            focal, dice, _ = fn(logits, target)
+            grads.append(torch.autograd.grad(loss(focal, dice), logits)[0])
+        scale = grads[1].abs().max().item()
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-5 * scale, rtol=1e-4, msg=name)
+
+
+def test_empty_inputs_with_one_unused_output():
+    """N = 0 and H W = 0 launch no backward program: an empty gradient of the logits' shape."""
+    for shape in [(0, 63, 257), (3, 0, 5), (3, 5, 0)]:
+        logits, target = make_inputs(shape, torch.float32, seed=2)
+        for pick in (0, 1):
+            terms = mask_loss_terms_triton(logits, target)
+            (grad,) = torch.autograd.grad(terms[pick].nan_to_num().sum(), logits)
+            assert grad.shape == logits.shape and grad.numel() == 0
+
+
+def test_nan_logits_gradient_matches_the_reference(small_chunks):
+    """A NaN logit makes its instance's dice NaN, so that instance's whole gradient is NaN (in the
+    reference too); the other instances' gradients are unaffected."""
+    logits, target = make_inputs((1, 7, 63, 41), torch.float32, seed=23)
+    with torch.no_grad():
+        logits[0, 2, 40, 7] = float("nan")  # chunk 5 of 6
+    focal, dice, iou, grad = terms_and_gradient(mask_loss_terms_triton, logits, target, seed=4)
+    focal_ref, dice_ref, iou_ref, grad_ref = terms_and_gradient(mask_loss_terms_reference, logits, target, seed=4)
+    assert focal[0, 2].isnan() and dice[0, 2].isnan() and grad[0, 2].isnan().all()
+    assert torch.equal(iou, iou_ref)
+    torch.testing.assert_close(focal, focal_ref, atol=1e-6, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(dice, dice_ref, atol=1e-6, rtol=1e-5, equal_nan=True)
+    scale = grad_ref.nan_to_num().abs().max().item()
+    torch.testing.assert_close(grad, grad_ref, atol=1e-5 * scale, rtol=1e-4, equal_nan=True)
+
+
+def test_outputs_are_contiguous_and_iou_may_change_in_place():
+    """Changing the IoU in place (it has no gradient) leaves the backward intact, as with the
+    reference: its buffer is shared with neither focal and dice nor the saved I, D."""
+    logits, target = make_inputs((2, 7, 17, 30), torch.float32, seed=24)
+    focal, dice, iou = mask_loss_terms_triton(logits, target)
+    assert focal.is_contiguous() and dice.is_contiguous() and iou.is_contiguous()
+    iou.mul_(2.0)
+    (grad,) = torch.autograd.grad((focal + dice).sum(), logits)
+    (grad_ref,) = torch.autograd.grad(sum(mask_loss_terms_reference(logits, target)[:2]).sum(), logits)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-5 * grad_ref.abs().max().item(), rtol=1e-4)

@@ -176,3 +176,52 @@ def test_masks_of_2_to_the_30_pixels_are_refused():
     target = torch.zeros(1, 1, 1, dtype=torch.bool).expand(2, 1 << 15, 1 << 15)
     with pytest.raises(ValueError, match="pixels"):
         upsampled_mask_loss_terms_triton(low_res, target)
+
+
+@pytest.fixture
+def small_finalize(monkeypatch):
+    """`mask_loss`'s finalize over 4 instances x 4 tiles a step: 17 x 37 low-res pixels are 2 x 3
+    tiles of 16 x 16 (a full and a partial step), 7 instances a full and a partial program."""
+    from resam_kernels import mask_loss
+
+    monkeypatch.setattr(mask_loss, "_FINALIZE_BLOCK_N", 4)
+    monkeypatch.setattr(mask_loss, "_FINALIZE_BLOCK_C", 4)
+
+
+def test_finalize_over_several_tiles_and_instance_blocks(small_finalize):
+    low_res, target = make_inputs((7,), 17, 37, seed=31)
+    assert_matches_reference(low_res, target, seed=5)
+
+
+@pytest.mark.parametrize("used", ["focal", "dice"])
+def test_one_unused_output(small_finalize, used):
+    """The unused output's gradient is None in the backward (a compile-time 0 in the kernel); the
+    used one's upstream gradient is broadcast from a sum (stride 0). Empty inputs: an empty
+    gradient."""
+    for lead, height, width in [((2, 3), 17, 9), ((0,), 5, 7), ((3,), 0, 5)]:
+        low_res, target = make_inputs(lead, height, width, seed=32)
+        grads = []
+        for fn in (upsampled_mask_loss_terms_triton, upsampled_mask_loss_terms_reference):
+            focal, dice, _ = fn(low_res, target)
+            grads.append(torch.autograd.grad((focal if used == "focal" else dice).nan_to_num().sum(), low_res)[0])
+        assert grads[0].shape == low_res.shape
+        scale = grads[1].abs().max().item() if grads[1].numel() else 0.0
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_nan_low_res_logit(small_finalize):
+    """A NaN low-res logit makes its instance's focal and dice NaN and its whole gradient NaN, in
+    the reference too; the other instances are unaffected."""
+    low_res, target = make_inputs((7,), 17, 37, seed=33)
+    with torch.no_grad():
+        low_res[3, 16, 30] = float("nan")  # the last tile
+    focal, dice, iou, grad = terms_and_gradient(upsampled_mask_loss_terms_triton, low_res, target, seed=6)
+    focal_ref, dice_ref, iou_ref, grad_ref = terms_and_gradient(upsampled_mask_loss_terms_reference, low_res,
+                                                                target, seed=6)
+    assert focal[3].isnan() and dice[3].isnan() and grad[3].isnan().all() and grad_ref[3].isnan().all()
+    assert torch.equal(iou, iou_ref)
+    others = [k for k in range(7) if k != 3]
+    torch.testing.assert_close(focal[others], focal_ref[others], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dice[others], dice_ref[others], atol=1e-6, rtol=1e-5)
+    scale = grad_ref[others].abs().max().item()
+    torch.testing.assert_close(grad[others], grad_ref[others], atol=1e-5 * scale, rtol=1e-4)
