@@ -267,7 +267,8 @@ def _mask_loss_finalize_kernel(sums_ptr, counts_ptr, losses_ptr, iou_ptr, saved_
     # HW = 0 (no chunk): NaN, like the reference's mean of nothing (without evaluating 0 / 0)
     focal = tl.where(hw > 0, tl.sum(focal_acc, axis=1) / tl.maximum(hw, 1), float("nan"))
     dice = 1.0 - (2.0 * intersection + SMOOTH) / denominator
-    iou = tl.where(union > 0.0, hits / tl.maximum(union, 1.0), 1.0)
+    # IEEE-rounded division (Triton's "/" is approximate on the GPU): the same IoU as torch's
+    iou = tl.where(union > 0.0, tl.div_rn(hits, tl.maximum(union, 1.0)), 1.0)
     out = instances.to(tl.int64)  # BLOCK_N
     tl.store(losses_ptr + out, focal, mask=valid)
     tl.store(losses_ptr + out + num, dice, mask=valid)
