@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     from resam_kernels.mask_head import mask_head_reference
     from resam_kernels.mask_loss import mask_loss_terms_reference
     from resam_kernels.mask_loss_upsampled import upsampled_mask_loss_terms_reference
+    from resam_kernels import entropy as entropy_kernels
+    from resam_kernels import overlap as overlap_kernels
+    from resam_kernels import ssa as ssa_kernels
     from resam_kernels.overlap import suppress_overlap_reference
     from resam_kernels.relpos_attention import relpos_attention_reference
     from resam_kernels.ssa import ssa_loss_reference
@@ -160,18 +163,24 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out / "kernels.md").write_text(markdown(result))
 
+    def best_config(tuned) -> str:
+        """The config a `triton.autotune` kernel picked last (the GPU only)."""
+        config = getattr(tuned, "best_config", None)
+        return "-" if config is None else f"{config.kwargs} warps={config.num_warps}"
+
     def graph_ms(fn: Callable[[], object]) -> float:
         """Median of replays of fn captured in a CUDA graph: device time without host launch cost."""
         fn()
         return float(triton.testing.do_bench_cudagraph(fn, return_mode="median"))
 
     def record(kernel: str, shape: str, impls: dict[str, Callable | None], num_bytes: int,
-               copy_reference: bool = False) -> None:
+               copy_reference: bool = False, tuned: Callable[[], str] | None = None) -> None:
         """Times each implementation ("torch_eager" first: the others' speed-up refers to it).
         On a GPU two rows follow: "triton_cuda_graph" (the Triton call replayed from a CUDA graph:
         its device time alone, to tell host launch cost from kernel time) and, with
         copy_reference, "copy_same_bytes" (a device-to-device copy moving the same number of bytes:
-        the bandwidth a memory-bound op of this size can reach)."""
+        the bandwidth a memory-bound op of this size can reach). `tuned` names the autotuner's
+        choice for the Triton row (read after it ran)."""
         impls = dict(impls)
         copy_buffers = None
         if not args.cpu_smoke and impls.get("triton") is not None:
@@ -198,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                     eager_ms = ms
                 row.update(ms=ms, gbps=gbps, pct_copy_bw=100.0 * gbps / copy_gbps,
                            speedup_vs_eager=(eager_ms / ms) if eager_ms else None)
+                if impl == "triton" and tuned is not None:
+                    row["note"] = f"tuned: {tuned()}"
             rows.append(row)
             print(f"{kernel:18s} {shape:28s} {impl:14s} "
                   + (f"{row['ms']:9.4f} ms {row['gbps']:8.1f} GB/s" if row["ms"] else row["note"]),
@@ -225,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch_compile": compiled_filter and (
                     lambda: compiled_filter(logits, 0.5, return_confidence=True)),
             }, num_bytes=numel * (logits.element_size() + 1 + 4),  # logits in, keep + confidence out
-                copy_reference=True)
+                copy_reference=True, tuned=lambda: best_config(entropy_kernels._entropy_filter_kernel_tuned))
         keep, confidence = resam_kernels.entropy_filter(logits, 0.5, return_confidence=True)
         del logits
         counts = torch.full((batch,), num_instances, dtype=torch.int64, device=device)
@@ -239,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                 "torch_compile": compiled_overlap and (
                     lambda: compiled_overlap(keep, confidence, counts, mode)),
             }, num_bytes=numel * (1 + read_confidence + 1) + batch * num_instances * 16,
-                copy_reference=True)
+                copy_reference=True, tuned=lambda mode=mode: best_config(
+                    overlap_kernels._suppress_drop_words_kernel_tuned if mode == "drop" and width % 4 == 0
+                    else overlap_kernels._suppress_overlap_kernel_tuned))
         del keep, confidence
 
     tau = 0.07
@@ -260,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
                 "torch_eager": forward_backward(ssa_loss_reference),
                 "triton": forward_backward(resam_kernels.ssa_loss),
                 "torch_compile": compiled_ssa and forward_backward(compiled_ssa),
-            }, num_bytes=(queue_len + 2 * num_rows) * dim * element + num_rows * dim * element)
+            }, num_bytes=(queue_len + 2 * num_rows) * dim * element + num_rows * dim * element,
+                tuned=lambda dtype=dtype: best_config(ssa_kernels._ssa_queue_partial_kernel_bf16
+                                                      if dtype == torch.bfloat16
+                                                      else ssa_kernels._ssa_queue_partial_kernel_f32))
 
     for batch, num_instances, height, width in shapes(args.cpu_smoke)["mask"] if wanted("mask_loss") else []:
         shape = f"{batch}x{num_instances}x{height}x{width}"
@@ -493,14 +509,14 @@ def markdown(result: dict) -> str:
         "\"triton_cuda_graph\": the Triton call replayed from a CUDA graph (device time without "
         "host launch cost); \"copy_same_bytes\": a device-to-device copy of the same number of bytes.",
         "",
-        "| kernel | shape | impl | median ms | GB/s | % copy BW | speed-up vs eager |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| kernel | shape | impl | median ms | GB/s | % copy BW | speed-up vs eager | note |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for row in result["rows"]:
-        ms = number(row["ms"], ".4f") if row["ms"] is not None else row.get("note", "-")
+        ms = number(row["ms"], ".4f") if row["ms"] is not None else "-"
         lines.append(f"| {row['kernel']} | {row['shape']} | {row['impl']} | {ms} | "
                      f"{number(row['gbps'], '.1f')} | {number(row['pct_copy_bw'], '.1f')} | "
-                     f"{number(row['speedup_vs_eager'], '.2f')} |")
+                     f"{number(row['speedup_vs_eager'], '.2f')} | {row.get('note', '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -179,42 +179,52 @@ def _tile_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, nu
 @triton.jit
 def _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
                  width, num_pixels, ARGMAX: tl.constexpr, BLOCK_P: tl.constexpr,
-                 CHUNK: tl.constexpr):
-    """The pixels [first, first + BLOCK_P) of one image in two phases, with no reduction over
-    the instance axis across threads:
-    1. a loop over the valid instances, one contiguous row of BLOCK_P pixels each, keeps per
-       pixel its owner (argmax: first most confident kept instance so far; drop: first instance
-       that kept it) and whether the owner keeps it (argmax: owner kept; drop: kept by exactly one);
+                 CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+    """The pixels [first, first + BLOCK_P) of one image in two phases:
+    1. a loop over the valid instances, UNROLL contiguous rows of BLOCK_P pixels a step (loaded
+       together, so more bytes are in flight), keeps per pixel its owner (argmax: first most
+       confident kept instance so far; drop: first instance that kept it) and whether the owner
+       keeps it (argmax: owner kept; drop: kept by exactly one);
     2. the output rows, CHUNK instances at a time: (instance == owner) & owned, and their boxes.
-    Registers hold a few values per pixel instead of a K x pixels tile, so K is not bounded by
-    registers."""
+    Registers hold UNROLL + a few values per pixel instead of a K x pixels tile, so K is not
+    bounded by registers."""
     pixel = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # BLOCK_P
     in_range = pixel < num_pixels
     image_base = image * num_instances * num_pixels  # int64: first pixel of this image's planes
+    step = tl.arange(0, UNROLL)  # UNROLL
     owner = tl.zeros([BLOCK_P], dtype=tl.int32)
+    plane = image_base  # int64, first pixel of instance k0's plane
     if ARGMAX:
         best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
-        owned = tl.zeros([BLOCK_P], dtype=tl.int1)
-        plane = image_base  # int64, first pixel of instance k's plane
-        for k in range(0, count):
-            kept = tl.load(masks_ptr + plane + pixel, mask=in_range, other=0) != 0  # BLOCK_P
-            score = tl.load(confidence_ptr + plane + pixel, mask=in_range, other=0.0).to(tl.float32)
+        # no kept score above -inf: the owner stays 0 and keeps the pixel only if instance 0 kept
+        # it (as the reference's argmax over all -inf)
+        owned = (tl.load(masks_ptr + plane + pixel, mask=in_range & (count > 0), other=0) != 0)
+        for k0 in range(0, count, UNROLL):
+            read = (k0 + step < count)[:, None] & in_range[None, :]  # UNROLL x BLOCK_P
+            offsets = plane + step.to(tl.int64)[:, None] * num_pixels + pixel[None, :]
+            kept = tl.load(masks_ptr + offsets, mask=read, other=0) != 0  # UNROLL x BLOCK_P
+            score = tl.load(confidence_ptr + offsets, mask=read, other=0.0).to(tl.float32)
             score = tl.where(kept, score, float("-inf"))
-            # strictly better: ties keep the lowest k, as torch.argmax. No kept score above -inf:
-            # the owner stays 0 and keeps the pixel only if instance 0 kept it (as the reference)
-            better = score > best
-            owned = better | tl.where(k == 0, kept, owned)
-            owner = tl.where(better, k, owner)
-            best = tl.where(better, score, best)
-            plane += num_pixels
+            # the step's first most confident row, then strictly better than the earlier steps:
+            # ties keep the lowest k, as torch.argmax
+            step_best = tl.max(score, axis=0)  # BLOCK_P
+            step_owner = tl.argmax(score, axis=0, tie_break_left=True)  # BLOCK_P
+            better = step_best > best
+            owned = owned | better
+            owner = tl.where(better, k0 + step_owner, owner)
+            best = tl.where(better, step_best, best)
+            plane += UNROLL * num_pixels
     else:
         keepers = tl.zeros([BLOCK_P], dtype=tl.int32)
-        plane = image_base  # int64, first pixel of instance k's plane
-        for k in range(0, count):
-            kept = tl.load(masks_ptr + plane + pixel, mask=in_range, other=0) != 0  # BLOCK_P
-            owner = tl.where(kept & (keepers == 0), k, owner)
-            keepers += kept.to(tl.int32)
-            plane += num_pixels
+        for k0 in range(0, count, UNROLL):
+            read = (k0 + step < count)[:, None] & in_range[None, :]  # UNROLL x BLOCK_P
+            offsets = plane + step.to(tl.int64)[:, None] * num_pixels + pixel[None, :]
+            kept = (tl.load(masks_ptr + offsets, mask=read, other=0) != 0).to(tl.int32)
+            step_keepers = tl.sum(kept, axis=0)  # BLOCK_P
+            step_first = tl.argmax(kept, axis=0, tie_break_left=True)  # first keeper of the step
+            owner = tl.where((keepers == 0) & (step_keepers > 0), k0 + step_first, owner)
+            keepers += step_keepers
+            plane += UNROLL * num_pixels
         owned = keepers == 1
     owned = owned & in_range
     row = pixel // width  # BLOCK_P
@@ -237,7 +247,7 @@ def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, sta
                              arrivals_ptr, boxes_ptr, num_instances, width, num_pixels,
                              pixels_bucket, batch_bucket, ARGMAX: tl.constexpr, KP: tl.constexpr,
                              BLOCK_P: tl.constexpr, WALK: tl.constexpr, ROWS: tl.constexpr,
-                             CHUNK: tl.constexpr):
+                             CHUNK: tl.constexpr, UNROLL: tl.constexpr):
     # masks/out: B x K x H x W uint8, confidence: B x K x H x W float (read in "argmax" mode),
     # counts: B int64, state: B x K x 4 int32 + arrivals: B int32 (zeroed), boxes: B x K x 4
     # float32. Grid: (pixel spans, images). ROWS picks the design (`_rows_design`, else
@@ -247,7 +257,7 @@ def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, sta
     count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
     if ROWS:
         _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
-                     width, num_pixels, ARGMAX, BLOCK_P, CHUNK)
+                     width, num_pixels, ARGMAX, BLOCK_P, CHUNK, UNROLL)
     else:
         _tile_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
                      width, num_pixels, ARGMAX, KP, BLOCK_P, WALK)
@@ -318,8 +328,8 @@ MAX_INSTANCES = 1024
 _TARGET_PROGRAMS = 2048
 _MAX_BLOCKS_PER_PROGRAM = 8
 # Fixed launch of the rows design (GPU above KP = 64; interpreter tests): pixels per program,
-# instances per output chunk, warps.
-_ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_WARPS = 1024, 8, 8
+# instances per output chunk, instance rows loaded per step, warps.
+_ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 
 
 # "drop" mode on words of 4 pixels: KP x BLOCK_W tiles of TILE words (BLOCK_W = TILE / KP).
@@ -334,15 +344,20 @@ _suppress_drop_words_kernel_tuned = triton.autotune(
 # The byte kernel on the GPU with KP <= 64 (mode "argmax", or "drop" on rows that are not a
 # multiple of 4 pixels): both designs compete per (KP, log2 of pixels per image, log2 of images,
 # mode). Tile design: BLOCK_P and the blocks walked per program (walking issues fewer box
-# atomics). Rows design: pixels per program and instances per output chunk. sm_90 ptxas
+# atomics). Rows design: pixels per program, instances per output chunk and instance rows
+# loaded per step. sm_90 ptxas
 # (triton 3.8, KP = 64, both modes): tile configs 72-177 registers a thread, (64, 4) 170 / 254,
-# rows configs 95-162, the fixed rows launch at KP = 1024 80; no spills. Walking 128-pixel blocks
+# rows configs 93-191, the fixed rows launch at KP = 1024 128; no spills. Walking 128-pixel blocks
 # spilled (2 blocks: 380-492 bytes), as did stop 12's runtime-walk launch at BLOCK_P = 128.
 _BYTE_CONFIGS = (
-    [triton.Config({"BLOCK_P": block_p, "WALK": walk, "ROWS": False, "CHUNK": 1}, num_warps=warps)
+    [triton.Config({"BLOCK_P": block_p, "WALK": walk, "ROWS": False, "CHUNK": 1, "UNROLL": 1},
+                   num_warps=warps)
      for block_p, walk, warps in ((32, 1, 4), (64, 1, 8), (128, 1, 8), (64, 4, 8))]
-    + [triton.Config({"BLOCK_P": block_p, "WALK": 1, "ROWS": True, "CHUNK": chunk}, num_warps=warps)
-       for block_p, chunk, warps in ((512, 8, 4), (1024, 8, 4), (1024, 16, 8), (2048, 8, 8))])
+    + [triton.Config({"BLOCK_P": block_p, "WALK": 1, "ROWS": True, "CHUNK": chunk, "UNROLL": unroll},
+                     num_warps=warps)
+       for block_p, chunk, unroll, warps in ((512, 8, 1, 4), (1024, 8, 1, 4), (1024, 16, 1, 8),
+                                             (2048, 8, 1, 8), (512, 8, 4, 4), (1024, 8, 4, 4),
+                                             (1024, 8, 4, 8), (2048, 8, 2, 8))])
 _suppress_overlap_kernel_tuned = triton.autotune(
     configs=_BYTE_CONFIGS, key=["KP", "pixels_bucket", "batch_bucket", "ARGMAX"]
 )(_suppress_overlap_kernel)
@@ -418,7 +433,8 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
         block_p = min(_ROWS_BLOCK_P, max(_MIN_BLOCK_P, triton.next_power_of_2(num_pixels)))
         grid = (triton.cdiv(num_pixels, block_p), batch)
         _suppress_overlap_kernel[grid](*args, ARGMAX=argmax, KP=kp, BLOCK_P=block_p, WALK=1,
-                                       ROWS=True, CHUNK=_ROWS_CHUNK, num_warps=_ROWS_WARPS)
+                                       ROWS=True, CHUNK=_ROWS_CHUNK, UNROLL=_ROWS_UNROLL,
+                                       num_warps=_ROWS_WARPS)
     else:
         block_p = min(max(_MIN_BLOCK_P, _TILE[mode] // kp),
                       max(_MIN_BLOCK_P, triton.next_power_of_2(num_pixels)))
@@ -428,6 +444,6 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
                                      max(1, num_blocks * batch // _TARGET_PROGRAMS))
         grid = (triton.cdiv(num_blocks, blocks_per_program), batch)
         _suppress_overlap_kernel[grid](*args, ARGMAX=argmax, KP=kp, BLOCK_P=block_p,
-                                       WALK=blocks_per_program, ROWS=False, CHUNK=1,
+                                       WALK=blocks_per_program, ROWS=False, CHUNK=1, UNROLL=1,
                                        num_warps=_NUM_WARPS)
     return out.view(torch.bool), boxes

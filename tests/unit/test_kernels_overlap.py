@@ -233,8 +233,8 @@ def test_unknown_design_is_rejected():
         suppress_overlap_triton(masks, confidence, torch.tensor([2]), "argmax", design="columns")
 
 
-@pytest.mark.parametrize("rows", [False, True])
-def test_kernel_leaves_its_box_state_zeroed(rows):
+@pytest.mark.parametrize("rows, unroll", [(False, 1), (True, 1), (True, 4)])
+def test_kernel_leaves_its_box_state_zeroed(rows, unroll):
     # the last program of each image turns the box state into float boxes and zeroes the state and
     # its arrival counter, so the autotuner's repeated runs on one state give the same boxes
     from resam_kernels.overlap import _suppress_overlap_kernel
@@ -250,7 +250,7 @@ def test_kernel_leaves_its_box_state_zeroed(rows):
         _suppress_overlap_kernel[(triton_cdiv(height * width, block_p), batch)](
             masks.view(torch.uint8), confidence, counts, out, state, state[batch * num_instances * 4:],
             boxes, num_instances, width, height * width, 0, 0, ARGMAX=True, KP=8, BLOCK_P=block_p,
-            WALK=1, ROWS=rows, CHUNK=4)
+            WALK=1, ROWS=rows, CHUNK=4, UNROLL=unroll)
         assert torch.equal(out.bool(), out_ref)
         assert torch.equal(boxes, boxes_ref)
         assert not state.any()
