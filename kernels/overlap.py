@@ -193,15 +193,15 @@ def _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, nu
     image_base = image * num_instances * num_pixels  # int64: first pixel of this image's planes
     step = tl.arange(0, UNROLL)  # UNROLL
     owner = tl.zeros([BLOCK_P], dtype=tl.int32)
-    plane = image_base  # int64, first pixel of instance k0's plane
     if ARGMAX:
         best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
         # no kept score above -inf: the owner stays 0 and keeps the pixel only if instance 0 kept
         # it (as the reference's argmax over all -inf)
-        owned = (tl.load(masks_ptr + plane + pixel, mask=in_range & (count > 0), other=0) != 0)
+        owned = (tl.load(masks_ptr + image_base + pixel, mask=in_range & (count > 0), other=0) != 0)
         for k0 in range(0, count, UNROLL):
             read = (k0 + step < count)[:, None] & in_range[None, :]  # UNROLL x BLOCK_P
-            offsets = plane + step.to(tl.int64)[:, None] * num_pixels + pixel[None, :]
+            # int64: instance planes may start beyond 2^31
+            offsets = image_base + (k0 + step).to(tl.int64)[:, None] * num_pixels + pixel[None, :]
             kept = tl.load(masks_ptr + offsets, mask=read, other=0) != 0  # UNROLL x BLOCK_P
             score = tl.load(confidence_ptr + offsets, mask=read, other=0.0).to(tl.float32)
             score = tl.where(kept, score, float("-inf"))
@@ -213,18 +213,17 @@ def _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, nu
             owned = owned | better
             owner = tl.where(better, k0 + step_owner, owner)
             best = tl.where(better, step_best, best)
-            plane += UNROLL * num_pixels
     else:
         keepers = tl.zeros([BLOCK_P], dtype=tl.int32)
         for k0 in range(0, count, UNROLL):
             read = (k0 + step < count)[:, None] & in_range[None, :]  # UNROLL x BLOCK_P
-            offsets = plane + step.to(tl.int64)[:, None] * num_pixels + pixel[None, :]
+            # int64: instance planes may start beyond 2^31
+            offsets = image_base + (k0 + step).to(tl.int64)[:, None] * num_pixels + pixel[None, :]
             kept = (tl.load(masks_ptr + offsets, mask=read, other=0) != 0).to(tl.int32)
             step_keepers = tl.sum(kept, axis=0)  # BLOCK_P
             step_first = tl.argmax(kept, axis=0, tie_break_left=True)  # first keeper of the step
             owner = tl.where((keepers == 0) & (step_keepers > 0), k0 + step_first, owner)
             keepers += step_keepers
-            plane += UNROLL * num_pixels
         owned = keepers == 1
     owned = owned & in_range
     row = pixel // width  # BLOCK_P
@@ -395,7 +394,7 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
         raise ValueError(f"overlap suppression design must be one of {DESIGNS}, got {design!r}")
     if num_instances > MAX_INSTANCES:
         return suppress_overlap_reference(masks, confidence, counts, mode)
-    if masks.numel() == 0:
+    if masks.numel() == 0:  # (the reference fails on H or W = 0; here: empty masks, zero boxes)
         boxes = torch.zeros((batch, num_instances, 4), dtype=torch.float32, device=masks.device)
         return torch.zeros_like(masks, dtype=torch.bool), boxes
     masks_u8 = masks.contiguous().view(torch.uint8)  # B x K x H x W
@@ -410,6 +409,9 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
     num_pixels = height * width
     kp = triton.next_power_of_2(num_instances)
     overridden = design is not None or blocks_per_program is not None or word_tile is not None
+    if word_tile is not None and not _use_words(masks_u8, out, mode):
+        raise ValueError("word_tile needs mode 'drop', rows of a multiple of 4 pixels and at most "
+                         f"{MAX_WORD_INSTANCES} instances, got mode {mode!r} and masks {tuple(masks.shape)}")
     if word_tile is not None or (not overridden and _use_words(masks_u8, out, mode)):
         num_words = num_pixels // 4
         args = (masks_u8.view(torch.int32), counts, out.view(torch.int32), state, arrivals, boxes,
@@ -429,7 +431,8 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
         def grid(meta):
             return (triton.cdiv(num_pixels, meta["BLOCK_P"] * meta["WALK"]), batch)
         _suppress_overlap_kernel_tuned[grid](*args, ARGMAX=argmax, KP=kp)
-    elif design == "rows" or (design is None and not INTERPRET):  # GPU, KP > 64
+    elif design == "rows" or (design is None and blocks_per_program is None and not INTERPRET):
+        # the GPU above KP = 64
         block_p = min(_ROWS_BLOCK_P, max(_MIN_BLOCK_P, triton.next_power_of_2(num_pixels)))
         grid = (triton.cdiv(num_pixels, block_p), batch)
         _suppress_overlap_kernel[grid](*args, ARGMAX=argmax, KP=kp, BLOCK_P=block_p, WALK=1,

@@ -227,10 +227,15 @@ def test_rows_design_ties_and_negative_infinity():
     check_against_reference(masks, confidence, counts, "argmax", design="rows")
 
 
-def test_unknown_design_is_rejected():
-    masks, confidence = random_instances(1, 2, 4, 4, seed=0)
+def test_unknown_design_and_ineligible_word_tile_are_rejected():
+    masks, confidence = random_instances(1, 2, 4, 6, seed=0)
     with pytest.raises(ValueError, match="design"):
         suppress_overlap_triton(masks, confidence, torch.tensor([2]), "argmax", design="columns")
+    # the word kernel is "drop" only, on rows of a multiple of 4 pixels
+    with pytest.raises(ValueError, match="word_tile"):
+        suppress_overlap_triton(masks[..., :4], confidence[..., :4], torch.tensor([2]), "argmax", word_tile=4)
+    with pytest.raises(ValueError, match="word_tile"):
+        suppress_overlap_triton(masks, None, torch.tensor([2]), "drop", word_tile=4)
 
 
 @pytest.mark.parametrize("rows, unroll", [(False, 1), (True, 1), (True, 4)])
