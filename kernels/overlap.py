@@ -346,7 +346,7 @@ _suppress_drop_words_kernel_tuned = triton.autotune(
 # atomics). Rows design: pixels per program, instances per output chunk and instance rows
 # loaded per step. sm_90 ptxas
 # (triton 3.8, KP = 64, both modes): tile configs 72-177 registers a thread, (64, 4) 170 / 254,
-# rows configs 93-191, the fixed rows launch at KP = 1024 128; no spills. Walking 128-pixel blocks
+# rows configs 80-204, the fixed rows launch at KP = 1024 included; no spills. Walking 128-pixel blocks
 # spilled (2 blocks: 380-492 bytes), as did stop 12's runtime-walk launch at BLOCK_P = 128.
 _BYTE_CONFIGS = (
     [triton.Config({"BLOCK_P": block_p, "WALK": walk, "ROWS": False, "CHUNK": 1, "UNROLL": 1},
