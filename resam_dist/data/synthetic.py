@@ -100,16 +100,10 @@ _ROOF_COLOURS = np.array([
 ], dtype=np.float32)
 
 
-def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense: bool = True,
-                    size: float = 1.0, roof_jitter: float = 7.0, seam: float = 1.0) -> Scene:
+def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense: bool = True) -> Scene:
     """dense: touching buildings with near-identical roofs per block (the target domain); else
-    buildings with gaps between them, each with its own roof colour (an easier source domain).
-    size: building and block dimensions relative to the default; roof_jitter: std of each roof's
-    colour around its block colour (dense); seam: brightness factor of each roof's 1-pixel outline
-    (1: none)."""
+    buildings with gaps between them, each with its own roof colour (an easier source domain)."""
     scale = max(height, width) / 256.0
-    block_scale = scale * max(1.0, size * 0.8)
-    building_scale = scale * size
     # Ground: grass/soil mix with low-frequency variation and fine grain.
     mix = _smooth_noise(rng, height, width, max(8, int(40 * scale)))[..., None]
     grass = np.array([84, 104, 64], dtype=np.float32)
@@ -127,10 +121,10 @@ def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense:
     xs_cuts = [0]
     ys_cuts = [0]
     for cuts, extent in ((xs_cuts, width), (ys_cuts, height)):
-        position = int(rng.integers(int(70 * block_scale), int(130 * block_scale)))
-        while position < extent - int(50 * block_scale):
+        position = int(rng.integers(int(70 * scale), int(130 * scale)))
+        while position < extent - int(50 * scale):
             cuts.append(position)
-            position += int(rng.integers(int(90 * block_scale), int(150 * block_scale)))
+            position += int(rng.integers(int(90 * scale), int(150 * scale)))
         cuts.append(extent)
     for x in xs_cuts[1:-1]:
         road[:, x:x + road_width] = True
@@ -150,13 +144,12 @@ def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense:
             right, bottom = bx1 - margin, by1 - margin
             block_colour = _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS))]
             y = top
-            while y < bottom - int(10 * building_scale):
-                row_height = min(int(rng.integers(int(20 * building_scale), int(40 * building_scale) + 1)), bottom - y)
+            while y < bottom - int(10 * scale):
+                row_height = min(int(rng.integers(int(20 * scale), int(40 * scale) + 1)), bottom - y)
                 x = left
-                while x < right - int(8 * building_scale):
-                    building_width = min(int(rng.integers(int(14 * building_scale), int(38 * building_scale) + 1)),
-                                         right - x)
-                    if building_width < int(6 * building_scale) or row_height < int(6 * building_scale):
+                while x < right - int(8 * scale):
+                    building_width = min(int(rng.integers(int(14 * scale), int(38 * scale) + 1)), right - x)
+                    if building_width < int(6 * scale) or row_height < int(6 * scale):
                         break
                     x0, y0, x1, y1 = x, y, x + building_width, y + row_height
                     # Integer-cornered axis-aligned polygons: pycocotools' raster of such a
@@ -166,7 +159,7 @@ def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense:
                     mask[y0:y1, x0:x1] = True
                     polygon = [x0, y0, x1, y0, x1, y1, x0, y1]
                     # Sometimes an L shape: cut a corner out.
-                    if rng.random() < 0.3 and building_width >= 12 * building_scale and row_height >= 12 * building_scale:
+                    if rng.random() < 0.3 and building_width >= 12 * scale and row_height >= 12 * scale:
                         cut_w = max(1, int(building_width * rng.uniform(0.35, 0.55)))
                         cut_h = max(1, int(row_height * rng.uniform(0.35, 0.55)))
                         if rng.random() < 0.5:  # notch at the bottom-right corner
@@ -178,8 +171,7 @@ def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense:
                     polygons.append([float(v) for v in polygon])
                     masks.append(mask)
                     colour = block_colour if dense else _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS))]
-                    roofs.append(np.clip(colour + rng.normal(0, roof_jitter if dense else 7, 3), 0, 255
-                                         ).astype(np.float32))
+                    roofs.append(np.clip(colour + rng.normal(0, 7, 3), 0, 255).astype(np.float32))
                     gap_x = rng.random() < 0.15 if dense else True
                     gap_y = rng.random() < 0.5 if dense else True
                     x = x1 + (int(rng.integers(3, 9) * scale) if gap_x else 0)
@@ -208,26 +200,15 @@ def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense:
                 shade[:, : (x1 - x0) // 2] = 1.08
             box = image[y0:y1, x0:x1]
             box[region] = (roof * shade)[region]
-            if seam != 1.0:  # the roof's outline (eaves, parapet): a thin line darker than the roof
-                inner = region.copy()
-                inner[1:] &= region[:-1]
-                inner[:-1] &= region[1:]
-                inner[:, 1:] &= region[:, :-1]
-                inner[:, :-1] &= region[:, 1:]
-                inner[0] = inner[-1] = False
-                inner[:, 0] = inner[:, -1] = False
-                box[region & ~inner] *= seam
         image[union] += 3 * rng.standard_normal((int(union.sum()), 3), dtype=np.float32)
     image = np.clip(image, 0, 255).astype(np.uint8)
     return _finish(image, polygons, masks, [1] * len(masks))
 
 
 # ------------------------------------------------------------------------------- SAR ships
-def _sar_scene(rng: np.random.Generator, height: int, width: int, *, looks: float = 2.0, size: float = 1.0) -> Scene:
-    """looks: equivalent number of looks of the speckle (2: heavy, the target domain; 12: mild);
-    size: ship dimensions relative to the default."""
+def _sar_scene(rng: np.random.Generator, height: int, width: int, *, looks: float = 2.0) -> Scene:
+    """looks: equivalent number of looks of the speckle (2: heavy, the target domain; 12: mild)."""
     scale = max(height, width) / 256.0
-    ship_scale = scale * size
     rows = np.arange(height, dtype=np.float32)[:, None]
     cols = np.arange(width, dtype=np.float32)[None, :]
     # Coastline: land on one side behind a wavy line (or open sea in some scenes).
@@ -259,8 +240,8 @@ def _sar_scene(rng: np.random.Generator, height: int, width: int, *, looks: floa
     attempts = 0
     while len(masks) < num_ships and attempts < num_ships * 20:
         attempts += 1
-        half_length = rng.uniform(5, 12) * ship_scale
-        half_width = rng.uniform(1.6, 3.2) * ship_scale
+        half_length = rng.uniform(5, 12) * scale
+        half_width = rng.uniform(1.6, 3.2) * scale
         if side != 4 and rng.random() < 0.4:
             # Moored: a few pixels off the coast, parallel to it.
             position = rng.uniform(0.1, 0.9) * length
@@ -362,18 +343,10 @@ def _shapes_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
     return _finish(image, polygons, masks, category_ids)
 
 
-# Buildings and ships are drawn 1.6 times the base size: on the tiny demo SAM's 256-px canvas
-# (16-pixel feature stride) a building then spans about 1.4-4 feature cells per side (0.9-2.4 at
-# the base size) and a ship 1-2.4 cells in length, closer to WHU buildings under SAM ViT-B at
-# 1024 px. Roofs get a thin darker outline (seam 0.85), so touching buildings are separable.
-OBJECT_SIZE = 1.6
-_ROOF = {"size": OBJECT_SIZE, "seam": 0.85}
 _GENERATORS = {
-    "buildings": lambda rng, height, width: _building_scene(rng, height, width, roof_jitter=12.0, **_ROOF),
-    "sar_ships": lambda rng, height, width: _sar_scene(rng, height, width, size=OBJECT_SIZE),
-    "source_shapes": _shapes_scene,
-    "sparse_buildings": lambda rng, height, width: _building_scene(rng, height, width, dense=False, **_ROOF),
-    "calm_sar_ships": lambda rng, height, width: _sar_scene(rng, height, width, looks=12.0, size=OBJECT_SIZE),
+    "buildings": _building_scene, "sar_ships": _sar_scene, "source_shapes": _shapes_scene,
+    "sparse_buildings": lambda rng, height, width: _building_scene(rng, height, width, dense=False),
+    "calm_sar_ships": lambda rng, height, width: _sar_scene(rng, height, width, looks=12.0),
 }
 
 
