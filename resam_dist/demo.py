@@ -112,14 +112,22 @@ def prepare_data(out: Path, *, size: int, train_images: int, test_images: int, s
 
 
 # ------------------------------------------------------------------------------ pretraining
+def pretraining_key(source: Path, *, steps: int, images_per_step: int, lr: float) -> str:
+    """12 hex digits naming a cached pretrained model: its settings and the whole source annotation
+    file (every instance's polygon or RLE). The first 2 KB of the file, the key of earlier versions,
+    did not change when the synthetic domains did, so a model pretrained on an older domain was
+    silently reused."""
+    content = hashlib.sha256(source.read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps([steps, images_per_step, lr, content]).encode()).hexdigest()[:12]
+
+
 def pretrained_checkpoint(cache: Path, source: Path, *, steps: int, images_per_step: int, lr: float) -> Path:
     """The tiny SAM pretrained on the source domain, cached by its settings."""
     from resam_dist.data.coco import CocoSplit
     from resam_dist.model.build import build_sam
     from resam_dist.train.pretrain import pretrain
 
-    key = hashlib.sha256(json.dumps([steps, images_per_step, lr, source.read_bytes().hex()[:4096]]).encode())
-    path = cache / f"tiny_source_{key.hexdigest()[:12]}.pth"
+    path = cache / f"tiny_source_{pretraining_key(source, steps=steps, images_per_step=images_per_step, lr=lr)}.pth"
     if path.exists():
         print(f"[demo] pretrained source model from cache: {path}", flush=True)
         return path
