@@ -9,7 +9,8 @@ from PIL import Image
 
 from resam_dist.config import load_config
 from resam_dist.data.coco import CocoSplit
-from resam_dist.demo import DEMO_CONFIG, format_table, pseudo_label_quality, write_domain, write_overlays
+from resam_dist.demo import (DEMO_CONFIG, format_table, pretraining_key, pseudo_label_quality, write_domain,
+                             write_overlays)
 from resam_dist.model.build import build_sam
 
 
@@ -55,3 +56,18 @@ def test_table_shows_mean_and_spread():
     row = {key: (0.5, 0.02) for key in ("miou", "f1", "precision", "recall", "miou_buildings", "miou_sar_ships")}
     table = format_table({"direct": {**row, "n": 1}, "ReSAM (full)": {**row, "miou": (0.6, 0.01), "n": 3}})
     assert "60.00 ± 1.00" in table and "direct" in table
+
+
+def test_pretraining_key_covers_the_whole_source_domain(tmp_path):
+    # Two source domains that differ only after their first 2 KB (one instance's segmentation at the
+    # end) must not share a cached model; the same file and settings must.
+    first = write_domain(tmp_path / "a", {"sparse_buildings": 3}, size=64, seed=1)
+    coco = json.loads(first.read_text())
+    coco["annotations"][-1]["area"] += 1
+    second = tmp_path / "b.json"
+    second.write_text(json.dumps(coco))
+    assert first.read_bytes()[:2048] == second.read_bytes()[:2048]
+    key = pretraining_key(first, steps=10, images_per_step=4, lr=1e-3)
+    assert key == pretraining_key(first, steps=10, images_per_step=4, lr=1e-3) and len(key) == 12
+    assert key != pretraining_key(second, steps=10, images_per_step=4, lr=1e-3)
+    assert key != pretraining_key(first, steps=11, images_per_step=4, lr=1e-3)
