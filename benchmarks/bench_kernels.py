@@ -289,10 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                                 generator=generator) < 0.3
 
             def forward_backward(terms_fn):
-                def run():
-                    focal, dice, _ = terms_fn(logits, target)
-                    return torch.autograd.grad(focal.sum() + dice.sum(), logits)
-                return run
+                return loss_terms_forward_backward(terms_fn, logits, target)
 
             compiled_terms = compiled(mask_loss_terms_reference)
             element = logits.element_size()
@@ -353,10 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             return resam_kernels.mask_loss_terms(full, target)
 
         def upsampled_forward_backward(terms_fn):
-            def run():
-                focal, dice, _ = terms_fn(low_res, target)
-                return torch.autograd.grad(focal.sum() + dice.sum(), low_res)
-            return run
+            return loss_terms_forward_backward(terms_fn, low_res, target)
 
         compiled_upsampled = compiled(upsampled_mask_loss_terms_reference)
         low_numel = num * low_h * low_w
@@ -493,6 +487,17 @@ def main(argv: list[str] | None = None) -> int:
     save()
     print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.md'}")
     return 0
+
+
+def loss_terms_forward_backward(terms_fn: Callable, logits, target) -> Callable[[], object]:
+    """A timed call: the (focal, dice, iou) terms of logits against target, then the gradient of
+    sum(focal) + sum(dice) with respect to logits."""
+    import torch  # imported in main, after the interpreter switch
+
+    def run():
+        focal, dice, _ = terms_fn(logits, target)
+        return torch.autograd.grad(focal.sum() + dice.sum(), logits)
+    return run
 
 
 def markdown(result: dict) -> str:
