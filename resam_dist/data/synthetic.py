@@ -32,12 +32,14 @@ from PIL import Image
 from resam_dist.data.coco import decode_instance, encode_rle
 
 SceneKind = Literal["buildings", "sar_ships", "source_shapes"]
-KINDS: tuple[str, ...] = ("buildings", "sar_ships", "source_shapes", "sparse_buildings", "calm_sar_ships")
+KINDS: tuple[str, ...] = ("buildings", "sar_ships", "source_shapes", "sparse_buildings", "city_buildings",
+                          "calm_sar_ships")
 
 CATEGORIES: dict[str, list[dict[str, object]]] = {
     "buildings": [{"id": 1, "name": "building", "supercategory": "structure"}],
     "sar_ships": [{"id": 1, "name": "ship", "supercategory": "vessel"}],
     "sparse_buildings": [{"id": 1, "name": "building", "supercategory": "structure"}],
+    "city_buildings": [{"id": 1, "name": "building", "supercategory": "structure"}],
     "calm_sar_ships": [{"id": 1, "name": "ship", "supercategory": "vessel"}],
     "source_shapes": [{"id": 1, "name": "rectangle", "supercategory": "shape"},
                       {"id": 2, "name": "ellipse", "supercategory": "shape"},
@@ -100,10 +102,12 @@ _ROOF_COLOURS = np.array([
 ], dtype=np.float32)
 
 
-def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense: bool = True) -> Scene:
-    """dense: touching buildings with near-identical roofs per block (the target domain); else
-    buildings with gaps between them, each with its own roof colour (an easier source domain)."""
-    scale = max(height, width) / 256.0
+def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense: bool = True,
+                    shared_roofs: bool | None = None, object_scale: float = 1.0) -> Scene:
+    """dense: touching buildings (most neighbours share a wall); else gaps between them.
+    shared_roofs: near-identical roofs per block (default: as `dense`, the target domain); else
+    each building has its own roof colour."""
+    scale = object_scale * max(height, width) / 256.0
     # Ground: grass/soil mix with low-frequency variation and fine grain.
     mix = _smooth_noise(rng, height, width, max(8, int(40 * scale)))[..., None]
     grass = np.array([84, 104, 64], dtype=np.float32)
@@ -170,7 +174,8 @@ def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense:
                             mask[y0:y0 + cut_h, x0:x0 + cut_w] = False
                     polygons.append([float(v) for v in polygon])
                     masks.append(mask)
-                    colour = block_colour if dense else _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS))]
+                    shared = dense if shared_roofs is None else shared_roofs
+                    colour = block_colour if shared else _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS))]
                     roofs.append(np.clip(colour + rng.normal(0, 7, 3), 0, 255).astype(np.float32))
                     gap_x = rng.random() < 0.15 if dense else True
                     gap_y = rng.random() < 0.5 if dense else True
@@ -206,9 +211,10 @@ def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense:
 
 
 # ------------------------------------------------------------------------------- SAR ships
-def _sar_scene(rng: np.random.Generator, height: int, width: int, *, looks: float = 2.0) -> Scene:
+def _sar_scene(rng: np.random.Generator, height: int, width: int, *, looks: float = 2.0,
+               object_scale: float = 1.0) -> Scene:
     """looks: equivalent number of looks of the speckle (2: heavy, the target domain; 12: mild)."""
-    scale = max(height, width) / 256.0
+    scale = object_scale * max(height, width) / 256.0
     rows = np.arange(height, dtype=np.float32)[:, None]
     cols = np.arange(width, dtype=np.float32)[None, :]
     # Coastline: land on one side behind a wavy line (or open sea in some scenes).
@@ -285,8 +291,8 @@ def _sar_scene(rng: np.random.Generator, height: int, width: int, *, looks: floa
 
 
 # ------------------------------------------------------------------------------- source shapes
-def _shapes_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
-    scale = max(height, width) / 256.0
+def _shapes_scene(rng: np.random.Generator, height: int, width: int, *, object_scale: float = 1.0) -> Scene:
+    scale = object_scale * max(height, width) / 256.0
     rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
     cols = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :, None]
     colour_a = rng.uniform(170, 235, 3).astype(np.float32)
@@ -345,23 +351,30 @@ def _shapes_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
 
 _GENERATORS = {
     "buildings": _building_scene, "sar_ships": _sar_scene, "source_shapes": _shapes_scene,
-    "sparse_buildings": lambda rng, height, width: _building_scene(rng, height, width, dense=False),
-    "calm_sar_ships": lambda rng, height, width: _sar_scene(rng, height, width, looks=12.0),
+    "sparse_buildings": lambda rng, height, width, **scale: _building_scene(rng, height, width, dense=False, **scale),
+    "city_buildings": lambda rng, height, width, **scale: _building_scene(rng, height, width, shared_roofs=False,
+                                                                          **scale),
+    "calm_sar_ships": lambda rng, height, width, **scale: _sar_scene(rng, height, width, looks=12.0, **scale),
 }
 
 
-def make_scene(kind: str, height: int, width: int, rng: np.random.Generator) -> Scene:
-    """Generate one scene of `kind` (one of KINDS)."""
+def make_scene(kind: str, height: int, width: int, rng: np.random.Generator, *,
+               object_scale: float = 1.0) -> Scene:
+    """Generate one scene of `kind` (one of KINDS). object_scale multiplies every length of the
+    scene's layout (object sizes, gaps, roads, texture cells): 2.0 draws objects twice as large
+    in the same image size."""
     if kind not in _GENERATORS:
         raise ValueError(f"unknown synthetic scene kind {kind!r}; choose one of {KINDS}")
     if height < 32 or width < 32:
         raise ValueError(f"synthetic scenes need at least 32 x 32 pixels, got {height} x {width}")
-    return _GENERATORS[kind](rng, height, width)
+    if not 0.25 <= object_scale <= 4.0:
+        raise ValueError(f"object_scale must lie in [0.25, 4], got {object_scale}")
+    return _GENERATORS[kind](rng, height, width, object_scale=object_scale)
 
 
 def write_synthetic_coco(out_dir: str | Path, kind: str, num_images: int, size: int | tuple[int, int],
                          seed: int, *, segmentation: Literal["polygon", "rle", "rle_uncompressed", "mixed"] = "polygon",
-                         first_image_id: int = 1, first_annotation_id: int = 1) -> Path:
+                         first_image_id: int = 1, first_annotation_id: int = 1, object_scale: float = 1.0) -> Path:
     """Write `num_images` scenes of `kind` as COCO JSON + PNG images; return the JSON path.
 
     size: side length, or (height, width). Image i uses the seed sequence (seed, i), so a scene
@@ -380,7 +393,7 @@ def write_synthetic_coco(out_dir: str | Path, kind: str, num_images: int, size: 
     annotation_id = first_annotation_id
     for index in range(num_images):
         rng = np.random.default_rng([seed, index])
-        scene = make_scene(kind, height, width, rng)
+        scene = make_scene(kind, height, width, rng, object_scale=object_scale)
         image_id = first_image_id + index
         file_name = f"{kind}_{index:05d}.png"
         Image.fromarray(scene.image).save(image_dir / file_name, compress_level=1)

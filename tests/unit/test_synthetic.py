@@ -158,3 +158,46 @@ def test_bad_arguments_raise():
         make_scene("buildings", 16, 64, np.random.default_rng(0))
     with pytest.raises(ValueError, match="segmentation format"):
         write_synthetic_coco("/nonexistent", "buildings", 1, 64, 0, segmentation="mask")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_object_scale_draws_larger_objects_with_exact_annotations(kind):
+    def median_side(object_scale):
+        areas = []
+        for index in range(6):
+            scene = make_scene(kind, 256, 256, np.random.default_rng([9, index]), object_scale=object_scale)
+            for polygon, mask in zip(scene.polygons, scene.masks):
+                np.testing.assert_array_equal(_decode([polygon], 256, 256), mask)
+            areas += [int(mask.sum()) for mask in scene.masks]
+        return float(np.sqrt(np.median(areas)))
+
+    # lengths x2 -> sides about x2 (less where big objects no longer fit or the border clips them)
+    assert median_side(2.0) > 1.3 * median_side(1.0)
+
+
+def test_object_scale_out_of_range_is_a_clear_error():
+    with pytest.raises(ValueError, match="object_scale"):
+        make_scene("buildings", 64, 64, np.random.default_rng(0), object_scale=8.0)
+
+
+def test_city_buildings_touch_but_each_roof_has_its_own_colour():
+    """The demo's source side of the building shift: the same touching layout as `buildings`, but
+    neighbours' roofs differ, so colour edges separate them (in `buildings` they do not)."""
+    def neighbour_colour_gaps(kind):
+        gaps, touching, count = [], 0, 0
+        for index in range(4):
+            scene = make_scene(kind, 192, 192, np.random.default_rng([4, index]))
+            masks = scene.masks
+            count += len(masks)
+            for k in range(len(masks)):
+                ring = _dilate(masks[k], 1) & ~masks[k]
+                neighbours = [j for j in range(len(masks)) if j != k and (ring & masks[j]).any()]
+                touching += bool(neighbours)
+                own = scene.image[masks[k]].astype(float).mean(axis=0)
+                gaps += [np.abs(own - scene.image[masks[j]].astype(float).mean(axis=0)).max() for j in neighbours]
+        return float(np.median(gaps)), touching / count
+
+    city_gap, city_touching = neighbour_colour_gaps("city_buildings")
+    dense_gap, _ = neighbour_colour_gaps("buildings")
+    assert city_touching >= 0.7
+    assert city_gap > 2 * dense_gap
