@@ -1,10 +1,13 @@
 """resam-demo: point-supervised domain adaptation end to end, on an embedded synthetic default.
 
 No SAM weights can be had on these machines, so the demo reproduces the paper's setting in
-small: a tiny SAM pretrained with full mask supervision on a plain "source" domain (the stand-in
-for SAM's own pretraining) is adapted from point prompts only to a shifted "target" domain
-(dense touching buildings whose point-prompted masks leak into their neighbours, SAR-like
-speckled scenes with small ships).
+small: a tiny SAM pretrained with full mask supervision on a "source" domain (the stand-in for
+SAM's own pretraining: plain shapes, buildings with gaps, touching buildings whose roofs differ
+in colour, ships under mild speckle) is adapted from point prompts only to a shifted "target"
+domain (dense touching buildings with near-identical roofs per block, whose point-prompted masks
+leak into their neighbours; SAR-like scenes with ships under heavy speckle). Objects are drawn at
+twice the synthetic generator's base size (`--object-scale`), so a building spans 2-5 of the
+tiny model's 16-pixel feature cells.
 
     1. write the source and target domains as COCO (resam_dist.data.synthetic) and convert the
        target training split with resam-prep (WebDataset shards + DALI index + manifest);
@@ -53,7 +56,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------------------------ data
-def write_domain(out_dir: Path, kinds: dict[str, int], *, size: int, seed: int) -> Path:
+def write_domain(out_dir: Path, kinds: dict[str, int], *, size: int, seed: int, object_scale: float = 1.0) -> Path:
     """One COCO split mixing scene kinds ({kind: number of images}); returns the JSON path.
 
     Each kind keeps its own category (renumbered 1..n in the order of `kinds`)."""
@@ -69,7 +72,7 @@ def write_domain(out_dir: Path, kinds: dict[str, int], *, size: int, seed: int) 
     for kind_index, (kind, count) in enumerate(kinds.items()):
         part = write_synthetic_coco(out_dir, kind, count, size, seed=seed + 1000 * kind_index,
                                     segmentation="mixed", first_image_id=first_image,
-                                    first_annotation_id=first_annotation)
+                                    first_annotation_id=first_annotation, object_scale=object_scale)
         coco = json.loads(part.read_text())
         category_map = {}
         for category in coco["categories"]:
@@ -88,17 +91,20 @@ def write_domain(out_dir: Path, kinds: dict[str, int], *, size: int, seed: int) 
     return annotation_file
 
 
-def prepare_data(out: Path, *, size: int, train_images: int, test_images: int, source_images: int) -> dict[str, Path]:
+def prepare_data(out: Path, *, size: int, train_images: int, test_images: int, source_images: int,
+                 object_scale: float) -> dict[str, Path]:
     """Write the three COCO splits and the target shards (skipped when already there)."""
     from resam_dist.data.shards import main as prep_main
 
     per_kind = lambda n: {"buildings": n - n // 4, "sar_ships": n // 4}  # noqa: E731
+    source_kinds = {"source_shapes": source_images // 4, "sparse_buildings": source_images // 4,
+                    "city_buildings": source_images // 4, "calm_sar_ships": source_images // 4}
     paths = {
-        "source": write_domain(out / "coco" / "source", {"source_shapes": source_images // 4,
-                                                         "sparse_buildings": source_images // 2,
-                                                         "calm_sar_ships": source_images // 4}, size=size, seed=11),
-        "target_train": write_domain(out / "coco" / "target-train", per_kind(train_images), size=size, seed=22),
-        "target_test": write_domain(out / "coco" / "target-test", per_kind(test_images), size=size, seed=33),
+        "source": write_domain(out / "coco" / "source", source_kinds, size=size, seed=11, object_scale=object_scale),
+        "target_train": write_domain(out / "coco" / "target-train", per_kind(train_images), size=size, seed=22,
+                                     object_scale=object_scale),
+        "target_test": write_domain(out / "coco" / "target-test", per_kind(test_images), size=size, seed=33,
+                                    object_scale=object_scale),
     }
     shards = out / "shards" / "target-train"
     if not (shards / "manifest.json").exists():
@@ -367,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256, help="scene size in pixels")
     parser.add_argument("--train-images", type=int, default=64)
     parser.add_argument("--test-images", type=int, default=32)
+    parser.add_argument("--object-scale", type=float, default=2.0,
+                        help="object size factor of the synthetic scenes (2: a building spans 2-5 of the tiny "
+                             "model's 16-px feature cells)")
     parser.add_argument("--overlays", type=int, default=4, help="tiles drawn as PNG overlays")
     args = parser.parse_args(argv)
 
@@ -382,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or cfg.train.max_steps
     print(f"[demo] writing synthetic domains and shards under {out} ...", flush=True)
     paths = prepare_data(out, size=args.size, train_images=args.train_images, test_images=args.test_images,
-                         source_images=128)
+                         source_images=128, object_scale=args.object_scale)
     checkpoint = pretrained_checkpoint(Path(args.cache).resolve(), paths["source"], steps=args.pretrain_steps,
                                        images_per_step=4, lr=1e-3)
     cfg = load_config(DEMO_CONFIG, {"model.checkpoint": str(checkpoint)})
