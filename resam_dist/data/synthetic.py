@@ -1,6 +1,6 @@
 """Seeded synthetic remote-sensing-like scenes with instance annotations (tests and the demo).
 
-Five kinds of scene, each generated from a `numpy.random.Generator` in a few milliseconds:
+Six kinds of scene, each generated from a `numpy.random.Generator` in a few milliseconds:
 
 - `buildings`: dense blocks of touching rectangular and L-shaped buildings between roads, with
   gable-roof shading and cast shadows on textured ground. Roofs of a block share a colour with
@@ -11,8 +11,11 @@ Five kinds of scene, each generated from a `numpy.random.Generator` in a few mil
   some moored along the coast. Instances = ships.
 - `source_shapes`: a plain "source" domain: well-separated rectangles, ellipses and triangles in
   saturated colours on smooth gradient backgrounds.
-- `sparse_buildings` and `calm_sar_ships`: the easy side of the demo's domain shift: buildings
-  with gaps between them and a roof colour each; ships under mild (12-look) speckle.
+- `sparse_buildings`, `city_buildings` and `calm_sar_ships`: the source side of the demo's domain
+  shift: buildings with gaps between them and a roof colour each; touching buildings laid out as
+  in `buildings` but with a roof colour each; ships under mild (12-look) speckle.
+
+`object_scale` multiplies every length of a scene's layout (objects, gaps, roads, texture cells).
 
 Every instance is generated as a polygon and rasterised once with pycocotools; the image is
 painted from those rasters, so the annotations (polygons or RLE) match the pixels exactly.
