@@ -205,7 +205,7 @@ def training_stats(run_dir: Path) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- evaluation
-QUALITY_STAGES = ("point", "refined", "requery", "gt_box")
+QUALITY_STAGES = ("point", "refined", "requery", "point_box", "gt_box")
 
 
 def _kind(file_name: str) -> str:
@@ -217,6 +217,8 @@ def pseudo_label_quality(model, split, *, cfg, max_images: int = 1000) -> dict[s
     (point-prompted, Refine, Requery = the pseudo-labels) on a COCO split, measured on the model
     canvas, over all images and per scene kind (`<stage>_<kind>` keys).
 
+    `point_box` is the teacher prompted with the tight boxes of its own point-prompted masks:
+    Requery without Refine, so `requery` - `point_box` is what Refine's boxes add.
     `gt_box` is the teacher prompted with the tight boxes of the ground-truth masks: the ceiling
     of Requery (what it would give if Refine recovered every instance's extent exactly)."""
     from resam_dist.eval.evaluate import prepare_canvas, sample_prompts
@@ -249,7 +251,12 @@ def pseudo_label_quality(model, split, *, cfg, max_images: int = 1000) -> dict[s
                                       empty_policy=cfg.resam.empty_policy)
             gt_box_logits = requery(model, features, masks_to_boxes(gt), counts,
                                     max_instances=cfg.data.max_instances)  # 1 x K x S x S
-            masks = {"point": point_masks, "refined": refined.masks, "requery": pseudo, "gt_box": gt_box_logits > 0}
+            point_box_logits = requery(model, features, masks_to_boxes(point_masks), counts,
+                                       max_instances=cfg.data.max_instances)  # 1 x K x S x S
+            point_box, _ = pseudo_labels(point_masks, point_box_logits, ~point_masks.flatten(2).any(-1), counts,
+                                         empty_policy=cfg.resam.empty_policy)  # an empty mask has no box
+            masks = {"point": point_masks, "refined": refined.masks, "requery": pseudo,
+                     "point_box": point_box, "gt_box": gt_box_logits > 0}
             for stage, stage_masks in masks.items():
                 for kind in ("all", _kind(item.file_name)):
                     meters[stage, kind].update(stage_masks, gt)
@@ -440,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print()
     print("pseudo-label IoU against ground truth on the target test split (teacher masks, 1 point):")
-    print("  (gt_box: the teacher prompted with ground-truth boxes, the ceiling of Requery)")
+    print("  (point_box: the teacher prompted with the boxes of its point-prompted masks, Requery without Refine;")
+    print("   gt_box: the teacher prompted with ground-truth boxes, the ceiling of Requery)")
     for name, stages in quality.items():
         for kind in ("all",) + TARGET_KINDS:
             keys = {stage: stage if kind == "all" else f"{stage}_{kind}" for stage in QUALITY_STAGES}

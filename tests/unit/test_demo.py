@@ -39,7 +39,7 @@ def test_pseudo_label_quality_and_overlays(target_split, tmp_path):
     cfg = load_config(DEMO_CONFIG, {"kernels.enabled": False})
     model = build_sam("tiny", seed=0)
     quality = pseudo_label_quality(model, target_split, cfg=cfg, max_images=5)
-    stages = ("point", "refined", "requery", "gt_box")
+    stages = ("point", "refined", "requery", "point_box", "gt_box")
     assert set(quality) == {f"{stage}{kind}" for stage in stages for kind in ("", "_buildings", "_sar_ships")}
     assert all(0.0 <= value <= 1.0 for value in quality.values())
     for stage in stages:  # 3 building and 2 ship images: the overall value is their image-weighted mean
