@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +35,7 @@ from PIL import Image
 
 from resam_dist.data.coco import decode_instance, encode_rle
 
-SceneKind = Literal["buildings", "sar_ships", "source_shapes"]
+SceneKind = Literal["buildings", "sar_ships", "source_shapes", "sparse_buildings", "city_buildings", "calm_sar_ships"]
 KINDS: tuple[str, ...] = ("buildings", "sar_ships", "source_shapes", "sparse_buildings", "city_buildings",
                           "calm_sar_ships")
 
@@ -106,10 +107,10 @@ _ROOF_COLOURS = np.array([
 
 
 def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense: bool = True,
-                    shared_roofs: bool | None = None, object_scale: float = 1.0) -> Scene:
+                    shared_roofs: bool = True, object_scale: float = 1.0) -> Scene:
     """dense: touching buildings (most neighbours share a wall); else gaps between them.
-    shared_roofs: near-identical roofs per block (default: as `dense`, the target domain); else
-    each building has its own roof colour."""
+    shared_roofs: near-identical roofs per block (the target domain); else each building has its
+    own roof colour."""
     scale = object_scale * max(height, width) / 256.0
     # Ground: grass/soil mix with low-frequency variation and fine grain.
     mix = _smooth_noise(rng, height, width, max(8, int(40 * scale)))[..., None]
@@ -177,8 +178,7 @@ def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense:
                             mask[y0:y0 + cut_h, x0:x0 + cut_w] = False
                     polygons.append([float(v) for v in polygon])
                     masks.append(mask)
-                    shared = dense if shared_roofs is None else shared_roofs
-                    colour = block_colour if shared else _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS))]
+                    colour = block_colour if shared_roofs else _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS))]
                     roofs.append(np.clip(colour + rng.normal(0, 7, 3), 0, 255).astype(np.float32))
                     gap_x = rng.random() < 0.15 if dense else True
                     gap_y = rng.random() < 0.5 if dense else True
@@ -354,10 +354,9 @@ def _shapes_scene(rng: np.random.Generator, height: int, width: int, *, object_s
 
 _GENERATORS = {
     "buildings": _building_scene, "sar_ships": _sar_scene, "source_shapes": _shapes_scene,
-    "sparse_buildings": lambda rng, height, width, **scale: _building_scene(rng, height, width, dense=False, **scale),
-    "city_buildings": lambda rng, height, width, **scale: _building_scene(rng, height, width, shared_roofs=False,
-                                                                          **scale),
-    "calm_sar_ships": lambda rng, height, width, **scale: _sar_scene(rng, height, width, looks=12.0, **scale),
+    "sparse_buildings": partial(_building_scene, dense=False, shared_roofs=False),
+    "city_buildings": partial(_building_scene, shared_roofs=False),
+    "calm_sar_ships": partial(_sar_scene, looks=12.0),
 }
 
 
