@@ -26,8 +26,13 @@ every logit of row i (for a zero h_i all logits are 0 and equal to it). Every ex
 therefore <= 0 (up to rounding) and the self term is exp(0) = 1: no running maximum, no
 rescaling of the accumulator, and the splits merge by plain sums.
 
-Precision. float32 inputs: both products run as tf32x3 on tensor cores (about float32
-accuracy). bfloat16 inputs: h . Q runs on the raw bf16 values (exact products, float32
+Precision. float32 inputs: both products run on tensor cores, as tf32x3 (about float32
+accuracy) or, in the SPLIT_BF16 tile configs, as bf16x3: each operand split into a bf16 high
+and low part, three bf16 products (about 2^-17 relative per product). Against a float64
+reference on the unit tests' spread-weight inputs, bf16x3 keeps the gradient within about 5e-6
+of its largest entry, tf32x3 and the float32 torch reference within about 5e-7; the loss within
+1e-7 for both. The autotuner keeps whichever tile runs fastest (the SPLIT_BF16 tiles are not yet
+timed on a GPU). bfloat16 inputs: h . Q runs on the raw bf16 values (exact products, float32
 accumulation; the norms are applied afterwards in float32), and the weights enter the second
 product split into a bf16 high and low part (about 16 mantissa bits). Other dtypes are upcast to
 float32. The interpreter computes all of it in float32 numpy.
@@ -85,11 +90,42 @@ def _bf16_dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _round_bf16(x, EMULATE: tl.constexpr):
+    """float32 x -> bf16, rounded to nearest even as the GPU's conversion does. Triton's
+    interpreter truncates instead, so there (EMULATE) the rounding is done on the bits first
+    (finite x), after which the conversion is exact."""
+    if EMULATE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _split_bf16(x, EMULATE: tl.constexpr):
+    """float32 x -> (high, low) bf16 with x = high + low up to 2^-18 |x| (float32 has 24
+    significant bits, high and low 8 each, both rounded to nearest)."""
+    high = _round_bf16(x, EMULATE)
+    low = _round_bf16(x - high.to(tl.float32), EMULATE)
+    return high, low
+
+
+@triton.jit
+def _bf16x3_dot(a_high, a_low, b_high, b_low, acc, UPCAST: tl.constexpr):
+    """acc + a @ b from bf16 split operands: three bf16 products (the low x low term is dropped,
+    about 2^-16 relative), small terms first."""
+    acc = _bf16_dot(a_low, b_high, acc, UPCAST)
+    acc = _bf16_dot(a_high, b_low, acc, UPCAST)
+    return _bf16_dot(a_high, b_high, acc, UPCAST)
+
+
+@triton.jit
 def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
                               num_rows, queue_len, dim, split_len, scale_log2, size_class,
                               BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
                               C_PARTS: tl.constexpr, K_CHUNKS: tl.constexpr,
-                              BF16_DOT: tl.constexpr, UPCAST_BF16_DOT: tl.constexpr):
+                              SPLIT_BF16: tl.constexpr, BF16_DOT: tl.constexpr,
+                              UPCAST_BF16_DOT: tl.constexpr):
     """One (row block, queue split, channel part): over the split's queue rows j, with
     t_ij = h_i . Qn_j / tau in log2 units and the fixed shift m_i = h_i . h_i / tau, writes per row
     sum_j exp2(t_ij - m_i) (channel part 0 only) and the part's channels of
@@ -98,7 +134,13 @@ def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
     C_PARTS > 1 splits the channels of acc_i over programs (grid axis 2; every part computes the
     full h_i . Q_j). K_CHUNKS > 1 runs that product over channel chunks of BLOCK_C // K_CHUNKS
     (weak and queue chunks reloaded per queue tile, from cache) instead of holding the whole
-    BLOCK_N x BLOCK_C and BLOCK_Q x BLOCK_C operands at once: both cut float32 registers."""
+    BLOCK_N x BLOCK_C and BLOCK_Q x BLOCK_C operands at once: both cut float32 registers.
+
+    SPLIT_BF16 (float32 inputs only) runs both products as bf16x3 instead of tf32x3: every
+    float32 operand is split once into a bf16 high and low part (the weak rows once per program
+    when K_CHUNKS == 1, each queue tile once for both products) and each product is three bf16
+    tensor-core products. Unlike tf32, bf16 tensor-core operands may be transposed in shared
+    memory, which the queue tile is in the second product."""
     row_block = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -116,6 +158,9 @@ def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
         weak_sq = tl.sum(weak_f32 * weak_f32, axis=1)  # BLOCK_N
         if not BF16_DOT:
             weak = weak_f32
+            if SPLIT_BF16:  # split once, reused for every queue tile
+                # BLOCK_N x BLOCK_C each
+                weak_high, weak_low = _split_bf16(weak_f32, UPCAST_BF16_DOT)
     else:
         weak_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
         for c0 in range(0, BLOCK_C, BLOCK_C // K_CHUNKS):
@@ -144,6 +189,11 @@ def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
             if BF16_DOT:
                 dots = _bf16_dot(weak, tl.trans(queue), tl.zeros([BLOCK_N, BLOCK_Q], tl.float32),
                                  UPCAST_BF16_DOT)  # exact bf16 products, float32 sums
+            elif SPLIT_BF16:
+                # BLOCK_Q x BLOCK_C each
+                queue_high, queue_low = _split_bf16(queue_f32, UPCAST_BF16_DOT)
+                dots = _bf16x3_dot(weak_high, weak_low, tl.trans(queue_high), tl.trans(queue_low),
+                                   tl.zeros([BLOCK_N, BLOCK_Q], tl.float32), UPCAST_BF16_DOT)
             else:
                 dots = tl.dot(weak, tl.trans(queue_f32), input_precision="tf32x3")
         else:
@@ -159,6 +209,13 @@ def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
                 key_sq += tl.sum(part_queue_f32 * part_queue_f32, axis=1)
                 if BF16_DOT:
                     dots = _bf16_dot(part_weak, tl.trans(part_queue), dots, UPCAST_BF16_DOT)
+                elif SPLIT_BF16:
+                    chunk_high, chunk_low = _split_bf16(part_weak.to(tl.float32),
+                                                        UPCAST_BF16_DOT)  # BLOCK_N x BLOCK_K
+                    key_high, key_low = _split_bf16(part_queue_f32,
+                                                    UPCAST_BF16_DOT)  # BLOCK_Q x BLOCK_K
+                    dots = _bf16x3_dot(chunk_high, chunk_low, tl.trans(key_high), tl.trans(key_low),
+                                       dots, UPCAST_BF16_DOT)
                 else:
                     dots = tl.dot(part_weak.to(tl.float32), tl.trans(part_queue_f32), dots,
                                   input_precision="tf32x3")
@@ -178,6 +235,15 @@ def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
             low = (scaled - high.to(tl.float32)).to(tl.bfloat16)
             acc = _bf16_dot(high, values, acc, UPCAST_BF16_DOT)
             acc = _bf16_dot(low, values, acc, UPCAST_BF16_DOT)
+        elif SPLIT_BF16:
+            scaled_high, scaled_low = _split_bf16(scaled, UPCAST_BF16_DOT)  # BLOCK_N x BLOCK_Q each
+            if C_PARTS == 1 and K_CHUNKS == 1:
+                values_high, values_low = queue_high, queue_low  # split above
+            else:
+                values_high, values_low = _split_bf16(values.to(tl.float32),
+                                                      UPCAST_BF16_DOT)  # BLOCK_Q x BLOCK_CA
+            acc = _bf16x3_dot(scaled_high, scaled_low, values_high, values_low, acc,
+                              UPCAST_BF16_DOT)
         else:
             acc = tl.dot(scaled, values.to(tl.float32), acc, input_precision="tf32x3")
 
@@ -190,15 +256,16 @@ def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
              mask=row_ok[:, None] & own_ok[None, :])
 
 
-def _tile(block_n, block_q, c_parts, k_chunks, num_warps, num_stages):
+def _tile(block_n, block_q, c_parts, k_chunks, num_warps, num_stages, split_bf16=False):
     return triton.Config({"BLOCK_N": block_n, "BLOCK_Q": block_q, "C_PARTS": c_parts,
-                          "K_CHUNKS": k_chunks}, num_warps=num_warps, num_stages=num_stages)
+                          "K_CHUNKS": k_chunks, "SPLIT_BF16": split_bf16},
+                         num_warps=num_warps, num_stages=num_stages)
 
 
 # The GPU picks its tile shape on first use per (dim, size class, dtype): the size class is the
 # bit length of queue rows per split (a growing queue re-tunes at most once per power of two).
 # Configs that do not fit the device's shared memory or registers are dropped by the autotuner.
-# Tiles: (BLOCK_N, BLOCK_Q, C_PARTS, K_CHUNKS, warps, stages).
+# Tiles: (BLOCK_N, BLOCK_Q, C_PARTS, K_CHUNKS, warps, stages[, SPLIT_BF16]).
 # bf16: whole-width tiles (C_PARTS = K_CHUNKS = 1), the configs of before the channel split.
 _PARTIAL_CONFIGS_BF16 = [
     _tile(16, 32, 1, 1, 4, 2),
@@ -231,6 +298,21 @@ _PARTIAL_CONFIGS_F32 = [
     _tile(64, 32, 2, 8, 8, 2),
     _tile(64, 32, 4, 8, 8, 2),
     _tile(128, 32, 4, 8, 8, 2),
+    # SPLIT_BF16 (bf16x3 products, not yet timed on a GPU): 128-row tiles run on Hopper wgmma
+    # (M a multiple of 64 per warpgroup), so N = 400 rows re-read the queue 4 times per channel
+    # part instead of 25 times. sm_90 ptxas at C = 256 (triton 3.8), registers / shared bytes,
+    # no spill: 236 / 32768 (16 x 32, mma.sync), 234 / 32768 (64 x 32), 246 / 65536,
+    # 209 / 65536, 252 / 65536, 222 / 40960, 247 / 106496 (128 rows, in the order below).
+    # Spilling at C = 256, so not listed: whole-width tiles (K_CHUNKS = 1, 568 bytes and up),
+    # every other 64-row tile tried (BLOCK_Q 32 to 128, C_PARTS 1 to 4, 92 bytes and up), and
+    # at 128 rows 64 x (C_PARTS, K_CHUNKS) = (1, 4) or (2, 4) and 128 x (4, 8).
+    _tile(16, 32, 1, 4, 4, 2, split_bf16=True),
+    _tile(64, 32, 2, 8, 4, 2, split_bf16=True),
+    _tile(128, 32, 2, 4, 8, 2, split_bf16=True),
+    _tile(128, 32, 2, 8, 8, 2, split_bf16=True),
+    _tile(128, 64, 2, 8, 8, 2, split_bf16=True),
+    _tile(128, 64, 4, 8, 8, 2, split_bf16=True),
+    _tile(128, 32, 2, 4, 8, 3, split_bf16=True),
 ]
 # tl.dot needs every tile side >= 16: channel chunks and parts never narrower than 16
 MIN_CHANNEL_TILE = 16
@@ -309,12 +391,14 @@ def _queue_split_len(num_rows: int, queue_len: int, device: torch.device,
 
 def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.Tensor,
                        tau: float, *, queue_splits: int | None = None, channel_parts: int = 1,
-                       channel_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                       channel_chunks: int = 1,
+                       split_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (loss float32 scalar, d loss / d student N x C float32). Needs N >= 1.
 
     `queue_splits` (tests) asks for that many queue splits instead of the launch heuristic;
     `channel_parts` and `channel_chunks` (tests) set C_PARTS and K_CHUNKS of the interpreter
-    launch (powers of two, with BLOCK_C divided by them >= 16; the GPU autotunes both)."""
+    launch (powers of two, with BLOCK_C divided by them >= 16; the GPU autotunes both);
+    `split_bf16` (tests) sets SPLIT_BF16 of the interpreter launch for float32 inputs."""
     num_rows, dim = student.shape
     device = student.device
     student = student.detach().contiguous()
@@ -338,7 +422,8 @@ def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.T
         if INTERPRET:
             _ssa_queue_partial_kernel[(triton.cdiv(num_rows, 64), num_splits, channel_parts)](
                 *args, BLOCK_N=64, BLOCK_Q=_SPLIT_QUANTUM, BLOCK_C=block_c, C_PARTS=channel_parts,
-                K_CHUNKS=channel_chunks, BF16_DOT=bf16_dot, UPCAST_BF16_DOT=True)
+                K_CHUNKS=channel_chunks, SPLIT_BF16=split_bf16 and not bf16_dot, BF16_DOT=bf16_dot,
+                UPCAST_BF16_DOT=True)
         else:
             tuned = _ssa_queue_partial_kernel_bf16 if bf16_dot else _ssa_queue_partial_kernel_f32
             grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_splits, meta["C_PARTS"])

@@ -165,7 +165,9 @@ def test_channel_parts_and_chunks(tiles, case, dtype):
 
 def test_channel_tile_pruning_and_config_counts():
     """The GPU autotuner caps C_PARTS and K_CHUNKS so that no channel tile is under 16 wide."""
-    assert len(ssa._PARTIAL_CONFIGS_F32) <= 12 and len(ssa._PARTIAL_CONFIGS_BF16) <= 12
+    # float32: 12 tf32x3 tiles and 7 SPLIT_BF16 (bf16x3) tiles
+    assert len(ssa._PARTIAL_CONFIGS_F32) <= 20 and len(ssa._PARTIAL_CONFIGS_BF16) <= 12
+    assert not any(c.kwargs["SPLIT_BF16"] for c in ssa._PARTIAL_CONFIGS_BF16)
     full = ssa._fit_channel_tiles(ssa._PARTIAL_CONFIGS_F32, {}, BLOCK_C=256)
     assert [(c.kwargs, c.num_warps, c.num_stages) for c in full] == [
         (c.kwargs, c.num_warps, c.num_stages) for c in ssa._PARTIAL_CONFIGS_F32]
@@ -178,3 +180,65 @@ def test_channel_tile_pruning_and_config_counts():
             assert block_c // config.kwargs["K_CHUNKS"] >= 16
     assert {c.kwargs["K_CHUNKS"] for c in ssa._fit_channel_tiles(
         ssa._PARTIAL_CONFIGS_F32, {}, BLOCK_C=16)} == {1}
+
+
+# SPLIT_BF16 configs (float32 inputs split into bf16 high and low parts, bf16x3 products): the
+# interpreter multiplies the bf16 parts exactly in float32, as the tensor cores do. q in
+# {0, 1, 128, 129, 200, 1000}, odd N (N = 0 returns before any kernel: see the empty-batch test),
+# odd C 33 and 255 besides 20 and 256.
+SPLIT_BF16_CASES = [
+    (1, 0, 33), (1, 1, 255), (5, 1, 256), (65, 129, 33), (5, 1000, 256), (3, 200, 20),
+    (71, 128, 255), (9, 1000, 33),
+]
+
+
+@pytest.mark.parametrize("tiles", [(1, 1), (2, 2), (1, 4), (4, 8)],
+                         ids=lambda tiles: "parts%d-chunks%d" % tiles)
+@pytest.mark.parametrize("case", SPLIT_BF16_CASES, ids=lambda case: "N%d-q%d-C%d" % case)
+def test_split_bf16_matches_reference(tiles, case):
+    channel_parts, channel_chunks = tiles
+    num_rows, queue_len, dim = case
+    if max(tiles) * 16 > max(16, triton.next_power_of_2(dim)):
+        pytest.skip("channel tile narrower than 16 (the autotuner prunes it)")
+    student, weak, queue = inputs(num_rows, queue_len, dim, torch.float32, seed=sum(case) + 1)
+    loss, grad = ssa_forward_triton(student, weak, queue, TAU, queue_splits=3, split_bf16=True,
+                                    channel_parts=channel_parts, channel_chunks=channel_chunks)
+    loss_ref = ssa_loss_reference(student, weak, queue, TAU)
+    (grad_ref,) = torch.autograd.grad(loss_ref, student)
+    # the float32 tolerances of the tests above
+    torch.testing.assert_close(loss, loss_ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", [(5, 1000, 256), (65, 129, 33)],
+                         ids=lambda case: "N%d-q%d-C%d" % case)
+def test_split_bf16_leaves_bfloat16_inputs_alone(case):
+    """SPLIT_BF16 is a float32 switch: bf16 inputs run the bf16 kernel, bit for bit."""
+    student, weak, queue = inputs(*case, torch.bfloat16, seed=3)
+    loss, grad = ssa_forward_triton(student, weak, queue, TAU, queue_splits=2, split_bf16=True)
+    loss_plain, grad_plain = ssa_forward_triton(student, weak, queue, TAU, queue_splits=2)
+    assert torch.equal(loss, loss_plain) and torch.equal(grad, grad_plain)
+
+
+@pytest.mark.parametrize("tau", [0.07, 1.0])
+def test_split_bf16_accuracy_with_spread_weights(tau):
+    """Queue rows near the weak rows spread the target weights over many keys, so the h . Q
+    products matter. Against a float64 reference: bf16x3 keeps the loss within 1e-6 and the
+    gradient within 1e-5 of its largest entry (interpreter: 4.7e-6 at tau 0.07, 3.0e-6 at 1.0;
+    tf32x3 and the float32 torch reference about 5e-7)."""
+    generator = torch.Generator().manual_seed(3)
+    weak = torch.randn(64, 256, generator=generator)
+    queue = torch.cat([weak + 0.3 * torch.randn(64, 256, generator=generator) for _ in range(4)]
+                      + [torch.randn(256, 256, generator=generator)])
+    student = (weak + torch.randn(64, 256, generator=generator)).requires_grad_(True)
+    loss, grad = ssa_forward_triton(student, weak, queue, tau, queue_splits=2, split_bf16=True)
+    # the specification in float64 (ssa_loss_reference computes in float32)
+    student64 = student.detach().double().requires_grad_(True)
+    s, h, q = (F.normalize(x, dim=1) for x in (student64, weak.double(), queue.double()))
+    weights = torch.softmax(torch.cat([(h * h).sum(1, keepdim=True), h @ q.T], dim=1) / tau, dim=1)
+    similarity = torch.cat([(s * h).sum(1, keepdim=True), s @ q.T], dim=1)
+    loss64 = (weights * (1 - similarity)).sum(1).mean()
+    (grad64,) = torch.autograd.grad(loss64, student64)
+    scale = grad64.abs().max().item()
+    assert abs(loss.double() - loss64).item() < 1e-7
+    assert (grad.double() - grad64).abs().max().item() < 1e-5 * scale
