@@ -1,4 +1,4 @@
-"""The relative-position attention's fixed launch configurations fit an sm_90 GPU (H100 / H200).
+"""Fixed launch configurations of the relative-position attention and the SSA loss fit sm_90.
 
 Compiled ahead of time for sm_90 by Triton on this CPU machine (no GPU needed; Triton's bundled
 ptxas), in a subprocess without TRITON_INTERPRET. Shared memory grows with the element size and
@@ -71,3 +71,62 @@ def test_relpos_attention_configs_fit_sm90_shared_memory():
     over = [row for row in results if row[-1] > SM90_SHARED_MEMORY]
     assert not over, f"configurations over sm_90's {SM90_SHARED_MEMORY} bytes of shared memory: {over}"
     assert all(row[-1] > 0 for row in results)  # the compiler reported a size for each
+
+
+SSA_CHECK = r"""
+import json, os, re, subprocess, tempfile
+import triton
+import triton.backends.nvidia as nvidia
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import ssa
+
+kernel = ssa._ssa_queue_partial_kernel
+ptxas = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+folder = tempfile.mkdtemp()
+results = []
+for config in ssa._PARTIAL_CONFIGS_F32:
+    if not config.kwargs["SPLIT_BF16"]:
+        continue
+    constants = dict(config.kwargs, BLOCK_C=256, BF16_DOT=False, UPCAST_BF16_DOT=False)
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constants:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*fp32"
+        elif arg == "scale_log2":
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+    # the runtime specialises pointers and multiples of 16 (dim = 256) as 16-divisible
+    aligned = [arg for arg in kernel.arg_names if arg.endswith("_ptr") or arg in ("dim", "split_len")]
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()},
+                       attrs={(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    path = os.path.join(folder, "kernel.ptx")
+    with open(path, "w") as file:
+        file.write(compiled.asm["ptx"])
+    done = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", path + ".cubin"],
+                          capture_output=True, text=True, check=True)
+    spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill", done.stderr))
+    results.append([str(config), compiled.metadata.shared, spill])
+print(json.dumps(results))
+"""
+
+
+def test_ssa_split_bf16_configs_fit_sm90_without_spills():
+    """The float32 SPLIT_BF16 tiles of the SSA partial kernel at C = 256: no register spill and
+    shared memory within sm_90's limit (ptxas of Triton's bundle, on this CPU machine)."""
+    pytest.importorskip("triton")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    done = subprocess.run([sys.executable, "-c", SSA_CHECK], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == 7
+    assert all(0 < shared <= SM90_SHARED_MEMORY for _, shared, _ in results), results
+    assert not [row for row in results if row[2] > 0], f"configurations that spill: {results}"
