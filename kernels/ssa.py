@@ -28,7 +28,7 @@ rescaling of the accumulator, and the splits merge by plain sums.
 
 Precision. float32 inputs: both products run on tensor cores, as tf32x3 (about float32
 accuracy) or, in the SPLIT_BF16 tile configs, as bf16x3: each operand split into a bf16 high
-and low part, three bf16 products (about 2^-17 relative per product). Against a float64
+and low part, three bf16 products (about 2^-16 relative per product). Against a float64
 reference on the unit tests' spread-weight inputs, bf16x3 keeps the gradient within about 5e-6
 of its largest entry, tf32x3 and the float32 torch reference within about 5e-7; the loss within
 1e-7 for both. The autotuner keeps whichever tile runs fastest (the SPLIT_BF16 tiles are not yet
@@ -112,8 +112,8 @@ def _split_bf16(x, EMULATE: tl.constexpr):
 
 @triton.jit
 def _bf16x3_dot(a_high, a_low, b_high, b_low, acc, UPCAST: tl.constexpr):
-    """acc + a @ b from bf16 split operands: three bf16 products (the low x low term is dropped,
-    about 2^-16 relative), small terms first."""
+    """acc + a @ b from bf16 split operands: three bf16 products, small terms first (the
+    low x low term, about 2^-18 relative, is dropped)."""
     acc = _bf16_dot(a_low, b_high, acc, UPCAST)
     acc = _bf16_dot(a_high, b_low, acc, UPCAST)
     return _bf16_dot(a_high, b_high, acc, UPCAST)
@@ -137,10 +137,11 @@ def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
     BLOCK_N x BLOCK_C and BLOCK_Q x BLOCK_C operands at once: both cut float32 registers.
 
     SPLIT_BF16 (float32 inputs only) runs both products as bf16x3 instead of tf32x3: every
-    float32 operand is split once into a bf16 high and low part (the weak rows once per program
-    when K_CHUNKS == 1, each queue tile once for both products) and each product is three bf16
-    tensor-core products. Unlike tf32, bf16 tensor-core operands may be transposed in shared
-    memory, which the queue tile is in the second product."""
+    float32 operand is split into a bf16 high and low part and each product is three bf16
+    tensor-core products. With K_CHUNKS == C_PARTS == 1 the weak rows are split once per program
+    and each queue tile once for both products; otherwise each chunk is split as it is loaded
+    (the weak chunks once per queue tile). Unlike tf32, bf16 operands of Hopper's wgmma may be
+    transposed in shared memory, which the queue tile is in the second product."""
     row_block = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)

@@ -122,7 +122,7 @@ def test_ssa_loss_realistic(dtype, queue_len):
     (grad,) = torch.autograd.grad(loss, student)
     loss_ref = ssa_loss_reference(student, weak, queue, 0.07)
     (grad_ref,) = torch.autograd.grad(loss_ref, student)
-    # fp32 dots run as tf32x3 or bf16x3 (whichever tile the autotuner keeps; about 2^-17
+    # fp32 dots run as tf32x3 or bf16x3 (whichever tile the autotuner keeps; about 2^-16
     # relative per bf16x3 product) on tensor cores; bf16 inputs are exact in it
     torch.testing.assert_close(loss, loss_ref, atol=1e-4, rtol=1e-4)
     scale = grad_ref.float().abs().max().item()
