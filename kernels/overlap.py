@@ -14,21 +14,28 @@ with no host loop and no device synchronisation. Two designs of the byte kernel:
   one KP x BLOCK_P tile (KP = next power of two >= K), counts / picks the most confident kept
   instance across the tile's rows, writes the suppressed tile once, and reduces each instance's
   box over the pixel axis;
-- rows: a program loops over the instances, one contiguous row of pixels each, keeping per pixel
-  only its owner (first most confident kept instance; in "drop" mode the first keeper and the
-  number of keepers), then writes the output rows a few instances at a time with their boxes.
-  Its registers do not grow with K.
+- rows: a program loops over the instances, one contiguous row of pixels each (UNROLL rows
+  loaded per step as separate 1-D loads, then folded in order, so the fold stays within each
+  thread), keeping per pixel only its owner (first most confident kept instance; in "drop" mode
+  the last keeper and the number of keepers), then writes the output rows a few instances at a
+  time with their boxes. Its registers do not grow with K.
 Mode "drop" with rows of a multiple of 4 pixels and K <= 64 (the usual case) runs
-`_suppress_drop_words_kernel` instead: the tile design over int32 words of 4 pixels (the
-per-pixel count is a byte lane of one int32 sum), so every operation handles 4 pixels.
+`_suppress_drop_words_kernel` instead, on int32 words of 4 pixels (one byte lane per pixel), so
+every operation handles 4 pixels, in two designs:
+- word tile: the tile design over words (the per-pixel count is a byte lane of one int32 sum over
+  a KP-row tile, reduced across threads);
+- word rows: the rows design over words: each thread loops over the instances for its own words,
+  keeping byte-lane counts of keepers and a byte-lane owner in its registers (a thread-local
+  reduction over instances, no padding to KP rows), then writes (owner lane == k) & (count lane
+  == 1) for every instance k. Not yet timed on a GPU.
 
 Boxes: every program folds its boxes into a zeroed B x K x 4 int32 state with vector atomic
 maxima (order-free, so deterministic); the last program of each image to arrive (an atomic
 counter) writes that image's float32 boxes (empty -> zeros) and zeroes the state again.
-On the GPU, KP <= 64: the word kernel's tile and both designs of the byte kernel (tile sizes,
-pixels per program, warps) are autotuned per size class; KP > 64 runs the rows design. Above
-MAX_INSTANCES instances the torch reference runs instead. Counts larger than K mean all K
-instances are valid.
+On the GPU, KP <= 64: both designs of the word kernel and both designs of the byte kernel (tile
+sizes, pixels or words per program, rows per step, warps) are autotuned per size class; KP > 64
+runs the rows design. Above MAX_INSTANCES instances the torch reference runs instead. Counts
+larger than K mean all K instances are valid.
 """
 
 from __future__ import annotations
@@ -106,6 +113,39 @@ def _fold_boxes(state_ptr, image, num_instances, instance, touched, x0, y0, x1, 
 
 
 @triton.jit
+def _fold_box_rows(state_ptr, image, num_instances, instance, real, hit, x_first, x_last, row):
+    """Boxes of CHUNK instances over one program's pixels, folded into the state. hit: CHUNK x N
+    (a surviving pixel, or a word with one), x_first / x_last: its first and last surviving
+    column (CHUNK x N), row: N. The state's maxima (-x0 + BIG, -y0 + BIG, x1, y1) are reduced
+    over the N axis directly (0 where nothing survives), then folded with one vector atomic max
+    per coordinate."""
+    left = tl.max(tl.where(hit, BIG - x_first, 0), axis=1)  # CHUNK
+    top = tl.max(tl.where(hit, BIG - row[None, :], 0), axis=1)
+    right = tl.max(tl.where(hit, x_last + 1, 0), axis=1)
+    bottom = tl.max(tl.where(hit, row[None, :] + 1, 0), axis=1)
+    ptrs = state_ptr + (image * num_instances + instance) * 4
+    touched = real & (right > 0)
+    tl.atomic_max(ptrs + 0, left, mask=touched, sem="relaxed")
+    tl.atomic_max(ptrs + 1, top, mask=touched, sem="relaxed")
+    tl.atomic_max(ptrs + 2, right, mask=touched, sem="relaxed")
+    tl.atomic_max(ptrs + 3, bottom, mask=touched, sem="relaxed")
+
+
+@triton.jit
+def _nonzero_bytes(words):
+    """int32 words -> 0x01 in every byte lane that is non-zero, 0 in the others: the low 7 bits of
+    a byte plus 0x7F carry into its bit 7 exactly when they are non-zero (no carry leaves the
+    byte), then or-ed with bit 7 itself."""
+    return ((((words & 0x7F7F7F7F) + 0x7F7F7F7F) | words) >> 7) & 0x01010101
+
+
+@triton.jit
+def _zero_bytes(words):
+    """int32 words -> 0x01 in every byte lane that is zero, 0 in the others."""
+    return (~_nonzero_bytes(words)) & 0x01010101
+
+
+@triton.jit
 def _finish_image(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, KP: tl.constexpr):
     """Called by every program after its folds. The image's last program to arrive (an atomic
     counter per image, arrivals: B int32) writes the image's float32 boxes (B x K x 4; empty ->
@@ -177,55 +217,81 @@ def _tile_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, nu
 
 
 @triton.jit
+def _instance_row(masks_ptr, confidence_ptr, image_base, k, count, num_pixels, pixel, in_range,
+                  ARGMAX: tl.constexpr):
+    """Row k of one image's instances over `pixel` (BLOCK_P): kept (bool) and, in "argmax" mode,
+    the score (confidence where kept, else -inf; drop mode: 0). Rows k >= count: not kept."""
+    read = in_range & (k < count)
+    offsets = image_base + tl.cast(k, tl.int64) * num_pixels + pixel  # int64: planes beyond 2^31
+    kept = tl.load(masks_ptr + offsets, mask=read, other=0) != 0  # BLOCK_P
+    if ARGMAX:
+        score = tl.load(confidence_ptr + offsets, mask=read, other=0.0).to(tl.float32)
+        score = tl.where(kept, score, float("-inf"))
+    else:
+        score = tl.zeros([pixel.shape[0]], dtype=tl.float32)
+    return kept, score
+
+
+@triton.jit
+def _take_row(owner, best, keepers, kept, score, k, ARGMAX: tl.constexpr):
+    """Folds row k into the running owner of every pixel. argmax: a strictly higher score takes
+    the pixel (ties keep the lowest k, as torch.argmax); drop: the last keeper so far (the owner
+    only matters where exactly one instance keeps the pixel) and the number of keepers."""
+    if ARGMAX:
+        better = score > best
+        owner = tl.where(better, k, owner)
+        best = tl.where(better, score, best)
+        keepers = keepers | better.to(tl.int32)
+    else:
+        owner = tl.where(kept, k, owner)
+        keepers += kept.to(tl.int32)
+    return owner, best, keepers
+
+
+@triton.jit
 def _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
                  width, num_pixels, ARGMAX: tl.constexpr, BLOCK_P: tl.constexpr,
                  CHUNK: tl.constexpr, UNROLL: tl.constexpr):
     """The pixels [first, first + BLOCK_P) of one image in two phases:
-    1. a loop over the valid instances, UNROLL contiguous rows of BLOCK_P pixels a step (loaded
-       together, so more bytes are in flight), keeps per pixel its owner (argmax: first most
-       confident kept instance so far; drop: first instance that kept it) and whether the owner
-       keeps it (argmax: owner kept; drop: kept by exactly one);
+    1. a loop over the valid instances, UNROLL (1, 2 or 4) rows of BLOCK_P pixels a step: the
+       step's rows are loaded first (separate 1-D loads, so more bytes are in flight), then folded
+       one after the other into each pixel's owner (argmax: first most confident kept instance;
+       drop: an instance that kept it) and whether the owner keeps it (argmax: owner kept; drop:
+       kept by exactly one). Every 1-D value has the pixel layout: the fold is thread-local;
     2. the output rows, CHUNK instances at a time: (instance == owner) & owned, and their boxes.
-    Registers hold UNROLL + a few values per pixel instead of a K x pixels tile, so K is not
-    bounded by registers."""
+    Registers hold a few values per pixel and UNROLL loaded rows instead of a K x pixels tile,
+    so K is not bounded by registers."""
+    tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4))
     pixel = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # BLOCK_P
     in_range = pixel < num_pixels
     image_base = image * num_instances * num_pixels  # int64: first pixel of this image's planes
-    step = tl.arange(0, UNROLL)  # UNROLL
     owner = tl.zeros([BLOCK_P], dtype=tl.int32)
+    best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)  # argmax only
     if ARGMAX:
-        best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
-        # no kept score above -inf: the owner stays 0 and keeps the pixel only if instance 0 kept
-        # it (as the reference's argmax over all -inf)
-        owned = (tl.load(masks_ptr + image_base + pixel, mask=in_range & (count > 0), other=0) != 0)
-        for k0 in range(0, count, UNROLL):
-            read = (k0 + step < count)[:, None] & in_range[None, :]  # UNROLL x BLOCK_P
-            # int64: instance planes may start beyond 2^31
-            offsets = image_base + (k0 + step).to(tl.int64)[:, None] * num_pixels + pixel[None, :]
-            kept = tl.load(masks_ptr + offsets, mask=read, other=0) != 0  # UNROLL x BLOCK_P
-            score = tl.load(confidence_ptr + offsets, mask=read, other=0.0).to(tl.float32)
-            score = tl.where(kept, score, float("-inf"))
-            # the step's first most confident row, then strictly better than the earlier steps:
-            # ties keep the lowest k, as torch.argmax
-            step_best = tl.max(score, axis=0)  # BLOCK_P
-            step_owner = tl.argmax(score, axis=0, tie_break_left=True)  # BLOCK_P
-            better = step_best > best
-            owned = owned | better
-            owner = tl.where(better, k0 + step_owner, owner)
-            best = tl.where(better, step_best, best)
+        # owned (0/1). No kept score above -inf: the owner stays 0 and keeps the pixel only if
+        # instance 0 kept it (as the reference's argmax over all -inf)
+        keepers = (tl.load(masks_ptr + image_base + pixel, mask=in_range & (count > 0),
+                           other=0) != 0).to(tl.int32)
     else:
-        keepers = tl.zeros([BLOCK_P], dtype=tl.int32)
-        for k0 in range(0, count, UNROLL):
-            read = (k0 + step < count)[:, None] & in_range[None, :]  # UNROLL x BLOCK_P
-            # int64: instance planes may start beyond 2^31
-            offsets = image_base + (k0 + step).to(tl.int64)[:, None] * num_pixels + pixel[None, :]
-            kept = (tl.load(masks_ptr + offsets, mask=read, other=0) != 0).to(tl.int32)
-            step_keepers = tl.sum(kept, axis=0)  # BLOCK_P
-            step_first = tl.argmax(kept, axis=0, tie_break_left=True)  # first keeper of the step
-            owner = tl.where((keepers == 0) & (step_keepers > 0), k0 + step_first, owner)
-            keepers += step_keepers
-        owned = keepers == 1
-    owned = owned & in_range
+        keepers = tl.zeros([BLOCK_P], dtype=tl.int32)  # instances that kept the pixel
+    for k0 in range(0, count, UNROLL):
+        kept0, score0 = _instance_row(masks_ptr, confidence_ptr, image_base, k0, count,
+                                      num_pixels, pixel, in_range, ARGMAX)
+        if UNROLL >= 2:
+            kept1, score1 = _instance_row(masks_ptr, confidence_ptr, image_base, k0 + 1, count,
+                                          num_pixels, pixel, in_range, ARGMAX)
+        if UNROLL >= 4:
+            kept2, score2 = _instance_row(masks_ptr, confidence_ptr, image_base, k0 + 2, count,
+                                          num_pixels, pixel, in_range, ARGMAX)
+            kept3, score3 = _instance_row(masks_ptr, confidence_ptr, image_base, k0 + 3, count,
+                                          num_pixels, pixel, in_range, ARGMAX)
+        owner, best, keepers = _take_row(owner, best, keepers, kept0, score0, k0, ARGMAX)
+        if UNROLL >= 2:
+            owner, best, keepers = _take_row(owner, best, keepers, kept1, score1, k0 + 1, ARGMAX)
+        if UNROLL >= 4:
+            owner, best, keepers = _take_row(owner, best, keepers, kept2, score2, k0 + 2, ARGMAX)
+            owner, best, keepers = _take_row(owner, best, keepers, kept3, score3, k0 + 3, ARGMAX)
+    owned = (keepers == 1) & in_range  # argmax: owned; drop: kept by exactly one
     row = pixel // width  # BLOCK_P
     col = pixel - row * width
     for start in range(0, num_instances, CHUNK):
@@ -234,11 +300,8 @@ def _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, nu
         survives = (instance[:, None] == owner[None, :]) & owned[None, :]  # CHUNK x BLOCK_P
         offsets = image_base + instance.to(tl.int64)[:, None] * num_pixels + pixel[None, :]
         tl.store(out_ptr + offsets, survives.to(tl.uint8), mask=real[:, None] & in_range[None, :])
-        x0 = tl.min(tl.where(survives, col[None, :], BIG), axis=1)  # CHUNK
-        y0 = tl.min(tl.where(survives, row[None, :], BIG), axis=1)
-        x1 = tl.max(tl.where(survives, col[None, :] + 1, 0), axis=1)
-        y1 = tl.max(tl.where(survives, row[None, :] + 1, 0), axis=1)
-        _fold_boxes(state_ptr, image, num_instances, instance, real & (x1 > 0), x0, y0, x1, y1)
+        _fold_box_rows(state_ptr, image, num_instances, instance, real, survives, col[None, :],
+                       col[None, :], row)
 
 
 @triton.jit
@@ -264,21 +327,14 @@ def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, sta
 
 
 @triton.jit
-def _suppress_drop_words_kernel(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals_ptr,
-                                boxes_ptr, num_instances, words_per_row, num_words, words_bucket,
-                                KP: tl.constexpr, TILE: tl.constexpr):
-    # "drop" mode on 32-bit words of 4 pixels (width % 4 == 0, so a word never straddles two
-    # rows). words/out: B x K x (H W / 4) int32, each byte one pixel (0 = not kept),
-    # counts: B int64, state/arrivals/boxes as in `_suppress_overlap_kernel`. words_bucket is
-    # only an autotuning key.
-    # One program: image program_id(1), BLOCK_W words of all KP instances as one KP x BLOCK_W
-    # tile; the per-pixel counts are byte lanes of one int32 sum over the instance axis
-    # (K < 256: no carry between lanes), so every operation handles 4 pixels at once.
+def _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances, words_per_row,
+                      num_words, KP: tl.constexpr, TILE: tl.constexpr):
+    """BLOCK_W = TILE / KP words of all KP instances as one KP x BLOCK_W tile; the per-pixel
+    counts are byte lanes of one int32 sum over the instance axis (K < 256: no carry between
+    lanes), so every operation handles 4 pixels at once."""
     BLOCK_W: tl.constexpr = TILE // KP
-    image = tl.program_id(1).to(tl.int64)
     word = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)  # BLOCK_W
     in_range = word < num_words
-    count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
     instance = tl.arange(0, KP)  # KP
     valid = instance < count  # instances k >= count are padding: not read, written empty
     real = instance < num_instances
@@ -286,13 +342,9 @@ def _suppress_drop_words_kernel(words_ptr, counts_ptr, out_ptr, state_ptr, arriv
     plane = image * num_instances * num_words + instance.to(tl.int64) * num_words  # KP
     offsets = plane[:, None] + word[None, :]  # KP x BLOCK_W int64
     raw = tl.load(words_ptr + offsets, mask=valid[:, None] & in_range[None, :], other=0)
-    # every non-zero byte -> 0x01: the low 7 bits of a byte plus 0x7F carry into its bit 7
-    # exactly when they are non-zero (no carry leaves the byte), then or-ed with bit 7 itself
-    kept = ((((raw & 0x7F7F7F7F) + 0x7F7F7F7F) | raw) >> 7) & 0x01010101  # KP x BLOCK_W
+    kept = _nonzero_bytes(raw)  # KP x BLOCK_W, 0x01 per kept pixel
     kept_by = tl.sum(kept, axis=0)  # BLOCK_W, one count (< 256) per byte lane
-    # byte lanes equal to 1 -> 0x01, the others -> 0 (same zero-byte test on kept_by ^ 0x01)
-    other = kept_by ^ 0x01010101
-    single = (~((((other & 0x7F7F7F7F) + 0x7F7F7F7F) | other) >> 7)) & 0x01010101  # BLOCK_W
+    single = _zero_bytes(kept_by ^ 0x01010101)  # BLOCK_W: 0x01 in the lanes equal to 1
     survives = kept & single[None, :]  # KP x BLOCK_W
     tl.store(out_ptr + offsets, survives, mask=real[:, None] & in_range[None, :])
     # box of every instance over this program's words (x1/y1 exclusive): the first and last
@@ -311,6 +363,97 @@ def _suppress_drop_words_kernel(words_ptr, counts_ptr, out_ptr, state_ptr, arriv
     x1 = tl.max(tl.where(hit, col[None, :] + last + 1, 0), axis=1)
     y1 = tl.max(tl.where(hit, row[None, :] + 1, 0), axis=1)
     _fold_boxes(state_ptr, image, num_instances, instance, real & (x1 > 0), x0, y0, x1, y1)
+
+
+@triton.jit
+def _kept_word_row(words_ptr, image_base, k, count, num_words, word, in_range):
+    """Row k of one image's instances over `word` (BLOCK_W int32 words of 4 pixels): 0x01 in
+    every byte lane of a kept pixel. Rows k >= count: nothing kept."""
+    offsets = image_base + tl.cast(k, tl.int64) * num_words + word  # int64: planes beyond 2^31
+    raw = tl.load(words_ptr + offsets, mask=in_range & (k < count), other=0)  # BLOCK_W
+    return _nonzero_bytes(raw)
+
+
+@triton.jit
+def _take_word_row(keepers, owner, kept, k):
+    """Folds row k (kept: 0x01 lanes) into the byte-lane counts of keepers and the byte-lane
+    owner: k in the lanes that row k keeps (the last keeper; it only matters where exactly one
+    instance keeps the pixel). K <= 64: counts and owners fit a byte lane."""
+    lanes = kept * 0xFF  # 0xFF in the kept lanes
+    owner = (owner & ~lanes) | ((k * 0x01010101) & lanes)
+    return keepers + kept, owner
+
+
+@triton.jit
+def _word_rows_design(words_ptr, out_ptr, state_ptr, image, count, num_instances, words_per_row,
+                      num_words, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr,
+                      CHUNK: tl.constexpr):
+    """BLOCK_W words of one image in two phases, like `_rows_design` on 4-pixel words:
+    1. a loop over the valid instances, UNROLL (1, 2 or 4) rows of words a step (loaded first,
+       then folded one after the other): every thread keeps, for its own words, the byte-lane
+       counts of keepers and the byte-lane owner, so the reduction over instances is
+       thread-local (no tile padded to KP rows, no cross-thread sum);
+    2. the output rows, CHUNK instances at a time: the lanes whose owner is the instance and
+       whose count is 1, and their boxes."""
+    tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4))
+    word = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)  # BLOCK_W
+    in_range = word < num_words
+    image_base = image * num_instances * num_words  # int64: first word of this image's planes
+    keepers = tl.zeros([BLOCK_W], dtype=tl.int32)  # byte lanes: instances that kept the pixel
+    owner = tl.zeros([BLOCK_W], dtype=tl.int32)  # byte lanes: the last of them
+    for k0 in range(0, count, UNROLL):
+        kept0 = _kept_word_row(words_ptr, image_base, k0, count, num_words, word, in_range)
+        if UNROLL >= 2:
+            kept1 = _kept_word_row(words_ptr, image_base, k0 + 1, count, num_words, word, in_range)
+        if UNROLL >= 4:
+            kept2 = _kept_word_row(words_ptr, image_base, k0 + 2, count, num_words, word, in_range)
+            kept3 = _kept_word_row(words_ptr, image_base, k0 + 3, count, num_words, word, in_range)
+        keepers, owner = _take_word_row(keepers, owner, kept0, k0)
+        if UNROLL >= 2:
+            keepers, owner = _take_word_row(keepers, owner, kept1, k0 + 1)
+        if UNROLL >= 4:
+            keepers, owner = _take_word_row(keepers, owner, kept2, k0 + 2)
+            keepers, owner = _take_word_row(keepers, owner, kept3, k0 + 3)
+    single = _zero_bytes(keepers ^ 0x01010101)  # BLOCK_W: 0x01 in the lanes kept by exactly one
+    row = word // words_per_row  # BLOCK_W
+    col = (word - row * words_per_row) * 4  # column of the word's byte 0
+    for start in range(0, num_instances, CHUNK):
+        instance = start + tl.arange(0, CHUNK)  # CHUNK
+        real = instance < num_instances
+        # lanes owned by the instance (padding instances own none: a lane kept by exactly one
+        # instance has an owner < count)
+        survives = _zero_bytes(owner[None, :] ^ (instance * 0x01010101)[:, None]) & single[None, :]
+        offsets = image_base + instance.to(tl.int64)[:, None] * num_words + word[None, :]
+        tl.store(out_ptr + offsets, survives, mask=real[:, None] & in_range[None, :])
+        # first and last surviving byte of a word (byte 0 is the leftmost pixel)
+        low_half = (survives & 0xFFFF) != 0  # CHUNK x BLOCK_W
+        first = tl.where(low_half, tl.where((survives & 0xFF) != 0, 0, 1),
+                         tl.where((survives & 0xFF0000) != 0, 2, 3))
+        high_half = (survives >> 16) != 0
+        last = tl.where(high_half, tl.where((survives >> 24) != 0, 3, 2),
+                        tl.where((survives & 0xFF00) != 0, 1, 0))
+        _fold_box_rows(state_ptr, image, num_instances, instance, real, survives != 0,
+                       col[None, :] + first, col[None, :] + last, row)
+
+
+@triton.jit
+def _suppress_drop_words_kernel(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals_ptr,
+                                boxes_ptr, num_instances, words_per_row, num_words, words_bucket,
+                                KP: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr,
+                                UNROLL: tl.constexpr, CHUNK: tl.constexpr):
+    # "drop" mode on 32-bit words of 4 pixels (width % 4 == 0, so a word never straddles two
+    # rows). words/out: B x K x (H W / 4) int32, each byte one pixel (0 = not kept),
+    # counts: B int64, state/arrivals/boxes as in `_suppress_overlap_kernel`. Grid: (word spans,
+    # images). ROWS picks the design: `_word_rows_design` on TILE words per program, else
+    # `_word_tile_design` on TILE / KP words per program. words_bucket is only an autotuning key.
+    image = tl.program_id(1).to(tl.int64)
+    count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
+    if ROWS:
+        _word_rows_design(words_ptr, out_ptr, state_ptr, image, count, num_instances,
+                          words_per_row, num_words, TILE, UNROLL, CHUNK)
+    else:
+        _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances,
+                          words_per_row, num_words, KP, TILE)
     _finish_image(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, KP)
 
 
@@ -331,22 +474,36 @@ _MAX_BLOCKS_PER_PROGRAM = 8
 _ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 
 
-# "drop" mode on words of 4 pixels: KP x BLOCK_W tiles of TILE words (BLOCK_W = TILE / KP).
-# On the GPU the tile and warps are tuned on first use per (KP, log2 of words per image); every
-# config writes the same outputs and leaves the box state zeroed, so re-running one while
-# tuning is harmless. Larger tiles put more bytes in flight per program, smaller ones more programs.
-_WORD_CONFIGS = [triton.Config({"TILE": tile}, num_warps=warps)
-                 for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8),
-                                     (8192, 8))]
+# Rows design for 4-pixel words: (words per program, instance rows per step, instances per
+# output chunk, warps). Not yet timed on a GPU.
+_WORD_ROWS = ((512, 4, 1, 4), (512, 4, 4, 4), (1024, 4, 1, 4), (1024, 2, 1, 8), (1024, 4, 4, 8),
+              (2048, 4, 2, 8), (256, 4, 2, 2))
+# "drop" mode on words of 4 pixels. Tile design: KP x BLOCK_W tiles of TILE words (BLOCK_W =
+# TILE / KP). Rows design: TILE words per program, UNROLL instance rows loaded per step, CHUNK
+# instances per output chunk. On the GPU both designs and the warps are tuned on first use per
+# (KP, log2 of words per image); every config writes the same outputs and leaves the box state
+# zeroed, so re-running one while tuning is harmless. sm_90 ptxas (triton 3.8, KP = 64; 16-byte
+# aligned arguments / without divisibility hints): tile configs 32-127 / 48-206 registers a
+# thread, rows configs 54-127 / 48-144; no spills.
+_WORD_CONFIGS = (
+    [triton.Config({"TILE": tile, "ROWS": False, "UNROLL": 1, "CHUNK": 1}, num_warps=warps)
+     for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8))]
+    + [triton.Config({"TILE": words, "ROWS": True, "UNROLL": unroll, "CHUNK": chunk},
+                     num_warps=warps)
+       for words, unroll, chunk, warps in _WORD_ROWS])
 _suppress_drop_words_kernel_tuned = triton.autotune(
     configs=_WORD_CONFIGS, key=["KP", "words_bucket"])(_suppress_drop_words_kernel)
 # The byte kernel on the GPU with KP <= 64 (mode "argmax", or "drop" on rows that are not a
 # multiple of 4 pixels): both designs compete per (KP, log2 of pixels per image, log2 of images,
 # mode). Tile design: BLOCK_P and the blocks walked per program (walking issues fewer box
 # atomics). Rows design: pixels per program, instances per output chunk and instance rows
-# loaded per step. sm_90 ptxas
-# (triton 3.8, KP = 64, both modes): tile configs 72-177 registers a thread, (64, 4) 170 / 254,
-# rows configs 80-204, the fixed rows launch at KP = 1024 included; no spills. Walking 128-pixel blocks
+# loaded per step. sm_90 ptxas (triton 3.8, KP = 64, both modes; 16-byte aligned arguments /
+# without divisibility hints): tile configs 46-102 / 72-254 registers a thread, rows configs
+# 93-184 / 71-255, the fixed rows launch at KP = 1024 103-128 (no hints); no spills. The rows
+# configs with 2 and 4 rows per step are not yet timed on a GPU since their rows became separate
+# 1-D loads (as one UNROLL x BLOCK_P tile, Triton's layout split the rows across warps, so the
+# fold went through shared memory), nor are (512, 8, 2, 4), (1024, 8, 2, 8), (256, 4, 4, 2).
+# Rows (1024, 16, 1, 8) spilled 8 bytes in "drop" mode and is gone. Walking 128-pixel blocks
 # spilled (2 blocks: 380-492 bytes), as did stop 12's runtime-walk launch at BLOCK_P = 128.
 _BYTE_CONFIGS = (
     [triton.Config({"BLOCK_P": block_p, "WALK": walk, "ROWS": False, "CHUNK": 1, "UNROLL": 1},
@@ -354,9 +511,10 @@ _BYTE_CONFIGS = (
      for block_p, walk, warps in ((32, 1, 4), (64, 1, 8), (128, 1, 8), (64, 4, 8))]
     + [triton.Config({"BLOCK_P": block_p, "WALK": 1, "ROWS": True, "CHUNK": chunk, "UNROLL": unroll},
                      num_warps=warps)
-       for block_p, chunk, unroll, warps in ((512, 8, 1, 4), (1024, 8, 1, 4), (1024, 16, 1, 8),
-                                             (2048, 8, 1, 8), (512, 8, 4, 4), (1024, 8, 4, 4),
-                                             (1024, 8, 4, 8), (2048, 8, 2, 8))])
+       for block_p, chunk, unroll, warps in ((512, 8, 1, 4), (1024, 8, 1, 4), (2048, 8, 1, 8),
+                                             (512, 8, 4, 4), (1024, 8, 4, 4), (1024, 8, 4, 8),
+                                             (2048, 8, 2, 8), (512, 8, 2, 4), (1024, 8, 2, 8),
+                                             (256, 4, 4, 2))])
 _suppress_overlap_kernel_tuned = triton.autotune(
     configs=_BYTE_CONFIGS, key=["KP", "pixels_bucket", "batch_bucket", "ARGMAX"]
 )(_suppress_overlap_kernel)
@@ -376,13 +534,16 @@ def _use_words(masks_u8: torch.Tensor, out: torch.Tensor, mode: str) -> bool:
 
 def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None,
                             counts: torch.Tensor, mode: str, *, design: str | None = None,
-                            blocks_per_program: int | None = None, word_tile: int | None = None
+                            blocks_per_program: int | None = None, word_tile: int | None = None,
+                            config: triton.Config | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `suppress_overlap_reference` (same outputs), in one kernel launch after
     one memset. Overrides for tests (each makes the byte or word kernel run with a fixed launch):
     `design` ("tile" or "rows") with `blocks_per_program` (pixel blocks walked by one program of
     the tile design), or `word_tile` (words per program of the 4-pixel word kernel, a power of two
-    >= KP). Otherwise the launch is chosen from the sizes, and tuned on the GPU."""
+    >= KP), or `config`: one of the autotuner's configs (`_WORD_CONFIGS` runs the word kernel,
+    `_BYTE_CONFIGS` the byte kernel). Otherwise the launch is chosen from the sizes, and tuned on
+    the GPU."""
     check_mode(mode)
     batch, num_instances, height, width = masks.shape
     argmax = mode == "argmax"
@@ -408,28 +569,44 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
     boxes = torch.empty((batch, num_instances, 4), dtype=torch.float32, device=masks.device)
     num_pixels = height * width
     kp = triton.next_power_of_2(num_instances)
-    overridden = design is not None or blocks_per_program is not None or word_tile is not None
-    if word_tile is not None and not _use_words(masks_u8, out, mode):
-        raise ValueError("word_tile needs mode 'drop', rows of a multiple of 4 pixels and at most "
-                         f"{MAX_WORD_INSTANCES} instances, got mode {mode!r} and masks {tuple(masks.shape)}")
-    if word_tile is not None or (not overridden and _use_words(masks_u8, out, mode)):
+    overridden = (design is not None or blocks_per_program is not None or word_tile is not None
+                  or config is not None)
+    if ((word_tile is not None or (config is not None and "TILE" in config.kwargs))
+            and not _use_words(masks_u8, out, mode)):
+        raise ValueError("word_tile and word configs need mode 'drop', rows of a multiple of 4 "
+                         f"pixels and at most {MAX_WORD_INSTANCES} instances, got mode {mode!r} "
+                         f"and masks {tuple(masks.shape)}")
+    if config is not None and "TILE" not in config.kwargs and kp > MAX_TUNED_INSTANCES:
+        raise ValueError(f"byte kernel configs are tuned for at most {MAX_TUNED_INSTANCES} "
+                         f"instances, got {num_instances}")
+    words = word_tile is not None or (config is not None and "TILE" in config.kwargs)
+    if words or (not overridden and _use_words(masks_u8, out, mode)):
         num_words = num_pixels // 4
         args = (masks_u8.view(torch.int32), counts, out.view(torch.int32), state, arrivals, boxes,
                 num_instances, width // 4, num_words, (num_words - 1).bit_length())
-        if INTERPRET or word_tile is not None:
+
+        def grid(meta):
+            words_per_program = meta["TILE"] if meta["ROWS"] else meta["TILE"] // kp
+            return (triton.cdiv(num_words, words_per_program), batch)
+        if config is not None:
+            _suppress_drop_words_kernel[grid](*args, KP=kp, num_warps=config.num_warps,
+                                              **config.kwargs)
+        elif INTERPRET or word_tile is not None:
             tile = word_tile if word_tile is not None else max(kp, _INTERPRET_WORD_TILE)
-            grid = (triton.cdiv(num_words, tile // kp), batch)
-            _suppress_drop_words_kernel[grid](*args, KP=kp, TILE=tile, num_warps=_NUM_WARPS)
+            _suppress_drop_words_kernel[grid](*args, KP=kp, TILE=tile, ROWS=False, UNROLL=1,
+                                              CHUNK=1, num_warps=_NUM_WARPS)
         else:
-            def grid(meta):
-                return (triton.cdiv(num_words, meta["TILE"] // kp), batch)
             _suppress_drop_words_kernel_tuned[grid](*args, KP=kp)
         return out.view(torch.bool), boxes
     args = (masks_u8, confidence, counts, out, state, arrivals, boxes, num_instances, width,
             num_pixels, (num_pixels - 1).bit_length(), (batch - 1).bit_length())
-    if not INTERPRET and not overridden and kp <= MAX_TUNED_INSTANCES:
-        def grid(meta):
-            return (triton.cdiv(num_pixels, meta["BLOCK_P"] * meta["WALK"]), batch)
+
+    def grid(meta):
+        return (triton.cdiv(num_pixels, meta["BLOCK_P"] * meta["WALK"]), batch)
+    if config is not None:
+        _suppress_overlap_kernel[grid](*args, ARGMAX=argmax, KP=kp, num_warps=config.num_warps,
+                                       **config.kwargs)
+    elif not INTERPRET and not overridden and kp <= MAX_TUNED_INSTANCES:
         _suppress_overlap_kernel_tuned[grid](*args, ARGMAX=argmax, KP=kp)
     elif design == "rows" or (design is None and blocks_per_program is None and not INTERPRET):
         # the GPU above KP = 64

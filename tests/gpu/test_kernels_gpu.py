@@ -62,8 +62,9 @@ def test_suppress_overlap_realistic(mode, size):
 def test_suppress_overlap_every_tuned_config(mode):
     """Every config the autotuner may pick (tile and rows designs), launched directly at 250 x 250
     (not a multiple of the pixel blocks), twice on one box state: same outputs as the reference,
-    state and arrival counters zeroed after each launch. Then K = 100 (KP = 128: the fixed rows
-    launch of the dispatcher)."""
+    state and arrival counters zeroed after each launch; in "drop" mode the same for every config
+    of the word kernel at 252 x 252. Then K = 100 (KP = 128: the fixed rows launch of the
+    dispatcher)."""
     import triton
     from resam_kernels.overlap import _BYTE_CONFIGS, _suppress_overlap_kernel
     logits = smooth_logits(3, 50, 250, torch.float32, seed=7)
@@ -85,6 +86,29 @@ def test_suppress_overlap_every_tuned_config(mode):
             assert torch.equal(out.bool(), out_ref), meta
             assert torch.equal(boxes, boxes_ref), meta
             assert not state.any(), meta
+    if mode == "drop":
+        # the word kernel's configs (tile and rows designs) on rows of a multiple of 4 pixels
+        from resam_kernels.overlap import _WORD_CONFIGS, _suppress_drop_words_kernel
+        logits = smooth_logits(3, 50, 252, torch.float32, seed=9)
+        keep = entropy_filter_reference(logits, 0.2)
+        out_ref, boxes_ref = suppress_overlap_reference(keep, None, counts, mode)
+        batch, num_instances, height, width = keep.shape
+        num_words = height * width // 4
+        state = torch.zeros(batch * num_instances * 4 + batch, dtype=torch.int32, device=DEVICE)
+        for config in _WORD_CONFIGS:
+            meta = config.kwargs
+            words_per_program = meta["TILE"] if meta["ROWS"] else meta["TILE"] // 64
+            for _ in range(2):
+                out = torch.empty(keep.shape, dtype=torch.uint8, device=DEVICE)
+                boxes = torch.full((batch, num_instances, 4), -1.0, device=DEVICE)
+                grid = (triton.cdiv(num_words, words_per_program), batch)
+                _suppress_drop_words_kernel[grid](
+                    keep.view(torch.uint8).view(torch.int32), counts, out.view(torch.int32), state,
+                    state[batch * num_instances * 4:], boxes, num_instances, width // 4, num_words, 0,
+                    KP=64, num_warps=config.num_warps, **meta)
+                assert torch.equal(out.bool(), out_ref), meta
+                assert torch.equal(boxes, boxes_ref), meta
+                assert not state.any(), meta
     logits = smooth_logits(2, 100, 256, torch.float32, seed=8)
     keep, confidence = entropy_filter_reference(logits, 0.2, return_confidence=True)
     counts = torch.tensor([100, 77], device=DEVICE)
