@@ -52,6 +52,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def compact_masks(batch: int, num_instances: int, height: int, width: int, device: torch.device,
+                  generator: torch.Generator) -> torch.Tensor:
+    """B x K x H x W bool: every instance a filled ellipse at a random place, semi-axes 1/20 to
+    1/8 of the image side, so neighbours overlap as Refine's inputs do."""
+    import torch
+
+    def uniform(low: float, high: float) -> torch.Tensor:  # B x K x 1 x 1
+        return low + (high - low) * torch.rand(batch, num_instances, 1, 1, device=device, generator=generator)
+
+    rows = torch.arange(height, device=device).view(1, 1, height, 1)  # 1 x 1 x H x 1
+    cols = torch.arange(width, device=device).view(1, 1, 1, width)  # 1 x 1 x 1 x W
+    centre_y, centre_x = uniform(0, height), uniform(0, width)
+    axis_y, axis_x = uniform(height / 20, height / 8), uniform(width / 20, width / 8)
+    return ((rows - centre_y) / axis_y) ** 2 + ((cols - centre_x) / axis_x) ** 2 <= 1  # B x K x H x W
+
+
 def shapes(smoke: bool) -> dict:
     if smoke:
         return {"filter": [(1, 3, 16, 16)], "ssa": [(4, 16, 32), (4, 16, 0)], "mask": [(1, 3, 16, 16)],
@@ -241,18 +257,29 @@ def main(argv: list[str] | None = None) -> int:
         del logits
         counts = torch.full((batch,), num_instances, dtype=torch.int64, device=device)
         counts[0] = max(0, num_instances - 7)
-        for mode in ("drop", "argmax") if wanted("suppress_overlap") else ():
-            read_confidence = 4 if mode == "argmax" else 0
-            compiled_overlap = compiled(suppress_overlap_reference)
-            record(f"suppress_overlap/{mode}", shape, {
-                "torch_eager": lambda: suppress_overlap_reference(keep, confidence, counts, mode),
-                "triton": lambda: resam_kernels.suppress_overlap(keep, confidence, counts, mode),
-                "torch_compile": compiled_overlap and (
-                    lambda: compiled_overlap(keep, confidence, counts, mode)),
-            }, num_bytes=numel * (1 + read_confidence + 1) + batch * num_instances * 16,
-                copy_reference=True, tuned=lambda mode=mode: best_config(
-                    overlap_kernels._suppress_drop_words_kernel_tuned if mode == "drop" and width % 4 == 0
-                    else overlap_kernels._suppress_overlap_kernel_tuned))
+        # Two kinds of masks: the filter's output on random logits (every instance keeps scattered
+        # pixels everywhere, so every program folds a box for every instance: the worst case of
+        # the box atomics), and compact ellipses (as Refine's masks are: an instance touches few
+        # programs). Each kind is tuned afresh: the autotuner's key holds only the sizes.
+        for masks_kind in ("random", "compact") if wanted("suppress_overlap") else ():
+            if masks_kind == "compact":
+                keep = compact_masks(batch, num_instances, height, width, device, generator)
+            for tuned_kernel in (overlap_kernels._suppress_drop_words_kernel_tuned,
+                                 overlap_kernels._suppress_overlap_kernel_tuned):
+                tuned_kernel.cache.clear()
+            suffix = "" if masks_kind == "random" else ", compact masks"
+            for mode in ("drop", "argmax"):
+                read_confidence = 4 if mode == "argmax" else 0
+                compiled_overlap = compiled(suppress_overlap_reference)
+                record(f"suppress_overlap/{mode}{suffix}", shape, {
+                    "torch_eager": lambda: suppress_overlap_reference(keep, confidence, counts, mode),
+                    "triton": lambda: resam_kernels.suppress_overlap(keep, confidence, counts, mode),
+                    "torch_compile": compiled_overlap and (
+                        lambda: compiled_overlap(keep, confidence, counts, mode)),
+                }, num_bytes=numel * (1 + read_confidence + 1) + batch * num_instances * 16,
+                    copy_reference=True, tuned=lambda mode=mode: best_config(
+                        overlap_kernels._suppress_drop_words_kernel_tuned if mode == "drop" and width % 4 == 0
+                        else overlap_kernels._suppress_overlap_kernel_tuned))
         del keep, confidence
 
     tau = 0.07
