@@ -20,21 +20,17 @@ with no host loop and no device synchronisation. Two designs of the byte kernel:
   the last keeper and the number of keepers), then writes the output rows a few instances at a
   time with their boxes. Its registers do not grow with K.
 Mode "drop" with rows of a multiple of 4 pixels and K <= 64 (the usual case) runs
-`_suppress_drop_words_kernel` instead, on int32 words of 4 pixels (one byte lane per pixel), so
-every operation handles 4 pixels, in two designs:
-- word tile: the tile design over words (the per-pixel count is a byte lane of one int32 sum over
-  a KP-row tile, reduced across threads);
-- word rows: the rows design over words: each thread loops over the instances for its own words,
-  keeping byte-lane counts of keepers and a byte-lane owner in its registers (a thread-local
-  reduction over instances, no padding to KP rows), then writes (owner lane == k) & (count lane
-  == 1) for every instance k. On an H200 (run 11) the autotuner kept the word tile design at
-  both benchmark sizes (8x50x256x256, 2x50x1024x1024), on scattered and on compact masks.
+`_suppress_drop_words_kernel` instead: the tile design over int32 words of 4 pixels (one byte
+lane per pixel; the per-pixel count is a byte lane of one int32 sum over a KP-row tile), so every
+operation handles 4 pixels. (A rows design over words, with per-thread byte-lane counts and
+owners, never beat it on an H200 in run 11, at either benchmark size or mask kind, and was
+removed.)
 
 Boxes: every program folds its boxes into a zeroed B x K x 4 int32 state with vector atomic
 maxima (order-free, so deterministic); the last program of each image to arrive (an atomic
 counter) writes that image's float32 boxes (empty -> zeros) and zeroes the state again.
-On the GPU, KP <= 64: both designs of the word kernel and both designs of the byte kernel (tile
-sizes, pixels or words per program, rows per step, warps) are autotuned per size class; KP > 64
+On the GPU, KP <= 64: the word kernel's tile and both designs of the byte kernel (tile sizes,
+pixels per program, rows per step, warps) are autotuned per size class; KP > 64
 runs the rows design. Above MAX_INSTANCES instances the torch reference runs instead. Counts
 larger than K mean all K instances are valid.
 """
@@ -115,21 +111,14 @@ def _fold_boxes(state_ptr, image, num_instances, instance, touched, x0, y0, x1, 
 
 @triton.jit
 def _fold_box_rows(state_ptr, image, num_instances, instance, real, hit, x_first, x_last, row):
-    """Boxes of CHUNK instances over one program's pixels, folded into the state. hit: CHUNK x N
-    (a surviving pixel, or a word with one), x_first / x_last: its first and last surviving
-    column (CHUNK x N), row: N. The state's maxima (-x0 + BIG, -y0 + BIG, x1, y1) are reduced
-    over the N axis directly (0 where nothing survives), then folded with one vector atomic max
-    per coordinate."""
-    left = tl.max(tl.where(hit, BIG - x_first, 0), axis=1)  # CHUNK
-    top = tl.max(tl.where(hit, BIG - row[None, :], 0), axis=1)
-    right = tl.max(tl.where(hit, x_last + 1, 0), axis=1)
-    bottom = tl.max(tl.where(hit, row[None, :] + 1, 0), axis=1)
-    ptrs = state_ptr + (image * num_instances + instance) * 4
-    touched = real & (right > 0)
-    tl.atomic_max(ptrs + 0, left, mask=touched, sem="relaxed")
-    tl.atomic_max(ptrs + 1, top, mask=touched, sem="relaxed")
-    tl.atomic_max(ptrs + 2, right, mask=touched, sem="relaxed")
-    tl.atomic_max(ptrs + 3, bottom, mask=touched, sem="relaxed")
+    """Boxes of a set of instances over one program's pixels, folded into the state. hit:
+    instances x N (a surviving pixel, or a word with one), x_first / x_last: its first and last
+    surviving column (instances x N), row: N."""
+    x0 = tl.min(tl.where(hit, x_first, BIG), axis=1)  # instances
+    y0 = tl.min(tl.where(hit, row[None, :], BIG), axis=1)
+    x1 = tl.max(tl.where(hit, x_last + 1, 0), axis=1)
+    y1 = tl.max(tl.where(hit, row[None, :] + 1, 0), axis=1)
+    _fold_boxes(state_ptr, image, num_instances, instance, real & (x1 > 0), x0, y0, x1, y1)
 
 
 @triton.jit
@@ -358,103 +347,22 @@ def _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances
                     tl.where((survives & 0xFF00) != 0, 1, 0))
     row = word // words_per_row  # BLOCK_W
     col = (word - row * words_per_row) * 4  # column of the word's byte 0
-    hit = survives != 0
-    x0 = tl.min(tl.where(hit, col[None, :] + first, BIG), axis=1)  # KP
-    y0 = tl.min(tl.where(hit, row[None, :], BIG), axis=1)
-    x1 = tl.max(tl.where(hit, col[None, :] + last + 1, 0), axis=1)
-    y1 = tl.max(tl.where(hit, row[None, :] + 1, 0), axis=1)
-    _fold_boxes(state_ptr, image, num_instances, instance, real & (x1 > 0), x0, y0, x1, y1)
-
-
-@triton.jit
-def _kept_word_row(words_ptr, image_base, k, count, num_words, word, in_range):
-    """Row k of one image's instances over `word` (BLOCK_W int32 words of 4 pixels): 0x01 in
-    every byte lane of a kept pixel. Rows k >= count: nothing kept."""
-    offsets = image_base + tl.cast(k, tl.int64) * num_words + word  # int64: planes beyond 2^31
-    raw = tl.load(words_ptr + offsets, mask=in_range & (k < count), other=0)  # BLOCK_W
-    return _nonzero_bytes(raw)
-
-
-@triton.jit
-def _take_word_row(keepers, owner, kept, k):
-    """Folds row k (kept: 0x01 lanes) into the byte-lane counts of keepers and the byte-lane
-    owner: k in the lanes that row k keeps (the last keeper; it only matters where exactly one
-    instance keeps the pixel). K <= 64: counts and owners fit a byte lane."""
-    lanes = kept * 0xFF  # 0xFF in the kept lanes
-    owner = (owner & ~lanes) | ((k * 0x01010101) & lanes)
-    return keepers + kept, owner
-
-
-@triton.jit
-def _word_rows_design(words_ptr, out_ptr, state_ptr, image, count, num_instances, words_per_row,
-                      num_words, BLOCK_W: tl.constexpr, UNROLL: tl.constexpr,
-                      CHUNK: tl.constexpr):
-    """BLOCK_W words of one image in two phases, like `_rows_design` on 4-pixel words:
-    1. a loop over the valid instances, UNROLL (1, 2 or 4) rows of words a step (loaded first,
-       then folded one after the other): every thread keeps, for its own words, the byte-lane
-       counts of keepers and the byte-lane owner, so the reduction over instances is
-       thread-local (no tile padded to KP rows, no cross-thread sum);
-    2. the output rows, CHUNK instances at a time: the lanes whose owner is the instance and
-       whose count is 1, and their boxes."""
-    tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4))
-    word = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)  # BLOCK_W
-    in_range = word < num_words
-    image_base = image * num_instances * num_words  # int64: first word of this image's planes
-    keepers = tl.zeros([BLOCK_W], dtype=tl.int32)  # byte lanes: instances that kept the pixel
-    owner = tl.zeros([BLOCK_W], dtype=tl.int32)  # byte lanes: the last of them
-    for k0 in range(0, count, UNROLL):
-        kept0 = _kept_word_row(words_ptr, image_base, k0, count, num_words, word, in_range)
-        if UNROLL >= 2:
-            kept1 = _kept_word_row(words_ptr, image_base, k0 + 1, count, num_words, word, in_range)
-        if UNROLL >= 4:
-            kept2 = _kept_word_row(words_ptr, image_base, k0 + 2, count, num_words, word, in_range)
-            kept3 = _kept_word_row(words_ptr, image_base, k0 + 3, count, num_words, word, in_range)
-        keepers, owner = _take_word_row(keepers, owner, kept0, k0)
-        if UNROLL >= 2:
-            keepers, owner = _take_word_row(keepers, owner, kept1, k0 + 1)
-        if UNROLL >= 4:
-            keepers, owner = _take_word_row(keepers, owner, kept2, k0 + 2)
-            keepers, owner = _take_word_row(keepers, owner, kept3, k0 + 3)
-    single = _zero_bytes(keepers ^ 0x01010101)  # BLOCK_W: 0x01 in the lanes kept by exactly one
-    row = word // words_per_row  # BLOCK_W
-    col = (word - row * words_per_row) * 4  # column of the word's byte 0
-    for start in range(0, num_instances, CHUNK):
-        instance = start + tl.arange(0, CHUNK)  # CHUNK
-        real = instance < num_instances
-        # lanes owned by the instance (padding instances own none: a lane kept by exactly one
-        # instance has an owner < count)
-        survives = _zero_bytes(owner[None, :] ^ (instance * 0x01010101)[:, None]) & single[None, :]
-        offsets = image_base + instance.to(tl.int64)[:, None] * num_words + word[None, :]
-        tl.store(out_ptr + offsets, survives, mask=real[:, None] & in_range[None, :])
-        # first and last surviving byte of a word (byte 0 is the leftmost pixel)
-        low_half = (survives & 0xFFFF) != 0  # CHUNK x BLOCK_W
-        first = tl.where(low_half, tl.where((survives & 0xFF) != 0, 0, 1),
-                         tl.where((survives & 0xFF0000) != 0, 2, 3))
-        high_half = (survives >> 16) != 0
-        last = tl.where(high_half, tl.where((survives >> 24) != 0, 3, 2),
-                        tl.where((survives & 0xFF00) != 0, 1, 0))
-        _fold_box_rows(state_ptr, image, num_instances, instance, real, survives != 0,
-                       col[None, :] + first, col[None, :] + last, row)
+    _fold_box_rows(state_ptr, image, num_instances, instance, real, survives != 0,
+                   col[None, :] + first, col[None, :] + last, row)
 
 
 @triton.jit
 def _suppress_drop_words_kernel(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals_ptr,
                                 boxes_ptr, num_instances, words_per_row, num_words, words_bucket,
-                                KP: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr,
-                                UNROLL: tl.constexpr, CHUNK: tl.constexpr):
+                                KP: tl.constexpr, TILE: tl.constexpr):
     # "drop" mode on 32-bit words of 4 pixels (width % 4 == 0, so a word never straddles two
     # rows). words/out: B x K x (H W / 4) int32, each byte one pixel (0 = not kept),
-    # counts: B int64, state/arrivals/boxes as in `_suppress_overlap_kernel`. Grid: (word spans,
-    # images). ROWS picks the design: `_word_rows_design` on TILE words per program, else
-    # `_word_tile_design` on TILE / KP words per program. words_bucket is only an autotuning key.
+    # counts: B int64, state/arrivals/boxes as in `_suppress_overlap_kernel`. Grid: (word spans
+    # of TILE / KP words, images). words_bucket is only an autotuning key.
     image = tl.program_id(1).to(tl.int64)
     count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
-    if ROWS:
-        _word_rows_design(words_ptr, out_ptr, state_ptr, image, count, num_instances,
-                          words_per_row, num_words, TILE, UNROLL, CHUNK)
-    else:
-        _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances,
-                          words_per_row, num_words, KP, TILE)
+    _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances, words_per_row,
+                      num_words, KP, TILE)
     _finish_image(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, KP)
 
 
@@ -475,23 +383,15 @@ _MAX_BLOCKS_PER_PROGRAM = 8
 _ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 
 
-# Rows design for 4-pixel words: (words per program, instance rows per step, instances per
-# output chunk, warps). On an H200 (run 11) none of them beat the tile design's best.
-_WORD_ROWS = ((512, 4, 1, 4), (512, 4, 4, 4), (1024, 4, 1, 4), (1024, 2, 1, 8), (1024, 4, 4, 8),
-              (2048, 4, 2, 8), (256, 4, 2, 2))
-# "drop" mode on words of 4 pixels. Tile design: KP x BLOCK_W tiles of TILE words (BLOCK_W =
-# TILE / KP). Rows design: TILE words per program, UNROLL instance rows loaded per step, CHUNK
-# instances per output chunk. On the GPU both designs and the warps are tuned on first use per
-# (KP, log2 of words per image); every config writes the same outputs and leaves the box state
-# zeroed, so re-running one while tuning is harmless. sm_90 ptxas (triton 3.8, KP = 64; 16-byte
-# aligned arguments / without divisibility hints): tile configs 32-127 / 48-206 registers a
-# thread, rows configs 54-127 / 48-144; no spills.
-_WORD_CONFIGS = (
-    [triton.Config({"TILE": tile, "ROWS": False, "UNROLL": 1, "CHUNK": 1}, num_warps=warps)
-     for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8))]
-    + [triton.Config({"TILE": words, "ROWS": True, "UNROLL": unroll, "CHUNK": chunk},
-                     num_warps=warps)
-       for words, unroll, chunk, warps in _WORD_ROWS])
+# "drop" mode on words of 4 pixels: KP x BLOCK_W tiles of TILE words (BLOCK_W = TILE / KP).
+# On the GPU the tile and warps are tuned on first use per (KP, log2 of words per image); every
+# config writes the same outputs and leaves the box state zeroed, so re-running one while
+# tuning is harmless. Larger tiles put more bytes in flight per program, smaller ones more
+# programs. sm_90 ptxas (triton 3.8, KP = 64; 16-byte aligned arguments / without divisibility
+# hints): 32-127 / 48-206 registers a thread; no spills.
+_WORD_CONFIGS = [triton.Config({"TILE": tile}, num_warps=warps)
+                 for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8),
+                                     (8192, 8))]
 _suppress_drop_words_kernel_tuned = triton.autotune(
     configs=_WORD_CONFIGS, key=["KP", "words_bucket"])(_suppress_drop_words_kernel)
 # The byte kernel on the GPU with KP <= 64 (mode "argmax", or "drop" on rows that are not a
@@ -588,15 +488,13 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
                 num_instances, width // 4, num_words, (num_words - 1).bit_length())
 
         def grid(meta):
-            words_per_program = meta["TILE"] if meta["ROWS"] else meta["TILE"] // kp
-            return (triton.cdiv(num_words, words_per_program), batch)
+            return (triton.cdiv(num_words, meta["TILE"] // kp), batch)
         if config is not None:
             _suppress_drop_words_kernel[grid](*args, KP=kp, num_warps=config.num_warps,
                                               **config.kwargs)
         elif INTERPRET or word_tile is not None:
             tile = word_tile if word_tile is not None else max(kp, _INTERPRET_WORD_TILE)
-            _suppress_drop_words_kernel[grid](*args, KP=kp, TILE=tile, ROWS=False, UNROLL=1,
-                                              CHUNK=1, num_warps=_NUM_WARPS)
+            _suppress_drop_words_kernel[grid](*args, KP=kp, TILE=tile, num_warps=_NUM_WARPS)
         else:
             _suppress_drop_words_kernel_tuned[grid](*args, KP=kp)
         return out.view(torch.bool), boxes

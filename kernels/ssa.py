@@ -30,10 +30,12 @@ Precision. float32 inputs: both products run on tensor cores, as tf32x3 (about f
 accuracy) or, in the SPLIT_BF16 tile configs, as bf16x3: each operand split into a bf16 high
 and low part, three bf16 products (about 2^-16 relative per product). Against a float64
 reference on the unit tests' spread-weight inputs, bf16x3 keeps the gradient within about 5e-6
-of its largest entry, tf32x3 and the float32 torch reference within about 5e-7; the loss within
-1e-7 for both. The autotuner keeps whichever tile runs fastest: on an H200 (run 11), tf32x3 at
-q <= 1024 and the SPLIT_BF16 tile 128 x 64 (C_PARTS 2, K_CHUNKS 8) at q = 8192 and 65536, so the
-accuracy of float32 results depends on the queue length there. bfloat16 inputs: h . Q runs on the raw bf16 values (exact products, float32
+of its largest entry and the loss within 1e-7 (the interpreter's float32 products, like the
+float32 torch reference, about 5e-7; tf32x3 on a GPU was not measured against float64). The
+autotuner keeps whichever tile runs fastest: on an H200 (run 11), tf32x3 at q <= 1024 and the
+SPLIT_BF16 tile 128 x 64 (C_PARTS 2, K_CHUNKS 8) at q = 8192 and 65536. So the float32 result's
+last digits depend on the tile picked, which may differ between queue lengths, machines and
+runs. bfloat16 inputs: h . Q runs on the raw bf16 values (exact products, float32
 accumulation; the norms are applied afterwards in float32), and the weights enter the second
 product split into a bf16 high and low part (about 16 mantissa bits). Other dtypes are upcast to
 float32. The interpreter computes all of it in float32 numpy.
@@ -233,8 +235,7 @@ def _ssa_queue_partial_kernel(weak_ptr, queue_ptr, part_sum_ptr, part_acc_ptr,
             values = tl.load(queue_rows + own[None, :], mask=key_ok[:, None] & own_ok[None, :],
                              other=0.0)  # BLOCK_Q x BLOCK_CA
         if BF16_DOT:
-            high = scaled.to(tl.bfloat16)
-            low = (scaled - high.to(tl.float32)).to(tl.bfloat16)
+            high, low = _split_bf16(scaled, UPCAST_BF16_DOT)  # BLOCK_N x BLOCK_Q each
             acc = _bf16_dot(high, values, acc, UPCAST_BF16_DOT)
             acc = _bf16_dot(low, values, acc, UPCAST_BF16_DOT)
         elif SPLIT_BF16:

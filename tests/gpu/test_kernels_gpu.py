@@ -87,7 +87,7 @@ def test_suppress_overlap_every_tuned_config(mode):
             assert torch.equal(boxes, boxes_ref), meta
             assert not state.any(), meta
     if mode == "drop":
-        # the word kernel's configs (tile and rows designs) on rows of a multiple of 4 pixels
+        # the word kernel's configs on rows of a multiple of 4 pixels
         from resam_kernels.overlap import _WORD_CONFIGS, _suppress_drop_words_kernel
         logits = smooth_logits(3, 50, 252, torch.float32, seed=9)
         keep = entropy_filter_reference(logits, 0.2)
@@ -97,7 +97,7 @@ def test_suppress_overlap_every_tuned_config(mode):
         state = torch.zeros(batch * num_instances * 4 + batch, dtype=torch.int32, device=DEVICE)
         for config in _WORD_CONFIGS:
             meta = config.kwargs
-            words_per_program = meta["TILE"] if meta["ROWS"] else meta["TILE"] // 64
+            words_per_program = meta["TILE"] // 64
             for _ in range(2):
                 out = torch.empty(keep.shape, dtype=torch.uint8, device=DEVICE)
                 boxes = torch.full((batch, num_instances, 4), -1.0, device=DEVICE)
@@ -153,6 +153,40 @@ def test_ssa_loss_realistic(dtype, queue_len):
     tolerance = 1e-3 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(grad.float(), grad_ref.float(), atol=tolerance * scale,
                                rtol=tolerance)
+
+
+def test_ssa_every_float32_tile_against_float64():
+    """Every float32 tile the autotuner may keep (tf32x3 and bf16x3), one at a time (a
+    one-config autotuner runs it without timing), against the specification in float64, on
+    spread-weight inputs (queue rows near the weak rows, so the h . Q products matter)."""
+    import torch.nn.functional as F
+    from resam_kernels import ssa as ssa_kernels
+
+    generator = torch.Generator(device=DEVICE).manual_seed(5)
+    weak = torch.randn(400, 256, device=DEVICE, generator=generator)
+    queue = torch.cat([weak + 0.3 * torch.randn(400, 256, device=DEVICE, generator=generator)
+                       for _ in range(2)] + [torch.randn(1200, 256, device=DEVICE, generator=generator)])
+    student = weak + torch.randn(400, 256, device=DEVICE, generator=generator)
+    student64 = student.double().requires_grad_(True)
+    s, h, q = (F.normalize(x, dim=1) for x in (student64, weak.double(), queue.double()))
+    weights = torch.softmax(torch.cat([(h * h).sum(1, keepdim=True), h @ q.T], dim=1) / 0.07, dim=1)
+    loss64 = (weights * (1 - torch.cat([(s * h).sum(1, keepdim=True), s @ q.T], dim=1))).sum(1).mean()
+    (grad64,) = torch.autograd.grad(loss64, student64)
+    scale = grad64.abs().max().item()
+    tuned = ssa_kernels._ssa_queue_partial_kernel_f32
+    every_config = list(tuned.configs)
+    try:
+        for config in every_config:
+            tuned.configs = [config]
+            tuned.cache.clear()
+            student_f32 = student.clone().requires_grad_(True)
+            loss = resam_kernels.ssa_loss(student_f32, weak, queue, 0.07)
+            (grad,) = torch.autograd.grad(loss, student_f32)
+            assert abs(loss.double() - loss64).item() < 1e-6, config
+            assert (grad.double() - grad64).abs().max().item() < 2e-5 * scale, config
+    finally:
+        tuned.configs = every_config
+        tuned.cache.clear()
 
 
 def mask_terms_and_gradient(fn, logits, target):

@@ -266,8 +266,9 @@ def triton_cdiv(a, b):
 
 
 # Every config the GPU autotuner may pick, launched through the `config` override, against the
-# reference: K in {0, 1, 7, 50}, H and W in {1, 63, 257} and odd sizes, pixel / word counts not
-# multiples of any program's span, counts < K, = K, 0 and > K.
+# reference: byte kernel K in {0, 1, 7, 50}, H and W in {1, 63, 257} and odd sizes; word kernel
+# K in {1, 7, 50} with widths of a multiple of 4 pixels; pixel / word counts not multiples of any
+# program's span, counts < K, = K, 0 and > K.
 BYTE_CONFIG_CASES = [(2, 0, 3, 5, [0, 0]), (2, 1, 1, 1, [1, 0]), (2, 7, 63, 257, [7, 3]),
                      (1, 50, 33, 65, [37]), (1, 7, 257, 1, [9])]
 # the word kernel needs rows of a multiple of 4 pixels
@@ -298,46 +299,23 @@ def test_every_word_config(config):
         check_against_reference(masks.to(DEVICE), None, counts, "drop", config=config)
 
 
-def test_word_rows_design_box_columns_and_lane_owners():
-    # the hand case of the word tile design through the rows design: one pixel per instance at
-    # every byte of a word, overlaps inside a word; and instance indices up to 63 in the byte-lane
-    # owners (K = 64, every instance alone on its own pixel, all bytes of the word kept)
-    config = next(c for c in _WORD_CONFIGS if c.kwargs["ROWS"] and c.kwargs["CHUNK"] > 1)
-    masks = torch.zeros(1, 6, 2, 8, dtype=torch.bool)
-    for k in range(4):
-        masks[0, k, k % 2, k] = True
-    masks[0, 4, 1, 5:8] = True
-    masks[0, 5, 1, 6] = True
-    masks[0, 5, 0, 4] = True
-    counts = torch.tensor([6])
-    out, boxes = suppress_overlap_triton(masks, None, counts, "drop", config=config)
-    assert boxes.tolist() == [[[0, 0, 1, 1], [1, 1, 2, 2], [2, 0, 3, 1], [3, 1, 4, 2],
-                               [5, 1, 8, 2], [4, 0, 5, 1]]]
-    assert out[0, 4, 1].int().tolist() == [0, 0, 0, 0, 0, 1, 0, 1]
-    masks = torch.zeros(1, 64, 4, 16, dtype=torch.bool)
-    masks.view(1, 64, 64)[0, torch.arange(64), torch.arange(64).flip(0)] = True
-    counts = torch.tensor([64])
-    check_against_reference(masks, None, counts, "drop", config=config)
-
-
-@pytest.mark.parametrize("config", [c for c in _WORD_CONFIGS if c.kwargs["ROWS"]][:2] + _WORD_CONFIGS[:1],
-                         ids=config_id)
+@pytest.mark.parametrize("config", _WORD_CONFIGS, ids=config_id)
 def test_word_kernel_leaves_its_box_state_zeroed(config):
+    # 2,048 words per image: 2 to 16 programs per image fold boxes and count arrivals
     from resam_kernels.overlap import _suppress_drop_words_kernel
-    masks, _ = random_instances(3, 7, 19, 24, seed=6)
+    masks, _ = random_instances(3, 7, 64, 128, seed=6)
     counts = torch.tensor([7, 4, 0])
     out_ref, boxes_ref = suppress_overlap_reference(masks, None, counts, "drop")
     batch, num_instances, height, width = masks.shape
     num_words = height * width // 4
     state = torch.zeros(batch * num_instances * 4 + batch, dtype=torch.int32)
-    out = torch.empty(masks.shape, dtype=torch.uint8)
-    meta = config.kwargs
-    words_per_program = meta["TILE"] if meta["ROWS"] else meta["TILE"] // 8
     for _ in range(2):
+        out = torch.full(masks.shape, 0xFF, dtype=torch.uint8)  # a missing store shows
         boxes = torch.full((batch, num_instances, 4), -1.0)
-        _suppress_drop_words_kernel[(triton_cdiv(num_words, words_per_program), batch)](
+        _suppress_drop_words_kernel[(triton_cdiv(num_words, config.kwargs["TILE"] // 8), batch)](
             masks.view(torch.uint8).view(torch.int32), counts, out.view(torch.int32), state,
-            state[batch * num_instances * 4:], boxes, num_instances, width // 4, num_words, 0, KP=8, **meta)
+            state[batch * num_instances * 4:], boxes, num_instances, width // 4, num_words, 0, KP=8,
+            **config.kwargs)
         assert torch.equal(out.bool(), out_ref)
         assert torch.equal(boxes, boxes_ref)
         assert not state.any()
@@ -345,7 +323,7 @@ def test_word_kernel_leaves_its_box_state_zeroed(config):
 
 def test_config_override_is_checked():
     masks, confidence = random_instances(1, 2, 4, 6, seed=0)
-    word_config = next(c for c in _WORD_CONFIGS if c.kwargs["ROWS"])
+    word_config = _WORD_CONFIGS[0]
     with pytest.raises(ValueError, match="word configs"):
         suppress_overlap_triton(masks, None, torch.tensor([2]), "drop", config=word_config)
     masks, confidence = random_instances(1, 65, 4, 6, seed=0)
