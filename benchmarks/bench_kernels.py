@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def compact_masks(batch: int, num_instances: int, height: int, width: int, device: torch.device,
                   generator: torch.Generator) -> torch.Tensor:
     """B x K x H x W bool: every instance a filled ellipse at a random place, semi-axes 1/20 to
-    1/8 of the image side, so neighbours overlap as Refine's inputs do."""
+    1/8 of the image side, so neighbours overlap (the teacher's masks that Refine suppresses are
+    compact blobs, as the demo's overlays show)."""
     import torch
 
     def uniform(low: float, high: float) -> torch.Tensor:  # B x K x 1 x 1
