@@ -97,8 +97,8 @@ def prepare_data(out: Path, *, size: int, train_images: int, test_images: int, s
     from resam_dist.data.shards import main as prep_main
 
     per_kind = lambda n: {"buildings": n - n // 4, "sar_ships": n // 4}  # noqa: E731
-    source_kinds = {"source_shapes": source_images // 4, "sparse_buildings": source_images // 4,
-                    "city_buildings": source_images // 4, "calm_sar_ships": source_images // 4}
+    source_kinds = {kind: source_images // 4
+                    for kind in ("source_shapes", "sparse_buildings", "city_buildings", "calm_sar_ships")}
     paths = {
         "source": write_domain(out / "coco" / "source", source_kinds, size=size, seed=11, object_scale=object_scale),
         "target_train": write_domain(out / "coco" / "target-train", per_kind(train_images), size=size, seed=22,

@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -36,8 +36,7 @@ from PIL import Image
 from resam_dist.data.coco import decode_instance, encode_rle
 
 SceneKind = Literal["buildings", "sar_ships", "source_shapes", "sparse_buildings", "city_buildings", "calm_sar_ships"]
-KINDS: tuple[str, ...] = ("buildings", "sar_ships", "source_shapes", "sparse_buildings", "city_buildings",
-                          "calm_sar_ships")
+KINDS: tuple[str, ...] = get_args(SceneKind)
 
 CATEGORIES: dict[str, list[dict[str, object]]] = {
     "buildings": [{"id": 1, "name": "building", "supercategory": "structure"}],

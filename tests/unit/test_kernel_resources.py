@@ -59,14 +59,20 @@ print(json.dumps(results))
 """
 
 
-def test_relpos_attention_configs_fit_sm90_shared_memory():
+def compile_for_sm90(script: str) -> list:
+    """Runs a compile script in a subprocess without TRITON_INTERPRET (the repository on its
+    path); returns the JSON list it prints last."""
     pytest.importorskip("triton")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    done = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_relpos_attention_configs_fit_sm90_shared_memory():
+    results = compile_for_sm90(CHECK)
     assert len(results) == 24
     over = [row for row in results if row[-1] > SM90_SHARED_MEMORY]
     assert not over, f"configurations over sm_90's {SM90_SHARED_MEMORY} bytes of shared memory: {over}"
@@ -120,13 +126,7 @@ print(json.dumps(results))
 def test_ssa_split_bf16_configs_fit_sm90_without_spills():
     """The float32 SPLIT_BF16 tiles of the SSA partial kernel at C = 256: no register spill and
     shared memory within sm_90's limit (ptxas of Triton's bundle, on this CPU machine)."""
-    pytest.importorskip("triton")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    done = subprocess.run([sys.executable, "-c", SSA_CHECK], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = compile_for_sm90(SSA_CHECK)
     assert len(results) == 7
     assert all(0 < shared <= SM90_SHARED_MEMORY for _, shared, _ in results), results
     assert not [row for row in results if row[2] > 0], f"configurations that spill: {results}"
