@@ -1,0 +1,60 @@
+"""Source-domain pretraining (the demo's stand-in for SAM's own pretraining): every parameter
+in use trains, the run is reproducible from its seed, and images of the wrong size are refused."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from resam_dist.data.coco import CocoSplit
+from resam_dist.demo import write_domain
+from resam_dist.model.build import build_sam
+from resam_dist.train.pretrain import pretrain, split_batch
+
+
+@pytest.fixture(scope="module")
+def source_split(tmp_path_factory):
+    path = write_domain(tmp_path_factory.mktemp("source"), {"source_shapes": 2, "sparse_buildings": 2},
+                        size=256, seed=3, object_scale=2.0)
+    return CocoSplit(path, path.parent / "images")
+
+
+def _pretrained(split, seed):
+    model = build_sam("tiny", seed=0)
+    losses = pretrain(model, split=split, steps=3, images_per_step=2, lr=1e-3, seed=seed, max_instances=4,
+                      log_every=0)
+    return model, losses
+
+
+def test_pretraining_trains_every_parameter_in_use_and_is_reproducible(source_split):
+    initial = build_sam("tiny", seed=0).state_dict()
+    model, losses = _pretrained(source_split, seed=0)
+    assert len(losses) == 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    assert not model.training
+    trained = model.state_dict()
+    unchanged = {name for name, parameter in model.named_parameters() if torch.equal(parameter, initial[name])}
+    # no mask prompts, and only the single-mask output is decoded: those parameters take no part
+    unused = {name for name in initial if name.startswith("prompt_encoder.mask_downscaling.")
+              or name.startswith(tuple(f"mask_decoder.output_hypernetworks_mlps.{i}." for i in (1, 2, 3)))}
+    assert unused and unchanged == unused
+    again, losses_again = _pretrained(source_split, seed=0)
+    assert losses_again == losses
+    assert all(torch.equal(trained[name], value) for name, value in again.state_dict().items())
+    _, other_losses = _pretrained(source_split, seed=1)
+    assert other_losses != losses
+
+
+def test_split_batch_pads_instances_and_refuses_other_sizes(source_split):
+    rng = np.random.default_rng(0)
+    image_ids = list(source_split.image_ids)[:2]
+    batch = split_batch(source_split, image_ids, 256, num_points=2, rng=rng, max_instances=3)
+    assert batch.images.shape == (2, 3, 256, 256) and batch.masks.shape[:2] == (2, 3)
+    assert batch.points.shape == (2, 3, 4, 2) and batch.point_labels.shape == (2, 3, 4)
+    for b, count in enumerate(batch.counts.tolist()):
+        assert 1 <= count <= 3
+        assert batch.masks[b, :count].flatten(1).any(1).all()  # every real instance has pixels
+        assert not batch.masks[b, count:].any() and (batch.point_labels[b, count:] == -1).all()
+        assert (batch.point_labels[b, :count, :2] == 1).all() and (batch.point_labels[b, :count, 2:] == 0).all()
+    with pytest.raises(ValueError, match="pretraining expects 128 x 128 images"):
+        split_batch(source_split, image_ids, 128, num_points=1, rng=rng, max_instances=3)
