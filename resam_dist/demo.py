@@ -141,7 +141,7 @@ def pretrained_checkpoint(cache: Path, source: Path, *, steps: int, images_per_s
     started = time.perf_counter()
     model = build_sam("tiny", seed=0)
     split = CocoSplit(source, source.parent / "images")
-    pretrain(model, split=split, steps=steps, images_per_step=images_per_step, lr=lr, seed=0)
+    pretrain(model, split=split, steps=steps, images_per_step=images_per_step, lr=lr, seed=0, keep_decoded=True)
     cache.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     torch.save(model.state_dict(), temporary)

@@ -1,5 +1,6 @@
 """Source-domain pretraining (the demo's stand-in for SAM's own pretraining): every parameter
-in use trains, the run is reproducible from its seed, and images of the wrong size are refused."""
+in use trains, the run is reproducible from its seed (keeping decoded images or not), and
+images of the wrong size are refused."""
 
 import math
 
@@ -20,10 +21,10 @@ def source_split(tmp_path_factory):
     return CocoSplit(path, path.parent / "images")
 
 
-def _pretrained(split, seed):
+def _pretrained(split, seed, keep_decoded=False):
     model = build_sam("tiny", seed=0)
     losses = pretrain(model, split=split, steps=3, images_per_step=2, lr=1e-3, seed=seed, max_instances=4,
-                      log_every=0)
+                      keep_decoded=keep_decoded, log_every=0)
     return model, losses
 
 
@@ -38,17 +39,19 @@ def test_pretraining_trains_every_parameter_in_use_and_is_reproducible(source_sp
     unused = {name for name in initial if name.startswith("prompt_encoder.mask_downscaling.")
               or name.startswith(tuple(f"mask_decoder.output_hypernetworks_mlps.{i}." for i in (1, 2, 3)))}
     assert unused and unchanged == unused
-    again, losses_again = _pretrained(source_split, seed=0)
-    assert losses_again == losses
-    assert all(torch.equal(trained[name], value) for name, value in again.state_dict().items())
+    for keep_decoded in (False, True):  # decoding once and keeping the images changes nothing
+        again, losses_again = _pretrained(source_split, seed=0, keep_decoded=keep_decoded)
+        assert losses_again == losses
+        assert all(torch.equal(trained[name], value) for name, value in again.state_dict().items())
     _, other_losses = _pretrained(source_split, seed=1)
     assert other_losses != losses
 
 
-def test_split_batch_pads_instances_and_refuses_other_sizes(source_split):
+def test_split_batch_pads_instances_and_leaves_the_decoded_images_alone(source_split):
     rng = np.random.default_rng(0)
-    image_ids = list(source_split.image_ids)[:2]
-    batch = split_batch(source_split, image_ids, 256, num_points=2, rng=rng, max_instances=3)
+    loaded = [source_split.load(image_id) for image_id in list(source_split.image_ids)[:2]]
+    pixels, masks = [item.image.copy() for item in loaded], [item.masks.copy() for item in loaded]
+    batch = split_batch(loaded, 256, num_points=2, rng=rng, max_instances=3)
     assert batch.images.shape == (2, 3, 256, 256) and batch.masks.shape[:2] == (2, 3)
     assert batch.points.shape == (2, 3, 4, 2) and batch.point_labels.shape == (2, 3, 4)
     for b, count in enumerate(batch.counts.tolist()):
@@ -56,5 +59,9 @@ def test_split_batch_pads_instances_and_refuses_other_sizes(source_split):
         assert batch.masks[b, :count].flatten(1).any(1).all()  # every real instance has pixels
         assert not batch.masks[b, count:].any() and (batch.point_labels[b, count:] == -1).all()
         assert (batch.point_labels[b, :count, :2] == 1).all() and (batch.point_labels[b, :count, 2:] == 0).all()
+    for _ in range(8):  # random flips and instance subsets never write into the decoded arrays
+        split_batch(loaded, 256, num_points=1, rng=rng, max_instances=3)
+    assert all(np.array_equal(item.image, p) and np.array_equal(item.masks, m)
+               for item, p, m in zip(loaded, pixels, masks))
     with pytest.raises(ValueError, match="pretraining expects 128 x 128 images"):
-        split_batch(source_split, image_ids, 128, num_points=1, rng=rng, max_instances=3)
+        split_batch(loaded, 128, num_points=1, rng=rng, max_instances=3)
