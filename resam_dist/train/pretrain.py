@@ -8,6 +8,7 @@ images are flipped at random.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -105,16 +106,14 @@ def pretrain(model: PromptableSam, *, split: CocoSplit, steps: int, images_per_s
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    decoded: dict[int, CocoImage] = {}  # image id -> decoded image (keep_decoded only)
+    load = functools.cache(split.load) if keep_decoded else split.load  # image id -> decoded image
     losses: list[float] = []
     started = time.perf_counter()
     for step in range(steps):
         image_ids = [int(i) for i in rng.choice(split.image_ids, size=images_per_step, replace=False)]
         num_points = int(rng.integers(1, 4))
-        loaded = [decoded[image_id] if image_id in decoded else split.load(image_id) for image_id in image_ids]
-        if keep_decoded:
-            decoded.update(zip(image_ids, loaded))
-        batch = split_batch(loaded, model.image_size, num_points, rng, max_instances)
+        batch = split_batch([load(image_id) for image_id in image_ids], model.image_size, num_points, rng,
+                            max_instances)
         loss = supervised_loss(model, batch, use_boxes=bool(step % 2), box_jitter=0.05, rng=rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
