@@ -9,7 +9,7 @@ empty: the same as `resam_dist.resam.prompts.masks_to_boxes`.
 
 `suppress_overlap_reference` is the specification in torch. `suppress_overlap_triton` does it
 in one kernel launch after one memset, in one pass over the data (grid: pixel spans x images),
-with no host loop and no device synchronisation. Two designs of the byte kernel:
+with no host loop and no device synchronisation. Three designs of the byte kernel:
 - tile: a program loads the K masks (and, in "argmax" mode, confidences) of a block of pixels as
   one KP x BLOCK_P tile (KP = next power of two >= K), counts / picks the most confident kept
   instance across the tile's rows, writes the suppressed tile once, and reduces each instance's
@@ -18,19 +18,28 @@ with no host loop and no device synchronisation. Two designs of the byte kernel:
   loaded per step as separate 1-D loads, then folded in order, so the fold stays within each
   thread), keeping per pixel only its owner (first most confident kept instance; in "drop" mode
   the last keeper and the number of keepers), then writes the output rows a few instances at a
-  time with their boxes. Its registers do not grow with K.
+  time with their boxes. Its registers do not grow with K;
+- strip (KP <= 64): the rows design over BLOCK_P columns of STRIP_ROWS image rows, with boxes
+  from each pixel's owner as one bit of a 64-bit word, or-ed over the strip's rows (x, reduced
+  once per program) and over each row's columns (y, one reduction of one word per row), instead
+  of four reductions over every instance's pixels per output chunk. The box reductions, not the
+  memory traffic, were what held the other designs back (H200 run 12: "argmax" at
+  2 x 50 x 1024 x 1024 from 66-68% to 83.5% of the copy bandwidth).
 Mode "drop" with rows of a multiple of 4 pixels and K <= 64 (the usual case) runs
 `_suppress_drop_words_kernel` instead: the tile design over int32 words of 4 pixels (one byte
 lane per pixel; the per-pixel count is a byte lane of one int32 sum over a KP-row tile), so every
-operation handles 4 pixels. (A rows design over words, with per-thread byte-lane counts and
-owners, never beat it on an H200 in run 11, at either benchmark size or mask kind, and was
-removed.)
+operation handles 4 pixels. Its box columns come from two reductions of keys packing each word's
+column with its 4-bit mask of surviving lanes; tiles that lie in one image row (ROW_TILES) need no
+row reduction; bool masks (bytes 0 or 1, as torch keeps them) skip the byte test (ZERO_ONE).
+Other one-byte masks (uint8): any non-zero byte is kept. (A rows design over words, with
+per-thread byte-lane counts and owners, never beat it on an H200 in run 11, at either benchmark
+size or mask kind, and was removed.)
 
 Boxes: every program folds its boxes into a zeroed B x K x 4 int32 state with vector atomic
 maxima (order-free, so deterministic); the last program of each image to arrive (an atomic
 counter) writes that image's float32 boxes (empty -> zeros) and zeroes the state again.
-On the GPU, KP <= 64: the word kernel's tile and both designs of the byte kernel (tile sizes,
-pixels per program, rows per step, warps) are autotuned per size class; KP > 64
+On the GPU, KP <= 64: the word kernel's tile and the byte kernel's three designs (tile sizes,
+pixels per program, rows per step, strip rows, warps) are autotuned per size class; KP > 64
 runs the rows design. Above MAX_INSTANCES instances the torch reference runs instead. Counts
 larger than K mean all K instances are valid.
 """
@@ -239,31 +248,24 @@ def _take_row(owner, best, keepers, kept, score, k, ARGMAX: tl.constexpr):
 
 
 @triton.jit
-def _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
-                 width, num_pixels, ARGMAX: tl.constexpr, BLOCK_P: tl.constexpr,
-                 CHUNK: tl.constexpr, UNROLL: tl.constexpr):
-    """The pixels [first, first + BLOCK_P) of one image in two phases:
-    1. a loop over the valid instances, UNROLL (1, 2 or 4) rows of BLOCK_P pixels a step: the
-       step's rows are loaded first (separate 1-D loads, so more bytes are in flight), then folded
-       one after the other into each pixel's owner (argmax: first most confident kept instance;
-       drop: an instance that kept it) and whether the owner keeps it (argmax: owner kept; drop:
-       kept by exactly one). Every 1-D value has the pixel layout: the fold is thread-local;
-    2. the output rows, CHUNK instances at a time: (instance == owner) & owned, and their boxes.
-    Registers hold a few values per pixel and UNROLL loaded rows instead of a K x pixels tile,
-    so K is not bounded by registers."""
-    tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4))
-    pixel = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # BLOCK_P
-    in_range = pixel < num_pixels
-    image_base = image * num_instances * num_pixels  # int64: first pixel of this image's planes
-    owner = tl.zeros([BLOCK_P], dtype=tl.int32)
-    best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)  # argmax only
+def _owners(masks_ptr, confidence_ptr, image_base, count, num_pixels, pixel, in_range,
+            ARGMAX: tl.constexpr, UNROLL: tl.constexpr):
+    """The owner of every pixel (BLOCK_P) by a loop over the valid instances, UNROLL (1, 2, 4 or
+    8) rows a step: the step's rows are loaded first (separate 1-D loads, so more bytes are in
+    flight), then folded one after the other (argmax: first most confident kept instance; drop:
+    an instance that kept it). Every value has the pixel layout: the fold is thread-local.
+    Returns (owner, owned): owned = the owner keeps the pixel (argmax: owner kept; drop: kept by
+    exactly one instance)."""
+    tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4) | (UNROLL == 8))
+    owner = tl.zeros([pixel.shape[0]], dtype=tl.int32)
+    best = tl.full([pixel.shape[0]], float("-inf"), dtype=tl.float32)  # argmax only
     if ARGMAX:
         # owned (0/1). No kept score above -inf: the owner stays 0 and keeps the pixel only if
         # instance 0 kept it (as the reference's argmax over all -inf)
         keepers = (tl.load(masks_ptr + image_base + pixel, mask=in_range & (count > 0),
                            other=0) != 0).to(tl.int32)
     else:
-        keepers = tl.zeros([BLOCK_P], dtype=tl.int32)  # instances that kept the pixel
+        keepers = tl.zeros([pixel.shape[0]], dtype=tl.int32)  # instances that kept the pixel
     for k0 in range(0, count, UNROLL):
         kept0, score0 = _instance_row(masks_ptr, confidence_ptr, image_base, k0, count,
                                       num_pixels, pixel, in_range, ARGMAX)
@@ -275,13 +277,43 @@ def _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, nu
                                           num_pixels, pixel, in_range, ARGMAX)
             kept3, score3 = _instance_row(masks_ptr, confidence_ptr, image_base, k0 + 3, count,
                                           num_pixels, pixel, in_range, ARGMAX)
+        if UNROLL == 8:
+            kept4, score4 = _instance_row(masks_ptr, confidence_ptr, image_base, k0 + 4, count,
+                                          num_pixels, pixel, in_range, ARGMAX)
+            kept5, score5 = _instance_row(masks_ptr, confidence_ptr, image_base, k0 + 5, count,
+                                          num_pixels, pixel, in_range, ARGMAX)
+            kept6, score6 = _instance_row(masks_ptr, confidence_ptr, image_base, k0 + 6, count,
+                                          num_pixels, pixel, in_range, ARGMAX)
+            kept7, score7 = _instance_row(masks_ptr, confidence_ptr, image_base, k0 + 7, count,
+                                          num_pixels, pixel, in_range, ARGMAX)
         owner, best, keepers = _take_row(owner, best, keepers, kept0, score0, k0, ARGMAX)
         if UNROLL >= 2:
             owner, best, keepers = _take_row(owner, best, keepers, kept1, score1, k0 + 1, ARGMAX)
         if UNROLL >= 4:
             owner, best, keepers = _take_row(owner, best, keepers, kept2, score2, k0 + 2, ARGMAX)
             owner, best, keepers = _take_row(owner, best, keepers, kept3, score3, k0 + 3, ARGMAX)
-    owned = (keepers == 1) & in_range  # argmax: owned; drop: kept by exactly one
+        if UNROLL == 8:
+            owner, best, keepers = _take_row(owner, best, keepers, kept4, score4, k0 + 4, ARGMAX)
+            owner, best, keepers = _take_row(owner, best, keepers, kept5, score5, k0 + 5, ARGMAX)
+            owner, best, keepers = _take_row(owner, best, keepers, kept6, score6, k0 + 6, ARGMAX)
+            owner, best, keepers = _take_row(owner, best, keepers, kept7, score7, k0 + 7, ARGMAX)
+    return owner, (keepers == 1) & in_range
+
+
+@triton.jit
+def _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
+                 width, num_pixels, ARGMAX: tl.constexpr, BLOCK_P: tl.constexpr,
+                 CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+    """The pixels [first, first + BLOCK_P) of one image in two phases:
+    1. each pixel's owner (`_owners`, UNROLL instance rows a step);
+    2. the output rows, CHUNK instances at a time: (instance == owner) & owned, and their boxes.
+    Registers hold a few values per pixel and UNROLL loaded rows instead of a K x pixels tile,
+    so K is not bounded by registers."""
+    pixel = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # BLOCK_P
+    in_range = pixel < num_pixels
+    image_base = image * num_instances * num_pixels  # int64: first pixel of this image's planes
+    owner, owned = _owners(masks_ptr, confidence_ptr, image_base, count, num_pixels, pixel,
+                           in_range, ARGMAX, UNROLL)  # BLOCK_P, BLOCK_P
     row = pixel // width  # BLOCK_P
     col = pixel - row * width
     for start in range(0, num_instances, CHUNK):
@@ -295,11 +327,63 @@ def _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, nu
 
 
 @triton.jit
+def _bitwise_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _strip_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
+                  width, num_pixels, KP: tl.constexpr, ARGMAX: tl.constexpr,
+                  BLOCK_P: tl.constexpr, STRIP_ROWS: tl.constexpr, CHUNK: tl.constexpr,
+                  UNROLL: tl.constexpr):
+    """The rows design on a strip: BLOCK_P columns of STRIP_ROWS image rows, one image row at a
+    time (its owners, then its output rows CHUNK instances at a time). Boxes without a
+    reduction per instance and row: each pixel's owner as one bit of a 64-bit word (KP <= 64),
+    or-ed over the strip's rows per column (x: reduced once per program) and over the row's
+    columns per row (y: one reduction of one word per row)."""
+    tl.static_assert(KP <= 64)
+    height = num_pixels // width
+    strips = tl.cdiv(width, BLOCK_P)
+    first_row = (tl.program_id(0) // strips) * STRIP_ROWS
+    col = (tl.program_id(0) % strips) * BLOCK_P + tl.arange(0, BLOCK_P)  # BLOCK_P
+    image_base = image * num_instances * num_pixels  # int64: first pixel of this image's planes
+    instance = tl.arange(0, KP)  # KP
+    bit = instance.to(tl.int64)  # KP: instance k's bit in the owner words
+    owned_in_column = tl.zeros([BLOCK_P], dtype=tl.int64)  # bit k: k owns a pixel of the column
+    y0 = tl.full([KP], BIG, dtype=tl.int32)
+    y1 = tl.zeros([KP], dtype=tl.int32)
+    for step in range(0, STRIP_ROWS):
+        row = first_row + step
+        in_range = (col < width) & (row < height)  # BLOCK_P
+        pixel = row * width + col
+        owner, owned = _owners(masks_ptr, confidence_ptr, image_base, count, num_pixels, pixel,
+                               in_range, ARGMAX, UNROLL)  # BLOCK_P, BLOCK_P
+        for start in range(0, num_instances, CHUNK):
+            chunk = start + tl.arange(0, CHUNK)  # CHUNK
+            survives = (chunk[:, None] == owner[None, :]) & owned[None, :]  # CHUNK x BLOCK_P
+            offsets = image_base + chunk.to(tl.int64)[:, None] * num_pixels + pixel[None, :]
+            tl.store(out_ptr + offsets, survives.to(tl.uint8),
+                     mask=(chunk < num_instances)[:, None] & in_range[None, :])
+        owner_bit = tl.where(owned, tl.full([BLOCK_P], 1, dtype=tl.int64) << owner.to(tl.int64), 0)
+        owned_in_column = owned_in_column | owner_bit
+        owned_in_row = tl.reduce(owner_bit, 0, _bitwise_or)  # scalar: bit k, k owns a pixel here
+        here = ((owned_in_row >> bit) & 1) != 0  # KP
+        y0 = tl.minimum(y0, tl.where(here, row, BIG))
+        y1 = tl.maximum(y1, tl.where(here, row + 1, 0))
+    has = ((owned_in_column[None, :] >> bit[:, None]) & 1) != 0  # KP x BLOCK_P
+    x0 = tl.min(tl.where(has, col[None, :], BIG), axis=1)  # KP
+    x1 = tl.max(tl.where(has, col[None, :] + 1, 0), axis=1)
+    _fold_boxes(state_ptr, image, num_instances, instance, (instance < num_instances) & (x1 > 0),
+                x0, y0, x1, y1)
+
+
+@triton.jit
 def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, state_ptr,
                              arrivals_ptr, boxes_ptr, num_instances, width, num_pixels,
                              pixels_bucket, batch_bucket, ARGMAX: tl.constexpr, KP: tl.constexpr,
                              BLOCK_P: tl.constexpr, WALK: tl.constexpr, ROWS: tl.constexpr,
-                             CHUNK: tl.constexpr, UNROLL: tl.constexpr):
+                             CHUNK: tl.constexpr, UNROLL: tl.constexpr,
+                             STRIP_ROWS: tl.constexpr = 0):
     # masks/out: B x K x H x W uint8, confidence: B x K x H x W float (read in "argmax" mode),
     # counts: B int64, state: B x K x 4 int32 + arrivals: B int32 (zeroed), boxes: B x K x 4
     # float32. Grid: (pixel spans, images). ROWS picks the design (`_rows_design`, else
@@ -307,7 +391,10 @@ def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, sta
     # rounded up) are only autotuning keys.
     image = tl.program_id(1).to(tl.int64)
     count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
-    if ROWS:
+    if STRIP_ROWS > 0:
+        _strip_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
+                      width, num_pixels, KP, ARGMAX, BLOCK_P, STRIP_ROWS, CHUNK, UNROLL)
+    elif ROWS:
         _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
                      width, num_pixels, ARGMAX, BLOCK_P, CHUNK, UNROLL)
     else:
@@ -318,12 +405,16 @@ def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, sta
 
 @triton.jit
 def _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances, words_per_row,
-                      num_words, KP: tl.constexpr, TILE: tl.constexpr):
+                      num_words, KP: tl.constexpr, TILE: tl.constexpr, ZERO_ONE: tl.constexpr,
+                      ROW_TILES: tl.constexpr):
     """BLOCK_W = TILE / KP words of all KP instances as one KP x BLOCK_W tile; the per-pixel
     counts are byte lanes of one int32 sum over the instance axis (K < 256: no carry between
-    lanes), so every operation handles 4 pixels at once."""
+    lanes), so every operation handles 4 pixels at once. ZERO_ONE: every byte is 0 or 1 (bool
+    storage), so the words are the kept lanes as loaded. ROW_TILES: every tile lies in one image
+    row (words_per_row is a multiple of BLOCK_W), so a touched instance's y0 / y1 are that row's."""
     BLOCK_W: tl.constexpr = TILE // KP
-    word = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)  # BLOCK_W
+    first_word = tl.program_id(0) * BLOCK_W
+    word = first_word + tl.arange(0, BLOCK_W)  # BLOCK_W
     in_range = word < num_words
     instance = tl.arange(0, KP)  # KP
     valid = instance < count  # instances k >= count are padding: not read, written empty
@@ -332,38 +423,62 @@ def _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances
     plane = image * num_instances * num_words + instance.to(tl.int64) * num_words  # KP
     offsets = plane[:, None] + word[None, :]  # KP x BLOCK_W int64
     raw = tl.load(words_ptr + offsets, mask=valid[:, None] & in_range[None, :], other=0)
-    kept = _nonzero_bytes(raw)  # KP x BLOCK_W, 0x01 per kept pixel
+    if ZERO_ONE:
+        kept = raw  # KP x BLOCK_W, 0x01 per kept pixel
+    else:
+        kept = _nonzero_bytes(raw)
     kept_by = tl.sum(kept, axis=0)  # BLOCK_W, one count (< 256) per byte lane
     single = _zero_bytes(kept_by ^ 0x01010101)  # BLOCK_W: 0x01 in the lanes equal to 1
     survives = kept & single[None, :]  # KP x BLOCK_W
     tl.store(out_ptr + offsets, survives, mask=real[:, None] & in_range[None, :])
-    # box of every instance over this program's words (x1/y1 exclusive): the first and last
-    # surviving byte of a word give its columns (byte 0 is the leftmost pixel)
-    low_half = (survives & 0xFFFF) != 0
-    first = tl.where(low_half, tl.where((survives & 0xFF) != 0, 0, 1),
-                     tl.where((survives & 0xFF0000) != 0, 2, 3))
-    high_half = (survives >> 16) != 0
-    last = tl.where(high_half, tl.where((survives >> 24) != 0, 3, 2),
-                    tl.where((survives & 0xFF00) != 0, 1, 0))
+    # Box of every instance over this tile. Columns: per word, a 4-bit lane mask (bit i: byte i,
+    # the word's i-th pixel from the left, survives) packed under the word's column in the row,
+    # so one min gives the leftmost surviving word and, within it, its lowest lane (the lowest
+    # set bit, lanes & -lanes), and one max the rightmost word and its highest lane.
+    lanes = (survives | (survives >> 7) | (survives >> 14) | (survives >> 21)) & 0xF  # KP x BLOCK_W
+    hit = lanes != 0
     row = word // words_per_row  # BLOCK_W
-    col = (word - row * words_per_row) * 4  # column of the word's byte 0
-    _fold_box_rows(state_ptr, image, num_instances, instance, real, survives != 0,
-                   col[None, :] + first, col[None, :] + last, row)
+    column = word - row * words_per_row  # word column within its row
+    left_key = tl.min(tl.where(hit, (column[None, :] << 4) | (lanes & -lanes), BIG), axis=1)  # KP
+    right_key = tl.max(tl.where(hit, ((column[None, :] + 1) << 4) | lanes, 0), axis=1)  # KP; 0: none
+    touched = real & (right_key > 0)
+    x0 = (left_key >> 4) * 4 + _highest_lane(left_key & 15)  # left_key & 15: one bit, the lowest lane
+    x1 = ((right_key >> 4) - 1) * 4 + _highest_lane(right_key & 15) + 1
+    if ROW_TILES:
+        y0 = tl.zeros([KP], dtype=tl.int32) + first_word // words_per_row
+        y1 = y0 + 1
+    else:
+        y0 = tl.min(tl.where(hit, row[None, :], BIG), axis=1)
+        y1 = tl.max(tl.where(hit, row[None, :] + 1, 0), axis=1)
+    _fold_boxes(state_ptr, image, num_instances, instance, touched, x0, y0, x1, y1)
 
 
 @triton.jit
-def _suppress_drop_words_kernel(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals_ptr,
-                                boxes_ptr, num_instances, words_per_row, num_words, words_bucket,
-                                KP: tl.constexpr, TILE: tl.constexpr):
+def _highest_lane(nibble):
+    """Index of the highest set bit of a non-zero 4-bit value (0 to 3)."""
+    return (nibble >= 2).to(tl.int32) + (nibble >= 4).to(tl.int32) + (nibble >= 8).to(tl.int32)
+
+
+@triton.jit
+def _suppress_drop_words_jit(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals_ptr,
+                             boxes_ptr, num_instances, words_per_row, num_words, words_bucket,
+                             KP: tl.constexpr, TILE: tl.constexpr, ZERO_ONE: tl.constexpr,
+                             ROW_TILES: tl.constexpr):
     # "drop" mode on 32-bit words of 4 pixels (width % 4 == 0, so a word never straddles two
     # rows). words/out: B x K x (H W / 4) int32, each byte one pixel (0 = not kept),
     # counts: B int64, state/arrivals/boxes as in `_suppress_overlap_kernel`. Grid: (word spans
-    # of TILE / KP words, images). words_bucket is only an autotuning key.
+    # of TILE / KP words, images). words_bucket is only an autotuning key; ROW_TILES is set by
+    # the heuristic below from words_per_row and the tile.
     image = tl.program_id(1).to(tl.int64)
     count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
     _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances, words_per_row,
-                      num_words, KP, TILE)
+                      num_words, KP, TILE, ZERO_ONE, ROW_TILES)
     _finish_image(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, KP)
+
+
+_suppress_drop_words_kernel = triton.heuristics(
+    {"ROW_TILES": lambda args: args["words_per_row"] % (args["TILE"] // args["KP"]) == 0}
+)(_suppress_drop_words_jit)
 
 
 # The tile design: tile elements (KP x BLOCK_P) per step: masks only in "drop" mode, masks +
@@ -387,16 +502,30 @@ _ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 # On the GPU the tile and warps are tuned on first use per (KP, log2 of words per image); every
 # config writes the same outputs and leaves the box state zeroed, so re-running one while
 # tuning is harmless. Larger tiles put more bytes in flight per program, smaller ones more
-# programs. sm_90 ptxas (triton 3.8, KP = 64; 16-byte aligned arguments / without divisibility
-# hints): 32-127 / 48-206 registers a thread; no spills.
+# programs. sm_90 ptxas (triton 3.8, KP = 64, without divisibility hints): 48-255 registers a
+# thread; no spills except TILE 8192 with 4 warps on tiles that straddle rows (328-376 bytes), so
+# the autotuner tries that config only on bool masks with one-row tiles (216 registers; on an
+# H200, 72% of the copy bandwidth at 2 x 50 x 1024 x 1024 in the experiment of run 12).
 _WORD_CONFIGS = [triton.Config({"TILE": tile}, num_warps=warps)
                  for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8),
-                                     (8192, 8))]
+                                     (8192, 4), (8192, 8))]
+
+
+def _prune_word_configs(configs, named_args, **kwargs):
+    """Drops TILE 8192 with 4 warps unless the masks are bool and every tile lies in one row."""
+    args = {**named_args, **kwargs}
+    words_per_row, kp, zero_one = args["words_per_row"], args["KP"], args["ZERO_ONE"]
+    return [config for config in configs
+            if not (config.kwargs["TILE"] == 8192 and config.num_warps == 4)
+            or (zero_one and words_per_row % (8192 // kp) == 0)]
+
+
 _suppress_drop_words_kernel_tuned = triton.autotune(
-    configs=_WORD_CONFIGS, key=["KP", "words_bucket"])(_suppress_drop_words_kernel)
+    configs=_WORD_CONFIGS, key=["KP", "words_bucket", "ZERO_ONE"],
+    prune_configs_by={"early_config_prune": _prune_word_configs})(_suppress_drop_words_kernel)
 # The byte kernel on the GPU with KP <= 64 (mode "argmax", or "drop" on rows that are not a
-# multiple of 4 pixels): both designs compete per (KP, log2 of pixels per image, log2 of images,
-# mode). Tile design: BLOCK_P and the blocks walked per program (walking issues fewer box
+# multiple of 4 pixels): the three designs compete per (KP, log2 of pixels per image, log2 of
+# images, mode). Tile design: BLOCK_P and the blocks walked per program (walking issues fewer box
 # atomics). Rows design: pixels per program, instances per output chunk and instance rows
 # loaded per step. sm_90 ptxas (triton 3.8, KP = 64, both modes; 16-byte aligned arguments /
 # without divisibility hints): tile configs 46-102 / 72-254 registers a thread, rows configs
@@ -407,6 +536,11 @@ _suppress_drop_words_kernel_tuned = triton.autotune(
 # masks; before, 1 row a step won).
 # Rows (1024, 16, 1, 8) spilled 8 bytes in "drop" mode and is gone. Walking 128-pixel blocks
 # spilled (2 blocks: 380-492 bytes), as did stop 12's runtime-walk launch at BLOCK_P = 128.
+# Strip design: pixels per program row, image rows per program, warps (8 instance rows a step,
+# 8 instances per output chunk); 180-185 registers without hints, no spills. H200 run 12: the
+# autotuner picks (512, 8 rows, 4 warps) for "argmax" at 2 x 50 x 1024 x 1024 (83.5% of the
+# copy bandwidth; an experiment on the same machine: 84.3%, against 81.3% with 4 rows and 80.0%
+# for (1024, 8 rows, 8 warps)) and rows (1024, 8, 4, 4) at 8 x 50 x 256 x 256.
 _BYTE_CONFIGS = (
     [triton.Config({"BLOCK_P": block_p, "WALK": walk, "ROWS": False, "CHUNK": 1, "UNROLL": 1},
                    num_warps=warps)
@@ -416,7 +550,10 @@ _BYTE_CONFIGS = (
        for block_p, chunk, unroll, warps in ((512, 8, 1, 4), (1024, 8, 1, 4), (2048, 8, 1, 8),
                                              (512, 8, 4, 4), (1024, 8, 4, 4), (1024, 8, 4, 8),
                                              (2048, 8, 2, 8), (512, 8, 2, 4), (1024, 8, 2, 8),
-                                             (256, 4, 4, 2))])
+                                             (256, 4, 4, 2))]
+    + [triton.Config({"BLOCK_P": block_p, "WALK": 1, "ROWS": True, "CHUNK": 8, "UNROLL": 8,
+                      "STRIP_ROWS": strip_rows}, num_warps=warps)
+       for block_p, strip_rows, warps in ((512, 8, 4), (512, 4, 4), (1024, 8, 8), (256, 8, 2))])
 _suppress_overlap_kernel_tuned = triton.autotune(
     configs=_BYTE_CONFIGS, key=["KP", "pixels_bucket", "batch_bucket", "ARGMAX"]
 )(_suppress_overlap_kernel)
@@ -424,6 +561,15 @@ MAX_TUNED_INSTANCES = 64
 MAX_WORD_INSTANCES = 64  # KP <= 64: the smallest tile above still has 16 words per row
 _INTERPRET_WORD_TILE = 1 << 14
 DESIGNS = ("tile", "rows")
+
+
+def byte_kernel_grid(meta: dict, batch: int, height: int, width: int) -> tuple[int, int]:
+    """The byte kernel's grid for launch parameters `meta`: (programs per image, images). The strip
+    design: one program per BLOCK_P columns of STRIP_ROWS rows; the others: pixel spans of
+    BLOCK_P x WALK."""
+    if meta.get("STRIP_ROWS", 0) > 0:
+        return (triton.cdiv(width, meta["BLOCK_P"]) * triton.cdiv(height, meta["STRIP_ROWS"]), batch)
+    return (triton.cdiv(height * width, meta["BLOCK_P"] * meta["WALK"]), batch)
 
 
 def _use_words(masks_u8: torch.Tensor, out: torch.Tensor, mode: str) -> bool:
@@ -484,25 +630,27 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
     words = word_tile is not None or (config is not None and "TILE" in config.kwargs)
     if words or (not overridden and _use_words(masks_u8, out, mode)):
         num_words = num_pixels // 4
+        zero_one = masks.dtype == torch.bool  # bool storage: every byte 0 or 1
         args = (masks_u8.view(torch.int32), counts, out.view(torch.int32), state, arrivals, boxes,
                 num_instances, width // 4, num_words, (num_words - 1).bit_length())
 
         def grid(meta):
             return (triton.cdiv(num_words, meta["TILE"] // kp), batch)
         if config is not None:
-            _suppress_drop_words_kernel[grid](*args, KP=kp, num_warps=config.num_warps,
-                                              **config.kwargs)
+            _suppress_drop_words_kernel[grid](*args, KP=kp, ZERO_ONE=zero_one,
+                                              num_warps=config.num_warps, **config.kwargs)
         elif INTERPRET or word_tile is not None:
             tile = word_tile if word_tile is not None else max(kp, _INTERPRET_WORD_TILE)
-            _suppress_drop_words_kernel[grid](*args, KP=kp, TILE=tile, num_warps=_NUM_WARPS)
+            _suppress_drop_words_kernel[grid](*args, KP=kp, TILE=tile, ZERO_ONE=zero_one,
+                                              num_warps=_NUM_WARPS)
         else:
-            _suppress_drop_words_kernel_tuned[grid](*args, KP=kp)
+            _suppress_drop_words_kernel_tuned[grid](*args, KP=kp, ZERO_ONE=zero_one)
         return out.view(torch.bool), boxes
     args = (masks_u8, confidence, counts, out, state, arrivals, boxes, num_instances, width,
             num_pixels, (num_pixels - 1).bit_length(), (batch - 1).bit_length())
 
     def grid(meta):
-        return (triton.cdiv(num_pixels, meta["BLOCK_P"] * meta["WALK"]), batch)
+        return byte_kernel_grid(meta, batch, height, width)
     if config is not None:
         _suppress_overlap_kernel[grid](*args, ARGMAX=argmax, KP=kp, num_warps=config.num_warps,
                                        **config.kwargs)

@@ -66,7 +66,7 @@ def test_suppress_overlap_every_tuned_config(mode):
     of the word kernel at 252 x 252. Then K = 100 (KP = 128: the fixed rows launch of the
     dispatcher)."""
     import triton
-    from resam_kernels.overlap import _BYTE_CONFIGS, _suppress_overlap_kernel
+    from resam_kernels.overlap import _BYTE_CONFIGS, _suppress_overlap_kernel, byte_kernel_grid
     logits = smooth_logits(3, 50, 250, torch.float32, seed=7)
     keep, confidence = entropy_filter_reference(logits, 0.2, return_confidence=True)
     counts = torch.tensor([50, 31, 0], device=DEVICE)
@@ -78,8 +78,7 @@ def test_suppress_overlap_every_tuned_config(mode):
         for _ in range(2):
             out = torch.empty(keep.shape, dtype=torch.uint8, device=DEVICE)
             boxes = torch.full((batch, num_instances, 4), -1.0, device=DEVICE)
-            grid = (triton.cdiv(height * width, meta["BLOCK_P"] * meta["WALK"]), batch)
-            _suppress_overlap_kernel[grid](
+            _suppress_overlap_kernel[byte_kernel_grid(meta, batch, height, width)](
                 keep.view(torch.uint8), confidence, counts, out, state, state[batch * num_instances * 4:],
                 boxes, num_instances, width, height * width, 0, 0, ARGMAX=mode == "argmax", KP=64,
                 num_warps=config.num_warps, **meta)
@@ -105,7 +104,7 @@ def test_suppress_overlap_every_tuned_config(mode):
                 _suppress_drop_words_kernel[grid](
                     keep.view(torch.uint8).view(torch.int32), counts, out.view(torch.int32), state,
                     state[batch * num_instances * 4:], boxes, num_instances, width // 4, num_words, 0,
-                    KP=64, num_warps=config.num_warps, **meta)
+                    KP=64, ZERO_ONE=True, num_warps=config.num_warps, **meta)
                 assert torch.equal(out.bool(), out_ref), meta
                 assert torch.equal(boxes, boxes_ref), meta
                 assert not state.any(), meta

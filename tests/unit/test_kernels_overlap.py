@@ -187,15 +187,16 @@ def test_drop_words_box_columns_within_a_word():
     check_against_reference(masks.to(DEVICE), None, counts.to(DEVICE), "drop", word_tile=8)
 
 
-def test_drop_words_treat_any_nonzero_byte_as_kept():
-    # bool storage holding bytes other than 0/1 (e.g. a uint8 mask viewed as bool): every
-    # non-zero byte is a kept pixel, as in the reference's masks.bool()
+@pytest.mark.parametrize("word_tile", [16, 32])  # 2 / 4 words a row of the tile: ROW_TILES off / on
+def test_drop_words_treat_any_nonzero_byte_as_kept(word_tile):
+    # uint8 masks holding bytes other than 0/1: every non-zero byte is a kept pixel, as in the
+    # reference's masks.bool() (bool masks hold 0/1 bytes, as torch keeps them, and are read as is)
     generator = torch.Generator().manual_seed(5)
-    raw = torch.randint(0, 256, (1, 5, 4, 8), generator=generator, dtype=torch.uint8)
+    raw = torch.randint(0, 256, (1, 5, 4, 16), generator=generator, dtype=torch.uint8)
     raw[raw < 160] = 0  # about 40% of the pixels kept
     counts = torch.tensor([5])
-    out, boxes = suppress_overlap_triton(raw.view(torch.bool).to(DEVICE), None, counts.to(DEVICE),
-                                         "drop", word_tile=16)
+    out, boxes = suppress_overlap_triton(raw.to(DEVICE), None, counts.to(DEVICE), "drop",
+                                         word_tile=word_tile)
     out_ref, boxes_ref = suppress_overlap_reference(raw != 0, None, counts, "drop")
     assert torch.equal(out.cpu().view(torch.uint8), out_ref.view(torch.uint8))
     assert torch.equal(boxes.cpu(), boxes_ref)
@@ -238,11 +239,12 @@ def test_unknown_design_and_ineligible_word_tile_are_rejected():
         suppress_overlap_triton(masks, None, torch.tensor([2]), "drop", word_tile=4)
 
 
-@pytest.mark.parametrize("rows, unroll", [(False, 1), (True, 1), (True, 4)])
-def test_kernel_leaves_its_box_state_zeroed(rows, unroll):
+@pytest.mark.parametrize("rows, unroll, strip_rows", [(False, 1, 0), (True, 1, 0), (True, 4, 0),
+                                                     (True, 8, 3)])
+def test_kernel_leaves_its_box_state_zeroed(rows, unroll, strip_rows):
     # the last program of each image turns the box state into float boxes and zeroes the state and
     # its arrival counter, so the autotuner's repeated runs on one state give the same boxes
-    from resam_kernels.overlap import _suppress_overlap_kernel
+    from resam_kernels.overlap import _suppress_overlap_kernel, byte_kernel_grid
     masks, confidence = random_instances(3, 7, 19, 23, seed=4)
     counts = torch.tensor([7, 4, 0])
     out_ref, boxes_ref = suppress_overlap_reference(masks, confidence, counts, "argmax")
@@ -251,11 +253,11 @@ def test_kernel_leaves_its_box_state_zeroed(rows, unroll):
     out = torch.empty(masks.shape, dtype=torch.uint8)
     for _ in range(2):
         boxes = torch.full((batch, num_instances, 4), -1.0)
-        block_p = 64
-        _suppress_overlap_kernel[(triton_cdiv(height * width, block_p), batch)](
+        meta = dict(BLOCK_P=16 if strip_rows else 64, WALK=1, ROWS=rows, CHUNK=4, UNROLL=unroll,
+                    STRIP_ROWS=strip_rows)  # strips: 2 x 7 per image, the last ones partial
+        _suppress_overlap_kernel[byte_kernel_grid(meta, batch, height, width)](
             masks.view(torch.uint8), confidence, counts, out, state, state[batch * num_instances * 4:],
-            boxes, num_instances, width, height * width, 0, 0, ARGMAX=True, KP=8, BLOCK_P=block_p,
-            WALK=1, ROWS=rows, CHUNK=4, UNROLL=unroll)
+            boxes, num_instances, width, height * width, 0, 0, ARGMAX=True, KP=8, **meta)
         assert torch.equal(out.bool(), out_ref)
         assert torch.equal(boxes, boxes_ref)
         assert not state.any()
@@ -269,8 +271,9 @@ def triton_cdiv(a, b):
 # reference: byte kernel K in {0, 1, 7, 50}, H and W in {1, 63, 257} and odd sizes; word kernel
 # K in {1, 7, 50} with widths of a multiple of 4 pixels; pixel / word counts not multiples of any
 # program's span, counts < K, = K, 0 and > K.
+# K = 64: instance 63 owns the sign bit of the strip design's 64-bit owner words.
 BYTE_CONFIG_CASES = [(2, 0, 3, 5, [0, 0]), (2, 1, 1, 1, [1, 0]), (2, 7, 63, 257, [7, 3]),
-                     (1, 50, 33, 65, [37]), (1, 7, 257, 1, [9])]
+                     (1, 50, 33, 65, [37]), (1, 7, 257, 1, [9]), (1, 64, 11, 21, [64])]
 # the word kernel needs rows of a multiple of 4 pixels
 WORD_CONFIG_CASES = [(2, 1, 1, 4, [1, 0]), (2, 7, 63, 36, [7, 3]), (1, 50, 17, 64, [50]),
                      (2, 50, 9, 12, [37, 0]), (1, 7, 257, 256, [9])]
@@ -280,10 +283,18 @@ def config_id(config):
     return "-".join(f"{key}{value}" for key, value in config.kwargs.items()) + f"-w{config.num_warps}"
 
 
+# The strip design (a loop over image rows inside each program) is slow under the interpreter:
+# smaller images, still with partial strips in both directions (rows not a multiple of
+# STRIP_ROWS, columns not a multiple of BLOCK_P) and a one-pixel-wide image.
+STRIP_CONFIG_CASES = [(2, 0, 3, 5, [0, 0]), (2, 1, 1, 1, [1, 0]), (2, 7, 13, 37, [7, 3]),
+                      (1, 50, 9, 33, [37]), (1, 7, 19, 1, [9]), (1, 64, 11, 21, [64])]
+
+
 @pytest.mark.parametrize("config", _BYTE_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("mode", ["drop", "argmax"])
 def test_every_byte_config(config, mode):
-    for case in BYTE_CONFIG_CASES:
+    cases = STRIP_CONFIG_CASES if config.kwargs.get("STRIP_ROWS", 0) else BYTE_CONFIG_CASES
+    for case in cases:
         batch, num_instances, height, width, counts = case
         masks, confidence = random_instances(batch, num_instances, height, width, seed=sum(case[:4]) + 2)
         counts = torch.tensor(counts, device=DEVICE)
@@ -315,7 +326,7 @@ def test_word_kernel_leaves_its_box_state_zeroed(config):
         _suppress_drop_words_kernel[(triton_cdiv(num_words, config.kwargs["TILE"] // 8), batch)](
             masks.view(torch.uint8).view(torch.int32), counts, out.view(torch.int32), state,
             state[batch * num_instances * 4:], boxes, num_instances, width // 4, num_words, 0, KP=8,
-            **config.kwargs)
+            ZERO_ONE=True, **config.kwargs)
         assert torch.equal(out.bool(), out_ref)
         assert torch.equal(boxes, boxes_ref)
         assert not state.any()
