@@ -503,9 +503,11 @@ _ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 # config writes the same outputs and leaves the box state zeroed, so re-running one while
 # tuning is harmless. Larger tiles put more bytes in flight per program, smaller ones more
 # programs. sm_90 ptxas (triton 3.8, KP = 64, without divisibility hints): 48-255 registers a
-# thread; no spills except TILE 8192 with 4 warps on tiles that straddle rows (328-376 bytes), so
-# the autotuner tries that config only on bool masks with one-row tiles (216 registers; on an
-# H200, 72% of the copy bandwidth at 2 x 50 x 1024 x 1024 in the experiment of run 12).
+# thread; no spills (tests/unit/test_kernel_resources.py) except TILE 8192 with 4 warps on
+# tiles that straddle rows (a 328-376-byte stack; on uint8 masks with one-row tiles it takes all
+# 255 registers), so the autotuner tries that config only on bool masks with one-row tiles (216
+# registers; on an H200, 72% of the copy bandwidth at 2 x 50 x 1024 x 1024 in run 12's
+# experiment).
 _WORD_CONFIGS = [triton.Config({"TILE": tile}, num_warps=warps)
                  for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8),
                                      (8192, 4), (8192, 8))]

@@ -60,7 +60,7 @@ def test_suppress_overlap_realistic(mode, size):
 
 @pytest.mark.parametrize("mode", ["drop", "argmax"])
 def test_suppress_overlap_every_tuned_config(mode):
-    """Every config the autotuner may pick (tile and rows designs), launched directly at 250 x 250
+    """Every config the autotuner may pick (tile, rows and strip designs), launched directly at 250 x 250
     (not a multiple of the pixel blocks), twice on one box state: same outputs as the reference,
     state and arrival counters zeroed after each launch; in "drop" mode the same for every config
     of the word kernel at 252 x 252. Then K = 100 (KP = 128: the fixed rows launch of the

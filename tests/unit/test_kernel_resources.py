@@ -130,3 +130,71 @@ def test_ssa_split_bf16_configs_fit_sm90_without_spills():
     assert len(results) == 7
     assert all(0 < shared <= SM90_SHARED_MEMORY for _, shared, _ in results), results
     assert not [row for row in results if row[2] > 0], f"configurations that spill: {results}"
+
+
+OVERLAP_CHECK = r"""
+import json, os, re, subprocess, tempfile
+import triton
+import triton.backends.nvidia as nvidia
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import overlap
+
+ptxas = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+folder = tempfile.mkdtemp()
+
+
+def spills(kernel, constants, num_warps, byte_pointers):
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constants:
+            signature[arg] = "constexpr"
+        elif arg == "counts_ptr":
+            signature[arg] = "*i64"
+        elif arg in ("boxes_ptr", "confidence_ptr"):
+            signature[arg] = "*fp32"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*u8" if byte_pointers and arg in ("masks_ptr", "out_ptr") else "*i32"
+        else:
+            signature[arg] = "i32"  # no divisibility hints: the worst case
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    path = os.path.join(folder, "kernel.ptx")
+    with open(path, "w") as file:
+        file.write(compiled.asm["ptx"])
+    done = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", path + ".cubin"],
+                          capture_output=True, text=True, check=True)
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill", done.stderr))
+
+
+results = []
+for config in overlap._BYTE_CONFIGS:
+    if config.kwargs.get("STRIP_ROWS", 0):
+        for argmax in (False, True):
+            constants = dict(config.kwargs, KP=64, ARGMAX=argmax)
+            results.append(["strip", str(config), argmax,
+                            spills(overlap._suppress_overlap_kernel, constants, config.num_warps, True)])
+for config in overlap._WORD_CONFIGS:
+    for zero_one in (False, True):
+        for row_tiles in (False, True):
+            words_per_row = 256 if row_tiles else 63
+            if not overlap._prune_word_configs([config], {"words_per_row": words_per_row}, KP=64,
+                                               ZERO_ONE=zero_one):
+                continue  # the autotuner never runs it there
+            constants = dict(config.kwargs, KP=64, ZERO_ONE=zero_one, ROW_TILES=row_tiles)
+            results.append(["words", str(config), [zero_one, row_tiles],
+                            spills(overlap._suppress_drop_words_jit, constants, config.num_warps, False)])
+print(json.dumps(results))
+"""
+
+
+def test_overlap_strip_and_word_configs_fit_sm90_without_spills():
+    """Overlap suppression: the strip design's configs (both modes) and the word kernel's configs
+    in every (bool masks, one-row tiles) case the autotuner runs them in, at KP = 64 without
+    divisibility hints: no register spill (ptxas of Triton's bundle, on this CPU machine). TILE
+    8192 with 4 warps spills where it is pruned: on tiles that straddle rows (ptxas: 648-784 bytes
+    of spill stores and loads)."""
+    results = compile_for_sm90(OVERLAP_CHECK)
+    assert len(results) == 4 * 2 + 7 * 4 - 3  # strip configs x modes + word configs x cases - pruned
+    assert not [row for row in results if row[-1] > 0], f"configurations that spill: {results}"

@@ -332,6 +332,20 @@ def test_word_kernel_leaves_its_box_state_zeroed(config):
         assert not state.any()
 
 
+def test_word_configs_pruned_where_the_large_tile_would_spill():
+    # TILE 8192 with 4 warps spills on sm_90 unless the masks are bool and tiles lie in one row
+    from resam_kernels.overlap import _prune_word_configs
+    large = [config for config in _WORD_CONFIGS if config.kwargs["TILE"] == 8192 and config.num_warps == 4]
+    assert len(large) == 1
+
+    def kept(words_per_row, zero_one):
+        return _prune_word_configs(_WORD_CONFIGS, {"words_per_row": words_per_row}, KP=64, ZERO_ONE=zero_one)
+    assert large[0] in kept(256, True)  # 1024-pixel rows: 128-word tiles fit them
+    assert large[0] not in kept(256, False)
+    assert large[0] not in kept(63, True)
+    assert len(kept(63, True)) == len(_WORD_CONFIGS) - 1
+
+
 def test_config_override_is_checked():
     masks, confidence = random_instances(1, 2, 4, 6, seed=0)
     word_config = _WORD_CONFIGS[0]
