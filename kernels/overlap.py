@@ -301,6 +301,20 @@ def _owners(masks_ptr, confidence_ptr, image_base, count, num_pixels, pixel, in_
 
 
 @triton.jit
+def _store_owned_rows(out_ptr, image_base, start, num_instances, num_pixels, pixel, in_range,
+                      owner, owned, CHUNK: tl.constexpr):
+    """Writes the output rows of instances [start, start + CHUNK) over `pixel` (BLOCK_P):
+    (instance == owner) & owned. Returns (instance, real, survives): CHUNK, CHUNK and
+    CHUNK x BLOCK_P."""
+    instance = start + tl.arange(0, CHUNK)  # CHUNK
+    real = instance < num_instances
+    survives = (instance[:, None] == owner[None, :]) & owned[None, :]  # CHUNK x BLOCK_P
+    offsets = image_base + instance.to(tl.int64)[:, None] * num_pixels + pixel[None, :]
+    tl.store(out_ptr + offsets, survives.to(tl.uint8), mask=real[:, None] & in_range[None, :])
+    return instance, real, survives
+
+
+@triton.jit
 def _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
                  width, num_pixels, ARGMAX: tl.constexpr, BLOCK_P: tl.constexpr,
                  CHUNK: tl.constexpr, UNROLL: tl.constexpr):
@@ -317,11 +331,8 @@ def _rows_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, nu
     row = pixel // width  # BLOCK_P
     col = pixel - row * width
     for start in range(0, num_instances, CHUNK):
-        instance = start + tl.arange(0, CHUNK)  # CHUNK
-        real = instance < num_instances
-        survives = (instance[:, None] == owner[None, :]) & owned[None, :]  # CHUNK x BLOCK_P
-        offsets = image_base + instance.to(tl.int64)[:, None] * num_pixels + pixel[None, :]
-        tl.store(out_ptr + offsets, survives.to(tl.uint8), mask=real[:, None] & in_range[None, :])
+        instance, real, survives = _store_owned_rows(out_ptr, image_base, start, num_instances,
+                                                     num_pixels, pixel, in_range, owner, owned, CHUNK)
         _fold_box_rows(state_ptr, image, num_instances, instance, real, survives, col[None, :],
                        col[None, :], row)
 
@@ -359,11 +370,8 @@ def _strip_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, n
         owner, owned = _owners(masks_ptr, confidence_ptr, image_base, count, num_pixels, pixel,
                                in_range, ARGMAX, UNROLL)  # BLOCK_P, BLOCK_P
         for start in range(0, num_instances, CHUNK):
-            chunk = start + tl.arange(0, CHUNK)  # CHUNK
-            survives = (chunk[:, None] == owner[None, :]) & owned[None, :]  # CHUNK x BLOCK_P
-            offsets = image_base + chunk.to(tl.int64)[:, None] * num_pixels + pixel[None, :]
-            tl.store(out_ptr + offsets, survives.to(tl.uint8),
-                     mask=(chunk < num_instances)[:, None] & in_range[None, :])
+            _store_owned_rows(out_ptr, image_base, start, num_instances, num_pixels, pixel,
+                              in_range, owner, owned, CHUNK)
         owner_bit = tl.where(owned, tl.full([BLOCK_P], 1, dtype=tl.int64) << owner.to(tl.int64), 0)
         owned_in_column = owned_in_column | owner_bit
         owned_in_row = tl.reduce(owner_bit, 0, _bitwise_or)  # scalar: bit k, k owns a pixel here
