@@ -269,9 +269,8 @@ def triton_cdiv(a, b):
 
 # Every config the GPU autotuner may pick, launched through the `config` override, against the
 # reference: byte kernel K in {0, 1, 7, 50} on odd sizes of more than 2,048 pixels (the largest
-# BLOCK_P) and one-pixel rows and columns; word kernel
-# K in {1, 7, 50} with widths of a multiple of 4 pixels; pixel / word counts not multiples of any
-# program's span, counts < K, = K, 0 and > K.
+# BLOCK_P) and one-pixel rows and columns; word kernel K in {1, 7, 50} with widths of a multiple
+# of 4 pixels; pixel / word counts not multiples of any program's span, counts < K, = K, 0 and > K.
 # K = 64: instance 63 owns the sign bit of the strip design's 64-bit owner words.
 BYTE_CONFIG_CASES = [(2, 0, 3, 5, [0, 0]), (2, 1, 1, 1, [1, 0]), (2, 7, 31, 67, [7, 3]),
                      (1, 50, 33, 65, [37]), (1, 7, 131, 1, [9]), (1, 64, 11, 21, [64])]
