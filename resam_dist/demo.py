@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, default=2, help="training processes (CPU ranks)")
     parser.add_argument("--steps", type=int, default=None, help="adaptation steps (default: configs/demo.json)")
     parser.add_argument("--pretrain-steps", type=int, default=2400,
-                        help="source pretraining steps (one-off, cached: 18-20 minutes on 2 cores; 560 keeps a "
+                        help="source pretraining steps (one-off, cached: 16-20 minutes on 2 cores; 560 keeps a "
                              "first run within 10 minutes but leaves the teacher too weak for ReSAM to gain)")
     parser.add_argument("--size", type=int, default=256, help="scene size in pixels")
     parser.add_argument("--train-images", type=int, default=64)
