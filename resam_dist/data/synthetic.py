@@ -1,6 +1,6 @@
 """Seeded synthetic remote-sensing-like scenes with instance annotations (tests and the demo).
 
-Six kinds of scene, each generated from a `numpy.random.Generator` in a few milliseconds:
+Seven kinds of scene, each generated from a `numpy.random.Generator` in a few milliseconds:
 
 - `buildings`: dense blocks of touching rectangular and L-shaped buildings between roads, with
   gable-roof shading and cast shadows on textured ground. Roofs of a block share a colour with
@@ -14,6 +14,10 @@ Six kinds of scene, each generated from a `numpy.random.Generator` in a few mill
 - `sparse_buildings`, `city_buildings` and `calm_sar_ships`: the source side of the demo's domain
   shift: buildings with gaps between them and a roof colour each; touching buildings laid out as
   in `buildings` but with a roof colour each; ships under mild (12-look) speckle.
+- `rooftop_buildings`: `sparse_buildings` with rooftop equipment (solar panels, air-conditioning
+  units, skylights) covering 20-45 % of every roof. The equipment belongs to the building's
+  mask, so a point-prompted mask that stops at it comes out fragmented while the building's box
+  still holds the whole roof: the error Requery is made to correct (the demo's `--target rooftops`).
 
 `object_scale` multiplies every length of a scene's layout (objects, gaps, roads, texture cells).
 
@@ -35,7 +39,8 @@ from PIL import Image
 
 from resam_dist.data.coco import decode_instance, encode_rle
 
-SceneKind = Literal["buildings", "sar_ships", "source_shapes", "sparse_buildings", "city_buildings", "calm_sar_ships"]
+SceneKind = Literal["buildings", "sar_ships", "source_shapes", "sparse_buildings", "city_buildings", "calm_sar_ships",
+                    "rooftop_buildings"]
 KINDS: tuple[str, ...] = get_args(SceneKind)
 
 CATEGORIES: dict[str, list[dict[str, object]]] = {
@@ -43,6 +48,7 @@ CATEGORIES: dict[str, list[dict[str, object]]] = {
     "sar_ships": [{"id": 1, "name": "ship", "supercategory": "vessel"}],
     "sparse_buildings": [{"id": 1, "name": "building", "supercategory": "structure"}],
     "city_buildings": [{"id": 1, "name": "building", "supercategory": "structure"}],
+    "rooftop_buildings": [{"id": 1, "name": "building", "supercategory": "structure"}],
     "calm_sar_ships": [{"id": 1, "name": "ship", "supercategory": "vessel"}],
     "source_shapes": [{"id": 1, "name": "rectangle", "supercategory": "shape"},
                       {"id": 2, "name": "ellipse", "supercategory": "shape"},
@@ -212,6 +218,44 @@ def _building_scene(rng: np.random.Generator, height: int, width: int, *, dense:
     return _finish(image, polygons, masks, [1] * len(masks))
 
 
+_EQUIPMENT_COLOURS = np.array([
+    [38, 48, 78],      # solar panels
+    [222, 222, 218],   # air-conditioning units
+    [120, 170, 190],   # skylights
+], dtype=np.float32)
+
+
+def _rooftop_scene(rng: np.random.Generator, height: int, width: int, *, object_scale: float = 1.0,
+                   coverage: tuple[float, float] = (0.2, 0.45)) -> Scene:
+    """Buildings with gaps and a roof colour each, then rectangles of rooftop equipment painted
+    inside every building's mask until they cover a random 20-45 % of it (at most 12 pieces).
+    The masks and polygons are the buildings' own: the equipment is part of the building."""
+    scene = _building_scene(rng, height, width, dense=False, shared_roofs=False, object_scale=object_scale)
+    image = scene.image.astype(np.float32)  # H x W x 3
+    for mask in scene.masks:                # H x W bool
+        ys, xs = np.nonzero(mask)
+        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        box_h, box_w = y1 - y0, x1 - x0
+        roof = mask[y0:y1, x0:x1]            # box_h x box_w bool
+        roof_pixels = image[y0:y1, x0:x1]    # box_h x box_w x 3, a view
+        wanted, covered = rng.uniform(*coverage) * roof.sum(), 0
+        for _ in range(12):
+            if covered >= wanted:
+                break
+            piece_h = int(rng.integers(max(2, box_h // 6), max(3, box_h // 2)))
+            piece_w = int(rng.integers(max(2, box_w // 6), max(3, box_w // 2)))
+            top = int(rng.integers(1, max(2, box_h - piece_h)))
+            left = int(rng.integers(1, max(2, box_w - piece_w)))
+            piece = np.zeros_like(roof)
+            piece[top:top + piece_h, left:left + piece_w] = True
+            piece &= roof
+            colour = _EQUIPMENT_COLOURS[rng.integers(len(_EQUIPMENT_COLOURS))]
+            roof_pixels[piece] = colour + rng.normal(0.0, 5.0, (int(piece.sum()), 3))
+            covered += int(piece.sum())
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    return Scene(image=image, polygons=scene.polygons, masks=scene.masks, category_ids=scene.category_ids)
+
+
 # ------------------------------------------------------------------------------- SAR ships
 def _sar_scene(rng: np.random.Generator, height: int, width: int, *, looks: float = 2.0,
                object_scale: float = 1.0) -> Scene:
@@ -356,6 +400,7 @@ _GENERATORS = {
     "sparse_buildings": partial(_building_scene, dense=False, shared_roofs=False),
     "city_buildings": partial(_building_scene, shared_roofs=False),
     "calm_sar_ships": partial(_sar_scene, looks=12.0),
+    "rooftop_buildings": _rooftop_scene,
 }
 
 

@@ -201,3 +201,17 @@ def test_city_buildings_touch_but_each_roof_has_its_own_colour():
     dense_gap, _ = neighbour_colour_gaps("buildings")
     assert city_touching >= 0.7
     assert city_gap > 2 * dense_gap
+
+
+def test_rooftop_buildings_are_sparse_buildings_with_equipment_inside_the_roofs():
+    """The `--target rooftops` kind: the same layout and masks as `sparse_buildings` from the same
+    seed; equipment pieces repaint 15-60 % of every roof and nothing outside the buildings."""
+    for index in range(3):
+        plain = make_scene("sparse_buildings", 256, 256, np.random.default_rng([9, index]), object_scale=2.0)
+        roofs = make_scene("rooftop_buildings", 256, 256, np.random.default_rng([9, index]), object_scale=2.0)
+        assert np.array_equal(plain.masks, roofs.masks) and plain.polygons == roofs.polygons
+        assert len(roofs.masks) > 0
+        repainted = (plain.image != roofs.image).any(axis=2)  # H x W
+        assert not (repainted & ~roofs.masks.any(axis=0)).any()
+        share = [repainted[mask].mean() for mask in roofs.masks]
+        assert 0.15 <= min(share) and max(share) <= 0.6, share
