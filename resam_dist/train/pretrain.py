@@ -3,7 +3,9 @@ pretraining (no SAM weights can be had on these machines).
 
 Every parameter trains; prompts alternate between point prompts (1-3 positives and as many
 negatives, as in ReSAM training) and jittered ground-truth boxes (as Requery uses them), and
-images are flipped at random.
+images are flipped at random. With `photometric` > 0 that fraction of the images is also
+distorted with the strong view's kinds of operation (`photometric_distortion`), which makes the
+model robust to appearance changes, as SAM's training on a billion masks made it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 from resam_dist.data.batch import valid_from_counts
 from resam_dist.data.coco import CocoImage, CocoSplit
@@ -42,10 +46,35 @@ def normalise(image: np.ndarray) -> torch.Tensor:
     return normalise_pixels(tensor)
 
 
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """H x W x 3 uint8 -> H x W x 3 uint8, distorted like the DALI strong view
+    (`resam_dist.data.pipeline`): equalize, posterize (4-6 bits), solarize (threshold 160-240),
+    sharpen and shadow-like darkening, each with probability 1/2, then brightness and contrast
+    (x0.7-1.3 each) always. torchvision's operators; parameters drawn from `rng`."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # 3 x H x W uint8, a copy
+    if rng.random() < 0.5:
+        pixels = TF.equalize(pixels)
+    if rng.random() < 0.5:
+        pixels = TF.posterize(pixels, int(rng.choice([4, 5, 6])))
+    if rng.random() < 0.5:
+        pixels = TF.solarize(pixels, float(rng.uniform(160, 240)))
+    if rng.random() < 0.5:
+        pixels = TF.adjust_sharpness(pixels, float(rng.uniform(1.5, 3.0)))
+    pixels = TF.adjust_brightness(pixels, float(rng.uniform(0.7, 1.3)))
+    pixels = TF.adjust_contrast(pixels, float(rng.uniform(0.7, 1.3)))
+    if rng.random() < 0.5:  # a 4 x 4 random field, smoothly upsampled, thresholded into soft patches
+        field = torch.from_numpy(rng.random((1, 1, 4, 4), dtype=np.float32))
+        field = F.interpolate(field, size=pixels.shape[1:], mode="bilinear", align_corners=False)[0]  # 1 x H x W
+        patches = ((field - 0.55) * 5.0).clamp(0.0, 1.0)
+        pixels = (pixels.float() * (1.0 - float(rng.uniform(0.3, 0.6)) * patches)).clamp(0, 255).to(torch.uint8)
+    return pixels.permute(1, 2, 0).numpy()
+
+
 def split_batch(loaded: list[CocoImage], size: int, num_points: int, rng: np.random.Generator,
-                max_instances: int) -> SceneBatch:
+                max_instances: int, photometric: float = 0.0) -> SceneBatch:
     """A batch of decoded split images (size x size each, as the synthetic domains are) with
-    random flips and freshly sampled prompts. The decoded images are not modified."""
+    random flips, `photometric_distortion` of a `photometric` fraction of them, and freshly
+    sampled prompts. The decoded images are not modified."""
     batch = len(loaded)
     max_k = max(1, max(min(item.masks.shape[0], max_instances) for item in loaded))
     images = torch.zeros(batch, 3, size, size)
@@ -62,6 +91,8 @@ def split_batch(loaded: list[CocoImage], size: int, num_points: int, rng: np.ran
             instance_masks = instance_masks[np.sort(rng.choice(instance_masks.shape[0], max_instances, replace=False))]
         if rng.random() < 0.5:
             image, instance_masks = image[:, ::-1], instance_masks[:, :, ::-1]
+        if photometric > 0 and rng.random() < photometric:
+            image = photometric_distortion(image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2), rng)
         images[b] = normalise(image)
         counts[b] = instance_masks.shape[0]
         for k, mask in enumerate(instance_masks):
@@ -91,12 +122,17 @@ def supervised_loss(model: PromptableSam, batch: SceneBatch, use_boxes: bool, bo
 
 
 def pretrain(model: PromptableSam, *, split: CocoSplit, steps: int, images_per_step: int, lr: float,
-             seed: int, max_instances: int = 16, keep_decoded: bool = False, log_every: int = 50) -> list[float]:
+             seed: int, max_instances: int = 16, keep_decoded: bool = False, log_every: int = 50,
+             photometric: float = 0.0) -> list[float]:
     """Train every parameter of `model` on the images of `split`; returns the per-step losses.
+
+    photometric: the fraction of images distorted by `photometric_distortion` (0: none).
 
     keep_decoded: keep every image of `split` in memory once decoded (its pixels and instance
     masks: about 120 MB for the demo's 128 source images of 256 x 256) instead of decoding
     `images_per_step` images again at every step. The result is the same either way."""
+    if not 0.0 <= photometric <= 1.0:
+        raise ValueError(f"pretrain: photometric is the fraction of distorted images, in [0, 1]; got {photometric}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.train()
@@ -113,7 +149,7 @@ def pretrain(model: PromptableSam, *, split: CocoSplit, steps: int, images_per_s
         image_ids = [int(i) for i in rng.choice(split.image_ids, size=images_per_step, replace=False)]
         num_points = int(rng.integers(1, 4))
         batch = split_batch([load(image_id) for image_id in image_ids], model.image_size, num_points, rng,
-                            max_instances)
+                            max_instances, photometric)
         loss = supervised_loss(model, batch, use_boxes=bool(step % 2), box_jitter=0.05, rng=rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,7 +11,7 @@ import torch
 from resam_dist.data.coco import CocoSplit
 from resam_dist.demo import write_domain
 from resam_dist.model.build import build_sam
-from resam_dist.train.pretrain import pretrain, split_batch
+from resam_dist.train.pretrain import photometric_distortion, pretrain, split_batch
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,30 @@ def test_split_batch_pads_instances_and_leaves_the_decoded_images_alone(source_s
                for item, p, m in zip(loaded, pixels, masks))
     with pytest.raises(ValueError, match="pretraining expects 128 x 128 images"):
         split_batch(loaded, 128, num_points=1, rng=rng, max_instances=3)
+
+
+def test_photometric_distortion_changes_appearance_only_and_follows_its_rng(source_split):
+    item = source_split.load(list(source_split.image_ids)[0])
+    before = item.image.copy()
+    outputs = [photometric_distortion(item.image, np.random.default_rng(seed)) for seed in (0, 0, 1)]
+    for out in outputs:
+        assert out.shape == item.image.shape and out.dtype == np.uint8
+    assert np.array_equal(outputs[0], outputs[1]) and not np.array_equal(outputs[0], outputs[2])
+    assert np.array_equal(item.image, before)  # the decoded image is not modified
+    changed = [not np.array_equal(photometric_distortion(item.image, np.random.default_rng(s)), item.image)
+               for s in range(8)]
+    assert all(changed)  # brightness and contrast always apply
+
+
+def test_photometric_fraction_in_batches(source_split):
+    loaded = [source_split.load(image_id) for image_id in list(source_split.image_ids)[:2]]
+    plain = split_batch(loaded, 256, num_points=1, rng=np.random.default_rng(4), max_instances=3)
+    # photometric 0 draws nothing more from the rng: the batches (and cached teachers) stay as before
+    again = split_batch(loaded, 256, num_points=1, rng=np.random.default_rng(4), max_instances=3, photometric=0.0)
+    assert torch.equal(plain.images, again.images) and torch.equal(plain.points, again.points)
+    distorted = split_batch(loaded, 256, num_points=1, rng=np.random.default_rng(4), max_instances=3, photometric=1.0)
+    # the first image keeps its instances and flip (drawn before the distortion) with other pixels
+    assert torch.equal(plain.masks[0], distorted.masks[0]) and not torch.equal(plain.images[0], distorted.images[0])
+    with pytest.raises(ValueError, match="photometric is the fraction"):
+        pretrain(build_sam("tiny", seed=0), split=source_split, steps=1, images_per_step=1, lr=1e-3, seed=0,
+                 photometric=1.5)
