@@ -9,8 +9,8 @@ from PIL import Image
 
 from resam_dist.config import load_config
 from resam_dist.data.coco import CocoSplit
-from resam_dist.demo import (DEMO_CONFIG, format_table, pretraining_key, pseudo_label_quality, write_domain,
-                             write_overlays)
+from resam_dist.demo import (DEMO_CONFIG, format_table, pretraining_key, pseudo_label_quality, target_kinds,
+                             write_domain, write_overlays)
 from resam_dist.model.build import build_sam
 
 
@@ -71,3 +71,39 @@ def test_pretraining_key_covers_the_whole_source_domain(tmp_path):
     assert key == pretraining_key(first, steps=10, images_per_step=4, lr=1e-3) and len(key) == 12
     assert key != pretraining_key(second, steps=10, images_per_step=4, lr=1e-3)
     assert key != pretraining_key(first, steps=11, images_per_step=4, lr=1e-3)
+
+
+def test_targets_and_a_table_without_ships():
+    assert target_kinds("dense", 64) == {"buildings": 48, "sar_ships": 16}
+    assert target_kinds("rooftops", 64) == {"rooftop_buildings": 64}
+    with pytest.raises(ValueError, match="unknown demo target 'city'"):
+        target_kinds("city", 64)
+    row = {key: (0.5, 0.02) for key in ("miou", "f1", "precision", "recall", "miou_buildings")}
+    table = format_table({"direct": {**row, "n": 1}})
+    assert table.splitlines()[-1].split()[-2:] == ["-", "1"]  # no ships in this target
+
+
+def test_robust_teacher_is_trained_from_the_base_model_and_cached(tmp_path, monkeypatch):
+    import torch
+
+    from resam_dist import demo
+
+    source = write_domain(tmp_path / "source", {"sparse_buildings": 4}, size=256, seed=1, object_scale=2.0)
+    base = tmp_path / "base.pth"
+    torch.save(build_sam("tiny", seed=0).state_dict(), base)
+    calls = []
+    from resam_dist.train.pretrain import pretrain as real_pretrain
+
+    def counting_pretrain(model, **kwargs):
+        calls.append(kwargs)
+        return real_pretrain(model, **{**kwargs, "max_instances": 2, "log_every": 0})
+
+    monkeypatch.setattr("resam_dist.train.pretrain.pretrain", counting_pretrain)
+    first = demo.robust_checkpoint(tmp_path / "cache", base, source, steps=2, lr=1e-4, photometric=0.5)
+    assert first.exists() and len(calls) == 1 and calls[0]["photometric"] == 0.5
+    again = demo.robust_checkpoint(tmp_path / "cache", base, source, steps=2, lr=1e-4, photometric=0.5)
+    assert again == first and len(calls) == 1  # cached
+    other = demo.robust_checkpoint(tmp_path / "cache", base, source, steps=2, lr=1e-4, photometric=1.0)
+    assert other != first and len(calls) == 2
+    trained, initial = torch.load(first), torch.load(base)
+    assert any(not torch.equal(trained[name], initial[name]) for name in initial)
