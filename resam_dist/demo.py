@@ -52,7 +52,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.json"
 TARGET_KINDS = ("buildings", "sar_ships")
 
-# Row name -> config overrides of the adaptation run.
 TARGETS = ("dense", "rooftops")
 """`dense`: the default target (dense blocks and SAR ships, 40 adaptation steps). `rooftops`:
 buildings with gaps whose roofs carry equipment, a teacher made robust to appearance changes
@@ -60,6 +59,7 @@ first, 120 adaptation steps (see the README's demo section)."""
 ROOFTOPS_STEPS = 120
 ROBUST_STEPS, ROBUST_LR, ROBUST_PHOTOMETRIC = 300, 3e-4, 0.5
 
+# Row name -> config overrides of the adaptation run.
 VARIANTS: dict[str, dict[str, Any]] = {
     "self-training only": {"resam.method": "selftrain"},
     "+ Requery": {"resam.method": "resam", "resam.ssa_weight": 0.0},
@@ -179,8 +179,9 @@ def pretrained_checkpoint(cache: Path, source: Path, *, steps: int, images_per_s
 
 def robust_checkpoint(cache: Path, base: Path, source: Path, *, steps: int, lr: float, photometric: float) -> Path:
     """`base` (the pretrained source model) trained `steps` more source steps with a
-    `photometric` fraction of the images distorted like the strong view: a teacher that, like
-    SAM, does not break down when only the appearance changes. Cached by its settings."""
+    `photometric` fraction of the images distorted like the strong view: a teacher that does not
+    break down when only the appearance changes (real SAM gets that from its varied training
+    data). Cached by its settings."""
     from resam_dist.data.coco import CocoSplit
     from resam_dist.model.build import build_sam
     from resam_dist.train.pretrain import pretrain

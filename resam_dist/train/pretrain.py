@@ -5,7 +5,7 @@ Every parameter trains; prompts alternate between point prompts (1-3 positives a
 negatives, as in ReSAM training) and jittered ground-truth boxes (as Requery uses them), and
 images are flipped at random. With `photometric` > 0 that fraction of the images is also
 distorted with the strong view's kinds of operation (`photometric_distortion`), which makes the
-model robust to appearance changes, as SAM's training on a billion masks made it.
+model robust to appearance changes (a stand-in for what real SAM gets from its varied data).
 """
 
 from __future__ import annotations
