@@ -186,7 +186,9 @@ def robust_checkpoint(cache: Path, base: Path, source: Path, *, steps: int, lr: 
     from resam_dist.model.build import build_sam
     from resam_dist.train.pretrain import pretrain
 
-    key = hashlib.sha256(json.dumps([base.name, steps, lr, photometric,
+    # the base model's bytes, not its name: a base pretrained again (CPU pretraining is not bitwise
+    # reproducible) under the same name must not reuse a teacher made from the old one
+    key = hashlib.sha256(json.dumps([hashlib.sha256(base.read_bytes()).hexdigest(), steps, lr, photometric,
                                      hashlib.sha256(source.read_bytes()).hexdigest()]).encode()).hexdigest()[:12]
     path = cache / f"tiny_source_robust_{key}.pth"
     if path.exists():

@@ -107,3 +107,6 @@ def test_robust_teacher_is_trained_from_the_base_model_and_cached(tmp_path, monk
     assert other != first and len(calls) == 2
     trained, initial = torch.load(first), torch.load(base)
     assert any(not torch.equal(trained[name], initial[name]) for name in initial)
+    torch.save(build_sam("tiny", seed=1).state_dict(), base)  # the base pretrained again, same name
+    rebuilt = demo.robust_checkpoint(tmp_path / "cache", base, source, steps=2, lr=1e-4, photometric=0.5)
+    assert rebuilt not in (first, other) and len(calls) == 3
