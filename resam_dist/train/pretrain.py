@@ -47,10 +47,12 @@ def normalise(image: np.ndarray) -> torch.Tensor:
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """H x W x 3 uint8 -> H x W x 3 uint8, distorted like the DALI strong view
+    """H x W x 3 (or H x W, made RGB) uint8 -> H x W x 3 uint8, distorted like the DALI strong view
     (`resam_dist.data.pipeline`): equalize, posterize (4-6 bits), solarize (threshold 160-240),
     sharpen and shadow-like darkening, each with probability 1/2, then brightness and contrast
     (x0.7-1.3 each) always. torchvision's operators; parameters drawn from `rng`."""
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # 3 x H x W uint8, a copy
     if rng.random() < 0.5:
         pixels = TF.equalize(pixels)
@@ -92,7 +94,7 @@ def split_batch(loaded: list[CocoImage], size: int, num_points: int, rng: np.ran
         if rng.random() < 0.5:
             image, instance_masks = image[:, ::-1], instance_masks[:, :, ::-1]
         if photometric > 0 and rng.random() < photometric:
-            image = photometric_distortion(image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2), rng)
+            image = photometric_distortion(image, rng)
         images[b] = normalise(image)
         counts[b] = instance_masks.shape[0]
         for k, mask in enumerate(instance_masks):

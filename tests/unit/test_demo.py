@@ -5,13 +5,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from resam_dist import demo
 from resam_dist.config import load_config
 from resam_dist.data.coco import CocoSplit
 from resam_dist.demo import (DEMO_CONFIG, format_table, pretraining_key, pseudo_label_quality, target_kinds,
                              write_domain, write_overlays)
 from resam_dist.model.build import build_sam
+from resam_dist.train.pretrain import pretrain as real_pretrain
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +87,10 @@ def test_targets_and_a_table_without_ships():
 
 
 def test_robust_teacher_is_trained_from_the_base_model_and_cached(tmp_path, monkeypatch):
-    import torch
-
-    from resam_dist import demo
-
     source = write_domain(tmp_path / "source", {"sparse_buildings": 4}, size=256, seed=1, object_scale=2.0)
     base = tmp_path / "base.pth"
     torch.save(build_sam("tiny", seed=0).state_dict(), base)
     calls = []
-    from resam_dist.train.pretrain import pretrain as real_pretrain
 
     def counting_pretrain(model, **kwargs):
         calls.append(kwargs)

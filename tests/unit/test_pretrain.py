@@ -78,6 +78,8 @@ def test_photometric_distortion_changes_appearance_only_and_follows_its_rng(sour
     changed = [not np.array_equal(photometric_distortion(item.image, np.random.default_rng(s)), item.image)
                for s in range(8)]
     assert all(changed)  # brightness and contrast always apply
+    grey = photometric_distortion(item.image[:, :, 0].copy(), np.random.default_rng(0))  # SAR scenes are H x W
+    assert grey.shape == item.image.shape and grey.dtype == np.uint8
 
 
 def test_photometric_fraction_in_batches(source_split):
