@@ -31,14 +31,18 @@ lane per pixel; the per-pixel count is a byte lane of one int32 sum over a KP-ro
 operation handles 4 pixels. Its box columns come from two reductions of keys packing each word's
 column with its 4-bit mask of surviving lanes; tiles that lie in one image row (ROW_TILES) need no
 row reduction; bool masks (bytes 0 or 1, as torch keeps them) skip the byte test (ZERO_ONE).
-Other one-byte masks (uint8): any non-zero byte is kept. (A rows design over words, with
-per-thread byte-lane counts and owners, never beat it on an H200 in run 11, at either benchmark
-size or mask kind, and was removed.)
+Other one-byte masks (uint8): any non-zero byte is kept. The word kernel's strip design
+(STRIP_ROWS > 0) runs the same tile over TILE / KP word columns of STRIP_ROWS image rows, one row
+at a time with the next PREFETCH rows' loads in flight, and reduces its boxes once per program:
+each element keeps the or of its surviving words (x) and a bit per row with a survivor (y).
+(A rows design over words, with per-thread byte-lane counts and owners, never beat the tile on
+an H200 in run 11, at either benchmark size or mask kind, and was removed.)
 
 Boxes: every program folds its boxes into a zeroed B x K x 4 int32 state with vector atomic
 maxima (order-free, so deterministic); the last program of each image to arrive (an atomic
-counter) writes that image's float32 boxes (empty -> zeros) and zeroes the state again.
-On the GPU, KP <= 64: the word kernel's tile and the byte kernel's three designs (tile sizes,
+counter) writes that image's float32 boxes (empty -> zeros) and zeroes the state again, so on
+the GPU one state per device and stream is kept and reused (no memset launch per call).
+On the GPU, KP <= 64: the word kernel's two designs and the byte kernel's three designs (tile sizes,
 pixels per program, rows per step, strip rows, warps) are autotuned per size class; KP > 64
 runs the rows design. Above MAX_INSTANCES instances the torch reference runs instead. Counts
 larger than K mean all K instances are valid.
@@ -412,6 +416,20 @@ def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, sta
 
 
 @triton.jit
+def _single_keeper_lanes(raw, ZERO_ONE: tl.constexpr):
+    """KP x BLOCK_W words of 4 pixels -> 0x01 in the byte lanes kept by exactly one instance of
+    the column, 0 elsewhere. The per-pixel counts are byte lanes of one int32 sum over the
+    instance axis (K < 256: no carry between lanes)."""
+    if ZERO_ONE:
+        kept = raw  # KP x BLOCK_W, 0x01 per kept pixel
+    else:
+        kept = _nonzero_bytes(raw)
+    kept_by = tl.sum(kept, axis=0)  # BLOCK_W, one count (< 256) per byte lane
+    single = _zero_bytes(kept_by ^ 0x01010101)  # BLOCK_W: 0x01 in the lanes equal to 1
+    return kept & single[None, :]  # KP x BLOCK_W
+
+
+@triton.jit
 def _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances, words_per_row,
                       num_words, KP: tl.constexpr, TILE: tl.constexpr, ZERO_ONE: tl.constexpr,
                       ROW_TILES: tl.constexpr):
@@ -431,13 +449,7 @@ def _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances
     plane = image * num_instances * num_words + instance.to(tl.int64) * num_words  # KP
     offsets = plane[:, None] + word[None, :]  # KP x BLOCK_W int64
     raw = tl.load(words_ptr + offsets, mask=valid[:, None] & in_range[None, :], other=0)
-    if ZERO_ONE:
-        kept = raw  # KP x BLOCK_W, 0x01 per kept pixel
-    else:
-        kept = _nonzero_bytes(raw)
-    kept_by = tl.sum(kept, axis=0)  # BLOCK_W, one count (< 256) per byte lane
-    single = _zero_bytes(kept_by ^ 0x01010101)  # BLOCK_W: 0x01 in the lanes equal to 1
-    survives = kept & single[None, :]  # KP x BLOCK_W
+    survives = _single_keeper_lanes(raw, ZERO_ONE)  # KP x BLOCK_W
     tl.store(out_ptr + offsets, survives, mask=real[:, None] & in_range[None, :])
     # Box of every instance over this tile. Columns: per word, a 4-bit lane mask (bit i: byte i,
     # the word's i-th pixel from the left, survives) packed under the word's column in the row,
@@ -462,6 +474,103 @@ def _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances
 
 
 @triton.jit
+def _bit_index(value):
+    """Index of the highest set bit of each non-zero int32 (bit 31 included): the exponent of the
+    float64 value of its 32 bits read unsigned (exact)."""
+    exact = value.to(tl.uint32, bitcast=True).to(tl.float64).to(tl.int64, bitcast=True)
+    return (((exact >> 52) & 0x7FF) - 1023).to(tl.int32)
+
+
+@triton.jit
+def _word_strip_load(words_ptr, plane, row, column, in_columns, valid, height, words_per_row):
+    """One image row of a strip: KP x BLOCK_W words (0 outside the image and for padding)."""
+    in_range = in_columns & (row < height)  # BLOCK_W
+    offsets = plane[:, None] + (row * words_per_row + column)[None, :]  # KP x BLOCK_W int64
+    return tl.load(words_ptr + offsets, mask=valid[:, None] & in_range[None, :], other=0)
+
+
+@triton.jit
+def _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real, height, words_per_row,
+                      ZERO_ONE: tl.constexpr):
+    """The surviving lanes of one loaded strip row (the counting of `_word_tile_design`),
+    stored and returned (KP x BLOCK_W)."""
+    survives = _single_keeper_lanes(raw, ZERO_ONE)  # KP x BLOCK_W
+    in_range = in_columns & (row < height)  # BLOCK_W
+    offsets = plane[:, None] + (row * words_per_row + column)[None, :]  # KP x BLOCK_W int64
+    tl.store(out_ptr + offsets, survives, mask=real[:, None] & in_range[None, :])
+    return survives
+
+
+@triton.jit
+def _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instances, words_per_row,
+                       num_words, KP: tl.constexpr, TILE: tl.constexpr, ZERO_ONE: tl.constexpr,
+                       STRIP_ROWS: tl.constexpr, PREFETCH: tl.constexpr):
+    """The word tile over a strip: BLOCK_W = TILE / KP word columns of STRIP_ROWS image rows,
+    one row at a time. No reduction per row for the boxes: each element keeps the or of its
+    surviving words over the strip's rows (x) and a bit per row with a survivor (y), reduced
+    across the columns once per program."""
+    tl.static_assert(STRIP_ROWS <= 32)  # one bit per row in an int32
+    BLOCK_W: tl.constexpr = TILE // KP
+    height = num_words // words_per_row
+    strips = tl.cdiv(words_per_row, BLOCK_W)
+    first_row = (tl.program_id(0) // strips) * STRIP_ROWS
+    end_row = tl.minimum(first_row + STRIP_ROWS, height)
+    column = (tl.program_id(0) % strips) * BLOCK_W + tl.arange(0, BLOCK_W)  # BLOCK_W
+    in_columns = column < words_per_row
+    instance = tl.arange(0, KP)  # KP
+    valid = instance < count  # instances k >= count are padding: not read, written empty
+    real = instance < num_instances
+    plane = image * num_instances * num_words + instance.to(tl.int64) * num_words  # KP
+    surviving_words = tl.zeros([KP, BLOCK_W], dtype=tl.int32)  # or over rows of surviving lanes
+    surviving_rows = tl.zeros([KP, BLOCK_W], dtype=tl.int32)  # bit r: a survivor on row r
+    # PREFETCH rows ahead of the one being counted have their loads in flight (0, 1 or 2)
+    raw = _word_strip_load(words_ptr, plane, first_row, column, in_columns, valid, end_row,
+                           words_per_row)  # KP x BLOCK_W
+    if PREFETCH == 2:
+        ahead = _word_strip_load(words_ptr, plane, first_row + 1, column, in_columns, valid,
+                                 end_row, words_per_row)
+    else:
+        ahead = raw  # (unused)
+    for step in range(0, STRIP_ROWS):
+        row = first_row + step
+        if PREFETCH == 0:
+            if step > 0:
+                raw = _word_strip_load(words_ptr, plane, row, column, in_columns, valid, end_row,
+                                       words_per_row)
+            survives = _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real,
+                                         end_row, words_per_row, ZERO_ONE)
+        elif PREFETCH == 1:
+            next_raw = _word_strip_load(words_ptr, plane, row + 1, column, in_columns, valid,
+                                        end_row, words_per_row)
+            survives = _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real,
+                                         end_row, words_per_row, ZERO_ONE)
+            raw = next_raw
+        else:
+            next_ahead = _word_strip_load(words_ptr, plane, row + 2, column, in_columns, valid,
+                                          end_row, words_per_row)
+            survives = _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real,
+                                         end_row, words_per_row, ZERO_ONE)
+            raw = ahead
+            ahead = next_ahead
+        surviving_words = surviving_words | survives
+        surviving_rows = surviving_rows | tl.where(survives != 0, 1 << step, 0)
+    # the box keys of `_word_tile_design`, once per program
+    lanes = (surviving_words | (surviving_words >> 7) | (surviving_words >> 14)
+             | (surviving_words >> 21)) & 0xF  # KP x BLOCK_W
+    hit = lanes != 0
+    left_key = tl.min(tl.where(hit, (column[None, :] << 4) | (lanes & -lanes), BIG), axis=1)  # KP
+    right_key = tl.max(tl.where(hit, ((column[None, :] + 1) << 4) | lanes, 0), axis=1)  # KP
+    touched = real & (right_key > 0)
+    x0 = (left_key >> 4) * 4 + _highest_lane(left_key & 15)
+    x1 = ((right_key >> 4) - 1) * 4 + _highest_lane(right_key & 15) + 1
+    rows = tl.reduce(surviving_rows, 1, _bitwise_or)  # KP: bit r, a survivor on row first_row + r
+    rows = tl.where(touched, rows, 1)  # (untouched instances are not folded)
+    y0 = first_row + _bit_index(rows & -rows)
+    y1 = first_row + _bit_index(rows) + 1
+    _fold_boxes(state_ptr, image, num_instances, instance, touched, x0, y0, x1, y1)
+
+
+@triton.jit
 def _highest_lane(nibble):
     """Index of the highest set bit of a non-zero 4-bit value (0 to 3)."""
     return (nibble >= 2).to(tl.int32) + (nibble >= 4).to(tl.int32) + (nibble >= 8).to(tl.int32)
@@ -471,7 +580,8 @@ def _highest_lane(nibble):
 def _suppress_drop_words_jit(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals_ptr,
                              boxes_ptr, num_instances, words_per_row, num_words, words_bucket,
                              KP: tl.constexpr, TILE: tl.constexpr, ZERO_ONE: tl.constexpr,
-                             ROW_TILES: tl.constexpr):
+                             ROW_TILES: tl.constexpr, STRIP_ROWS: tl.constexpr = 0,
+                             PREFETCH: tl.constexpr = 0):
     # "drop" mode on 32-bit words of 4 pixels (width % 4 == 0, so a word never straddles two
     # rows). words/out: B x K x (H W / 4) int32, each byte one pixel (0 = not kept),
     # counts: B int64, state/arrivals/boxes as in `_suppress_overlap_kernel`. Grid: (word spans
@@ -479,8 +589,12 @@ def _suppress_drop_words_jit(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals
     # the heuristic below from words_per_row and the tile.
     image = tl.program_id(1).to(tl.int64)
     count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
-    _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances, words_per_row,
-                      num_words, KP, TILE, ZERO_ONE, ROW_TILES)
+    if STRIP_ROWS > 0:
+        _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instances,
+                           words_per_row, num_words, KP, TILE, ZERO_ONE, STRIP_ROWS, PREFETCH)
+    else:
+        _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances,
+                          words_per_row, num_words, KP, TILE, ZERO_ONE, ROW_TILES)
     _finish_image(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, KP)
 
 
@@ -515,19 +629,37 @@ _ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 # tiles that straddle rows (a 328-376-byte stack; on uint8 masks with one-row tiles it takes all
 # 255 registers), so the autotuner tries that config only on bool masks with one-row tiles (216
 # registers; on an H200, 72% of the copy bandwidth at 2 x 50 x 1024 x 1024 in run 12's
-# experiment).
-_WORD_CONFIGS = [triton.Config({"TILE": tile}, num_warps=warps)
-                 for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8),
-                                     (8192, 4), (8192, 8))]
+# experiment). The strip design (words, rows per program, rows in flight, warps): on an H200 in
+# run 13 at 2 x 50 x 1024 x 1024, (2048, 32, 2, 4) reaches 81.4-82.0% of the copy bandwidth in a
+# CUDA graph against 75.0% for the tile design, and (2048, 16, 2, 4) wins at 8 x 50 x 256 x 256.
+# Strips of 24 rows ran at 70%, 8 warps and 1-row prefetch below the chosen ones
+# (benchmarks/results/h200_run13/README.md). 118-124 registers with the hints below, no spills.
+_WORD_CONFIGS = ([triton.Config({"TILE": tile}, num_warps=warps)
+                  for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8),
+                                      (8192, 4), (8192, 8))]
+                 + [triton.Config({"TILE": tile, "STRIP_ROWS": strip_rows, "PREFETCH": prefetch},
+                                  num_warps=warps)
+                    for tile, strip_rows, prefetch, warps in (
+                        (1024, 32, 2, 2), (2048, 16, 2, 4), (2048, 32, 1, 4), (2048, 32, 2, 4))])
+# The strip design's 64-bit offsets of every element cost registers unless the compiler knows
+# the row length and the pointers are multiples of 16 words / bytes (it specialises on that):
+# without, sm_90 ptxas spills several of its configs (336-376 bytes), so they run only there.
+_STRIP_ALIGNMENT = 16
 
 
 def _prune_word_configs(configs, named_args, **kwargs):
-    """Drops TILE 8192 with 4 warps unless the masks are bool and every tile lies in one row."""
+    """Drops TILE 8192 with 4 warps unless the masks are bool and every tile lies in one row, and
+    the strip design unless rows are a multiple of 16 words and both buffers 16-byte aligned."""
     args = {**named_args, **kwargs}
     words_per_row, kp, zero_one = args["words_per_row"], args["KP"], args["ZERO_ONE"]
+    aligned = words_per_row % _STRIP_ALIGNMENT == 0 and all(
+        not hasattr(args.get(name), "data_ptr") or args[name].data_ptr() % _STRIP_ALIGNMENT == 0
+        for name in ("words_ptr", "out_ptr"))
     return [config for config in configs
-            if not (config.kwargs["TILE"] == 8192 and config.num_warps == 4)
-            or (zero_one and words_per_row % (8192 // kp) == 0)]
+            if (not (config.kwargs["TILE"] == 8192 and config.num_warps == 4
+                     and "STRIP_ROWS" not in config.kwargs)
+                or (zero_one and words_per_row % (8192 // kp) == 0))
+            and ("STRIP_ROWS" not in config.kwargs or aligned)]
 
 
 _suppress_drop_words_kernel_tuned = triton.autotune(
@@ -582,12 +714,43 @@ def byte_kernel_grid(meta: dict, batch: int, height: int, width: int) -> tuple[i
     return (triton.cdiv(height * width, meta["BLOCK_P"] * meta["WALK"]), batch)
 
 
+def word_kernel_grid(meta: dict, batch: int, kp: int, height: int, words_per_row: int
+                     ) -> tuple[int, int]:
+    """The word kernel's grid for launch parameters `meta`: (programs per image, images). The strip
+    design: one program per TILE / KP word columns of STRIP_ROWS rows; the tile design: spans of
+    TILE / KP words."""
+    block_w = meta["TILE"] // kp
+    if meta.get("STRIP_ROWS", 0) > 0:
+        return (triton.cdiv(words_per_row, block_w) * triton.cdiv(height, meta["STRIP_ROWS"]), batch)
+    return (triton.cdiv(height * words_per_row, block_w), batch)
+
+
 def _use_words(masks_u8: torch.Tensor, out: torch.Tensor, mode: str) -> bool:
     """Whether "drop" mode can run on 4-pixel words: rows of a multiple of 4 pixels, at most
     MAX_WORD_INSTANCES instances, and 4-byte aligned storage."""
     num_instances, width = masks_u8.shape[1], masks_u8.shape[3]
     return (mode == "drop" and width % 4 == 0 and 0 < num_instances <= MAX_WORD_INSTANCES
             and masks_u8.data_ptr() % 4 == 0 and out.data_ptr() % 4 == 0)
+
+
+# The kernels' box state, kept zeroed by every launch, per (CUDA device, stream): one memset
+# (a launch) less per call. Never created or used while a CUDA graph is captured (its memset would
+# run only in replays).
+_BOX_STATES: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _zeroed_box_state(device: torch.device, numel: int) -> torch.Tensor:
+    """numel zeroed int32 that the kernels leave zeroed: a fresh tensor on CPU and while
+    capturing a CUDA graph, else the device and stream's kept buffer (grown as needed)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(numel, dtype=torch.int32, device=device)
+    key = (device.index if device.index is not None else torch.cuda.current_device(),
+           torch.cuda.current_stream(device).cuda_stream)
+    state = _BOX_STATES.get(key)
+    if state is None or state.numel() < numel:
+        state = torch.zeros(max(numel, 4096), dtype=torch.int32, device=device)
+        _BOX_STATES[key] = state
+    return state[:numel]
 
 
 def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None,
@@ -620,9 +783,9 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
     confidence = confidence.contiguous() if argmax else masks_u8  # not read in "drop" mode
     counts = counts.to(device=masks.device, dtype=torch.int64).contiguous()
     out = torch.empty_like(masks_u8)
-    # the box state (B x K x 4 int32) and the per-image arrival counters (B int32), zeroed once;
-    # the kernels leave them zeroed
-    state = torch.zeros(batch * num_instances * 4 + batch, dtype=torch.int32, device=masks.device)
+    # the box state (B x K x 4 int32) and the per-image arrival counters (B int32), zeroed; the
+    # kernels leave them zeroed
+    state = _zeroed_box_state(masks.device, batch * num_instances * 4 + batch)
     arrivals = state[batch * num_instances * 4:]
     boxes = torch.empty((batch, num_instances, 4), dtype=torch.float32, device=masks.device)
     num_pixels = height * width
@@ -645,7 +808,7 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
                 num_instances, width // 4, num_words, (num_words - 1).bit_length())
 
         def grid(meta):
-            return (triton.cdiv(num_words, meta["TILE"] // kp), batch)
+            return word_kernel_grid(meta, batch, kp, height, width // 4)
         if config is not None:
             _suppress_drop_words_kernel[grid](*args, KP=kp, ZERO_ONE=zero_one,
                                               num_warps=config.num_warps, **config.kwargs)

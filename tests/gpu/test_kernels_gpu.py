@@ -87,7 +87,7 @@ def test_suppress_overlap_every_tuned_config(mode):
             assert not state.any(), meta
     if mode == "drop":
         # the word kernel's configs on rows of a multiple of 4 pixels
-        from resam_kernels.overlap import _WORD_CONFIGS, _suppress_drop_words_kernel
+        from resam_kernels.overlap import _WORD_CONFIGS, _suppress_drop_words_kernel, word_kernel_grid
         logits = smooth_logits(3, 50, 252, torch.float32, seed=9)
         keep = entropy_filter_reference(logits, 0.2)
         out_ref, boxes_ref = suppress_overlap_reference(keep, None, counts, mode)
@@ -96,11 +96,10 @@ def test_suppress_overlap_every_tuned_config(mode):
         state = torch.zeros(batch * num_instances * 4 + batch, dtype=torch.int32, device=DEVICE)
         for config in _WORD_CONFIGS:
             meta = config.kwargs
-            words_per_program = meta["TILE"] // 64
             for _ in range(2):
                 out = torch.empty(keep.shape, dtype=torch.uint8, device=DEVICE)
                 boxes = torch.full((batch, num_instances, 4), -1.0, device=DEVICE)
-                grid = (triton.cdiv(num_words, words_per_program), batch)
+                grid = word_kernel_grid(meta, batch, 64, height, width // 4)
                 _suppress_drop_words_kernel[grid](
                     keep.view(torch.uint8).view(torch.int32), counts, out.view(torch.int32), state,
                     state[batch * num_instances * 4:], boxes, num_instances, width // 4, num_words, 0,
@@ -115,6 +114,28 @@ def test_suppress_overlap_every_tuned_config(mode):
     out_ref, boxes_ref = suppress_overlap_reference(keep, confidence, counts, mode)
     assert torch.equal(out, out_ref)
     assert torch.equal(boxes, boxes_ref)
+
+
+@pytest.mark.parametrize("mode", ["drop", "argmax"])
+def test_suppress_overlap_in_a_cuda_graph_and_after(mode):
+    """The kept box state (zeroed by each launch) is not used while a graph is captured: replays
+    and plain calls before and after give the reference's outputs."""
+    logits = smooth_logits(2, 50, 256, torch.float32, seed=11)
+    keep, confidence = entropy_filter_reference(logits, 0.2, return_confidence=True)
+    counts = torch.tensor([50, 31], device=DEVICE)
+    out_ref, boxes_ref = suppress_overlap_reference(keep, confidence, counts, mode)
+    resam_kernels.suppress_overlap(keep, confidence, counts, mode)  # tuned and compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, boxes = resam_kernels.suppress_overlap(keep, confidence, counts, mode)
+    for _ in range(2):
+        out.fill_(False)
+        boxes.fill_(-1)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, out_ref) and torch.equal(boxes, boxes_ref)
+        plain_out, plain_boxes = resam_kernels.suppress_overlap(keep, confidence, counts, mode)
+        assert torch.equal(plain_out, out_ref) and torch.equal(plain_boxes, boxes_ref)
 
 
 def test_suppress_overlap_64bit_offsets():

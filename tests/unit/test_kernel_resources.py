@@ -144,7 +144,7 @@ ptxas = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
 folder = tempfile.mkdtemp()
 
 
-def spills(kernel, constants, num_warps, byte_pointers):
+def spills(kernel, constants, num_warps, byte_pointers, aligned=()):
     signature = {}
     for arg in kernel.arg_names:
         if arg in constants:
@@ -157,8 +157,11 @@ def spills(kernel, constants, num_warps, byte_pointers):
             signature[arg] = "*u8" if byte_pointers and arg in ("masks_ptr", "out_ptr") else "*i32"
         else:
             signature[arg] = "i32"  # no divisibility hints: the worst case
+    # aligned: the arguments the runtime specialises as multiples of 16 where the autotuner runs
+    # the config only then
     source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()},
+                       attrs={(kernel.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     path = os.path.join(folder, "kernel.ptx")
     with open(path, "w") as file:
@@ -182,9 +185,14 @@ for config in overlap._WORD_CONFIGS:
             if not overlap._prune_word_configs([config], {"words_per_row": words_per_row}, KP=64,
                                                ZERO_ONE=zero_one):
                 continue  # the autotuner never runs it there
-            constants = dict(config.kwargs, KP=64, ZERO_ONE=zero_one, ROW_TILES=row_tiles)
+            constants = dict({"STRIP_ROWS": 0, "PREFETCH": 0}, **config.kwargs, KP=64, ZERO_ONE=zero_one,
+                             ROW_TILES=row_tiles)
+            # the strip design runs only on rows of a multiple of 16 words and 16-byte aligned buffers
+            aligned = (("words_ptr", "out_ptr", "words_per_row", "num_words")
+                       if "STRIP_ROWS" in config.kwargs else ())
             results.append(["words", str(config), [zero_one, row_tiles],
-                            spills(overlap._suppress_drop_words_jit, constants, config.num_warps, False)])
+                            spills(overlap._suppress_drop_words_jit, constants, config.num_warps, False,
+                                   aligned)])
 print(json.dumps(results))
 """
 
@@ -192,9 +200,11 @@ print(json.dumps(results))
 def test_overlap_strip_and_word_configs_fit_sm90_without_spills():
     """Overlap suppression: the strip design's configs (both modes) and the word kernel's configs
     in every (bool masks, one-row tiles) case the autotuner runs them in, at KP = 64 without
-    divisibility hints: no register spill (ptxas of Triton's bundle, on this CPU machine). TILE
-    8192 with 4 warps spills where it is pruned: on tiles that straddle rows (ptxas: 648-784 bytes
-    of spill stores and loads)."""
+    divisibility hints (the word kernel's strip design with the hints it runs under only): no
+    register spill (ptxas of Triton's bundle, on this CPU machine). TILE 8192 with 4 warps spills
+    where it is pruned: on tiles that straddle rows (ptxas: 648-784 bytes of spill stores and
+    loads); so does the strip design without hints (336-376 bytes)."""
     results = compile_for_sm90(OVERLAP_CHECK)
-    assert len(results) == 4 * 2 + 7 * 4 - 3  # strip configs x modes + word configs x cases - pruned
+    # byte strip configs x modes + word tile configs x cases - pruned + word strip configs x 2 cases
+    assert len(results) == 4 * 2 + (7 * 4 - 3) + 4 * 2
     assert not [row for row in results if row[-1] > 0], f"configurations that spill: {results}"

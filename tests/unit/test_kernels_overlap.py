@@ -187,6 +187,23 @@ def test_drop_words_box_columns_within_a_word():
     check_against_reference(masks.to(DEVICE), None, counts.to(DEVICE), "drop", word_tile=8)
 
 
+def test_drop_words_strip_rows_at_the_strip_edges():
+    # the strip design's y bounds come from one bit per row of a 32-row strip: survivors only on
+    # row 31 (bit 31, the int32 sign bit), on rows 0 and 31, across two strips (rows 30-33), and
+    # on the last row of a partial strip
+    from resam_kernels.overlap import _WORD_CONFIGS
+    strip = next(config for config in _WORD_CONFIGS if config.kwargs.get("STRIP_ROWS") == 32)
+    masks = torch.zeros(1, 4, 45, 8, dtype=torch.bool)
+    masks[0, 0, 31, 5] = True
+    masks[0, 1, 0, 1] = masks[0, 1, 31, 2] = True
+    masks[0, 2, 30:34, 7] = True
+    masks[0, 3, 44, 0:3] = True
+    out, boxes = suppress_overlap_triton(masks.to(DEVICE), None, torch.tensor([4]).to(DEVICE), "drop",
+                                         config=strip)
+    assert boxes.cpu().tolist() == [[[5, 31, 6, 32], [1, 0, 3, 32], [7, 30, 8, 34], [0, 44, 3, 45]]]
+    assert torch.equal(out.cpu(), masks)
+
+
 @pytest.mark.parametrize("word_tile", [16, 32])  # 2 / 4 words a row of the tile: ROW_TILES off / on
 def test_drop_words_treat_any_nonzero_byte_as_kept(word_tile):
     # uint8 masks holding bytes other than 0/1: every non-zero byte is a kept pixel, as in the
@@ -263,10 +280,6 @@ def test_kernel_leaves_its_box_state_zeroed(rows, unroll, strip_rows):
         assert not state.any()
 
 
-def triton_cdiv(a, b):
-    return -(-a // b)
-
-
 # Every config the GPU autotuner may pick, launched through the `config` override, against the
 # reference: byte kernel K in {0, 1, 7, 50} on odd sizes of more than 2,048 pixels (the largest
 # BLOCK_P) and one-pixel rows and columns; word kernel K in {1, 7, 50} with widths of a multiple
@@ -313,7 +326,7 @@ def test_every_word_config(config):
 @pytest.mark.parametrize("config", _WORD_CONFIGS, ids=config_id)
 def test_word_kernel_leaves_its_box_state_zeroed(config):
     # 2,048 words per image: 2 to 16 programs per image fold boxes and count arrivals
-    from resam_kernels.overlap import _suppress_drop_words_kernel
+    from resam_kernels.overlap import _suppress_drop_words_kernel, word_kernel_grid
     masks, _ = random_instances(3, 7, 64, 128, seed=6)
     counts = torch.tensor([7, 4, 0])
     out_ref, boxes_ref = suppress_overlap_reference(masks, None, counts, "drop")
@@ -323,7 +336,7 @@ def test_word_kernel_leaves_its_box_state_zeroed(config):
     for _ in range(2):
         out = torch.full(masks.shape, 0xFF, dtype=torch.uint8)  # a missing store shows
         boxes = torch.full((batch, num_instances, 4), -1.0)
-        _suppress_drop_words_kernel[(triton_cdiv(num_words, config.kwargs["TILE"] // 8), batch)](
+        _suppress_drop_words_kernel[word_kernel_grid(config.kwargs, batch, 8, height, width // 4)](
             masks.view(torch.uint8).view(torch.int32), counts, out.view(torch.int32), state,
             state[batch * num_instances * 4:], boxes, num_instances, width // 4, num_words, 0, KP=8,
             ZERO_ONE=True, **config.kwargs)
@@ -332,8 +345,9 @@ def test_word_kernel_leaves_its_box_state_zeroed(config):
         assert not state.any()
 
 
-def test_word_configs_pruned_where_the_large_tile_would_spill():
-    # TILE 8192 with 4 warps spills on sm_90 unless the masks are bool and tiles lie in one row
+def test_word_configs_pruned_where_they_would_spill():
+    # TILE 8192 with 4 warps spills on sm_90 unless the masks are bool and tiles lie in one row;
+    # the strip design unless rows and buffers are aligned to 16
     from resam_kernels.overlap import _prune_word_configs
     large = [config for config in _WORD_CONFIGS if config.kwargs["TILE"] == 8192 and config.num_warps == 4]
     assert len(large) == 1
@@ -343,7 +357,13 @@ def test_word_configs_pruned_where_the_large_tile_would_spill():
     assert large[0] in kept(256, True)  # 1024-pixel rows: 128-word tiles fit them
     assert large[0] not in kept(256, False)
     assert large[0] not in kept(63, True)
-    assert len(kept(63, True)) == len(_WORD_CONFIGS) - 1
+    strips = [config for config in _WORD_CONFIGS if "STRIP_ROWS" in config.kwargs]
+    assert strips and set(map(id, strips)) <= set(map(id, kept(256, False)))
+    assert len(kept(63, True)) == len(_WORD_CONFIGS) - 1 - len(strips)  # 63 words a row: unaligned
+    buffer = torch.zeros(64, dtype=torch.int32)
+    shifted = _prune_word_configs(_WORD_CONFIGS, {"words_per_row": 256, "words_ptr": buffer[1:],
+                                                  "out_ptr": buffer}, KP=64, ZERO_ONE=True)
+    assert len(shifted) == len(_WORD_CONFIGS) - len(strips)  # a buffer 4 bytes off 16-byte alignment
 
 
 def test_config_override_is_checked():
