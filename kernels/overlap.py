@@ -523,7 +523,9 @@ def _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instance
     plane = image * num_instances * num_words + instance.to(tl.int64) * num_words  # KP
     surviving_words = tl.zeros([KP, BLOCK_W], dtype=tl.int32)  # or over rows of surviving lanes
     surviving_rows = tl.zeros([KP, BLOCK_W], dtype=tl.int32)  # bit r: a survivor on row r
-    # PREFETCH rows ahead of the one being counted have their loads in flight (0, 1 or 2)
+    # PREFETCH rows ahead of the one being counted have their loads in flight (1 or 2; without,
+    # every config ran slower on an H200 in run 13)
+    tl.static_assert((PREFETCH == 1) | (PREFETCH == 2))
     raw = _word_strip_load(words_ptr, plane, first_row, column, in_columns, valid, end_row,
                            words_per_row)  # KP x BLOCK_W
     if PREFETCH == 2:
@@ -533,13 +535,7 @@ def _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instance
         ahead = raw  # (unused)
     for step in range(0, STRIP_ROWS):
         row = first_row + step
-        if PREFETCH == 0:
-            if step > 0:
-                raw = _word_strip_load(words_ptr, plane, row, column, in_columns, valid, end_row,
-                                       words_per_row)
-            survives = _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real,
-                                         end_row, words_per_row, ZERO_ONE)
-        elif PREFETCH == 1:
+        if PREFETCH == 1:
             next_raw = _word_strip_load(words_ptr, plane, row + 1, column, in_columns, valid,
                                         end_row, words_per_row)
             survives = _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real,
@@ -581,7 +577,7 @@ def _suppress_drop_words_jit(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals
                              boxes_ptr, num_instances, words_per_row, num_words, words_bucket,
                              KP: tl.constexpr, TILE: tl.constexpr, ZERO_ONE: tl.constexpr,
                              ROW_TILES: tl.constexpr, STRIP_ROWS: tl.constexpr = 0,
-                             PREFETCH: tl.constexpr = 0):
+                             PREFETCH: tl.constexpr = 1):
     # "drop" mode on 32-bit words of 4 pixels (width % 4 == 0, so a word never straddles two
     # rows). words/out: B x K x (H W / 4) int32, each byte one pixel (0 = not kept),
     # counts: B int64, state/arrivals/boxes as in `_suppress_overlap_kernel`. Grid: (word spans
