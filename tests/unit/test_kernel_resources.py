@@ -185,7 +185,7 @@ for config in overlap._WORD_CONFIGS:
             if not overlap._prune_word_configs([config], {"words_per_row": words_per_row}, KP=64,
                                                ZERO_ONE=zero_one):
                 continue  # the autotuner never runs it there
-            constants = dict({"STRIP_ROWS": 0, "PREFETCH": 0}, **config.kwargs, KP=64, ZERO_ONE=zero_one,
+            constants = dict({"STRIP_ROWS": 0, "PREFETCH": 1}, **config.kwargs, KP=64, ZERO_ONE=zero_one,
                              ROW_TILES=row_tiles)
             # the strip design runs only on rows of a multiple of 16 words and 16-byte aligned buffers
             aligned = (("words_ptr", "out_ptr", "words_per_row", "num_words")
