@@ -651,11 +651,13 @@ def _prune_word_configs(configs, named_args, **kwargs):
     aligned = words_per_row % _STRIP_ALIGNMENT == 0 and all(
         not hasattr(args.get(name), "data_ptr") or args[name].data_ptr() % _STRIP_ALIGNMENT == 0
         for name in ("words_ptr", "out_ptr"))
-    return [config for config in configs
-            if (not (config.kwargs["TILE"] == 8192 and config.num_warps == 4
-                     and "STRIP_ROWS" not in config.kwargs)
-                or (zero_one and words_per_row % (8192 // kp) == 0))
-            and ("STRIP_ROWS" not in config.kwargs or aligned)]
+    one_row_bool_tiles = zero_one and words_per_row % (8192 // kp) == 0
+
+    def runs_here(config) -> bool:
+        if "STRIP_ROWS" in config.kwargs:
+            return aligned
+        return not (config.kwargs["TILE"] == 8192 and config.num_warps == 4) or one_row_bool_tiles
+    return [config for config in configs if runs_here(config)]
 
 
 _suppress_drop_words_kernel_tuned = triton.autotune(
