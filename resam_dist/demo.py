@@ -4,16 +4,20 @@ No SAM weights can be had on these machines, so the demo reproduces the paper's 
 small: a tiny SAM pretrained with full mask supervision on a "source" domain (the stand-in for
 SAM's own pretraining: plain shapes, buildings with gaps, touching buildings whose roofs differ
 in colour, ships under mild speckle) is adapted from point prompts only to a shifted "target"
-domain (dense touching buildings with near-identical roofs per block, whose point-prompted masks
-leak into their neighbours; SAR-like scenes with ships under heavy speckle). Objects are drawn at
-twice the synthetic generator's base size (`--object-scale`), so a building spans 2-5 of the
-tiny model's 16-pixel feature cells.
+domain. The default target (`rooftops-ships`): buildings with gaps whose roofs carry equipment
+(solar panels, air-conditioning units, skylights), where the teacher's point-prompted masks stop
+at the equipment and Requery's boxes recover the whole roof, and SAR-like scenes with ships under
+heavy speckle (a quarter of the images). Objects are drawn at twice the synthetic generator's
+base size (`--object-scale`), so a building spans 2-5 of the tiny model's 16-pixel feature cells.
 
     1. write the source and target domains as COCO (resam_dist.data.synthetic) and convert the
        target training split with resam-prep (WebDataset shards + DALI index + manifest);
-    2. pretrain the tiny SAM on the source domain (cached: a second run skips it);
+    2. pretrain the tiny SAM on the source domain, then train it `--robust-steps` more source
+       steps with half the images photometrically distorted like the strong view, so that the
+       teacher does not break down when only the appearance changes (both cached: a second run
+       skips them);
     3. evaluate it directly on the target test split (1 point per instance);
-    4. adapt it with ReSAM through the real path, once per seed:
+    4. adapt it with ReSAM through the real path, once per seed (120 steps):
        `deepspeed --num_gpus 2 launch/train.py --config configs/demo.json` (2 CPU ranks, ZeRO-2,
        shards, DALI, kernels, metrics, checkpoints);
     5. evaluate the adapted models and print the table (mean and spread over seeds), with the
@@ -23,11 +27,12 @@ tiny model's 16-pixel feature cells.
 `--ablations` adds self-training only, + Requery (Refine + Requery without SSA) and a fully
 supervised upper bound on the target domain.
 
-`--target rooftops` swaps the target for buildings with gaps whose roofs carry equipment (solar
-panels, air-conditioning units, skylights), where the teacher's point-prompted masks stop at the
-equipment and Requery's boxes recover the whole roof. Its teacher is the pretrained model trained
-300 more source steps with half the images photometrically distorted (cached too), and it adapts
-for 120 steps (results in runs/demo-rooftops).
+`--target rooftops` keeps the rooftop buildings only. `--target dense` is the earlier default:
+dense blocks of touching buildings with near-identical roofs per block (point-prompted masks leak
+into the neighbours) and SAR ships, adapted for 40 steps from the pretrained model as it is. There
+each Requery label depends on where the neighbours were clicked, so a 1-point student cannot
+learn it, and ReSAM ties self-training (docs/DEMO_FINDINGS.md). Each target other than the
+default writes to runs/demo-<target>.
 """
 
 from __future__ import annotations
@@ -52,11 +57,14 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.json"
 TARGET_KINDS = ("buildings", "sar_ships")
 
-TARGETS = ("dense", "rooftops")
-"""`dense`: the default target (dense blocks and SAR ships, 40 adaptation steps). `rooftops`:
-buildings with gaps whose roofs carry equipment, a teacher made robust to appearance changes
-first, 120 adaptation steps (see the README's demo section)."""
-ROOFTOPS_STEPS = 120
+TARGETS = ("rooftops-ships", "rooftops", "dense")
+DEFAULT_TARGET = "rooftops-ships"
+"""`rooftops-ships` (default): buildings with gaps whose roofs carry equipment, and SAR ships (a
+quarter of the images); `rooftops`: those buildings only. Both adapt a teacher made robust to
+appearance changes first, for configs/demo.json's max_steps (120). `dense`: dense blocks of
+touching buildings and SAR ships, the pretrained teacher as it is, DENSE_STEPS steps."""
+ROBUST_TEACHER_TARGETS = ("rooftops-ships", "rooftops")
+DENSE_STEPS = 40
 ROBUST_STEPS, ROBUST_LR, ROBUST_PHOTOMETRIC = 300, 3e-4, 0.5
 
 # Row name -> config overrides of the adaptation run.
@@ -106,6 +114,8 @@ def write_domain(out_dir: Path, kinds: dict[str, int], *, size: int, seed: int, 
 
 def target_kinds(target: str, images: int) -> dict[str, int]:
     """The scene kinds of a target split of `images` images ({kind: number of images})."""
+    if target == "rooftops-ships":
+        return {"rooftop_buildings": images - images // 4, "sar_ships": images // 4}
     if target == "dense":
         return {"buildings": images - images // 4, "sar_ships": images // 4}
     if target == "rooftops":
@@ -114,7 +124,7 @@ def target_kinds(target: str, images: int) -> dict[str, int]:
 
 
 def prepare_data(out: Path, *, size: int, train_images: int, test_images: int, source_images: int,
-                 object_scale: float, target: str = "dense") -> dict[str, Path]:
+                 object_scale: float, target: str = DEFAULT_TARGET) -> dict[str, Path]:
     """Write the three COCO splits and the target shards (skipped when already there)."""
     from resam_dist.data.shards import main as prep_main
 
@@ -137,6 +147,31 @@ def prepare_data(out: Path, *, size: int, train_images: int, test_images: int, s
             raise RuntimeError(f"resam-prep failed on {paths['target_train']} (exit {code})")
     paths["shards"] = shards
     return paths
+
+
+def claim_output_folder(out: Path, settings: dict[str, Any]) -> None:
+    """Records `settings` in out/demo_settings.json, or checks them against the recorded ones: a
+    demo reuses the data and the finished adaptation runs it finds in its folder, so a folder made
+    with another target, size, number of steps or teacher is refused (ValueError) rather than
+    silently mixed in. Keys not yet recorded are added (the teacher is known only after
+    pretraining). A non-empty folder without the file is refused too."""
+    marker = out / "demo_settings.json"
+    if marker.exists():
+        recorded = json.loads(marker.read_text())
+        differing = {key: (recorded[key], value) for key, value in settings.items()
+                     if key in recorded and recorded[key] != value}
+        if differing:
+            listed = ", ".join(f"{key} {old!r} there, {new!r} now" for key, (old, new) in differing.items())
+            raise ValueError(f"{out} holds a demo made with other settings ({listed}); delete the folder "
+                             "or pass another --out")
+        settings = {**recorded, **settings}
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and has no demo_settings.json (an earlier version of the demo, or "
+                         "other files); delete the folder or pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = marker.with_suffix(".tmp")
+    temporary.write_text(json.dumps(settings, indent=2))
+    temporary.replace(marker)
 
 
 # ------------------------------------------------------------------------------ pretraining
@@ -426,18 +461,19 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="resam-demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--target", choices=TARGETS, default="dense",
-                        help="dense (default): dense blocks of touching buildings and SAR ships, 40 steps; "
-                             "rooftops: buildings with gaps and rooftop equipment, a teacher trained "
-                             f"{ROBUST_STEPS} more source steps with photometric distortion, {ROOFTOPS_STEPS} steps")
-    parser.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-rooftops)")
-    parser.add_argument("--cache", default="cache/demo", help="folder of the cached pretrained model")
+    parser.add_argument("--target", choices=TARGETS, default=DEFAULT_TARGET,
+                        help="rooftops-ships (default): buildings with gaps and rooftop equipment, and SAR ships; "
+                             "rooftops: those buildings only; dense: dense blocks of touching buildings and SAR "
+                             f"ships, {DENSE_STEPS} steps from the pretrained teacher as it is")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default runs/demo for the default target, runs/demo-<target> otherwise)")
+    parser.add_argument("--cache", default="cache/demo", help="folder of the cached pretrained models")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="adaptation seeds")
     parser.add_argument("--ablations", action="store_true",
                         help="also run self-training only, + Requery, and the supervised upper bound")
     parser.add_argument("--ranks", type=int, default=2, help="training processes (CPU ranks)")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"adaptation steps (default: configs/demo.json's 40; {ROOFTOPS_STEPS} with --target rooftops)")
+                        help=f"adaptation steps (default: configs/demo.json's max_steps; {DENSE_STEPS} with --target dense)")
     parser.add_argument("--pretrain-steps", type=int, default=2400,
                         help="source pretraining steps (one-off, cached: 16-20 minutes on 2 cores; 560 keeps a "
                              "first run within 10 minutes but leaves the teacher too weak for ReSAM to gain)")
@@ -448,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="object size factor of the synthetic scenes (2: a building spans 2-5 of the tiny "
                              "model's 16-px feature cells)")
     parser.add_argument("--overlays", type=int, default=4, help="tiles drawn as PNG overlays")
+    parser.add_argument("--robust-steps", type=int, default=ROBUST_STEPS,
+                        help="source steps with half the images photometrically distorted that make the teacher "
+                             "of the rooftop targets (one-off, cached: about 2 minutes on 2 cores)")
     args = parser.parse_args(argv)
 
     from resam_dist.config import load_config
@@ -457,19 +496,25 @@ def main(argv: list[str] | None = None) -> int:
     # 2 cores spin-wait (50 pretraining steps took 419 s with 2 threads, 40 s with 1)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, os.cpu_count() or 1)))
     started = time.perf_counter()
-    out = Path(args.out or ("runs/demo" if args.target == "dense" else "runs/demo-rooftops")).resolve()
+    out = Path(args.out or ("runs/demo" if args.target == DEFAULT_TARGET else f"runs/demo-{args.target}")).resolve()
     cfg = load_config(DEMO_CONFIG)
-    steps = args.steps or (cfg.train.max_steps if args.target == "dense" else ROOFTOPS_STEPS)
+    steps = args.steps or (DENSE_STEPS if args.target == "dense" else cfg.train.max_steps)
+    claim_output_folder(out, {"target": args.target, "size": args.size, "train_images": args.train_images,
+                              "test_images": args.test_images, "object_scale": args.object_scale,
+                              "adaptation_steps": steps, "pretrain_steps": args.pretrain_steps,
+                              "robust_steps": args.robust_steps if args.target in ROBUST_TEACHER_TARGETS else 0,
+                              "ranks": args.ranks})
     print(f"[demo] writing synthetic domains and shards under {out} ...", flush=True)
     paths = prepare_data(out, size=args.size, train_images=args.train_images, test_images=args.test_images,
                          source_images=128, object_scale=args.object_scale, target=args.target)
     pretraining_started = time.perf_counter()
     checkpoint = pretrained_checkpoint(Path(args.cache).resolve(), paths["source"], steps=args.pretrain_steps,
                                        images_per_step=4, lr=1e-3)
-    if args.target == "rooftops":
-        checkpoint = robust_checkpoint(Path(args.cache).resolve(), checkpoint, paths["source"], steps=ROBUST_STEPS,
+    if args.target in ROBUST_TEACHER_TARGETS:
+        checkpoint = robust_checkpoint(Path(args.cache).resolve(), checkpoint, paths["source"], steps=args.robust_steps,
                                        lr=ROBUST_LR, photometric=ROBUST_PHOTOMETRIC)
     pretraining_seconds = time.perf_counter() - pretraining_started  # about 0 when cached
+    claim_output_folder(out, {"teacher_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]})
     cfg = load_config(DEMO_CONFIG, {"model.checkpoint": str(checkpoint)})
     test_split = CocoSplit(paths["target_test"], paths["target_test"].parent / "images")
 

@@ -77,6 +77,8 @@ def test_pretraining_key_covers_the_whole_source_domain(tmp_path):
 
 
 def test_targets_and_a_table_without_ships():
+    assert demo.DEFAULT_TARGET == "rooftops-ships"
+    assert target_kinds("rooftops-ships", 64) == {"rooftop_buildings": 48, "sar_ships": 16}
     assert target_kinds("dense", 64) == {"buildings": 48, "sar_ships": 16}
     assert target_kinds("rooftops", 64) == {"rooftop_buildings": 64}
     with pytest.raises(ValueError, match="unknown demo target 'city'"):
@@ -108,3 +110,22 @@ def test_robust_teacher_is_trained_from_the_base_model_and_cached(tmp_path, monk
     torch.save(build_sam("tiny", seed=1).state_dict(), base)  # the base pretrained again, same name
     rebuilt = demo.robust_checkpoint(tmp_path / "cache", base, source, steps=2, lr=1e-4, photometric=0.5)
     assert rebuilt not in (first, other) and len(calls) == 3
+
+
+def test_output_folder_is_refused_when_made_with_other_settings(tmp_path):
+    out = tmp_path / "demo"
+    demo.claim_output_folder(out, {"target": "rooftops-ships", "adaptation_steps": 120})
+    demo.claim_output_folder(out, {"target": "rooftops-ships", "adaptation_steps": 120})  # the same: reused
+    demo.claim_output_folder(out, {"teacher_sha256": "ab"})  # a key not yet recorded is added
+    assert json.loads((out / "demo_settings.json").read_text()) == {
+        "target": "rooftops-ships", "adaptation_steps": 120, "teacher_sha256": "ab"}
+    with pytest.raises(ValueError, match="target 'rooftops-ships' there, 'dense' now"):
+        demo.claim_output_folder(out, {"target": "dense", "adaptation_steps": 120})
+    with pytest.raises(ValueError, match="teacher_sha256 'ab' there, 'cd' now"):
+        demo.claim_output_folder(out, {"teacher_sha256": "cd"})
+    old = tmp_path / "old"  # a folder of an earlier demo version: data but no settings file
+    (old / "coco").mkdir(parents=True)
+    with pytest.raises(ValueError, match="has no demo_settings.json"):
+        demo.claim_output_folder(old, {"target": "dense"})
+    demo.claim_output_folder(tmp_path / "empty", {"target": "dense"})  # a new folder is fine
+    assert (tmp_path / "empty" / "demo_settings.json").exists()
