@@ -475,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None,
                         help=f"adaptation steps (default: configs/demo.json's max_steps; {DENSE_STEPS} with --target dense)")
     parser.add_argument("--pretrain-steps", type=int, default=2400,
-                        help="source pretraining steps (one-off, cached: 16-20 minutes on 2 cores; 560 keeps a "
-                             "first run within 10 minutes but leaves the teacher too weak for ReSAM to gain)")
+                        help="source pretraining steps (one-off, cached: 15-20 minutes on 2 cores; 560 or 900 "
+                             "steps (3-6 minutes) leave the teacher too weak for ReSAM to gain)")
     parser.add_argument("--size", type=int, default=256, help="scene size in pixels")
     parser.add_argument("--train-images", type=int, default=64)
     parser.add_argument("--test-images", type=int, default=32)

@@ -17,7 +17,8 @@ Seven kinds of scene, each generated from a `numpy.random.Generator` in a few mi
 - `rooftop_buildings`: `sparse_buildings` with rooftop equipment (solar panels, air-conditioning
   units, skylights) covering 20-45 % of every roof. The equipment belongs to the building's
   mask, so a point-prompted mask that stops at it comes out fragmented while the building's box
-  still holds the whole roof: the error Requery is made to correct (the demo's `--target rooftops`).
+  still holds the whole roof: the error Requery is made to correct (the demo's default
+  target, with `sar_ships`).
 
 `object_scale` multiplies every length of a scene's layout (objects, gaps, roads, texture cells).
 
