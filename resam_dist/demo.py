@@ -499,11 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ("runs/demo" if args.target == DEFAULT_TARGET else f"runs/demo-{args.target}")).resolve()
     cfg = load_config(DEMO_CONFIG)
     steps = args.steps or (DENSE_STEPS if args.target == "dense" else cfg.train.max_steps)
-    claim_output_folder(out, {"target": args.target, "size": args.size, "train_images": args.train_images,
-                              "test_images": args.test_images, "object_scale": args.object_scale,
-                              "adaptation_steps": steps, "pretrain_steps": args.pretrain_steps,
-                              "robust_steps": args.robust_steps if args.target in ROBUST_TEACHER_TARGETS else 0,
-                              "ranks": args.ranks})
+    settings = {"target": args.target, "size": args.size, "train_images": args.train_images,
+                "test_images": args.test_images, "object_scale": args.object_scale, "adaptation_steps": steps,
+                "pretrain_steps": args.pretrain_steps,
+                "robust_steps": args.robust_steps if args.target in ROBUST_TEACHER_TARGETS else 0, "ranks": args.ranks}
+    try:
+        claim_output_folder(out, settings)
+    except ValueError as error:
+        parser.error(str(error))  # exit 2 with the message, nothing written
     print(f"[demo] writing synthetic domains and shards under {out} ...", flush=True)
     paths = prepare_data(out, size=args.size, train_images=args.train_images, test_images=args.test_images,
                          source_images=128, object_scale=args.object_scale, target=args.target)
@@ -514,7 +517,10 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = robust_checkpoint(Path(args.cache).resolve(), checkpoint, paths["source"], steps=args.robust_steps,
                                        lr=ROBUST_LR, photometric=ROBUST_PHOTOMETRIC)
     pretraining_seconds = time.perf_counter() - pretraining_started  # about 0 when cached
-    claim_output_folder(out, {"teacher_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]})
+    try:  # a folder whose runs adapted another teacher (the cache was emptied and pretrained again)
+        claim_output_folder(out, {"teacher_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]})
+    except ValueError as error:
+        parser.error(str(error))
     cfg = load_config(DEMO_CONFIG, {"model.checkpoint": str(checkpoint)})
     test_split = CocoSplit(paths["target_test"], paths["target_test"].parent / "images")
 

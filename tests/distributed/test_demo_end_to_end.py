@@ -51,5 +51,6 @@ def test_demo_runs_end_to_end_and_reuses_its_folder(tmp_path, monkeypatch):
 
     # the same folder with another target is refused before anything is written
     refused = run([*command, "--target", "dense"], log=tmp_path / "refused.log", timeout=120)
-    assert refused.returncode != 0 and "holds a demo made with other settings" in refused.stdout
+    assert refused.returncode == 2 and "holds a demo made with other settings" in refused.stdout
+    assert "Traceback" not in refused.stdout
     assert json.loads((out / "demo_settings.json").read_text())["target"] == "rooftops-ships"
