@@ -58,11 +58,11 @@ DEMO_CONFIG = REPO / "configs" / "demo.json"
 TARGET_KINDS = ("buildings", "sar_ships")
 
 TARGETS = ("rooftops-ships", "rooftops", "dense")
-DEFAULT_TARGET = "rooftops-ships"
 """`rooftops-ships` (default): buildings with gaps whose roofs carry equipment, and SAR ships (a
 quarter of the images); `rooftops`: those buildings only. Both adapt a teacher made robust to
 appearance changes first, for configs/demo.json's max_steps (120). `dense`: dense blocks of
 touching buildings and SAR ships, the pretrained teacher as it is, DENSE_STEPS steps."""
+DEFAULT_TARGET = "rooftops-ships"
 ROBUST_TEACHER_TARGETS = ("rooftops-ships", "rooftops")
 DENSE_STEPS = 40
 ROBUST_STEPS, ROBUST_LR, ROBUST_PHOTOMETRIC = 300, 3e-4, 0.5
@@ -251,7 +251,10 @@ def adapt(out_dir: Path, *, checkpoint: Path, shards: Path, seed: int, overrides
         return run_dir
     settings = {"model.checkpoint": str(checkpoint), "data.train_shards": str(shards),
                 "train.seed": seed, "data.seed": seed,
-                "train.output_dir": str(run_dir), "train.max_steps": steps, **overrides}
+                "train.output_dir": str(run_dir), "train.max_steps": steps,
+                # free metrics ports (written to the run's train_log.jsonl): demos side by side, or a
+                # demo beside the tests, do not collide on configs/demo.json's fixed ones
+                "metrics.base_port": 0, **overrides}
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
                "--master_port", str(_free_port()), str(REPO / "launch" / "train.py"),
                "--config", str(DEMO_CONFIG)]
@@ -559,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": {name: {key: value for key, value in row.items()} for name, row in rows.items()},
         "results": results, "pseudo_label_iou_on_test": quality,
         "resam_minus_direct_miou_points": 100 * gain, "overlays": overlays,
-        "settings": vars(args) | {"adaptation_steps": steps, "checkpoint": str(checkpoint)},
+        "settings": vars(args) | settings | {"checkpoint": str(checkpoint)},
         "seconds": time.perf_counter() - started,
         "seconds_source_pretraining": pretraining_seconds,
     }
