@@ -31,8 +31,8 @@ supervised upper bound on the target domain.
 dense blocks of touching buildings with near-identical roofs per block (point-prompted masks leak
 into the neighbours) and SAR ships, adapted for 40 steps from the pretrained model as it is. There
 each Requery label depends on where the neighbours were clicked, so a 1-point student cannot
-learn it, and ReSAM ties self-training (docs/DEMO_FINDINGS.md). Each target other than the
-default writes to runs/demo-<target>.
+learn it, and ReSAM stays within the seed spread of self-training (docs/DEMO_FINDINGS.md). Each
+target other than the default writes to runs/demo-<target>.
 """
 
 from __future__ import annotations
@@ -506,10 +506,13 @@ def main(argv: list[str] | None = None) -> int:
                 "test_images": args.test_images, "object_scale": args.object_scale, "adaptation_steps": steps,
                 "pretrain_steps": args.pretrain_steps,
                 "robust_steps": args.robust_steps if args.target in ROBUST_TEACHER_TARGETS else 0, "ranks": args.ranks}
-    try:
-        claim_output_folder(out, settings)
-    except ValueError as error:
-        parser.error(str(error))  # exit 2 with the message, nothing written
+
+    def claim(entries: dict[str, Any]) -> None:  # a refused folder: exit 2 with the message, nothing written
+        try:
+            claim_output_folder(out, entries)
+        except ValueError as error:
+            parser.error(str(error))
+    claim(settings)
     print(f"[demo] writing synthetic domains and shards under {out} ...", flush=True)
     paths = prepare_data(out, size=args.size, train_images=args.train_images, test_images=args.test_images,
                          source_images=128, object_scale=args.object_scale, target=args.target)
@@ -520,10 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = robust_checkpoint(Path(args.cache).resolve(), checkpoint, paths["source"], steps=args.robust_steps,
                                        lr=ROBUST_LR, photometric=ROBUST_PHOTOMETRIC)
     pretraining_seconds = time.perf_counter() - pretraining_started  # about 0 when cached
-    try:  # a folder whose runs adapted another teacher (the cache was emptied and pretrained again)
-        claim_output_folder(out, {"teacher_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]})
-    except ValueError as error:
-        parser.error(str(error))
+    # refuses a folder whose runs adapted another teacher (the cache was emptied and pretrained again)
+    claim({"teacher_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]})
     cfg = load_config(DEMO_CONFIG, {"model.checkpoint": str(checkpoint)})
     test_split = CocoSplit(paths["target_test"], paths["target_test"].parent / "images")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import clean_env, run
+from train_helpers import run
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
