@@ -291,8 +291,11 @@ def validate(cfg: Config) -> None:
     positive = {
         "data.num_points": cfg.data.num_points, "data.max_instances": cfg.data.max_instances,
         "train.images_per_rank": cfg.train.images_per_rank, "train.grad_accum_steps": cfg.train.grad_accum_steps,
-        "lora.rank": cfg.lora.rank, "resam.queue_size": cfg.resam.queue_size + 1,
-        "eval.batch_size": cfg.eval.batch_size, "eval.num_points": cfg.eval.num_points,
+        "lora.rank": cfg.lora.rank, "eval.batch_size": cfg.eval.batch_size, "eval.num_points": cfg.eval.num_points,
+        "data.reader_threads": cfg.data.reader_threads, "data.prefetch_batches": cfg.data.prefetch_batches,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "resam.pointsam_cluster_every": cfg.resam.pointsam_cluster_every,
+        "resam.pointsam_target_images": cfg.resam.pointsam_target_images,
     }
     positive.update({
         "train.lr": cfg.train.lr, "resam.ssa_tau": cfg.resam.ssa_tau, "resam.loss_window": cfg.resam.loss_window,
@@ -306,7 +309,11 @@ def validate(cfg: Config) -> None:
                     "train.warmup_steps": cfg.train.warmup_steps, "train.grad_clip": cfg.train.grad_clip,
                     "train.weight_decay": cfg.train.weight_decay, "checkpoint.every_steps": cfg.checkpoint.every_steps,
                     "lora.dropout": cfg.lora.dropout, "resam.ssa_weight": cfg.resam.ssa_weight,
-                    "metrics.base_port": cfg.metrics.base_port}
+                    "metrics.base_port": cfg.metrics.base_port, "resam.queue_size": cfg.resam.queue_size,
+                    "resam.pointsam_proto_weight": cfg.resam.pointsam_proto_weight,
+                    # numpy's generators take non-negative seeds only
+                    "data.seed": cfg.data.seed, "train.seed": cfg.train.seed, "eval.seed": cfg.eval.seed,
+                    "faults.nan_loss_step": cfg.faults.nan_loss_step, "faults.nan_loss_rank": cfg.faults.nan_loss_rank}
     for key, value in non_negative.items():
         if value < 0:
             raise ValueError(f"{src}: key '{key}' must be >= 0, got {value}")
@@ -318,12 +325,26 @@ def validate(cfg: Config) -> None:
     for key, value in (("data.num_points", cfg.data.num_points), ("eval.num_points", cfg.eval.num_points)):
         if value not in (1, 2, 3):
             raise ValueError(f"{src}: key '{key}' must be 1, 2 or 3, got {value}")
-    if sorted(cfg.train.milestones) != cfg.train.milestones:
-        raise ValueError(f"{src}: key 'train.milestones' must be increasing, got {cfg.train.milestones}")
+    if any(later <= earlier for earlier, later in zip(cfg.train.milestones, cfg.train.milestones[1:])):
+        raise ValueError(f"{src}: key 'train.milestones' must be strictly increasing, got {cfg.train.milestones}")
     if not 0.0 <= cfg.resam.entropy_eps < 1.0:
         raise ValueError(f"{src}: key 'resam.entropy_eps' must be in [0, 1), got {cfg.resam.entropy_eps}")
-    if cfg.lora.start_block < 0:
-        raise ValueError(f"{src}: key 'lora.start_block' must be >= 0, got {cfg.lora.start_block}")
+    if cfg.lora.dropout >= 1.0:
+        raise ValueError(f"{src}: key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+    from resam_dist.model.build import SAM_REGISTRY  # the encoder depths; imported late (torch)
+
+    depth = SAM_REGISTRY[cfg.model.name].encoder_depth
+    if not 0 <= cfg.lora.start_block < depth:
+        raise ValueError(f"{src}: key 'lora.start_block' must be in [0, {depth - 1}] for model '{cfg.model.name}' "
+                         f"({depth} encoder blocks), got {cfg.lora.start_block}")
+    from resam_dist.resam.pointsam import MIN_CLUSTER_POINTS
+
+    if cfg.resam.pointsam_store_size < MIN_CLUSTER_POINTS:
+        raise ValueError(f"{src}: key 'resam.pointsam_store_size' must be >= {MIN_CLUSTER_POINTS}, got "
+                         f"{cfg.resam.pointsam_store_size}")
+    if not 0.0 <= cfg.resam.pointsam_overlap_iou <= 1.0:
+        raise ValueError(f"{src}: key 'resam.pointsam_overlap_iou' must be in [0, 1], got "
+                         f"{cfg.resam.pointsam_overlap_iou}")
     ds = cfg.deepspeed
     for key in _BATCH_KEYS + ("gradient_clipping",):
         if key in ds and ds[key] != "auto" and not isinstance(ds[key], (int, float)):
@@ -369,6 +390,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raise ValueError(f"{source}: config file not found") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{source}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: the config must be a JSON object, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, last = dotted.split(".")
@@ -379,13 +402,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         node[last] = value
     cfg = _build(Config, raw, "", source)
     cfg.source = source
-    base = path.resolve().parent
-    for name in ("train_shards", "test_annotations", "test_images"):
-        value = getattr(cfg.data, name)
+    # relative paths: those in the file against the file's folder, those given as overrides (on
+    # the command line) against the working directory, as a shell user expects
+    for section, name in (("data", "train_shards"), ("data", "test_annotations"), ("data", "test_images"),
+                          ("model", "checkpoint")):
+        value = getattr(getattr(cfg, section), name)
         if value and not Path(value).is_absolute():
-            setattr(cfg.data, name, os.path.normpath(base / value))
-    if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_absolute():
-        cfg.model.checkpoint = os.path.normpath(base / cfg.model.checkpoint)
+            base = Path.cwd() if f"{section}.{name}" in (overrides or {}) else path.resolve().parent
+            setattr(getattr(cfg, section), name, os.path.normpath(base / value))
     validate(cfg)
     return cfg
 

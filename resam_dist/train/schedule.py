@@ -30,7 +30,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, mile
     """LambdaLR over `lr_factor` (a functools.partial, so the scheduler state stays picklable)."""
     if warmup_steps < 0:
         raise ValueError(f"train.warmup_steps must be >= 0, got {warmup_steps}")
-    if list(milestones) != sorted(milestones):
-        raise ValueError(f"train.milestones must be increasing, got {milestones}")
+    if any(later <= earlier for earlier, later in zip(milestones, list(milestones)[1:])):
+        raise ValueError(f"train.milestones must be strictly increasing, got {milestones}")
     factor = partial(lr_factor, warmup_steps=warmup_steps, milestones=list(milestones), gamma=gamma)
     return LambdaLR(optimizer, lr_lambda=factor)

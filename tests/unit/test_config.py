@@ -1,6 +1,7 @@
 """Strict typed configs: every shipped config loads; bad keys, types and batch sizes are refused."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -114,10 +115,21 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(bad)
 
 
-def test_overrides_and_relative_paths(tmp_path):
-    cfg = load_config(CONFIGS / "demo.json", {"train.max_steps": 3, "model.checkpoint": "ck.pth"})
+def test_overrides_and_relative_paths(tmp_path, monkeypatch):
+    # a relative path written in the file resolves against the file's folder ...
+    data = demo_dict()
+    data["model"]["checkpoint"] = "weights/ck.pth"
+    data["data"]["train_shards"] = "shards"
+    cfg = load_config(write(tmp_path, data))
+    assert cfg.model.checkpoint == str(tmp_path / "weights" / "ck.pth")
+    assert cfg.data.train_shards == str(tmp_path / "shards")
+    # ... one given as an override (--set) against the working directory, as a shell user expects
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(CONFIGS / "demo.json", {"train.max_steps": 3, "model.checkpoint": "cache/ck.pth"})
     assert cfg.train.max_steps == 3
-    assert cfg.model.checkpoint == str(CONFIGS / "ck.pth")
+    assert cfg.model.checkpoint == str(tmp_path / "cache" / "ck.pth")
+    # (the file's own relative paths still resolve against configs/)
+    assert cfg.data.train_shards == os.path.normpath(CONFIGS / demo_dict()["data"]["train_shards"])
     with pytest.raises(ValueError, match="unknown key 'train.maxsteps'"):
         load_config(CONFIGS / "demo.json", {"train.maxsteps": 3})
 
@@ -128,12 +140,34 @@ def test_overrides_and_relative_paths(tmp_path):
     ("checkpoint", "keep_last", 0, "checkpoint.keep_last' must be positive"),
     ("resam", "ssa_tau", 0.0, "resam.ssa_tau' must be positive"),
     ("metrics", "base_port", 70000, "metrics.base_port"),
+    ("resam", "queue_size", -1, "resam.queue_size' must be >= 0, got -1"),
+    ("train", "milestones", [100, 100], "train.milestones' must be strictly increasing"),
+    ("lora", "dropout", 1.0, r"lora.dropout' must be in \[0, 1\)"),
+    ("lora", "start_block", 6, r"lora.start_block' must be in \[0, 5\] for model 'tiny' \(6 encoder blocks\)"),
+    ("data", "reader_threads", 0, "data.reader_threads' must be positive"),
+    ("data", "prefetch_batches", 0, "data.prefetch_batches' must be positive"),
+    ("data", "shuffle_buffer", 0, "data.shuffle_buffer' must be positive"),
+    ("eval", "seed", -1, "eval.seed' must be >= 0"),
+    ("data", "seed", -3, "data.seed' must be >= 0"),
+    ("resam", "pointsam_store_size", 2, "resam.pointsam_store_size' must be >= 3"),
+    ("resam", "pointsam_cluster_every", 0, "resam.pointsam_cluster_every' must be positive"),
+    ("resam", "pointsam_overlap_iou", 1.5, "resam.pointsam_overlap_iou' must be in"),
 ])
 def test_out_of_range_values(tmp_path, section, key, value, pattern):
     data = demo_dict()
+    assert data["model"]["name"] == "tiny"  # (the start_block case's depth)
     data[section][key] = value
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(ValueError, match=pattern) as raised:
         load_config(write(tmp_path, data))
+    assert str(raised.value).startswith(str(tmp_path / "run.json"))  # the message names the file
+
+
+def test_config_must_be_an_object(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2]")
+    for overrides in (None, {"train.max_steps": 3}):
+        with pytest.raises(ValueError, match="list.json: the config must be a JSON object, got list"):
+            load_config(path, overrides)
 
 
 def test_nothing_to_train_and_nan_are_refused(tmp_path):
