@@ -209,8 +209,8 @@ class CocoSplit:
             if record is None:
                 self._bad("annotation", ann_id, f"unknown image id {ann['image_id']!r}")
                 continue
-            if ann["category_id"] not in category_ids:
-                self._bad("annotation", ann_id, f"unknown category id {ann['category_id']!r}")
+            if not _is_int(ann["category_id"]) or ann["category_id"] not in category_ids:
+                self._bad("annotation", ann_id, f"unknown or non-integer category id {ann['category_id']!r}")
                 continue
             problem = self._segmentation_problem(ann["segmentation"], record.info)
             if problem is not None:

@@ -134,7 +134,8 @@ def _with(tmp_path, edit):
 BAD_CASES = {
     "polygon with 2 points": (lambda d: d["annotations"][0].update(segmentation=[[1, 1, 5, 5]]), "annotation id 10", "fewer than 3 points"),
     "odd coordinates": (lambda d: d["annotations"][1].update(segmentation=[[1, 1, 5, 5, 9]]), "annotation id 11", "odd number"),
-    "unknown category": (lambda d: d["annotations"][3].update(category_id=99), "annotation id 20", "unknown category id 99"),
+    "unknown category": (lambda d: d["annotations"][3].update(category_id=99), "annotation id 20", "unknown or non-integer category id 99"),
+    "list as category": (lambda d: d["annotations"][3].update(category_id=[1]), "annotation id 20", "non-integer category id [1]"),
     "duplicate annotation id": (lambda d: d["annotations"][4].update(id=10), "annotation id 10", "duplicate annotation id"),
     "missing segmentation": (lambda d: d["annotations"][5].pop("segmentation"), "annotation id 40", "missing key"),
     "unknown image": (lambda d: d["annotations"][5].update(image_id=77), "annotation id 40", "unknown image id 77"),
