@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -83,14 +84,29 @@ def lora_state_dict(model: PromptableSam) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: PromptableSam, directory: str | Path) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors into `directory` (created)."""
+    """Write adapter_config.json and adapter_model.safetensors into `directory`, atomically: both
+    go into `<directory>.tmp` first, which then replaces `directory` (an earlier adapter there is
+    moved aside and deleted). A process killed on the way leaves the earlier adapter or none, never
+    a folder with one file of the two (an adapter_config.json marks a finished run for the demo
+    and `resam-eval`)."""
     directory = Path(directory)
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapters to save")
-    directory.mkdir(parents=True, exist_ok=True)
-    model.peft_config[ADAPTER_NAME].save_pretrained(str(directory))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed writer
+    staging.mkdir()
+    model.peft_config[ADAPTER_NAME].save_pretrained(str(staging))
     tensors = {name: tensor.contiguous().cpu() for name, tensor in lora_state_dict(model).items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE))
+    save_file(tensors, str(staging / WEIGHTS_FILE))
+    if directory.exists():
+        earlier = directory.with_name(directory.name + ".old")
+        shutil.rmtree(earlier, ignore_errors=True)
+        directory.rename(earlier)
+        staging.rename(directory)
+        shutil.rmtree(earlier)
+    else:
+        staging.rename(directory)
     return directory
 
 

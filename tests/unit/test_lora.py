@@ -104,6 +104,38 @@ def test_adapter_save_load_round_trip_is_exact(tmp_path):
     assert all(torch.equal(lora_state_dict(other)[k], expected[k]) for k in expected)
 
 
+def test_adapter_save_is_atomic(tmp_path, monkeypatch):
+    import resam_dist.model.lora as lora_module
+
+    adapter = tmp_path / "export" / "adapter"
+    first, second = lora_model(), lora_model()
+    with torch.no_grad():
+        for name, parameter in second.named_parameters():
+            if ".lora_B." in name:
+                parameter.add_(1.0)
+    key = next(name for name in lora_state_dict(first) if ".lora_B." in name)
+    assert not torch.equal(lora_state_dict(first)[key], lora_state_dict(second)[key])
+    save_adapter(first, adapter)
+    # a writer killed between the two files leaves the earlier adapter whole
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing the weights")
+    monkeypatch.setattr(lora_module, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(second, adapter)
+    assert sorted(p.name for p in adapter.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert torch.equal(load_file(str(adapter / WEIGHTS_FILE))[key], lora_state_dict(first)[key])
+    # ... and none where there was none
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(second, tmp_path / "other" / "adapter")
+    assert not (tmp_path / "other" / "adapter").exists()
+    monkeypatch.undo()
+    # a later save replaces the adapter and clears the leftovers
+    save_adapter(second, adapter)
+    assert torch.equal(load_file(str(adapter / WEIGHTS_FILE))[key], lora_state_dict(second)[key])
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["adapter"]
+
+
 def test_adapter_errors(tmp_path):
     model = lora_model()
     save_adapter(model, tmp_path / "adapter")
