@@ -489,8 +489,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlays", type=int, default=4, help="tiles drawn as PNG overlays")
     parser.add_argument("--robust-steps", type=int, default=ROBUST_STEPS,
                         help="source steps with half the images photometrically distorted that make the teacher "
-                             "of the rooftop targets (one-off, cached: about 2 minutes on 2 cores)")
+                             "of the rooftop targets (one-off, cached: about 2 minutes on 2 cores); 0: adapt the "
+                             "pretrained teacher as it is")
     args = parser.parse_args(argv)
+    if not (DEMO_CONFIG.is_file() and (REPO / "launch" / "train.py").is_file()):
+        parser.error(f"the demo runs from a checkout of the repository (pip install -e .): {DEMO_CONFIG} or "
+                     f"{REPO / 'launch' / 'train.py'} is missing")
+    for flag, value, least in (("--pretrain-steps", args.pretrain_steps, 1), ("--steps", args.steps, 1),
+                               ("--robust-steps", args.robust_steps, 0), ("--ranks", args.ranks, 1),
+                               ("--train-images", args.train_images, 1), ("--test-images", args.test_images, 1)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
 
     from resam_dist.config import load_config
     from resam_dist.data.coco import CocoSplit
@@ -501,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     out = Path(args.out or ("runs/demo" if args.target == DEFAULT_TARGET else f"runs/demo-{args.target}")).resolve()
     cfg = load_config(DEMO_CONFIG)
-    steps = args.steps or (DENSE_STEPS if args.target == "dense" else cfg.train.max_steps)
+    steps = args.steps if args.steps is not None else (DENSE_STEPS if args.target == "dense" else cfg.train.max_steps)
     settings = {"target": args.target, "size": args.size, "train_images": args.train_images,
                 "test_images": args.test_images, "object_scale": args.object_scale, "adaptation_steps": steps,
                 "pretrain_steps": args.pretrain_steps,
@@ -519,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     pretraining_started = time.perf_counter()
     checkpoint = pretrained_checkpoint(Path(args.cache).resolve(), paths["source"], steps=args.pretrain_steps,
                                        images_per_step=4, lr=1e-3)
-    if args.target in ROBUST_TEACHER_TARGETS:
+    if args.target in ROBUST_TEACHER_TARGETS and args.robust_steps > 0:
         checkpoint = robust_checkpoint(Path(args.cache).resolve(), checkpoint, paths["source"], steps=args.robust_steps,
                                        lr=ROBUST_LR, photometric=ROBUST_PHOTOMETRIC)
     pretraining_seconds = time.perf_counter() - pretraining_started  # about 0 when cached

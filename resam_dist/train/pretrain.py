@@ -127,6 +127,7 @@ def pretrain(model: PromptableSam, *, split: CocoSplit, steps: int, images_per_s
              seed: int, max_instances: int = 16, keep_decoded: bool = False, log_every: int = 50,
              photometric: float = 0.0) -> list[float]:
     """Train every parameter of `model` on the images of `split`; returns the per-step losses.
+    A non-finite loss stops it with a RuntimeError (before the step: the model keeps its weights).
 
     photometric: the fraction of images distorted by `photometric_distortion` (0: none).
 
@@ -135,6 +136,8 @@ def pretrain(model: PromptableSam, *, split: CocoSplit, steps: int, images_per_s
     `images_per_step` images again at every step. The result is the same either way."""
     if not 0.0 <= photometric <= 1.0:
         raise ValueError(f"pretrain: photometric is the fraction of distorted images, in [0, 1]; got {photometric}")
+    if steps < 1 or images_per_step < 1:
+        raise ValueError(f"pretrain: steps and images_per_step must be at least 1, got {steps} and {images_per_step}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.train()
@@ -153,6 +156,9 @@ def pretrain(model: PromptableSam, *, split: CocoSplit, steps: int, images_per_s
         batch = split_batch([load(image_id) for image_id in image_ids], model.image_size, num_points, rng,
                             max_instances, photometric)
         loss = supervised_loss(model, batch, use_boxes=bool(step % 2), box_jitter=0.05, rng=rng)
+        if not torch.isfinite(loss):  # a diverged model must not be cached as a teacher
+            raise RuntimeError(f"pretraining diverged: loss {float(loss.detach())} at step {step + 1} of {steps} "
+                               f"(images {image_ids}); lower the learning rate ({lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

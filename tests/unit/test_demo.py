@@ -129,3 +129,14 @@ def test_output_folder_is_refused_when_made_with_other_settings(tmp_path):
         demo.claim_output_folder(old, {"target": "dense"})
     demo.claim_output_folder(tmp_path / "empty", {"target": "dense"})  # a new folder is fine
     assert (tmp_path / "empty" / "demo_settings.json").exists()
+
+
+@pytest.mark.parametrize("flag,value,least", [("--pretrain-steps", "0", 1), ("--steps", "0", 1),
+                                              ("--robust-steps", "-1", 0), ("--ranks", "0", 1)])
+def test_step_and_rank_counts_are_checked_before_anything_runs(tmp_path, capsys, flag, value, least):
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as raised:
+        demo.main([flag, value, "--out", str(out), "--cache", str(tmp_path / "cache")])
+    assert raised.value.code == 2
+    assert f"{flag} must be at least {least}, got {value}" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "cache").exists()

@@ -104,3 +104,14 @@ def test_photometric_fraction_in_batches(source_split):
     with pytest.raises(ValueError, match="photometric is the fraction"):
         pretrain(build_sam("tiny", seed=0), split=source_split, steps=1, images_per_step=1, lr=1e-3, seed=0,
                  photometric=1.5)
+
+
+def test_bad_settings_and_a_diverged_run_are_refused(source_split):
+    with pytest.raises(ValueError, match="steps and images_per_step must be at least 1, got 0 and 1"):
+        pretrain(build_sam("tiny", seed=0), split=source_split, steps=0, images_per_step=1, lr=1e-3, seed=0)
+    model = build_sam("tiny", seed=0)
+    with torch.no_grad():
+        model.mask_decoder.iou_prediction_head.layers[-1].bias.fill_(float("nan"))  # the iou term goes NaN
+    with pytest.raises(RuntimeError, match=r"pretraining diverged: loss nan at step 1 of 2"):
+        pretrain(model, split=source_split, steps=2, images_per_step=1, lr=1e-3, seed=0, max_instances=2,
+                 log_every=0)
