@@ -3,7 +3,9 @@
     resam-bench kernels [ARGS]   Triton kernels vs torch eager and torch.compile (needs CUDA)
     resam-bench loader  [ARGS]   DALI loader images/s vs the images/s the training step consumes
     resam-bench memory  [ARGS]   training memory and images/s: PointSAM-style vs ReSAM vs ReSAM-dist
-    resam-bench all              loader and memory; kernels too when CUDA is available
+    resam-bench all              loader and memory; kernels too when CUDA is available. Without CUDA,
+                                 memory runs the tiny SAM (CPU_MEMORY_ARGS: the ViT-B default at
+                                 1024 px would need tens of GB and hours on a CPU)
 
 ARGS go to the benchmark script unchanged (`resam-bench memory --help` lists them).
 """
@@ -16,10 +18,17 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = {"kernels": "bench_kernels.py", "loader": "bench_loader.py", "memory": "memory_vs_pointsam.py"}
+CPU_MEMORY_ARGS = ["--model", "tiny", "--instances", "16", "--steps", "5", "--warmup", "1"]
+"""`resam-bench all`'s memory benchmark without CUDA: the settings of
+benchmarks/results/memory_vs_pointsam_cpu.md."""
 
 
 def _run(name: str, args: list[str]) -> int:
     script = BENCHMARKS / SCRIPTS[name]
+    if not script.is_file():
+        print(f"[resam-bench] {script} is missing: the benchmarks run from a checkout of the repository "
+              "(pip install -e .)", file=sys.stderr, flush=True)
+        return 2
     print(f"[resam-bench] {name}: {script.name} {' '.join(args)}", flush=True)
     return subprocess.run([sys.executable, str(script), *args]).returncode
 
@@ -34,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(name, args)
     import torch
 
-    names = ["loader", "memory"] + (["kernels"] if torch.cuda.is_available() else [])
-    codes = {each: _run(each, []) for each in names}
+    cuda = torch.cuda.is_available()
+    runs = {"loader": [], "memory": [] if cuda else CPU_MEMORY_ARGS, **({"kernels": []} if cuda else {})}
+    codes = {each: _run(each, args) for each, args in runs.items()}
     print(f"[resam-bench] exit codes: {codes}", flush=True)
     return max(codes.values())
