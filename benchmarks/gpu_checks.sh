@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared pass of every GPU check, for a lent GPU machine that has torch, triton and pytest
-# but not this project's other dependencies (carried as wheels in .whl/, see docs/ARCHITECTURE.md).
+# but not this project's other dependencies: put their wheels in .whl/ (e.g. `pip download --no-deps
+# --only-binary=:all: -d .whl segment-anything==1.0`) and carry that folder; they install to /tmp/site.
 #
 #   OUT=/some/folder bash benchmarks/gpu_checks.sh
 #   OUT=/some/folder CHECKS="profile" bash benchmarks/gpu_checks.sh     # only the named checks
