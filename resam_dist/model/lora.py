@@ -99,14 +99,12 @@ def save_adapter(model: PromptableSam, directory: str | Path) -> Path:
     model.peft_config[ADAPTER_NAME].save_pretrained(str(staging))
     tensors = {name: tensor.contiguous().cpu() for name, tensor in lora_state_dict(model).items()}
     save_file(tensors, str(staging / WEIGHTS_FILE))
+    earlier = directory.with_name(directory.name + ".old")
+    shutil.rmtree(earlier, ignore_errors=True)  # left by a writer killed between the renames
     if directory.exists():
-        earlier = directory.with_name(directory.name + ".old")
-        shutil.rmtree(earlier, ignore_errors=True)
         directory.rename(earlier)
-        staging.rename(directory)
-        shutil.rmtree(earlier)
-    else:
-        staging.rename(directory)
+    staging.rename(directory)
+    shutil.rmtree(earlier, ignore_errors=True)
     return directory
 
 

@@ -130,7 +130,9 @@ def test_adapter_save_is_atomic(tmp_path, monkeypatch):
         save_adapter(second, tmp_path / "other" / "adapter")
     assert not (tmp_path / "other" / "adapter").exists()
     monkeypatch.undo()
-    # a later save replaces the adapter and clears the leftovers
+    # a later save replaces the adapter and clears the leftovers (a writer killed between its two
+    # renames would have left adapter.old)
+    (tmp_path / "export" / "adapter.old").mkdir()
     save_adapter(second, adapter)
     assert torch.equal(load_file(str(adapter / WEIGHTS_FILE))[key], lora_state_dict(second)[key])
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["adapter"]
