@@ -104,20 +104,6 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank() -> int:
-    """Global rank (0 without a process group)."""
-    return dist.get_rank() if is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_initialized() else 1
-
-
-def local_rank() -> int:
-    """Rank on this node, from the launcher's LOCAL_RANK (0 when unset)."""
-    return _env_int("LOCAL_RANK", 0)
-
-
 def barrier() -> None:
     if is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -135,9 +121,9 @@ def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
     world = dist.get_world_size()
     tensor = tensor.contiguous()
     count = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)  # 1
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
+    counts = torch.zeros(world, dtype=torch.int64, device=tensor.device)  # world
+    dist.all_gather_into_tensor(counts, count)
+    sizes = counts.tolist()  # one device-to-host copy for all ranks
     largest = max(sizes)
     trailing = tuple(tensor.shape[1:])
     if largest == 0:

@@ -30,14 +30,6 @@ class EmbeddingQueue:
     def __len__(self) -> int:
         return self._fill
 
-    @property
-    def device(self) -> torch.device:
-        return self._entries.device
-
-    def to(self, device: torch.device | str) -> "EmbeddingQueue":
-        self._entries = self._entries.to(device)
-        return self
-
     def push(self, embeddings: torch.Tensor) -> None:
         """Append N x dim embeddings (detached, stored as float32); the oldest entries beyond
         `size` are dropped. The queue moves to the embeddings' device on first use there."""

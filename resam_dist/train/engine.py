@@ -91,7 +91,7 @@ class TrainStepModule(nn.Module):
 @dataclass
 class GuardVerdict:
     skip_reason: str | None      # None, "nonfinite" or "spike"
-    loss: float                  # mean over ranks (0 when some rank's loss is non-finite)
+    loss: float                  # sum of the ranks' finite losses / world size (the mean when all are finite)
     parts: dict[str, float]      # loss parts, mean over ranks
     nonfinite_ranks: int
 
@@ -132,7 +132,7 @@ class LossGuard:
         self.recent.append(loss)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"recent": list(self.recent), "maxlen": self.recent.maxlen}
+        return {"recent": list(self.recent)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.recent = collections.deque(state["recent"], maxlen=self.recent.maxlen)
@@ -149,6 +149,7 @@ class _Window:
     seconds: float = 0.0
     data_wait: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
+    stats_count: dict[str, int] = field(default_factory=dict)  # micro-batches that reported each stat
     lr: float = 0.0
 
     def add(self, verdict: GuardVerdict, *, images: int, seconds: float, data_wait: float,
@@ -160,8 +161,9 @@ class _Window:
             self.parts[name] = self.parts.get(name, 0.0) + value
         self.seconds += seconds
         self.data_wait += data_wait
-        for name, value in stats.items():
+        for name, value in stats.items():  # (IoU stats are absent for micro-batches without foreground)
             self.stats[name] = self.stats.get(name, 0.0) + float(value)
+            self.stats_count[name] = self.stats_count.get(name, 0) + 1
         self.lr = lr
 
 
@@ -355,13 +357,18 @@ class Trainer:
         last_checkpoint = self.step
         try:
             while not self._finished():
-                accepted_in_epoch = 0
+                # a resumed run starts inside an epoch: only a whole epoch of skipped batches means
+                # training cannot progress (a skipped tail after a resume is replayed exactly, and must
+                # not stop every relaunch)
+                whole_epoch = self.loader.position % self.loader.samples_per_epoch == 0
+                served_in_epoch = accepted_in_epoch = 0
                 batches = iter(self.loader)
                 while not self._finished():
                     wait_start = time.perf_counter()
                     batch = next(batches, None)
                     if batch is None:
                         break
+                    served_in_epoch += 1
                     step_start = time.perf_counter()
                     data_wait = step_start - wait_start
                     self.data_position = batch.position
@@ -381,7 +388,8 @@ class Trainer:
                     self.engine.backward(loss)
                     self.engine.step()
                     if isinstance(self.step_state, EmbeddingQueue):
-                        self.step_state.push_all_ranks(result.weak_embeddings)  # after the loss, all ranks
+                        if cfg.resam.method == "resam":  # (selftrain and supervised have no embeddings)
+                            self.step_state.push_all_ranks(result.weak_embeddings)  # after the loss, all ranks
                     else:  # PointSAM-style store: only accepted steps change it
                         self.step_state.commit(result.weak_embeddings, images)
                     self.guard.accept(verdict.loss)
@@ -399,8 +407,8 @@ class Trainer:
                     if every > 0 and self.step % every == 0:
                         self.save_checkpoint()
                         last_checkpoint = self.step
-                if accepted_in_epoch == 0 and not self._finished():
-                    raise RuntimeError(f"the loss guard skipped every batch of a whole epoch ({len(self.loader)} "
+                if whole_epoch and accepted_in_epoch == 0 and not self._finished():
+                    raise RuntimeError(f"the loss guard skipped every batch of a whole epoch ({served_in_epoch} "
                                        f"batches; skipped so far: {self.skipped}): training cannot progress")
             if self.step != last_checkpoint or self.checkpoints.latest_tag() is None:
                 self.save_checkpoint()
@@ -435,7 +443,7 @@ class Trainer:
                 "images_per_second": local_rate * self.world_size, "step_seconds": window.seconds,
                 "data_wait_seconds": window.data_wait, "queue_entries": queue_entries,
                 "skipped": dict(self.skipped), "data_position": self.data_position, "memory": memory,
-                "stats_rank0": {name: value / count for name, value in window.stats.items()},
+                "stats_rank0": {name: value / window.stats_count[name] for name, value in window.stats.items()},
             })
 
     def _record_skip(self, verdict: GuardVerdict, *, images: int, seconds: float, data_wait: float) -> None:
