@@ -11,9 +11,11 @@ Layout under `<output_dir>/checkpoints/`:
 Protocol (`CheckpointManager.save`): every rank writes into a temporary tag `.tmp-step_N`,
 then all ranks meet at a barrier; rank 0 writes meta.json, renames the temporary directory to
 `step_N`, and only then replaces `latest` (write to a temporary file, fsync, rename). A kill at
-any moment leaves either the previous `latest` or the new one pointing to a complete directory;
-leftover `.tmp-*` directories are removed at the next start. The last `keep_last` checkpoints
-are kept. Assumes `output_dir` is on a file system every node sees (as for DeepSpeed itself).
+any moment leaves a complete directory behind: resume takes the newest complete checkpoint
+(`latest` is the pointer DeepSpeed's tools read; a kill between the rename and `latest` leaves it
+one checkpoint behind). At the next start a leftover `.tmp-*` directory that holds a complete
+checkpoint (meta.json written) whose tag is missing is renamed into place; the other leftovers
+are removed. The last `keep_last` checkpoints are kept. Assumes `output_dir` is on a file system every node sees (as for DeepSpeed itself).
 """
 
 from __future__ import annotations
@@ -96,35 +98,43 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
 
-    def client_file(self, tag: str, rank: int | None = None) -> Path:
-        return self.root / tag / f"client_rank{self.rank if rank is None else rank:05d}.pt"
+    def client_file(self, tag: str) -> Path:
+        return self.root / tag / f"client_rank{self.rank:05d}.pt"
 
     def prepare(self) -> None:
-        """Create the folder and remove temporary directories a killed run left (collective)."""
+        """Create the folder and clear what a killed run left (collective): a temporary directory
+        holding a complete checkpoint whose tag is missing (killed between the two renames of a
+        rewrite) is renamed into place, the newer attempt before the stale one; the rest is removed."""
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for leftover in self.root.glob(f"{TMP_PREFIX}*"):
-                if leftover.is_dir():
+            stale = f"{TMP_PREFIX}stale_"
+            for leftover in sorted(self.root.glob(f"{TMP_PREFIX}*"), key=lambda path: path.name.startswith(stale)):
+                tag = leftover.name.removeprefix(stale) if leftover.name.startswith(stale) \
+                    else leftover.name.removeprefix(TMP_PREFIX)
+                if (tag.startswith(TAG_PREFIX) and (leftover / "meta.json").is_file()
+                        and not (self.root / tag).exists()):
+                    os.rename(leftover, self.root / tag)
+                elif leftover.is_dir():
                     shutil.rmtree(leftover, ignore_errors=True)
                 else:
                     leftover.unlink(missing_ok=True)
         distributed.barrier()
 
     def latest_tag(self) -> str | None:
-        """The tag `latest` names, or None when there is no complete checkpoint."""
+        """The newest complete checkpoint, or None when there is none. `latest` names it, unless a
+        kill came between a checkpoint's rename and the pointer's update (then it names an older
+        one, or none, or a tag that was being rewritten)."""
         pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        tag = pointer.read_text().strip()
-        if (self.root / tag / "meta.json").is_file():
-            return tag
-        # a crash between replacing a checkpoint folder and moving `latest`: newest complete one
-        complete = sorted(path.name for path in self.root.glob("step_*") if (path / "meta.json").is_file())
+        named = pointer.read_text().strip() if pointer.is_file() else None
+        complete = self.tags()
         if not complete:
-            raise ValueError(f"{pointer} names checkpoint '{tag}', but {self.root / tag}/meta.json does not "
-                             "exist and there is no other complete checkpoint")
-        print(f"[checkpoint] {pointer} names '{tag}', which is incomplete; resuming from {complete[-1]}",
-              file=sys.stderr, flush=True)
+            if named is not None:
+                raise ValueError(f"{pointer} names checkpoint '{named}', but {self.root / named}/meta.json does "
+                                 "not exist and there is no other complete checkpoint")
+            return None
+        if named != complete[-1]:
+            print(f"[checkpoint] {pointer} names {named!r}; the newest complete checkpoint is {complete[-1]}",
+                  file=sys.stderr, flush=True)
         return complete[-1]
 
     def read_meta(self, tag: str) -> dict[str, Any]:

@@ -81,6 +81,39 @@ def test_latest_naming_a_replaced_checkpoint_falls_back_to_the_newest_complete_o
     (tmp_path / "step_00000002").rename(tmp_path / ".tmp-stale_step_00000002")
     assert manager.latest_tag() == "step_00000001"
     assert manager.load_client_state("step_00000001")["step"] == 1
+    # the next start puts the complete checkpoint back under its tag
+    manager.prepare()
+    assert manager.latest_tag() == "step_00000002" and manager.load_client_state("step_00000002")["step"] == 2
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_kill_between_the_rename_and_latest_resumes_from_the_renamed_checkpoint(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3, rank=0, world_size=1)
+    manager.prepare()
+    manager.save(1, write_engine=_engine_writer("1"), client_state={"step": 1}, meta={})
+    (tmp_path / LATEST).unlink()  # the first checkpoint: renamed into place, `latest` never written
+    assert manager.latest_tag() == "step_00000001"
+    manager.save(2, write_engine=_engine_writer("2"), client_state={"step": 2}, meta={})
+    atomic_write_text(tmp_path / LATEST, "step_00000001\n")  # a later one: `latest` one behind
+    assert manager.latest_tag() == "step_00000002"
+
+
+def test_a_kill_between_the_two_renames_of_a_rewrite_keeps_the_newer_attempt(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3, rank=0, world_size=1)
+    manager.prepare()
+    for step in (1, 2):
+        manager.save(step, write_engine=_engine_writer(f"first {step}"), client_state={"step": step}, meta={})
+    # step 2 saved again: the new attempt complete in .tmp-step_00000002, the old one moved aside,
+    # killed before the new one was renamed in
+    rewrite = CheckpointManager(tmp_path / "scratch", keep_last=3, rank=0, world_size=1)
+    rewrite.prepare()
+    rewrite.save(2, write_engine=_engine_writer("second 2"), client_state={"step": 2}, meta={})
+    (tmp_path / "step_00000002").rename(tmp_path / ".tmp-stale_step_00000002")
+    (tmp_path / "scratch" / "step_00000002").rename(tmp_path / ".tmp-step_00000002")
+    manager.prepare()
+    assert manager.latest_tag() == "step_00000002"
+    assert (tmp_path / "step_00000002" / "engine.txt").read_text() == "second 2"
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_rng_states_round_trip_through_a_file(tmp_path):
