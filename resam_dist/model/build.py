@@ -92,8 +92,8 @@ def build_sam(name: str, checkpoint: str | Path | None = None, *, seed: int | No
     elif seed is None:
         model = _build(spec)
     else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # restores the CPU generator only, so seed only that
+            torch.default_generator.manual_seed(seed)  # (torch.manual_seed would reseed every CUDA device)
             model = _build(spec)
     set_attention(model, attention)
     return model.eval()

@@ -61,8 +61,8 @@ def apply_lora(model: PromptableSam, *, rank: int, alpha: float, dropout: float,
     if seed is None:
         _inject(model, config)
     else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # restores the CPU generator only, so seed only that
+            torch.default_generator.manual_seed(seed)  # (torch.manual_seed would reseed every CUDA device)
             _inject(model, config)
     return model
 

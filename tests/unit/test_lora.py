@@ -205,3 +205,19 @@ def test_lora_layers_run_through_module_forward():
     for handle in handles:
         handle.remove()
     assert len(handles) == 2 * (DEPTH - 1) and len(called) == 2 * (DEPTH - 1)
+
+
+def test_seeded_build_and_lora_leave_every_global_generator_alone(monkeypatch):
+    # torch.manual_seed would reseed every CUDA device too (lazily, on CPU machines), which fork_rng
+    # does not restore: a trainer's per-rank CUDA seed would become the model's seed on all ranks
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    reseeded.clear()
+    a = lora_model(randomise_b=False)
+    b = lora_model(randomise_b=False)
+    assert reseeded == []
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
