@@ -47,6 +47,7 @@ from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD   # SAM's, on the 0-255
 READER_NAME = "Reader"
 COMPONENTS = ("image.png", "labels.png", "prompts.f32", "boxes.f32")
 POINTS_PER_SIGN = 3   # prompts.f32 holds 3 positive then 3 negative (x, y, label) per instance
+_ROW_BYTES = {"prompts.f32": 2 * POINTS_PER_SIGN * 3 * 4, "boxes.f32": 4 * 4}  # float32 bytes per instance
 _OUTPUTS = ("weak", "strong", "labels", "points", "point_labels", "boxes", "num_prompts", "num_boxes",
             "image_hw", "labels_hw", "resized_hw", "source")
 
@@ -100,7 +101,11 @@ def _read_index(path: Path, tar: Path) -> list[dict[str, tuple[int, int]]]:
             raise ShardError(f"shard {tar}: index file {path} line {line_number} is malformed")
         components = {}
         for i in range(0, len(parts), fields_per_component):
-            components[parts[i]] = (int(parts[i + 1]), int(parts[i + 2]))
+            offset, size = parts[i + 1], parts[i + 2]
+            if not (offset.isdigit() and size.isdigit()):
+                raise ShardError(f"shard {tar}: index file {path} line {line_number}: component {parts[i]!r} has "
+                                 f"offset {offset!r} and size {size!r}, not non-negative integers")
+            components[parts[i]] = (int(offset), int(size))
         samples.append(components)
     if len(samples) != int(header[1]):
         raise ShardError(f"shard {tar}: index file {path} lists {len(samples)} samples, its header says {header[1]}")
@@ -154,7 +159,8 @@ def resolve_shards(spec: str | Path | Sequence[str | Path]) -> list[Shard]:
 def validate_shards(shards: Sequence[Shard], *, verify_checksums: bool = False) -> None:
     """Quick checks before the pipeline is built, raising `ShardError` naming the shard:
     the tar exists, has the size the manifest recorded (and its sha256 when `verify_checksums`),
-    every sample of its index has all components and every component lies inside the file."""
+    every sample of its index has all components, every component lies inside the file, and the
+    float32 components hold whole instance rows, as many in prompts.f32 as in boxes.f32."""
     import hashlib
 
     for shard in shards:
@@ -173,6 +179,16 @@ def validate_shards(shards: Sequence[Shard], *, verify_checksums: bool = False) 
                 if offset < 0 or length < 0 or offset + length > size:
                     raise ShardError(f"shard {shard.tar} is truncated: sample {number} component {ext} ends at "
                                      f"byte {offset + length}, the file has {size} bytes")
+            instances = {}  # the instance count each float32 component implies
+            for ext, row_bytes in _ROW_BYTES.items():
+                length = components[ext][1]
+                if length % row_bytes:
+                    raise ShardError(f"shard {shard.tar}: sample {number} component {ext} has {length} bytes, not "
+                                     f"a whole number of {row_bytes}-byte instance rows")
+                instances[ext] = length // row_bytes
+            if len(set(instances.values())) > 1:
+                raise ShardError(f"shard {shard.tar}: sample {number} holds {instances['prompts.f32']} instances in "
+                                 f"prompts.f32 and {instances['boxes.f32']} in boxes.f32")
         if verify_checksums and shard.sha256 is not None:
             digest = hashlib.sha256()
             with open(shard.tar, "rb") as f:

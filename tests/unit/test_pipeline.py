@@ -339,6 +339,20 @@ def test_truncated_tar_is_named(shard_copy):
         loader_for(make_config(tars))                                                # tar list: index beyond file
 
 
+def test_float_components_of_the_wrong_length_are_named(shard_copy):
+    index = shard_copy / "train-000001.idx"
+    lines = index.read_text().splitlines()
+    parts = lines[1].split()
+    at = parts.index("prompts.f32")
+    rows = int(parts[at + 2]) // 72
+    for length, pattern in ((16, "component prompts.f32 has 16 bytes, not a whole number of 72-byte instance rows"),
+                            (72 * (rows + 1), f"holds {rows + 1} instances in prompts.f32 and {rows} in boxes.f32")):
+        parts[at + 2] = str(length)
+        index.write_text("\n".join([lines[0], " ".join(parts), *lines[2:]]) + "\n")
+        with pytest.raises(ShardError, match=rf"train-000001.tar: sample 0 {pattern}"):
+            loader_for(make_config([str(path) for path in sorted(shard_copy.glob("*.tar"))]))
+
+
 def test_corrupt_tar_is_named(shard_copy):
     victim = shard_copy / "train-000001.tar"
     data = bytearray(victim.read_bytes())
@@ -392,6 +406,16 @@ def test_shard_specs_folder_list_and_brace_pattern(shards, shard_copy):
     assert [s.tar for s in resolve_shards([str(t) for t in tars])] == tars
     pattern = str(shards / f"train-{{000000..{len(tars) - 1:06d}}}.tar")
     assert [s.tar for s in resolve_shards(pattern)] == tars
+    index = shard_copy / "train-000001.idx"
+    original = index.read_text()
+    lines = original.splitlines()
+    parts = lines[1].split()
+    parts[1] = "12x4"  # a garbled offset
+    index.write_text("\n".join([lines[0], " ".join(parts), *lines[2:]]) + "\n")
+    with pytest.raises(ShardError, match=r"train-000001.tar: index file .*train-000001.idx line 2: component "
+                                         r".* has offset '12x4'"):
+        resolve_shards(shard_copy)
+    index.write_text(original)
     (shard_copy / "train-000002.idx").unlink()
     with pytest.raises(ShardError, match="train-000002.tar: index file .* not found"):
         resolve_shards(shard_copy)
