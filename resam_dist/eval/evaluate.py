@@ -432,6 +432,10 @@ def _main_model(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--points must be 1, 2 or 3, got {num_points}")
     seed = args.seed if args.seed is not None else cfg.eval.seed
     batch_size = args.batch_size if args.batch_size is not None else cfg.eval.batch_size
+    for flag, value, least in (("--max-images", args.max_images, 1), ("--batch-size", args.batch_size, 1),
+                               ("--seed", args.seed, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
     split = CocoSplit(annotations, images)
     image_ids = split.image_ids if args.max_images is None else split.image_ids[:args.max_images]
     model, loaded = load_model(cfg, args.checkpoint)

@@ -162,6 +162,11 @@ def test_cli_model_mode_writes_all_keys(coco_set, tiny_model, tmp_path, capsys):
     # A missing checkpoint is a clear error, not a traceback.
     assert main(["--config", str(config), "--checkpoint", str(tmp_path / "nope")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+    # So are counts out of range (--max-images 0 scored nothing and exited 0; -3 dropped the last 3)
+    for flag, value, least in (("--max-images", "0", 1), ("--max-images", "-3", 1), ("--batch-size", "0", 1),
+                               ("--seed", "-1", 0)):
+        assert main(["--config", str(config), "--checkpoint", str(sam_file), flag, value]) == 2
+        assert f"{flag} must be at least {least}, got {value}" in capsys.readouterr().err
 
 
 def test_cli_loads_lora_adapter_from_run_dir(coco_set, tmp_path):
