@@ -2,12 +2,12 @@
 
 The trainer pattern is
 
-    result = resam_step(engine, batch, queue, cfg)
-    engine.backward(result.loss); engine.step()
-    queue.push_all_ranks(result.weak_embeddings)      # after the loss: step t sees the queue of t-1
+    result = engine(batch=batch, step_state=queue)    # TrainStepModule.forward calls resam_step(sam, ...)
+    engine.backward(result["loss"]); engine.step()
+    queue.push_all_ranks(result["weak_embeddings"])   # after the loss: step t sees the queue of t-1
 
-`model` is a `PromptableSam` (LoRA applied) or a DeepSpeed engine wrapping one: only
-`model.encode` and `model.decode` are called. The teacher is the same network, run without
+`model` is the `PromptableSam` (LoRA applied) that the DeepSpeed engine wraps through
+`resam_dist.train.engine.TrainStepModule`: only `model.encode` and `model.decode` are called. The teacher is the same network, run without
 gradient on the weak view (LoRA active); the student runs with gradient on the strong view.
 
 Methods (`cfg.resam.method`):
