@@ -15,7 +15,8 @@ any moment leaves a complete directory behind: resume takes the newest complete 
 (`latest` is the pointer DeepSpeed's tools read; a kill between the rename and `latest` leaves it
 one checkpoint behind). At the next start a leftover `.tmp-*` directory that holds a complete
 checkpoint (meta.json written) whose tag is missing is renamed into place; the other leftovers
-are removed. The last `keep_last` checkpoints are kept. Assumes `output_dir` is on a file system every node sees (as for DeepSpeed itself).
+are removed. The last `keep_last` checkpoints are kept. Assumes `output_dir` is on a file system
+every node sees (as for DeepSpeed itself).
 """
 
 from __future__ import annotations
@@ -107,10 +108,8 @@ class CheckpointManager:
         rewrite) is renamed into place, the newer attempt before the stale one; the rest is removed."""
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            stale = f"{TMP_PREFIX}stale_"
-            for leftover in sorted(self.root.glob(f"{TMP_PREFIX}*"), key=lambda path: path.name.startswith(stale)):
-                tag = leftover.name.removeprefix(stale) if leftover.name.startswith(stale) \
-                    else leftover.name.removeprefix(TMP_PREFIX)
+            for leftover in sorted(self.root.glob(f"{TMP_PREFIX}*"), key=lambda path: "stale_" in path.name):
+                tag = leftover.name.removeprefix(TMP_PREFIX).removeprefix("stale_")
                 if (tag.startswith(TAG_PREFIX) and (leftover / "meta.json").is_file()
                         and not (self.root / tag).exists()):
                     os.rename(leftover, self.root / tag)
