@@ -7,8 +7,9 @@ The trainer pattern is
     queue.push_all_ranks(result["weak_embeddings"])   # after the loss: step t sees the queue of t-1
 
 `model` is the `PromptableSam` (LoRA applied) that the DeepSpeed engine wraps through
-`resam_dist.train.engine.TrainStepModule`: only `model.encode` and `model.decode` are called. The teacher is the same network, run without
-gradient on the weak view (LoRA active); the student runs with gradient on the strong view.
+`resam_dist.train.engine.TrainStepModule`: only `model.encode` and `model.decode` are called.
+The teacher is the same network, run without gradient on the weak view (LoRA active); the
+student runs with gradient on the strong view.
 
 Methods (`cfg.resam.method`):
 - `resam`: targets from Refine (if `resam.refine`) and Requery (if `resam.requery`); without Refine
