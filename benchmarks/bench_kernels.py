@@ -265,9 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         for masks_kind in ("random", "compact") if wanted("suppress_overlap") else ():
             if masks_kind == "compact":
                 keep = compact_masks(batch, num_instances, height, width, device, generator)
-            for tuned_kernel in (overlap_kernels._suppress_drop_words_kernel_tuned,
-                                 overlap_kernels._suppress_overlap_kernel_tuned):
-                tuned_kernel.cache.clear()
+            overlap_kernels.clear_tuning()
             suffix = "" if masks_kind == "random" else ", compact masks"
             for mode in ("drop", "argmax"):
                 read_confidence = 4 if mode == "argmax" else 0

@@ -8,8 +8,9 @@ Then the tight box (x0, y0, x1, y1) of every resulting mask, x1/y1 exclusive, (0
 empty: the same as `resam_dist.resam.prompts.masks_to_boxes`.
 
 `suppress_overlap_reference` is the specification in torch. `suppress_overlap_triton` does it
-in one kernel launch after one memset, in one pass over the data (grid: pixel spans x images),
-with no host loop and no device synchronisation. Three designs of the byte kernel:
+in one kernel launch (on the GPU; on CPU after a memset), in one pass over the data (grid:
+pixel spans x images), with no host loop and no device synchronisation. Three designs of the
+byte kernel:
 - tile: a program loads the K masks (and, in "argmax" mode, confidences) of a block of pixels as
   one KP x BLOCK_P tile (KP = next power of two >= K), counts / picks the most confident kept
   instance across the tile's rows, writes the suppressed tile once, and reduces each instance's
@@ -43,7 +44,8 @@ maxima (order-free, so deterministic); the last program of each image to arrive 
 counter) writes that image's float32 boxes (empty -> zeros) and zeroes the state again, so on
 the GPU one state per device and stream is kept and reused (no memset launch per call).
 On the GPU, KP <= 64: the word kernel's two designs and the byte kernel's three designs (tile sizes,
-pixels per program, rows per step, strip rows, warps) are autotuned per size class; KP > 64
+pixels per program, rows per step, strip rows, warps) are autotuned per size class (the
+first call of a class; later ones launch the pick directly, past the autotuner); KP > 64
 runs the rows design. Above MAX_INSTANCES instances the torch reference runs instead. Counts
 larger than K mean all K instances are valid.
 """
@@ -594,11 +596,6 @@ def _suppress_drop_words_jit(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals
     _finish_image(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, KP)
 
 
-_suppress_drop_words_kernel = triton.heuristics(
-    {"ROW_TILES": lambda args: args["words_per_row"] % (args["TILE"] // args["KP"]) == 0}
-)(_suppress_drop_words_jit)
-
-
 # The tile design: tile elements (KP x BLOCK_P) per step: masks only in "drop" mode, masks +
 # confidences in "argmax" mode. Every element of the tile stays live across the reduction over
 # instances, so the tile sets the registers. The rows design holds a few values per pixel instead
@@ -660,9 +657,6 @@ def _prune_word_configs(configs, named_args, **kwargs):
     return [config for config in configs if runs_here(config)]
 
 
-_suppress_drop_words_kernel_tuned = triton.autotune(
-    configs=_WORD_CONFIGS, key=["KP", "words_bucket", "ZERO_ONE"],
-    prune_configs_by={"early_config_prune": _prune_word_configs})(_suppress_drop_words_kernel)
 # The byte kernel on the GPU with KP <= 64 (mode "argmax", or "drop" on rows that are not a
 # multiple of 4 pixels): the three designs compete per (KP, log2 of pixels per image, log2 of
 # images, mode). Tile design: BLOCK_P and the blocks walked per program (walking issues fewer box
@@ -694,13 +688,49 @@ _BYTE_CONFIGS = (
     + [triton.Config({"BLOCK_P": block_p, "WALK": 1, "ROWS": True, "CHUNK": 8, "UNROLL": 8,
                       "STRIP_ROWS": strip_rows}, num_warps=warps)
        for block_p, strip_rows, warps in ((512, 8, 4), (512, 4, 4), (1024, 8, 8), (256, 8, 2))])
-_suppress_overlap_kernel_tuned = triton.autotune(
-    configs=_BYTE_CONFIGS, key=["KP", "pixels_bucket", "batch_bucket", "ARGMAX"]
-)(_suppress_overlap_kernel)
 MAX_TUNED_INSTANCES = 64
 MAX_WORD_INSTANCES = 64  # KP <= 64: the smallest tile above still has 16 words per row
 _INTERPRET_WORD_TILE = 1 << 14
 DESIGNS = ("tile", "rows")
+
+
+def _use_words(masks: torch.Tensor, mode: str) -> bool:
+    """Whether "drop" mode can run on 4-pixel words: rows of a multiple of 4 pixels, at most
+    MAX_WORD_INSTANCES instances, and 4-byte aligned storage (the output, freshly allocated, is)."""
+    num_instances, width = masks.shape[1], masks.shape[3]
+    return (mode == "drop" and width % 4 == 0 and 0 < num_instances <= MAX_WORD_INSTANCES
+            and masks.data_ptr() % 4 == 0)
+
+
+def _row_tiles(words_per_row: int, tile: int, kp: int) -> bool:
+    """The word kernel's ROW_TILES: every tile of TILE / KP words lies in one image row."""
+    return words_per_row % (tile // kp) == 0
+
+
+_suppress_drop_words_kernel = triton.heuristics(
+    {"ROW_TILES": lambda args: _row_tiles(args["words_per_row"], args["TILE"], args["KP"])}
+)(_suppress_drop_words_jit)
+_suppress_drop_words_kernel_tuned = triton.autotune(
+    configs=_WORD_CONFIGS, key=["KP", "words_bucket", "ZERO_ONE"],
+    prune_configs_by={"early_config_prune": _prune_word_configs})(_suppress_drop_words_kernel)
+_suppress_overlap_kernel_tuned = triton.autotune(
+    configs=_BYTE_CONFIGS, key=["KP", "pixels_bucket", "batch_bucket", "ARGMAX"]
+)(_suppress_overlap_kernel)
+
+# The autotuners' picks, per autotuning key (the byte kernel's also per confidence dtype, as the
+# autotuner keys it): once a key is tuned, its calls launch the picked config directly, without
+# the autotuner's and heuristics' Python layers (host time a call, which bounds a plain call of
+# "drop" at 1024 x 1024: H200 run 13).
+_WORD_PICKS: dict[tuple, triton.Config] = {}
+_BYTE_PICKS: dict[tuple, triton.Config] = {}
+
+
+def clear_tuning() -> None:
+    """Forgets every tuned pick: the next call of each size class is tuned again."""
+    for tuned in (_suppress_drop_words_kernel_tuned, _suppress_overlap_kernel_tuned):
+        tuned.cache.clear()
+    _WORD_PICKS.clear()
+    _BYTE_PICKS.clear()
 
 
 def byte_kernel_grid(meta: dict, batch: int, height: int, width: int) -> tuple[int, int]:
@@ -723,32 +753,53 @@ def word_kernel_grid(meta: dict, batch: int, kp: int, height: int, words_per_row
     return (triton.cdiv(height * words_per_row, block_w), batch)
 
 
-def _use_words(masks_u8: torch.Tensor, out: torch.Tensor, mode: str) -> bool:
-    """Whether "drop" mode can run on 4-pixel words: rows of a multiple of 4 pixels, at most
-    MAX_WORD_INSTANCES instances, and 4-byte aligned storage."""
-    num_instances, width = masks_u8.shape[1], masks_u8.shape[3]
-    return (mode == "drop" and width % 4 == 0 and 0 < num_instances <= MAX_WORD_INSTANCES
-            and masks_u8.data_ptr() % 4 == 0 and out.data_ptr() % 4 == 0)
-
-
 # The kernels' box state, kept zeroed by every launch, per (CUDA device, stream): one memset
 # (a launch) less per call. Never created or used while a CUDA graph is captured (its memset would
-# run only in replays).
-_BOX_STATES: dict[tuple[int, int], torch.Tensor] = {}
+# run only in replays). Each entry: the buffer, and its (state, arrivals) views per (images,
+# instances), so that a call of a size seen before makes no tensor for them.
+_BOX_STATES: dict[tuple[int, int], tuple[torch.Tensor, dict]] = {}
 
 
-def _zeroed_box_state(device: torch.device, numel: int) -> torch.Tensor:
-    """numel zeroed int32 that the kernels leave zeroed: a fresh tensor on CPU and while
-    capturing a CUDA graph, else the device and stream's kept buffer (grown as needed)."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(numel, dtype=torch.int32, device=device)
-    key = (device.index if device.index is not None else torch.cuda.current_device(),
-           torch.cuda.current_stream(device).cuda_stream)
-    state = _BOX_STATES.get(key)
-    if state is None or state.numel() < numel:
-        state = torch.zeros(max(numel, 4096), dtype=torch.int32, device=device)
-        _BOX_STATES[key] = state
-    return state[:numel]
+def _zeroed_box_state(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zeroed box state of B x K masks, which the kernels leave zeroed: (state B K 4 int32,
+    arrivals B int32). Fresh tensors on CPU and while capturing a CUDA graph, else views of the
+    device and stream's kept buffer (grown as needed)."""
+    batch, num_instances = masks.shape[:2]
+    split = batch * num_instances * 4
+    if not masks.is_cuda or torch.cuda.is_current_stream_capturing():
+        state = torch.zeros(split + batch, dtype=torch.int32, device=masks.device)
+        return state[:split], state[split:]
+    device_index = masks.get_device()
+    # the raw stream handle, as Triton reads it at launch (no Stream object built)
+    key = (device_index, torch._C._cuda_getCurrentRawStream(device_index))
+    entry = _BOX_STATES.get(key)
+    if entry is not None:
+        views = entry[1].get((batch, num_instances))
+        if views is not None:
+            return views
+    if entry is None or entry[0].numel() < split + batch:
+        entry = (torch.zeros(max(split + batch, 4096), dtype=torch.int32, device=masks.device), {})
+        _BOX_STATES[key] = entry
+    views = entry[0][:split], entry[0][split:split + batch]
+    entry[1][(batch, num_instances)] = views
+    return views
+
+
+def _launch_words(config: triton.Config, args: tuple, batch: int, kp: int, height: int,
+                  words_per_row: int, zero_one: bool) -> None:
+    """The word kernel with one of `_WORD_CONFIGS` (what the autotuner would launch for it)."""
+    grid = word_kernel_grid(config.kwargs, batch, kp, height, words_per_row)
+    _suppress_drop_words_jit[grid](*args, KP=kp, ZERO_ONE=zero_one,
+                                   ROW_TILES=_row_tiles(words_per_row, config.kwargs["TILE"], kp),
+                                   num_warps=config.num_warps, **config.kwargs)
+
+
+def _launch_bytes(config: triton.Config, args: tuple, batch: int, height: int, width: int,
+                  kp: int, argmax: bool) -> None:
+    """The byte kernel with one of `_BYTE_CONFIGS`."""
+    grid = byte_kernel_grid(config.kwargs, batch, height, width)
+    _suppress_overlap_kernel[grid](*args, ARGMAX=argmax, KP=kp, num_warps=config.num_warps,
+                                   **config.kwargs)
 
 
 def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None,
@@ -756,13 +807,13 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
                             blocks_per_program: int | None = None, word_tile: int | None = None,
                             config: triton.Config | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of `suppress_overlap_reference` (same outputs), in one kernel launch after
-    one memset. Overrides for tests (each makes the byte or word kernel run with a fixed launch):
+    """Triton version of `suppress_overlap_reference` (same outputs), in one kernel launch.
+    Overrides for tests (each makes the byte or word kernel run with a fixed launch):
     `design` ("tile" or "rows") with `blocks_per_program` (pixel blocks walked by one program of
     the tile design), or `word_tile` (words per program of the 4-pixel word kernel, a power of two
     >= KP), or `config`: one of the autotuner's configs (`_WORD_CONFIGS` runs the word kernel,
     `_BYTE_CONFIGS` the byte kernel). Otherwise the launch is chosen from the sizes, and tuned on
-    the GPU."""
+    the GPU (once per size class: later calls launch the pick directly)."""
     check_mode(mode)
     batch, num_instances, height, width = masks.shape
     argmax = mode == "argmax"
@@ -772,61 +823,71 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
                          f"{None if confidence is None else tuple(confidence.shape)}")
     if design is not None and design not in DESIGNS:
         raise ValueError(f"overlap suppression design must be one of {DESIGNS}, got {design!r}")
+    if masks.dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"overlap suppression needs bool or uint8 masks, got {masks.dtype}")
     if num_instances > MAX_INSTANCES:
         return suppress_overlap_reference(masks, confidence, counts, mode)
     if masks.numel() == 0:  # (the reference fails on H or W = 0; here: empty masks, zero boxes)
         boxes = torch.zeros((batch, num_instances, 4), dtype=torch.float32, device=masks.device)
         return torch.zeros_like(masks, dtype=torch.bool), boxes
-    masks_u8 = masks.contiguous().view(torch.uint8)  # B x K x H x W
-    confidence = confidence.contiguous() if argmax else masks_u8  # not read in "drop" mode
-    counts = counts.to(device=masks.device, dtype=torch.int64).contiguous()
-    out = torch.empty_like(masks_u8)
-    # the box state (B x K x 4 int32) and the per-image arrival counters (B int32), zeroed; the
-    # kernels leave them zeroed
-    state = _zeroed_box_state(masks.device, batch * num_instances * 4 + batch)
-    arrivals = state[batch * num_instances * 4:]
+    # Host time matters here (a plain call at 1024 x 1024 takes about as long on the host as
+    # on the device), so a call makes only the tensors it needs: no-op conversions are skipped.
+    if not masks.is_contiguous():
+        masks = masks.contiguous()
+    if counts.dtype != torch.int64 or counts.get_device() != masks.get_device():
+        counts = counts.to(device=masks.device, dtype=torch.int64)
+    if not counts.is_contiguous():
+        counts = counts.contiguous()
+    out = torch.empty_like(masks, dtype=torch.bool)  # B x K x H x W, bytes 0 / 1
+    state, arrivals = _zeroed_box_state(masks)  # B K 4 and B int32, zeroed; left zeroed
     boxes = torch.empty((batch, num_instances, 4), dtype=torch.float32, device=masks.device)
     num_pixels = height * width
     kp = triton.next_power_of_2(num_instances)
     overridden = (design is not None or blocks_per_program is not None or word_tile is not None
                   or config is not None)
-    if ((word_tile is not None or (config is not None and "TILE" in config.kwargs))
-            and not _use_words(masks_u8, out, mode)):
+    words = word_tile is not None or (config is not None and "TILE" in config.kwargs)
+    if words and not _use_words(masks, mode):
         raise ValueError("word_tile and word configs need mode 'drop', rows of a multiple of 4 "
                          f"pixels and at most {MAX_WORD_INSTANCES} instances, got mode {mode!r} "
                          f"and masks {tuple(masks.shape)}")
-    if config is not None and "TILE" not in config.kwargs and kp > MAX_TUNED_INSTANCES:
+    if config is not None and not words and kp > MAX_TUNED_INSTANCES:
         raise ValueError(f"byte kernel configs are tuned for at most {MAX_TUNED_INSTANCES} "
                          f"instances, got {num_instances}")
-    words = word_tile is not None or (config is not None and "TILE" in config.kwargs)
-    if words or (not overridden and _use_words(masks_u8, out, mode)):
-        num_words = num_pixels // 4
+    if words or (not overridden and _use_words(masks, mode)):
+        words_per_row, num_words = width // 4, num_pixels // 4
         zero_one = masks.dtype == torch.bool  # bool storage: every byte 0 or 1
-        args = (masks_u8.view(torch.int32), counts, out.view(torch.int32), state, arrivals, boxes,
-                num_instances, width // 4, num_words, (num_words - 1).bit_length())
-
-        def grid(meta):
-            return word_kernel_grid(meta, batch, kp, height, width // 4)
-        if config is not None:
-            _suppress_drop_words_kernel[grid](*args, KP=kp, ZERO_ONE=zero_one,
-                                              num_warps=config.num_warps, **config.kwargs)
-        elif INTERPRET or word_tile is not None:
+        words_bucket = (num_words - 1).bit_length()
+        args = (masks.view(torch.int32), counts, out.view(torch.int32), state, arrivals, boxes,
+                num_instances, words_per_row, num_words, words_bucket)
+        if config is None and not INTERPRET and word_tile is None:
+            pick_key = (kp, words_bucket, zero_one)
+            config = _WORD_PICKS.get(pick_key)
+            if config is None:
+                _suppress_drop_words_kernel_tuned[
+                    lambda meta: word_kernel_grid(meta, batch, kp, height, words_per_row)](
+                        *args, KP=kp, ZERO_ONE=zero_one)
+                _WORD_PICKS[pick_key] = _suppress_drop_words_kernel_tuned.best_config
+                return out, boxes
+        if config is None:  # the interpreter, or a fixed word tile
             tile = word_tile if word_tile is not None else max(kp, _INTERPRET_WORD_TILE)
-            _suppress_drop_words_kernel[grid](*args, KP=kp, TILE=tile, ZERO_ONE=zero_one,
-                                              num_warps=_NUM_WARPS)
-        else:
-            _suppress_drop_words_kernel_tuned[grid](*args, KP=kp, ZERO_ONE=zero_one)
-        return out.view(torch.bool), boxes
-    args = (masks_u8, confidence, counts, out, state, arrivals, boxes, num_instances, width,
-            num_pixels, (num_pixels - 1).bit_length(), (batch - 1).bit_length())
-
-    def grid(meta):
-        return byte_kernel_grid(meta, batch, height, width)
+            config = triton.Config({"TILE": tile}, num_warps=_NUM_WARPS)
+        _launch_words(config, args, batch, kp, height, words_per_row, zero_one)
+        return out, boxes
+    masks_u8 = masks if masks.dtype == torch.uint8 else masks.view(torch.uint8)
+    confidence = confidence.contiguous() if argmax else masks_u8  # not read in "drop" mode
+    pixels_bucket, batch_bucket = (num_pixels - 1).bit_length(), (batch - 1).bit_length()
+    args = (masks_u8, confidence, counts, out.view(torch.uint8), state, arrivals, boxes,
+            num_instances, width, num_pixels, pixels_bucket, batch_bucket)
+    if config is None and not INTERPRET and not overridden and kp <= MAX_TUNED_INSTANCES:
+        pick_key = (kp, pixels_bucket, batch_bucket, argmax, confidence.dtype)
+        config = _BYTE_PICKS.get(pick_key)
+        if config is None:
+            _suppress_overlap_kernel_tuned[
+                lambda meta: byte_kernel_grid(meta, batch, height, width)](*args, ARGMAX=argmax, KP=kp)
+            _BYTE_PICKS[pick_key] = _suppress_overlap_kernel_tuned.best_config
+            return out, boxes
     if config is not None:
-        _suppress_overlap_kernel[grid](*args, ARGMAX=argmax, KP=kp, num_warps=config.num_warps,
-                                       **config.kwargs)
-    elif not INTERPRET and not overridden and kp <= MAX_TUNED_INSTANCES:
-        _suppress_overlap_kernel_tuned[grid](*args, ARGMAX=argmax, KP=kp)
+        _launch_bytes(config, args, batch, height, width, kp, argmax)
     elif design == "rows" or (design is None and blocks_per_program is None and not INTERPRET):
         # the GPU above KP = 64
         block_p = min(_ROWS_BLOCK_P, max(_MIN_BLOCK_P, triton.next_power_of_2(num_pixels)))
@@ -845,4 +906,4 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
         _suppress_overlap_kernel[grid](*args, ARGMAX=argmax, KP=kp, BLOCK_P=block_p,
                                        WALK=blocks_per_program, ROWS=False, CHUNK=1, UNROLL=1,
                                        num_warps=_NUM_WARPS)
-    return out.view(torch.bool), boxes
+    return out, boxes

@@ -374,3 +374,52 @@ def test_config_override_is_checked():
     masks, confidence = random_instances(1, 65, 4, 6, seed=0)
     with pytest.raises(ValueError, match="byte kernel configs"):
         suppress_overlap_triton(masks, confidence, torch.tensor([2]), "argmax", config=_BYTE_CONFIGS[0])
+
+
+def test_masks_of_another_dtype_are_refused():
+    masks, _ = random_instances(1, 2, 4, 8, seed=0)
+    with pytest.raises(ValueError, match="bool or uint8 masks, got torch.float32"):
+        suppress_overlap_triton(masks.float(), None, torch.tensor([2]), "drop")
+
+
+@pytest.mark.parametrize("mode", ["drop", "argmax"])
+def test_tuned_pick_is_launched_directly_after_the_first_call(monkeypatch, mode):
+    """On the GPU the first call of a size class goes through the autotuner, and later calls
+    launch its pick without it. Here: the tuned path with a real one-config autotuner (Triton
+    tunes nothing when one config is left, so it runs under the interpreter); the outputs of
+    both calls are the reference's, and the autotuner runs only for the first call of each key."""
+    from resam_kernels import overlap
+    word = mode == "drop"
+    config = _WORD_CONFIGS[1] if word else _BYTE_CONFIGS[5]
+    tuned = triton_autotune_one(overlap, config, word)
+    runs = []
+    monkeypatch.setattr(tuned, "run", lambda *args, **kwargs: runs.append(1) or type(tuned).run(
+        tuned, *args, **kwargs))
+    monkeypatch.setattr(overlap, "_suppress_drop_words_kernel_tuned" if word
+                        else "_suppress_overlap_kernel_tuned", tuned)
+    monkeypatch.setattr(overlap, "INTERPRET", False)
+    monkeypatch.setattr(overlap, "_WORD_PICKS", {})
+    monkeypatch.setattr(overlap, "_BYTE_PICKS", {})
+    picks = overlap._WORD_PICKS if word else overlap._BYTE_PICKS
+    for seed, (height, width) in enumerate([(17, 36), (19, 40), (17, 36), (130, 36)]):
+        masks, confidence = random_instances(2, 7, height, width, seed=seed + 30)
+        counts = torch.tensor([7, 5])
+        check_against_reference(masks, confidence, counts, mode)
+    # (17 x 36 and 19 x 40 pixels share a size class; 130 x 36 does not)
+    assert len(runs) == 2 and len(picks) == 2
+    assert all(pick is config for pick in picks.values()) and len(tuned.cache) == 2
+    overlap.clear_tuning()
+    assert not picks and not tuned.cache
+
+
+def triton_autotune_one(overlap, config, word):
+    """A real autotuner of the word or byte kernel whose pruning leaves `config` alone (so it
+    keys its cache but benchmarks nothing)."""
+    import triton
+    configs = [config, (_WORD_CONFIGS if word else _BYTE_CONFIGS)[0]]
+    prune = {"early_config_prune": lambda configs, named_args, **kwargs: configs[:1]}
+    if word:
+        return triton.autotune(configs=configs, key=["KP", "words_bucket", "ZERO_ONE"],
+                               prune_configs_by=prune)(overlap._suppress_drop_words_kernel)
+    return triton.autotune(configs=configs, key=["KP", "pixels_bucket", "batch_bucket", "ARGMAX"],
+                           prune_configs_by=prune)(overlap._suppress_overlap_kernel)
