@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -46,6 +47,34 @@ def test_deepspeed_sbatch_writes_the_hostfile_and_points_at_the_first_host(tmp_p
     assert call.startswith("deepspeed MASTER_ADDR=gpu-a MASTER_PORT=29500 ")
     assert f"--hostfile {tmp_path / 'hostfile'}" in call and "--master_addr gpu-a" in call
     assert call.endswith("launch/train.py --config configs/whu.json --set train.max_steps=7")
+
+
+def test_deepspeed_sbatch_with_the_slurm_launcher_needs_no_ssh_and_sizes_srun_itself(tmp_path):
+    """DS_LAUNCHER=slurm through the real DeepSpeed runner: no ssh (a stub ssh that always fails),
+    and srun gets every rank with the tasks and cores a node explicitly, not the batch script's
+    --ntasks-per-node=1 / --cpus-per-task=32 that its SLURM_* variables carry."""
+    stubs, record = tmp_path / "stubs", tmp_path / "srun.txt"
+    stubs.mkdir()
+    _stub(stubs / "scontrol", '[ "$1 $2" = "show hostnames" ] && printf "gpu-a\\ngpu-b\\n"\n')
+    _stub(stubs / "sinfo", "exit 0\n")
+    _stub(stubs / "ssh", f'echo "ssh $*" >> {tmp_path / "ssh.txt"}; exit 255\n')
+    _stub(stubs / "srun", f'printf "%s\\n" "$@" > {record}\n')
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
+           "SLURM_JOB_ID": "4243", "SLURM_NTASKS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "32",
+           "SLURM_CPUS_ON_NODE": "64", "REPO_DIR": str(REPO), "VENV_BIN": str(Path(sys.executable).parent),
+           "GPUS_PER_NODE": "4", "HOSTFILE": str(tmp_path / "hostfile"), "CONFIG": "configs/whu.json",
+           "DS_LAUNCHER": "slurm", "EXTRA_ARGS": "--set train.max_steps=7"}
+    result = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "train.sbatch")], env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not (tmp_path / "ssh.txt").exists()
+    srun = record.read_text().splitlines()
+    assert srun[:2] == ["-n", "8"]
+    assert "--ntasks-per-node=4" in srun and "--cpus-per-task=16" in srun
+    assert srun[-5:] == ["launch/train.py", "--config", "configs/whu.json", "--set", "train.max_steps=7"]
+    bad = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "train.sbatch")],
+                         env={**env, "DS_LAUNCHER": "mpi"}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "DS_LAUNCHER must be pdsh or slurm, got 'mpi'" in bad.stderr
 
 
 def test_torchrun_sbatch_starts_one_agent_per_node_with_c10d_rendezvous(tmp_path):
