@@ -95,6 +95,10 @@ class ResamConfig:
     """Temperature of the SSA soft targets."""
     queue_size: int = 128
     """FIFO queue length of weak-view instance embeddings."""
+    teacher_ema: float = 0.0
+    """0: the teacher is the student's current weights (SPEC default). In (0, 1): the teacher's
+    passes run with an exponential moving average of the LoRA weights, updated after every
+    optimizer step with this decay (methods resam and selftrain; ZeRO stage 0-2)."""
     loss_spike_factor: float = 4.0
     """Skip a step whose loss exceeds this factor times the running mean."""
     loss_window: int = 50
@@ -329,6 +333,12 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"{src}: key 'train.milestones' must be strictly increasing, got {cfg.train.milestones}")
     if not 0.0 <= cfg.resam.entropy_eps < 1.0:
         raise ValueError(f"{src}: key 'resam.entropy_eps' must be in [0, 1), got {cfg.resam.entropy_eps}")
+    if not 0.0 <= cfg.resam.teacher_ema < 1.0:
+        raise ValueError(f"{src}: key 'resam.teacher_ema' must be in [0, 1) (0: no EMA teacher), got "
+                         f"{cfg.resam.teacher_ema}")
+    if cfg.resam.teacher_ema > 0 and cfg.resam.method not in ("resam", "selftrain"):
+        raise ValueError(f"{src}: key 'resam.teacher_ema' needs a teacher: method 'resam' or 'selftrain', "
+                         f"got '{cfg.resam.method}'")
     if cfg.lora.dropout >= 1.0:
         raise ValueError(f"{src}: key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     from resam_dist.model.build import SAM_REGISTRY  # the encoder depths; imported late (torch)
@@ -375,6 +385,9 @@ def validate(cfg: Config) -> None:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{src}: key 'deepspeed.zero_optimization.stage' must be 0-3, got {stage!r}")
+    if stage == 3 and cfg.resam.teacher_ema > 0:
+        raise ValueError(f"{src}: key 'resam.teacher_ema' is not supported with ZeRO stage 3 (it partitions the "
+                         "LoRA weights that the EMA teacher swaps in); use stage 0-2")
     if stage == 3 and cfg.train.activation_checkpointing != "off":
         raise ValueError(f"{src}: key 'train.activation_checkpointing' is not supported with ZeRO stage 3 "
                          "(its parameter gathering would run again inside every recomputation); use stage 0-2")

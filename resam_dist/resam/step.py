@@ -8,7 +8,8 @@ The trainer pattern is
 
 `model` is the `PromptableSam` (LoRA applied) that the DeepSpeed engine wraps through
 `resam_dist.train.engine.TrainStepModule`: only `model.encode` and `model.decode` are called.
-The teacher is the same network, run without gradient on the weak view (LoRA active); the
+The teacher is the same network, run without gradient on the weak view (LoRA active; with
+`resam.teacher_ema`, the moving average of the LoRA weights, through `teacher_weights`); the
 student runs with gradient on the strong view.
 
 Methods (`cfg.resam.method`):
@@ -25,8 +26,11 @@ valid instances (see `resam_dist.resam.losses`). Everything is computed in float
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -125,11 +129,14 @@ def _teacher_targets(model, batch: Batch, cfg: Config, gt_masks: torch.Tensor, r
     return pseudo, valid, weak_features
 
 
-def resam_step(model, batch: Batch, queue: EmbeddingQueue, cfg: Config, *, min_chunks: int = 1) -> StepResult:
+def resam_step(model, batch: Batch, queue: EmbeddingQueue, cfg: Config, *, min_chunks: int = 1,
+               teacher_weights: Callable[[], ContextManager] | None = None) -> StepResult:
     """One forward of the ReSAM objective; the caller runs backward, the optimizer and the queue push.
 
     min_chunks: passed to every `decode` (under ZeRO-3 all ranks must make the same number of
     decoder calls: give the maximum over ranks of ceil(K / data.max_instances)).
+    teacher_weights: a context the teacher's passes (encode, decode, Refine, Requery) run in, e.g.
+    `resam_dist.train.ema.EmaTeacher.weights` (None: the current weights).
 
     stats (floats): n_instances (real instances), n_valid (instances with a target), n_ssa
     (instances in SSA), kept_fraction (n_valid / n_instances), and when the stage ran:
@@ -152,8 +159,9 @@ def resam_step(model, batch: Batch, queue: EmbeddingQueue, cfg: Config, *, min_c
     monitored: dict[str, torch.Tensor] = {}
 
     # ---- teacher targets (their intermediate S x S masks are freed before the student runs) ----
-    pseudo, valid, weak_features = _teacher_targets(model, batch, cfg, gt_masks, real, points, point_labels,
-                                                    monitored, min_chunks=min_chunks)
+    with teacher_weights() if teacher_weights is not None else contextlib.nullcontext():
+        pseudo, valid, weak_features = _teacher_targets(model, batch, cfg, gt_masks, real, points, point_labels,
+                                                        monitored, min_chunks=min_chunks)
 
     # ---- student: gradient, strong view, the same point prompts -----------------------------
     strong_features = model.encode(batch.strong)  # B x C x h x w

@@ -40,9 +40,10 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ from resam_dist.model.lora import apply_lora, merge_lora, save_adapter
 from resam_dist.resam.queue import EmbeddingQueue
 from resam_dist.resam.step import StepResult, resam_step
 from resam_dist.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from resam_dist.train.ema import EmaTeacher
 from resam_dist.train.metrics import JsonlLog, ProgressBar, TrainMetrics
 from resam_dist.train.schedule import build_scheduler
 
@@ -78,12 +80,14 @@ class TrainStepModule(nn.Module):
         self.sam = sam
         self.cfg = cfg
 
-    def forward(self, *, batch: Batch, step_state: Any, min_chunks: int = 1) -> dict[str, Any]:
+    def forward(self, *, batch: Batch, step_state: Any, min_chunks: int = 1,
+                teacher_weights: Callable[[], ContextManager] | None = None) -> dict[str, Any]:
         if self.cfg.resam.method == "pointsam":
             from resam_dist.resam.pointsam import pointsam_step
             result = pointsam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks)
         else:
-            result = resam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks)
+            result = resam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks,
+                                teacher_weights=teacher_weights)
         return {"loss": result.loss, "parts": result.parts, "weak_embeddings": result.weak_embeddings,
                 "stats": result.stats}
 
@@ -223,6 +227,9 @@ class Trainer:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
         self.images_per_step = cfg.train.images_per_rank * cfg.train.grad_accum_steps
+        # the EMA teacher averages the module's own LoRA tensors (cast to the engine's dtype by now)
+        self.teacher_ema = (EmaTeacher(trainable, cfg.resam.teacher_ema) if cfg.resam.teacher_ema > 0
+                            else None)
 
         # ---- trainer state: queue (or PointSAM store), guard, counters ------------------------
         if cfg.resam.method == "pointsam":
@@ -311,6 +318,12 @@ class Trainer:
         self.step_state.load_state_dict(client["step_state"])
         self.guard.load_state_dict(client["guard"])
         self.skipped = dict(client["skipped"])
+        if self.teacher_ema is not None:
+            source = f"checkpoint {self.checkpoints.root / tag}"
+            if "teacher_ema" not in client:
+                raise ValueError(f"{source} has no EMA teacher (written with resam.teacher_ema 0): resume with "
+                                 "resam.teacher_ema 0, or start a new train.output_dir")
+            self.teacher_ema.load_state_dict(client["teacher_ema"], source=source)
         restore_rng_state(client["rng"], self.device)
         return tag
 
@@ -374,8 +387,9 @@ class Trainer:
                     self.data_position = batch.position
                     batch = self._prepare(batch)
                     min_chunks = self._min_chunks(batch)
-                    result = StepResult(**self.engine(batch=batch, step_state=self.step_state,
-                                                      min_chunks=min_chunks))
+                    result = StepResult(**self.engine(
+                        batch=batch, step_state=self.step_state, min_chunks=min_chunks,
+                        teacher_weights=self.teacher_ema.weights if self.teacher_ema is not None else None))
                     loss = self._poison(result.loss)
                     verdict = self.guard.check(loss, result.parts)
                     images = batch.weak.shape[0]
@@ -387,6 +401,8 @@ class Trainer:
                     lr = float(self.engine.get_lr()[0])
                     self.engine.backward(loss)
                     self.engine.step()
+                    if self.teacher_ema is not None and int(self.engine.global_steps) != self.step:
+                        self.teacher_ema.update()  # an optimizer step was taken
                     if isinstance(self.step_state, EmbeddingQueue):
                         if cfg.resam.method == "resam":  # (selftrain and supervised have no embeddings)
                             self.step_state.push_all_ranks(result.weak_embeddings)  # after the loss, all ranks
@@ -466,6 +482,8 @@ class Trainer:
         client = {"step": self.step, "data_position": self.data_position,
                   "step_state": self.step_state.state_dict(), "guard": self.guard.state_dict(),
                   "skipped": dict(self.skipped), "rng": capture_rng_state(self.device)}
+        if self.teacher_ema is not None:
+            client["teacher_ema"] = self.teacher_ema.state_dict()
 
         def write_engine(root: Path, tag: str) -> None:
             self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)

@@ -152,6 +152,8 @@ def test_overrides_and_relative_paths(tmp_path, monkeypatch):
     ("resam", "pointsam_store_size", 2, "resam.pointsam_store_size' must be >= 3"),
     ("resam", "pointsam_cluster_every", 0, "resam.pointsam_cluster_every' must be positive"),
     ("resam", "pointsam_overlap_iou", 1.5, "resam.pointsam_overlap_iou' must be in"),
+    ("resam", "teacher_ema", 1.0, r"resam.teacher_ema' must be in \[0, 1\) \(0: no EMA teacher\), got 1.0"),
+    ("resam", "teacher_ema", -0.1, r"resam.teacher_ema' must be in \[0, 1\)"),
 ])
 def test_out_of_range_values(tmp_path, section, key, value, pattern):
     data = demo_dict()
@@ -198,3 +200,18 @@ def test_deepspeed_block_conflicts(tmp_path, block, pattern):
 def test_override_through_a_value_is_refused():
     with pytest.raises(ValueError, match="'lr' is not a section"):
         load_config(CONFIGS / "demo.json", {"train.lr.x": 1})
+
+
+def test_ema_teacher_needs_a_teacher_and_zero_stage_0_to_2(tmp_path):
+    data = demo_dict()
+    data["resam"]["teacher_ema"] = 0.99
+    assert load_config(write(tmp_path, data)).resam.teacher_ema == 0.99
+    data["resam"]["method"] = "supervised"
+    with pytest.raises(ValueError, match="'resam.teacher_ema' needs a teacher: method 'resam' or 'selftrain', "
+                                         "got 'supervised'"):
+        load_config(write(tmp_path, data))
+    data["resam"]["method"] = "selftrain"
+    data["deepspeed"]["zero_optimization"]["stage"] = 3
+    data["train"]["activation_checkpointing"] = "off"
+    with pytest.raises(ValueError, match="'resam.teacher_ema' is not supported with ZeRO stage 3"):
+        load_config(write(tmp_path, data))

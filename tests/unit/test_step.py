@@ -197,3 +197,40 @@ def test_resam_steps_train_the_lora_weights():
     # lora_B starts at zero and weight decay keeps a zero at zero: only a gradient moves it
     assert all(before[name].abs().sum() == 0 for name in lora_b)
     assert any(after[name].abs().sum() > 0 for name in lora_b)
+
+
+def test_ema_teacher_runs_the_teacher_passes_with_the_averaged_weights():
+    """With `teacher_weights` the teacher's passes (and so the targets and the weak-view
+    embeddings) are those of a model holding the averages, the student's those of the live
+    model, whose weights are back bit for bit after the step."""
+    import copy
+
+    from resam_dist.train.ema import EmaTeacher
+
+    model, batch, cfg = tiny_lora_model(), make_batch(), make_config()
+    queue = EmbeddingQueue(8, DIM)
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    teacher = EmaTeacher(lora, decay=0.5)
+    unchanged = resam_step(model, batch, queue, cfg, teacher_weights=teacher.weights)
+    plain = resam_step(model, batch, queue, cfg)
+    assert unchanged.loss.item() == plain.loss.item()  # averages = weights: the same step
+
+    generator = torch.Generator().manual_seed(5)
+    teacher.averages = [average + 0.5 * torch.randn(average.shape, generator=generator)
+                        for average in teacher.averages]
+    averaged_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter, average in zip((p for n, p in averaged_model.named_parameters() if "lora_" in n),
+                                      teacher.averages):
+            parameter.copy_(average)
+    before = [p.detach().clone() for p in lora]
+    with_ema = resam_step(model, batch, queue, cfg, teacher_weights=teacher.weights)
+    averaged = resam_step(averaged_model, batch, queue, cfg)
+    assert all(torch.equal(p, b) for p, b in zip(lora, before))
+    for key in ("iou_point", "iou_requery", "iou_pseudo"):
+        assert with_ema.stats[key] == averaged.stats[key], key
+    assert with_ema.stats["iou_point"] != plain.stats["iou_point"]  # the averages changed the teacher
+    assert torch.equal(with_ema.weak_embeddings, averaged.weak_embeddings)
+    assert with_ema.loss.item() != averaged.loss.item()  # the student is the live model
+    with_ema.loss.backward()
+    assert all(p.grad is not None for p in lora)
