@@ -22,7 +22,9 @@ push. Its images count as read; the skip is counted (metric, log) and the step i
 the next batch.
 
 Checkpoints (`train/checkpoint.py`): every `checkpoint.every_steps` optimizer steps and at the
-end: DeepSpeed engine state, the queue, the data position, RNG states, step, loss-guard window.
+end: DeepSpeed engine state, the queue, the data position, RNG states, step, loss-guard window,
+and with `resam.teacher_ema` the EMA teacher's averages (`train/ema.py`: the teacher's passes run
+with them; they are updated after every optimizer step).
 A restart with the same output_dir resumes from `latest` by itself; the losses of a resumed run
 equal those of an uninterrupted one (bitwise on CPU in fp32).
 
