@@ -717,6 +717,7 @@ _suppress_overlap_kernel_tuned = triton.autotune(
     configs=_BYTE_CONFIGS, key=["KP", "pixels_bucket", "batch_bucket", "ARGMAX"]
 )(_suppress_overlap_kernel)
 
+# No config has a pre_hook (the direct launches below would skip it).
 # The autotuners' picks, per autotuning key (the byte kernel's also per confidence dtype, as the
 # autotuner keys it): once a key is tuned, its calls launch the picked config directly, without
 # the autotuner's and heuristics' Python layers (host time a call, which bounds a plain call of
@@ -787,19 +788,19 @@ def _zeroed_box_state(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _launch_words(config: triton.Config, args: tuple, batch: int, kp: int, height: int,
                   words_per_row: int, zero_one: bool) -> None:
-    """The word kernel with one of `_WORD_CONFIGS` (what the autotuner would launch for it)."""
+    """The word kernel with one of `_WORD_CONFIGS`, as the autotuner launches it (every launch
+    option of the config, and the heuristic's ROW_TILES)."""
     grid = word_kernel_grid(config.kwargs, batch, kp, height, words_per_row)
     _suppress_drop_words_jit[grid](*args, KP=kp, ZERO_ONE=zero_one,
                                    ROW_TILES=_row_tiles(words_per_row, config.kwargs["TILE"], kp),
-                                   num_warps=config.num_warps, **config.kwargs)
+                                   **config.all_kwargs())
 
 
 def _launch_bytes(config: triton.Config, args: tuple, batch: int, height: int, width: int,
                   kp: int, argmax: bool) -> None:
-    """The byte kernel with one of `_BYTE_CONFIGS`."""
+    """The byte kernel with one of `_BYTE_CONFIGS`, as the autotuner launches it."""
     grid = byte_kernel_grid(config.kwargs, batch, height, width)
-    _suppress_overlap_kernel[grid](*args, ARGMAX=argmax, KP=kp, num_warps=config.num_warps,
-                                   **config.kwargs)
+    _suppress_overlap_kernel[grid](*args, ARGMAX=argmax, KP=kp, **config.all_kwargs())
 
 
 def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None,

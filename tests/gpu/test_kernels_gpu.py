@@ -117,25 +117,30 @@ def test_suppress_overlap_every_tuned_config(mode):
 
 
 @pytest.mark.parametrize("mode", ["drop", "argmax"])
-def test_suppress_overlap_tuned_once_then_launched_from_its_pick(mode):
-    """A fresh size class is tuned by the first call; later calls (also on other inputs and
-    other streams) launch the pick directly and still give the reference's outputs."""
+def test_suppress_overlap_tuned_once_then_launched_from_its_pick(mode, monkeypatch):
+    """A fresh size class goes through the autotuner once; later calls (on other inputs, and on
+    two streams, each with its own kept box state) launch the pick directly and still give the
+    reference's outputs."""
     from resam_kernels import overlap
     overlap.clear_tuning()
     tuned = overlap._suppress_drop_words_kernel_tuned if mode == "drop" else overlap._suppress_overlap_kernel_tuned
     picks = overlap._WORD_PICKS if mode == "drop" else overlap._BYTE_PICKS
+    runs = []
+    monkeypatch.setattr(tuned, "run", lambda *args, **kwargs: runs.append(1) or type(tuned).run(
+        tuned, *args, **kwargs))
     side_stream = torch.cuda.Stream()
-    for call in range(4):
+    for call in range(6):
         logits = smooth_logits(2, 50, 512, torch.float32, seed=20 + call)
         keep, confidence = entropy_filter_reference(logits, 0.2, return_confidence=True)
         counts = torch.tensor([50, 40 - call], device=DEVICE)
         out_ref, boxes_ref = suppress_overlap_reference(keep, confidence, counts, mode)
-        side_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side_stream if call == 3 else torch.cuda.current_stream()):
+        stream = side_stream if call % 2 else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
             out, boxes = resam_kernels.suppress_overlap(keep, confidence, counts, mode)
         torch.cuda.synchronize()
         assert torch.equal(out, out_ref) and torch.equal(boxes, boxes_ref), call
-        assert list(picks.values()) == [tuned.best_config]
+    assert len(runs) == 1 and list(picks.values()) == [tuned.best_config]
 
 
 @pytest.mark.parametrize("mode", ["drop", "argmax"])

@@ -238,7 +238,7 @@ def test_rows_design_ties_and_negative_infinity():
     confidence = torch.tensor([[[[0.5, 0.9, 0.0, -float("inf"), 0.3]],
                                 [[0.5, 0.5, 0.7, -float("inf"), -float("inf")]],
                                 [[0.5, 0.5, 0.7, 0.1, -float("inf")]]]])
-    counts = torch.tensor([3])
+    masks, confidence, counts = masks.to(DEVICE), confidence.to(DEVICE), torch.tensor([3], device=DEVICE)
     out, boxes = suppress_overlap_triton(masks, confidence, counts, "argmax", design="rows")
     assert out[0, :, 0].int().tolist() == [[1, 0, 0, 1, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]]
     assert boxes[0].tolist() == [[0, 0, 4, 1], [1, 0, 3, 1], [0, 0, 0, 0]]
@@ -328,14 +328,14 @@ def test_word_kernel_leaves_its_box_state_zeroed(config):
     # 2,048 words per image: 2 to 16 programs per image fold boxes and count arrivals
     from resam_kernels.overlap import _suppress_drop_words_kernel, word_kernel_grid
     masks, _ = random_instances(3, 7, 64, 128, seed=6)
-    counts = torch.tensor([7, 4, 0])
+    masks, counts = masks.to(DEVICE), torch.tensor([7, 4, 0], device=DEVICE)
     out_ref, boxes_ref = suppress_overlap_reference(masks, None, counts, "drop")
     batch, num_instances, height, width = masks.shape
     num_words = height * width // 4
-    state = torch.zeros(batch * num_instances * 4 + batch, dtype=torch.int32)
+    state = torch.zeros(batch * num_instances * 4 + batch, dtype=torch.int32, device=DEVICE)
     for _ in range(2):
-        out = torch.full(masks.shape, 0xFF, dtype=torch.uint8)  # a missing store shows
-        boxes = torch.full((batch, num_instances, 4), -1.0)
+        out = torch.full(masks.shape, 0xFF, dtype=torch.uint8, device=DEVICE)  # a missing store shows
+        boxes = torch.full((batch, num_instances, 4), -1.0, device=DEVICE)
         _suppress_drop_words_kernel[word_kernel_grid(config.kwargs, batch, 8, height, width // 4)](
             masks.view(torch.uint8).view(torch.int32), counts, out.view(torch.int32), state,
             state[batch * num_instances * 4:], boxes, num_instances, width // 4, num_words, 0, KP=8,
@@ -403,8 +403,9 @@ def test_tuned_pick_is_launched_directly_after_the_first_call(monkeypatch, mode)
     picks = overlap._WORD_PICKS if word else overlap._BYTE_PICKS
     for seed, (height, width) in enumerate([(17, 36), (19, 40), (17, 36), (130, 36)]):
         masks, confidence = random_instances(2, 7, height, width, seed=seed + 30)
-        counts = torch.tensor([7, 5])
-        check_against_reference(masks, confidence, counts, mode)
+        counts = torch.tensor([7, 5], device=DEVICE)
+        check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, mode)
+    assert all(c.pre_hook is None for c in _WORD_CONFIGS + _BYTE_CONFIGS)  # (the direct launch skips hooks)
     # (17 x 36 and 19 x 40 pixels share a size class; 130 x 36 does not)
     assert len(runs) == 2 and len(picks) == 2
     assert all(pick is config for pick in picks.values()) and len(tuned.cache) == 2
