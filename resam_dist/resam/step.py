@@ -30,7 +30,6 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +129,8 @@ def _teacher_targets(model, batch: Batch, cfg: Config, gt_masks: torch.Tensor, r
 
 
 def resam_step(model, batch: Batch, queue: EmbeddingQueue, cfg: Config, *, min_chunks: int = 1,
-               teacher_weights: Callable[[], ContextManager] | None = None) -> StepResult:
+               teacher_weights: Callable[[], contextlib.AbstractContextManager] | None = None
+               ) -> StepResult:
     """One forward of the ReSAM objective; the caller runs backward, the optimizer and the queue push.
 
     min_chunks: passed to every `decode` (under ZeRO-3 all ranks must make the same number of

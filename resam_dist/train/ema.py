@@ -34,6 +34,8 @@ class EmaTeacher:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA teacher decay must lie in (0, 1), got {decay}")
         self.parameters = list(parameters)
+        if any(hasattr(parameter, "ds_id") for parameter in self.parameters):  # ZeRO-3's mark
+            raise ValueError("the EMA teacher needs whole weights (ZeRO stage 0-2); these are ZeRO-3 partitions")
         self.decay = decay
         self.averages = [parameter.detach().float().clone() for parameter in self.parameters]
 

@@ -35,6 +35,7 @@ Exports at the end (rank 0, `<output_dir>/export/`): `adapter/` (peft LoRA forma
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,7 +84,8 @@ class TrainStepModule(nn.Module):
         self.cfg = cfg
 
     def forward(self, *, batch: Batch, step_state: Any, min_chunks: int = 1,
-                teacher_weights: Callable[[], ContextManager] | None = None) -> dict[str, Any]:
+                teacher_weights: Callable[[], contextlib.AbstractContextManager] | None = None
+                ) -> dict[str, Any]:
         if self.cfg.resam.method == "pointsam":
             from resam_dist.resam.pointsam import pointsam_step
             result = pointsam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks)

@@ -55,3 +55,10 @@ def test_state_round_trip_and_mismatch():
         wrong.load_state_dict(state, source="ckpt")
     with pytest.raises(ValueError, match="decay must lie in"):
         EmaTeacher(parameters(), decay=1.0)
+
+
+def test_zero3_partitions_are_refused():
+    weights = parameters()
+    weights[1].ds_id = 7  # what DeepSpeed's ZeRO-3 sets on the parameters it partitions
+    with pytest.raises(ValueError, match="needs whole weights"):
+        EmaTeacher(weights, decay=0.9)
