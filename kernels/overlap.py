@@ -786,6 +786,16 @@ def _zeroed_box_state(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return views
 
 
+def _pick_or_tune(tuned, picks: dict, key: tuple, grid, args: tuple, **constexprs) -> triton.Config | None:
+    """The recorded pick of size class `key`; or, the first time, None after launching through the
+    autotuner `tuned` (which tunes, then runs its pick) and recording that pick in `picks`."""
+    config = picks.get(key)
+    if config is None:
+        tuned[grid](*args, **constexprs)
+        picks[key] = tuned.best_config
+    return config
+
+
 def _launch_words(config: triton.Config, args: tuple, batch: int, kp: int, height: int,
                   words_per_row: int, zero_one: bool) -> None:
     """The word kernel with one of `_WORD_CONFIGS`, as the autotuner launches it (every launch
@@ -861,13 +871,11 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
         args = (masks.view(torch.int32), counts, out.view(torch.int32), state, arrivals, boxes,
                 num_instances, words_per_row, num_words, words_bucket)
         if config is None and not INTERPRET and word_tile is None:
-            pick_key = (kp, words_bucket, zero_one)
-            config = _WORD_PICKS.get(pick_key)
-            if config is None:
-                _suppress_drop_words_kernel_tuned[
-                    lambda meta: word_kernel_grid(meta, batch, kp, height, words_per_row)](
-                        *args, KP=kp, ZERO_ONE=zero_one)
-                _WORD_PICKS[pick_key] = _suppress_drop_words_kernel_tuned.best_config
+            config = _pick_or_tune(
+                _suppress_drop_words_kernel_tuned, _WORD_PICKS, (kp, words_bucket, zero_one),
+                lambda meta: word_kernel_grid(meta, batch, kp, height, words_per_row), args,
+                KP=kp, ZERO_ONE=zero_one)
+            if config is None:  # the autotuner ran it
                 return out, boxes
         if config is None:  # the interpreter, or a fixed word tile
             tile = word_tile if word_tile is not None else max(kp, _INTERPRET_WORD_TILE)
@@ -881,11 +889,10 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
             num_instances, width, num_pixels, pixels_bucket, batch_bucket)
     if config is None and not INTERPRET and not overridden and kp <= MAX_TUNED_INSTANCES:
         pick_key = (kp, pixels_bucket, batch_bucket, argmax, confidence.dtype)
-        config = _BYTE_PICKS.get(pick_key)
-        if config is None:
-            _suppress_overlap_kernel_tuned[
-                lambda meta: byte_kernel_grid(meta, batch, height, width)](*args, ARGMAX=argmax, KP=kp)
-            _BYTE_PICKS[pick_key] = _suppress_overlap_kernel_tuned.best_config
+        config = _pick_or_tune(
+            _suppress_overlap_kernel_tuned, _BYTE_PICKS, pick_key,
+            lambda meta: byte_kernel_grid(meta, batch, height, width), args, ARGMAX=argmax, KP=kp)
+        if config is None:  # the autotuner ran it
             return out, boxes
     if config is not None:
         _launch_bytes(config, args, batch, height, width, kp, argmax)
