@@ -51,9 +51,10 @@ class EmaTeacher:
         values again, bit for bit (also when the body raises)."""
         with torch.no_grad():
             current = [parameter.detach().clone() for parameter in self.parameters]
-            for parameter, average in zip(self.parameters, self.averages):
-                parameter.copy_(average)
         try:
+            with torch.no_grad():
+                for parameter, average in zip(self.parameters, self.averages):
+                    parameter.copy_(average)
             yield
         finally:
             with torch.no_grad():
@@ -64,8 +65,8 @@ class EmaTeacher:
         return {"decay": self.decay, "averages": [average.cpu().clone() for average in self.averages]}
 
     def load_state_dict(self, state: dict[str, Any], *, source: str) -> None:
-        """Averages saved by `state_dict` (the decay may differ: the configured one is kept).
-        ValueError naming `source` when they do not fit these parameters."""
+        """Averages saved by `state_dict` (the decay may differ: the configured one is kept, see
+        `resume_notice`). ValueError naming `source` when they do not fit these parameters."""
         averages = state.get("averages")
         shapes = [tuple(parameter.shape) for parameter in self.parameters]
         if not isinstance(averages, list) or [tuple(average.shape) for average in averages] != shapes:
@@ -73,3 +74,23 @@ class EmaTeacher:
                              f"{len(shapes)} LoRA tensors (another lora.rank or lora.start_block?)")
         device = self.averages[0].device if self.averages else torch.device("cpu")
         self.averages = [average.to(device=device, dtype=torch.float32).clone() for average in averages]
+
+
+def resume_notice(saved: dict[str, Any] | None, decay: float, *, source: str) -> str | None:
+    """What a resume from a checkpoint holding EMA state `saved` (None: written without an EMA
+    teacher) means under `resam.teacher_ema` = `decay` (0: off). ValueError naming `source` when
+    the configured teacher needs averages the checkpoint lacks; a notice when the checkpoint's
+    teacher and the configured one differ (the run changes its teacher from here on); else None."""
+    if saved is None:
+        if decay > 0.0:
+            raise ValueError(f"{source} has no EMA teacher (written with resam.teacher_ema 0): resume with "
+                             "resam.teacher_ema 0, or start a new train.output_dir")
+        return None
+    saved_decay = saved.get("decay")
+    if decay == 0.0:
+        return (f"{source} holds an EMA teacher (decay {saved_decay}) but resam.teacher_ema is 0: its averages "
+                "are dropped and the teacher is the live student from here on")
+    if saved_decay != decay:
+        return (f"{source} holds an EMA teacher with decay {saved_decay}; resam.teacher_ema {decay} averages "
+                "on from its averages")
+    return None

@@ -61,7 +61,7 @@ from resam_dist.model.lora import apply_lora, merge_lora, save_adapter
 from resam_dist.resam.queue import EmbeddingQueue
 from resam_dist.resam.step import StepResult, resam_step
 from resam_dist.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from resam_dist.train.ema import EmaTeacher
+from resam_dist.train.ema import EmaTeacher, resume_notice
 from resam_dist.train.metrics import JsonlLog, ProgressBar, TrainMetrics
 from resam_dist.train.schedule import build_scheduler
 
@@ -322,11 +322,11 @@ class Trainer:
         self.step_state.load_state_dict(client["step_state"])
         self.guard.load_state_dict(client["guard"])
         self.skipped = dict(client["skipped"])
+        source = f"checkpoint {self.checkpoints.root / tag}"
+        notice = resume_notice(client.get("teacher_ema"), self.cfg.resam.teacher_ema, source=source)
+        if notice is not None and self.is_main:
+            print(f"[train] warning: {notice}", flush=True)
         if self.teacher_ema is not None:
-            source = f"checkpoint {self.checkpoints.root / tag}"
-            if "teacher_ema" not in client:
-                raise ValueError(f"{source} has no EMA teacher (written with resam.teacher_ema 0): resume with "
-                                 "resam.teacher_ema 0, or start a new train.output_dir")
             self.teacher_ema.load_state_dict(client["teacher_ema"], source=source)
         restore_rng_state(client["rng"], self.device)
         return tag

@@ -68,3 +68,18 @@ def test_ema_teacher_averages_once_per_step_on_every_rank_and_resumes_bitwise(tr
         for rank in (0, 1):
             averages = client(tmp_path / run_dir, 4, rank)["teacher_ema"]["averages"]
             assert all(torch.equal(a, b) for a, b in zip(averages, final, strict=True))
+
+    # relaunches that change the teacher: dropping the EMA teacher is a warning; turning it on over
+    # a checkpoint written without one is refused before any step
+    dropped_cfg = write_config(tmp_path / "dropped.json", shards=train_shards, output_dir=tmp_path / "straight",
+                               overrides={**common, "resam.teacher_ema": 0.0, "train.max_steps": 5})
+    dropped = run(deepspeed_cmd(dropped_cfg), log=tmp_path / "dropped.log")
+    assert dropped.returncode == 0, dropped.stdout[-4000:]
+    assert "holds an EMA teacher (decay 0.5) but resam.teacher_ema is 0" in dropped.stdout
+    assert "teacher_ema" not in client(tmp_path / "straight", 5, 0)
+    refused_cfg = write_config(tmp_path / "refused.json", shards=train_shards, output_dir=tmp_path / "plain",
+                               overrides={**common, "train.max_steps": 3})
+    refused = run(deepspeed_cmd(refused_cfg), log=tmp_path / "refused.log")
+    assert refused.returncode != 0
+    assert "has no EMA teacher (written with resam.teacher_ema 0)" in refused.stdout
+    assert sorted(step_losses(tmp_path / "plain" / "train_log.jsonl")) == [1, 2]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from resam_dist.train.ema import EmaTeacher
+from resam_dist.train.ema import EmaTeacher, resume_notice
 
 
 def parameters(dtype=torch.float32):
@@ -41,6 +41,12 @@ def test_weights_swaps_the_averages_in_and_restores_bit_for_bit_even_on_error():
         with teacher.weights():
             raise RuntimeError("inside")
     assert all(torch.equal(w, b) for w, b in zip(weights, before))
+    # a swap that fails part-way (the second tensor's average does not fit) restores the first too
+    teacher.averages[1] = torch.zeros(3)
+    with pytest.raises(RuntimeError):
+        with teacher.weights():
+            pass
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))
 
 
 def test_state_round_trip_and_mismatch():
@@ -62,3 +68,15 @@ def test_zero3_partitions_are_refused():
     weights[1].ds_id = 7  # what DeepSpeed's ZeRO-3 sets on the parameters it partitions
     with pytest.raises(ValueError, match="needs whole weights"):
         EmaTeacher(weights, decay=0.9)
+
+
+def test_resume_notice_refuses_missing_averages_and_tells_of_a_changed_teacher():
+    saved = EmaTeacher(parameters(), decay=0.9).state_dict()
+    assert resume_notice(None, 0.0, source="ckpt") is None  # no EMA before, none now
+    assert resume_notice(saved, 0.9, source="ckpt") is None  # the same teacher
+    with pytest.raises(ValueError, match="ckpt has no EMA teacher"):
+        resume_notice(None, 0.9, source="ckpt")
+    dropped = resume_notice(saved, 0.0, source="ckpt")
+    assert dropped.startswith("ckpt holds an EMA teacher (decay 0.9)") and "live student" in dropped
+    changed = resume_notice(saved, 0.99, source="ckpt")
+    assert "decay 0.9" in changed and "resam.teacher_ema 0.99" in changed
