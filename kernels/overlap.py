@@ -8,7 +8,8 @@ Then the tight box (x0, y0, x1, y1) of every resulting mask, x1/y1 exclusive, (0
 empty: the same as `resam_dist.resam.prompts.masks_to_boxes`.
 
 `suppress_overlap_reference` is the specification in torch. `suppress_overlap_triton` does it
-in one kernel launch (on the GPU; on CPU after a memset), in one pass over the data (grid:
+in one kernel launch (on the GPU once its size class is tuned; on CPU, and inside CUDA graph
+capture, after a memset of its box state), in one pass over the data (grid:
 pixel spans x images), with no host loop and no device synchronisation. Three designs of the
 byte kernel:
 - tile: a program loads the K masks (and, in "argmax" mode, confidences) of a block of pixels as

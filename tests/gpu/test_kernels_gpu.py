@@ -118,9 +118,9 @@ def test_suppress_overlap_every_tuned_config(mode):
 
 @pytest.mark.parametrize("mode", ["drop", "argmax"])
 def test_suppress_overlap_tuned_once_then_launched_from_its_pick(mode, monkeypatch):
-    """A fresh size class goes through the autotuner once; later calls (on other inputs, and on
-    two streams, each with its own kept box state) launch the pick directly and still give the
-    reference's outputs."""
+    """A fresh size class goes through the autotuner once; later calls (on other inputs, taking
+    turns on two streams, each with its own kept box state, one call at a time) launch the pick
+    directly and still give the reference's outputs."""
     from resam_kernels import overlap
     overlap.clear_tuning()
     tuned = overlap._suppress_drop_words_kernel_tuned if mode == "drop" else overlap._suppress_overlap_kernel_tuned

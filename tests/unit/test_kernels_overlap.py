@@ -401,14 +401,28 @@ def test_tuned_pick_is_launched_directly_after_the_first_call(monkeypatch, mode)
     monkeypatch.setattr(overlap, "_WORD_PICKS", {})
     monkeypatch.setattr(overlap, "_BYTE_PICKS", {})
     picks = overlap._WORD_PICKS if word else overlap._BYTE_PICKS
-    for seed, (height, width) in enumerate([(17, 36), (19, 40), (17, 36), (130, 36)]):
+    direct_row_tiles = []  # the word kernel's direct launches: (words per row, ROW_TILES)
+    jit = overlap._suppress_drop_words_jit
+
+    class RecordingJit:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                direct_row_tiles.append((args[7], kwargs["ROW_TILES"]))
+                return jit[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(overlap, "_suppress_drop_words_jit", RecordingJit())
+    sizes = [(17, 36), (19, 40), (17, 36), (130, 36), (3, 1024), (3, 1024)]
+    for seed, (height, width) in enumerate(sizes):
         masks, confidence = random_instances(2, 7, height, width, seed=seed + 30)
         counts = torch.tensor([7, 5], device=DEVICE)
         check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, mode)
     assert all(c.pre_hook is None for c in _WORD_CONFIGS + _BYTE_CONFIGS)  # (the direct launch skips hooks)
-    # (17 x 36 and 19 x 40 pixels share a size class; 130 x 36 does not)
-    assert len(runs) == 2 and len(picks) == 2
-    assert all(pick is config for pick in picks.values()) and len(tuned.cache) == 2
+    # (17 x 36 and 19 x 40 pixels share a size class; 130 x 36 and 3 x 1024 have their own)
+    assert len(runs) == 3 and len(picks) == 3
+    assert all(pick is config for pick in picks.values()) and len(tuned.cache) == 3
+    if word:  # tiles of 2048 / 8 = 256 words lie in one row of 1024 / 4 words, not in rows of 9 or 10
+        assert direct_row_tiles == [(10, False), (9, False), (256, True)]
     overlap.clear_tuning()
     assert not picks and not tuned.cache
 

@@ -75,6 +75,12 @@ def test_deepspeed_sbatch_with_the_slurm_launcher_needs_no_ssh_and_sizes_srun_it
     bad = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "train.sbatch")],
                          env={**env, "DS_LAUNCHER": "mpi"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "DS_LAUNCHER must be pdsh or slurm, got 'mpi'" in bad.stderr
+    record.unlink()
+    fractional = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "train.sbatch")],
+                                env={**env, "CPUS_PER_RANK": "7.5"}, capture_output=True, text=True, timeout=60)
+    assert fractional.returncode == 1
+    assert "CPUS_PER_RANK must be a whole number, got '7.5'" in fractional.stderr
+    assert not record.exists()  # refused before srun
 
 
 def test_torchrun_sbatch_starts_one_agent_per_node_with_c10d_rendezvous(tmp_path):
