@@ -91,6 +91,6 @@ def resume_notice(saved: dict[str, Any] | None, decay: float, *, source: str) ->
         return (f"{source} holds an EMA teacher (decay {saved_decay}) but resam.teacher_ema is 0: its averages "
                 "are dropped and the teacher is the live student from here on")
     if saved_decay != decay:
-        return (f"{source} holds an EMA teacher with decay {saved_decay}; resam.teacher_ema {decay} averages "
-                "on from its averages")
+        return (f"{source} holds an EMA teacher with decay {saved_decay}: its averages go on with "
+                f"resam.teacher_ema {decay} from here on")
     return None
