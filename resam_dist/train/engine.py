@@ -310,6 +310,11 @@ class Trainer:
         if tag is None:
             return None
         client = self.checkpoints.load_client_state(tag)
+        source = f"checkpoint {self.checkpoints.root / tag}"
+        # (refused before DeepSpeed loads anything when the configured teacher needs averages)
+        notice = resume_notice(client.get("teacher_ema"), self.cfg.resam.teacher_ema, source=source)
+        if notice is not None and self.is_main:
+            print(f"[train] warning: {notice}", flush=True)
         load_path, _ = self.engine.load_checkpoint(str(self.checkpoints.root), tag=tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
@@ -322,10 +327,6 @@ class Trainer:
         self.step_state.load_state_dict(client["step_state"])
         self.guard.load_state_dict(client["guard"])
         self.skipped = dict(client["skipped"])
-        source = f"checkpoint {self.checkpoints.root / tag}"
-        notice = resume_notice(client.get("teacher_ema"), self.cfg.resam.teacher_ema, source=source)
-        if notice is not None and self.is_main:
-            print(f"[train] warning: {notice}", flush=True)
         if self.teacher_ema is not None:
             self.teacher_ema.load_state_dict(client["teacher_ema"], source=source)
         restore_rng_state(client["rng"], self.device)
