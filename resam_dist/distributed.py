@@ -3,8 +3,9 @@
 Ranks come from the launcher's environment (`deepspeed`, `torchrun`, Slurm + torchrun all set
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; under a bare `srun` with several
 tasks, SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID stand in for them). Without any of them the
-process is a world of one on a free loopback port. The device is chosen by the LOCAL rank (one GPU per local rank),
-the data shard by the GLOBAL rank.
+process is a world of one on a free loopback port. The device is chosen by the LOCAL rank (one GPU per local rank;
+a task that sees one GPU, as Slurm's per-task GPU binding leaves it, uses that one), the data shard by the GLOBAL
+rank.
 
 `init_distributed` creates the torch.distributed group itself (gloo on CPU, nccl on CUDA) with the
 configured timeout, so that a rank that dies ends the job with an error after at most that long
@@ -47,6 +48,19 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def cuda_device_index(local_rank: int, visible_devices: int) -> int:
+    """The CUDA device of a rank with this local rank when its process sees `visible_devices`
+    GPUs: the local rank's own device where the process sees the node's GPUs, or device 0 where it
+    sees only one (its own, e.g. a Slurm task bound to one GPU)."""
+    if visible_devices == 1:
+        return 0
+    if not 0 <= local_rank < visible_devices:
+        raise ValueError(f"LOCAL_RANK={local_rank} but this process sees {visible_devices} CUDA devices "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): start "
+                         "one rank per GPU, each seeing either all of its node's GPUs or only its own")
+    return local_rank
+
+
 def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> DistInfo:
     """Initialise torch.distributed from the launcher's environment (idempotent).
 
@@ -83,10 +97,11 @@ def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> Di
         raise ValueError(f"RANK={global_rank} is outside WORLD_SIZE={world}")
 
     if torch.cuda.is_available():
-        if local >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local} but this node has {torch.cuda.device_count()} CUDA devices")
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", cuda_device_index(local, torch.cuda.device_count()))
         torch.cuda.set_device(device)
+        # DeepSpeed takes LOCAL_RANK as the device index (engine, zero.Init): 0 where this process
+        # sees one GPU; `local` still picks the metrics port
+        os.environ["LOCAL_RANK"] = str(device.index)
         backend = "nccl"
     else:
         device = torch.device("cpu")

@@ -41,7 +41,7 @@ import torch
 
 from resam_dist.config import Config
 from resam_dist.data.batch import Batch
-
+from resam_dist.distributed import cuda_device_index
 from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD   # SAM's, on the 0-255 scale
 
 READER_NAME = "Reader"
@@ -554,7 +554,8 @@ def build_train_loader(cfg: Config, *, image_size: int, rank: int, world_size: i
                        verify_checksums: bool = False) -> TrainLoader:
     """The training loader of one rank: yields `Batch`es of `cfg.train.images_per_rank` images
     with `cfg.data.num_points` positive and negative points per instance, on `device` (a CUDA
-    device runs the DALI pipeline on GPU `device.index`, else `local_rank`; a CPU device runs it on
+    device runs the DALI pipeline on GPU `device.index`, else the local rank's, as
+    `distributed.cuda_device_index` picks it; a CPU device runs it on
     the CPU). `start_position`: batch slots this rank already consumed (from a checkpoint).
     `epoch_seed_offset` shifts the data order and augmentation streams (a different run seed
     without editing the config). Shards are validated first (sizes, index; sha256 when
@@ -565,7 +566,7 @@ def build_train_loader(cfg: Config, *, image_size: int, rank: int, world_size: i
     shards = resolve_shards(spec)
     validate_shards(shards, verify_checksums=verify_checksums)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count()))
     return TrainLoader(shards=shards, image_size=image_size, batch_size=cfg.train.images_per_rank,
                        num_points=cfg.data.num_points, rank=rank, world_size=world_size, device=device,
                        seed=_epoch_seed(cfg.data.seed, epoch_seed_offset), shuffle=cfg.data.shuffle,
