@@ -52,6 +52,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def median_call_ms(fn: Callable[[], object], *, wall_clock: bool) -> float:
+    """Median milliseconds of one call of fn after a warm-up call (where Triton and torch.compile
+    compile): `triton.testing.do_bench`, or with wall_clock the median of 3 timed calls (the
+    interpreter's smoke runs)."""
+    fn()
+    if wall_clock:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    import triton.testing
+    return float(triton.testing.do_bench(fn, return_mode="median"))
+
+
 def compact_masks(batch: int, num_instances: int, height: int, width: int, device: torch.device,
                   generator: torch.Generator) -> torch.Tensor:
     """B x K x H x W bool: every instance a filled ellipse at a random place, semi-axes 1/20 to
@@ -135,15 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     use_compile = not args.cpu_smoke and not args.no_compile
 
     def median_ms(fn: Callable[[], object]) -> float:
-        fn()  # warm-up: Triton/torch.compile compilation happens here
-        if args.cpu_smoke:
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            return statistics.median(times)
-        return float(triton.testing.do_bench(fn, return_mode="median"))
+        return median_call_ms(fn, wall_clock=args.cpu_smoke)
 
     def compiled(fn):
         # a fresh dynamo cache per case: one reference compiled for many shapes and dtypes

@@ -10,6 +10,8 @@
 # train.activation_checkpointing MEMORY_CHECKPOINTING, default "all"), kernels = bench_kernels.py, tests = pytest -m gpu, ckpt =
 # ReSAM-dist with the other checkpointing settings (CKPT_MODES, default "off encoder decoder"),
 # profile = ReSAM-dist ("all" and "off", or PROFILE_MODES="on"/"off") under torch.profiler ($OUT/profile*/),
+# overlap_configs = every word-kernel config of "drop" overlap suppression, alone and back to back
+# ($OUT/overlap_configs/, benchmarks/bench_overlap_configs.py; not in the default CHECKS),
 # trace = what is live at ReSAM-dist's memory peak and where it was allocated (checkpointing
 # MEMORY_CHECKPOINTING; $OUT/memory_trace/memory_peak_resam_dist.txt, benchmarks/memory_peak.py).
 # KERNEL_CASES="suppress_overlap ..." limits the kernel benchmark to those cases, GPU_TEST_K="..." the
@@ -95,6 +97,8 @@ if wanted tests; then
 fi
 ONLY=(); for case in ${KERNEL_CASES:-}; do ONLY+=(--only "$case"); done  # default: every case
 wanted kernels && step "kernel benchmark" "${KERNELS_LIMIT:-280}" "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels" "${ONLY[@]}"
+wanted overlap_configs && step "word-kernel configs of overlap suppression" "${OVERLAP_CONFIGS_LIMIT:-150}" \
+    "$PY" benchmarks/bench_overlap_configs.py --out "$OUT/overlap_configs"
 if wanted profile; then
     for ckpt in ${PROFILE_MODES:-on off}; do
         extra=(); [[ $ckpt == off ]] && extra=(--dist-checkpointing off)

@@ -628,6 +628,10 @@ _ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 # CUDA graph against 75.0% for the tile design, and (2048, 16, 2, 4) wins at 8 x 50 x 256 x 256.
 # Strips of 24 rows ran at 70%, 8 warps and 1-row prefetch below the chosen ones
 # (benchmarks/results/h200_run13/README.md). 118-124 registers with the hints below, no spills.
+# In sm_90 SASS (triton 3.8 here) the pick's row loop sums the instances of a row across its four
+# warps through shared memory, with two barriers a row; one-warp strips ((256-1024, 16-32, 1-2, 1))
+# have no barrier there and do not spill. `benchmarks/bench_overlap_configs.py` times them next to
+# these configs; not yet run on a GPU, so they are not tuned here.
 _WORD_CONFIGS = ([triton.Config({"TILE": tile}, num_warps=warps)
                   for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8),
                                       (8192, 4), (8192, 8))]

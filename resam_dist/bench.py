@@ -1,6 +1,9 @@
 """resam-bench: run the benchmarks in benchmarks/ (results written to benchmarks/results/).
 
     resam-bench kernels [ARGS]   Triton kernels vs torch eager and torch.compile (needs CUDA)
+    resam-bench overlap-configs [ARGS]
+                                 every launch config of the "drop" overlap-suppression kernel, alone
+                                 and back to back (needs CUDA; not part of `all`)
     resam-bench loader  [ARGS]   DALI loader images/s vs the images/s the training step consumes
     resam-bench memory  [ARGS]   training memory and images/s: PointSAM-style vs ReSAM vs ReSAM-dist
     resam-bench all              loader and memory; kernels too when CUDA is available. Without CUDA,
@@ -17,7 +20,8 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = {"kernels": "bench_kernels.py", "loader": "bench_loader.py", "memory": "memory_vs_pointsam.py"}
+SCRIPTS = {"kernels": "bench_kernels.py", "loader": "bench_loader.py", "memory": "memory_vs_pointsam.py",
+           "overlap-configs": "bench_overlap_configs.py"}
 CPU_MEMORY_ARGS = ["--model", "tiny", "--instances", "16", "--steps", "5", "--warmup", "1"]
 """`resam-bench all`'s memory benchmark without CUDA: the settings of
 benchmarks/results/memory_vs_pointsam_cpu.md."""

@@ -74,3 +74,39 @@ def test_cpu_smoke_relpos_attention(tmp_path):
     assert {row["kernel"] for row in result["rows"]} == {"relpos_attention_fwd_bwd/bfloat16"}
     assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "sdpa_augmented", "torch_compile"}
     assert all(row["ms"] > 0 for row in result["rows"] if row["impl"] != "torch_compile")
+
+
+OVERLAP_CONFIGS = SCRIPT.parent / "bench_overlap_configs.py"
+
+
+def test_overlap_configs_cpu_smoke_checks_and_times_every_candidate(tmp_path):
+    """bench_overlap_configs.py --cpu-smoke: every pruned word config and the extra one are
+    checked against the reference (the script stops on a mismatch) and timed, for both kinds of
+    masks, next to a copy of the same bytes."""
+    completed = subprocess.run([sys.executable, str(OVERLAP_CONFIGS), "--cpu-smoke", "--extra", "512,32,2,1",
+                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads((tmp_path / "overlap_configs.json").read_text())
+    assert result["smoke"] is True and "cpu" in result["device"]
+    for kind in ("random", "compact"):
+        rows = [row for row in result["rows"] if row["masks"] == kind]
+        assert [row["origin"] for row in rows].count("copy") == 1
+        assert [row["config"] for row in rows if row["origin"] == "extra"] == [
+            "{'TILE': 512, 'STRIP_ROWS': 32, 'PREFETCH': 2} warps=1"]
+        # 1 x 3 x 16 x 64 bool masks, 16 words a row: the 11 tuned configs but TILE 8192 with 4 warps
+        # (its tiles would straddle rows)
+        tuned = [row["config"] for row in rows if row["origin"] == "tuned"]
+        assert len(tuned) == 10 and "{'TILE': 8192} warps=4" not in tuned
+        assert all(row["alone_ms"] > 0 and row["back_to_back_ms"] is None for row in rows)
+    assert "| 1x3x16x64 | compact |" in (tmp_path / "overlap_configs.md").read_text()
+
+
+def test_overlap_configs_refuses_without_cuda_and_a_malformed_extra():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    missing = subprocess.run([sys.executable, str(OVERLAP_CONFIGS), "--out", "/nonexistent"],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no CUDA device" in missing.stderr
+    malformed = subprocess.run([sys.executable, str(OVERLAP_CONFIGS), "--extra", "512,32"],
+                               capture_output=True, text=True, timeout=120)
+    assert malformed.returncode == 1 and "TILE,STRIP_ROWS,PREFETCH,WARPS" in malformed.stderr
