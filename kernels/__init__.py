@@ -16,6 +16,11 @@ reference (the specification, `*_reference` in each module) runs.
 - `relpos_attention(q, k, v, rel_h, rel_w, grid_w, scale, *, use_triton=True)`
 - `layer_norm(x, weight, bias, eps, *, residual=None, pre_bias=None, gelu=False, use_triton=True)`
 - `mask_head(upscaled, weight, bias, hyper_in, *, use_triton=True)`
+
+On the GPU the entropy filter, overlap suppression and the SSA loss tune their launch on the first
+call of each size class, which synchronises the device. To capture them in a CUDA graph, call them
+once with the same sizes before capturing (as `torch.cuda.graphs` advises for warm-up anyway):
+tuning inside a capture fails with CUDA's "operation not permitted when stream is capturing".
 """
 
 from __future__ import annotations
