@@ -50,25 +50,33 @@ def _env_int(name: str, default: int) -> int:
 
 def cuda_device_index(local_rank: int, visible_devices: int) -> int:
     """The CUDA device of a rank with this local rank when its process sees `visible_devices`
-    GPUs: the local rank's own device where the process sees the node's GPUs, or device 0 where it
-    sees only one (its own, e.g. a Slurm task bound to one GPU)."""
-    if visible_devices == 1:
+    GPUs: the local rank's own device where the process sees the node's GPUs, or device 0 where
+    CUDA_VISIBLE_DEVICES leaves it one GPU (its own: a Slurm task bound to one GPU)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible_devices == 1 and (local_rank == 0 or visible is not None):
         return 0
     if not 0 <= local_rank < visible_devices:
-        raise ValueError(f"LOCAL_RANK={local_rank} but this process sees {visible_devices} CUDA devices "
-                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): start "
-                         "one rank per GPU, each seeing either all of its node's GPUs or only its own")
+        raise ValueError(f"LOCAL_RANK={local_rank} but this process sees {visible_devices} CUDA device(s) "
+                         f"(CUDA_VISIBLE_DEVICES={'<unset>' if visible is None else visible}): start one "
+                         "rank per GPU, each seeing either all of its node's GPUs or only its own")
     return local_rank
 
 
+_INFO: DistInfo | None = None  # what init_distributed set up, until close()
+
+
 def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> DistInfo:
-    """Initialise torch.distributed from the launcher's environment (idempotent).
+    """Initialise torch.distributed from the launcher's environment (idempotent: a second call
+    returns the first one's DistInfo).
 
     timeout_s: timeout of every collective (config `train.collective_timeout_s`).
     local_rank_arg: `--local_rank` as the deepspeed launcher passes it; LOCAL_RANK wins when set.
     """
+    global _INFO
     if timeout_s <= 0:
         raise ValueError(f"collective timeout must be positive, got {timeout_s} s (train.collective_timeout_s)")
+    if _INFO is not None and dist.is_initialized():
+        return _INFO
     if "RANK" not in os.environ and _env_int("SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in os.environ:
         # one srun task per rank (`srun python launch/train.py`, deepspeed --launcher slurm)
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
@@ -92,15 +100,15 @@ def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> Di
                          "SLURM_LOCALID): the device and metrics port of this rank are unknown; start the job "
                          "with torchrun, the deepspeed launcher or srun")
     local = _env_int("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0)
-    os.environ["LOCAL_RANK"] = str(local)  # DeepSpeed reads it
+    os.environ["LOCAL_RANK"] = str(local)  # DeepSpeed reads it (on CUDA: the device index, below)
     if not 0 <= global_rank < world:
         raise ValueError(f"RANK={global_rank} is outside WORLD_SIZE={world}")
 
     if torch.cuda.is_available():
         device = torch.device("cuda", cuda_device_index(local, torch.cuda.device_count()))
         torch.cuda.set_device(device)
-        # DeepSpeed takes LOCAL_RANK as the device index (engine, zero.Init): 0 where this process
-        # sees one GPU; `local` still picks the metrics port
+        # DeepSpeed takes LOCAL_RANK as the device index (engine, ZeRO-3 utilities): 0 where this
+        # process sees one GPU; `local` still picks the metrics port
         os.environ["LOCAL_RANK"] = str(device.index)
         backend = "nccl"
     else:
@@ -111,8 +119,27 @@ def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> Di
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, rank=global_rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
-                    device=device, backend=backend)
+    _INFO = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
+                     device=device, backend=backend)
+    return _INFO
+
+
+# DeepSpeed options that take LOCAL_RANK as the rank within the node (which rank of a node writes
+# or loads); a rank bound to one GPU has LOCAL_RANK 0 for DeepSpeed (its device index)
+NODE_LOCAL_DEEPSPEED_OPTIONS = (("checkpoint", "use_node_local_storage"),
+                                ("zero_optimization", "pipeline_loading_checkpoint"))
+
+
+def check_node_local_options(ds_config: dict, info: DistInfo, source: str) -> None:
+    """Refuses DeepSpeed's node-local options on a rank that sees only its own GPU (its device
+    index differs from its local rank): every rank of the node would act as the node's first."""
+    if info.device.type != "cuda" or info.device.index == info.local_rank:
+        return
+    for section, key in NODE_LOCAL_DEEPSPEED_OPTIONS:
+        if (ds_config.get(section) or {}).get(key):
+            raise ValueError(f"{source}: key 'deepspeed.{section}.{key}' needs ranks that see all of their "
+                             f"node's GPUs, but local rank {info.local_rank} sees only its own (cuda:"
+                             f"{info.device.index}); drop the key or give every task all of the node's GPUs")
 
 
 def is_initialized() -> bool:
@@ -152,5 +179,7 @@ def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 def close() -> None:
     """Destroy the process group (safe to call twice)."""
+    global _INFO
+    _INFO = None
     if is_initialized():
         dist.destroy_process_group()

@@ -224,6 +224,7 @@ class Trainer:
         scheduler = build_scheduler(optimizer, warmup_steps=cfg.train.warmup_steps,
                                     milestones=cfg.train.milestones, gamma=cfg.train.lr_gamma)
         self.ds_config = deepspeed_dict(cfg, self.world_size, _bf16_supported(cfg, self.device))
+        distributed.check_node_local_options(self.ds_config, self.info, cfg.source or "<config>")
         self.bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
         if self.device.type == "cpu":
             _disable_deepspeed_shm_build()

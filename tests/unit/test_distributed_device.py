@@ -1,8 +1,10 @@
-"""The CUDA device of a rank: `distributed.cuda_device_index` (pure, so it runs without GPUs)."""
+"""The CUDA device of a rank (`distributed.cuda_device_index`) and the DeepSpeed options refused on
+a rank bound to one GPU (`distributed.check_node_local_options`): pure, so they run without GPUs."""
 
 import pytest
+import torch
 
-from resam_dist.distributed import cuda_device_index
+from resam_dist.distributed import DistInfo, check_node_local_options, cuda_device_index
 
 
 @pytest.mark.parametrize("local_rank", [0, 3, 7])
@@ -11,13 +13,68 @@ def test_a_rank_that_sees_every_gpu_of_its_node_takes_its_local_rank(local_rank)
 
 
 @pytest.mark.parametrize("local_rank", [0, 1, 5])
-def test_a_rank_bound_to_one_gpu_takes_the_one_it_sees(local_rank):
+def test_a_rank_bound_to_one_gpu_takes_the_one_it_sees(local_rank, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", str(local_rank))
     assert cuda_device_index(local_rank, 1) == 0
+
+
+def test_the_only_rank_of_a_one_gpu_machine_takes_it(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert cuda_device_index(0, 1) == 0
+
+
+def test_a_second_rank_on_a_one_gpu_machine_without_binding_is_refused(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but this process sees 1 CUDA device\(s\) "
+                                         r"\(CUDA_VISIBLE_DEVICES=<unset>\)"):
+        cuda_device_index(1, 1)
 
 
 @pytest.mark.parametrize("local_rank, visible", [(2, 2), (4, 3), (-1, 4)])
 def test_a_local_rank_beyond_the_visible_gpus_is_refused(local_rank, visible, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(str(index) for index in range(visible)))
     with pytest.raises(ValueError, match=rf"LOCAL_RANK={local_rank} but this process sees {visible} CUDA "
-                                         r"devices \(CUDA_VISIBLE_DEVICES=0,1"):
+                                         r"device\(s\) \(CUDA_VISIBLE_DEVICES=0,1"):
         cuda_device_index(local_rank, visible)
+
+
+def info(local_rank: int, device: torch.device) -> DistInfo:
+    return DistInfo(rank=local_rank, world_size=8, local_rank=local_rank, device=device, backend="nccl")
+
+
+@pytest.mark.parametrize("section, key", [("checkpoint", "use_node_local_storage"),
+                                          ("zero_optimization", "pipeline_loading_checkpoint")])
+def test_node_local_deepspeed_options_are_refused_on_a_bound_rank_only(section, key):
+    ds_config = {section: {key: True}, "train_batch_size": 8}
+    with pytest.raises(ValueError, match=rf"cfg.json: key 'deepspeed.{section}.{key}' needs ranks that see "
+                                         r"all of their node's GPUs, but local rank 3 sees only its own \(cuda:0\)"):
+        check_node_local_options(ds_config, info(3, torch.device("cuda", 0)), "cfg.json")
+    check_node_local_options(ds_config, info(3, torch.device("cuda", 3)), "cfg.json")  # sees the node's GPUs
+    check_node_local_options(ds_config, info(0, torch.device("cuda", 0)), "cfg.json")
+    check_node_local_options(ds_config, info(3, torch.device("cpu")), "cfg.json")
+    check_node_local_options({section: {key: False}}, info(3, torch.device("cuda", 0)), "cfg.json")
+    check_node_local_options({section: None}, info(3, torch.device("cuda", 0)), "cfg.json")
+
+
+def test_init_distributed_twice_returns_the_first_setup_until_closed(monkeypatch):
+    """A second call keeps the first call's local rank, even after LOCAL_RANK was rewritten for
+    DeepSpeed; close() forgets it."""
+    from resam_dist import distributed
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS",
+                 "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.setenv(name, "")  # recorded, so that teardown undoes what init_distributed sets
+        monkeypatch.delenv(name)
+    first = distributed.init_distributed(60, local_rank_arg=0)
+    try:
+        monkeypatch.setenv("LOCAL_RANK", "5")
+        assert distributed.init_distributed(60) is first and first.world_size == 1 and first.local_rank == 0
+    finally:
+        distributed.close()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    second = distributed.init_distributed(60)
+    try:
+        assert second is not first and second.rank == 0
+    finally:
+        distributed.close()
