@@ -68,6 +68,16 @@ def median_call_ms(fn: Callable[[], object], *, wall_clock: bool) -> float:
     return float(triton.testing.do_bench(fn, return_mode="median"))
 
 
+def copy_bandwidth_gbps(device, *, wall_clock: bool) -> float:
+    """Device-to-device copy bandwidth, read + write, of a float32 tensor of 1 GiB (1 MiB with
+    wall_clock, the interpreter's smoke runs)."""
+    import torch
+    copy_src = torch.ones((1 << 18) if wall_clock else (1 << 28), dtype=torch.float32, device=device)
+    copy_dst = torch.empty_like(copy_src)
+    copy_ms = median_call_ms(lambda: copy_dst.copy_(copy_src), wall_clock=wall_clock)
+    return 2 * copy_src.numel() * 4 / (copy_ms * 1e-3) / 1e9
+
+
 def compact_masks(batch: int, num_instances: int, height: int, width: int, device: torch.device,
                   generator: torch.Generator) -> torch.Tensor:
     """B x K x H x W bool: every instance a filled ellipse at a random place, semi-axes 1/20 to
@@ -161,13 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         torch._dynamo.reset()
         return torch.compile(fn, dynamic=False)
 
-    # device-to-device copy bandwidth: read + write
-    copy_numel = (1 << 18) if args.cpu_smoke else (1 << 28)  # float32: 1 MiB / 1 GiB
-    copy_src = torch.empty(copy_numel, dtype=torch.float32, device=device).fill_(1.0)
-    copy_dst = torch.empty_like(copy_src)
-    copy_ms = median_ms(lambda: copy_dst.copy_(copy_src))
-    copy_gbps = 2 * copy_src.numel() * 4 / (copy_ms * 1e-3) / 1e9
-    del copy_src, copy_dst
+    copy_gbps = copy_bandwidth_gbps(device, wall_clock=args.cpu_smoke)
     print(f"device-to-device copy on {device_name}: {copy_gbps:.1f} GB/s (read + write)", flush=True)
 
     rows: list[dict] = []

@@ -1,19 +1,22 @@
 """Time each launch config of the word kernel ("drop" overlap suppression) at the benchmark's shapes.
 
     python benchmarks/bench_overlap_configs.py [--out DIR] [--extra TILE,STRIP_ROWS,PREFETCH,WARPS ...]
-    python benchmarks/bench_overlap_configs.py --cpu-smoke --out DIR    # tests this script only
+    python benchmarks/bench_overlap_configs.py --cpu-smoke [--out DIR]    # tests this script only
 
 Each config runs alone (`triton.testing.do_bench`, which clears the L2 cache before every call:
 what a plain call and the autotuner see) and back to back (`do_bench_cudagraph`: many calls in one
 graph), against a copy of the same bytes timed both ways. Every config's outputs and boxes are
 checked against the torch reference before it is timed. Candidates: the configs of
-`overlap._WORD_CONFIGS` that its pruner lets run on these masks, then the `--extra` strip configs.
-The default extras are one- and two-warp strips: compiled for sm_90 (triton 3.8 here), their row
-loop has no barrier and no shared-memory round trip, where the four-warp pick (2048, 32, 2, 4)
-sums each row's instances across warps through shared memory with two barriers a row.
+`overlap._WORD_CONFIGS` that its pruner lets run on these masks, then the `--extra` strip configs
+not among them. The default extras are one-warp strips: compiled for sm_90 by triton 3.8 (this
+machine's), their row loop has no barrier and no shared-memory round trip and they do not spill,
+where the four-warp pick (2048, 32, 2, 4) sums each row's instances across warps through shared
+memory with two barriers a row. The GPU machines run another Triton (3.6), so that is a lead to
+measure, not a finding.
 
-Writes overlap_configs.json and overlap_configs.md into --out (default benchmarks/results). Without
-CUDA it refuses (exit code 2) unless `--cpu-smoke`: tiny masks through Triton's interpreter and a
+Writes overlap_configs.json and overlap_configs.md into --out (default benchmarks/results, or
+benchmarks/results/smoke with --cpu-smoke) after every row, 1024 x 1024 first. Without CUDA it
+refuses (exit code 2) unless `--cpu-smoke`: tiny masks through Triton's interpreter and a
 wall-clock timer; those numbers mean nothing.
 """
 
@@ -25,28 +28,38 @@ import os
 import sys
 from pathlib import Path
 
+from bench_kernels import compact_masks, copy_bandwidth_gbps, median_call_ms
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_EXTRAS = ("256,32,2,1", "512,32,2,1", "512,16,2,1", "512,32,1,1", "1024,32,2,1",
                   "1024,16,2,1", "1024,32,1,1")
-# B x K x H x W: the kernel benchmark's overlap shapes (K = 50 at the tiny and the ViT canvas)
-SHAPES = ((8, 50, 256, 256), (2, 50, 1024, 1024))
+# B x K x H x W: the kernel benchmark's overlap shapes (K = 50 on the ViT and the tiny canvas)
+SHAPES = ((2, 50, 1024, 1024), (8, 50, 256, 256))
 SMOKE_SHAPES = ((1, 3, 16, 64),)
 
 
 def strip_config(text: str):
-    """"TILE,STRIP_ROWS,PREFETCH,WARPS" -> a triton.Config of the word kernel's strip design."""
+    """"TILE,STRIP_ROWS,PREFETCH,WARPS" -> a triton.Config of the word kernel's strip design (exits
+    with a message on anything the kernel cannot run)."""
     import triton
     try:
         tile, strip_rows, prefetch, warps = (int(part) for part in text.split(","))
     except ValueError:
         raise SystemExit(f"bench_overlap_configs: --extra takes TILE,STRIP_ROWS,PREFETCH,WARPS (4 integers), "
                          f"got {text!r}") from None
+    power_of_two = lambda value: value > 0 and value & (value - 1) == 0  # noqa: E731
+    if not (power_of_two(tile) and 1 <= strip_rows <= 32 and prefetch in (1, 2) and power_of_two(warps)
+            and warps <= 32):
+        raise SystemExit(f"bench_overlap_configs: --extra {text!r}: TILE and WARPS must be powers of two "
+                         "(WARPS <= 32), STRIP_ROWS 1 to 32, PREFETCH 1 or 2")
     return triton.Config({"TILE": tile, "STRIP_ROWS": strip_rows, "PREFETCH": prefetch}, num_warps=warps)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for overlap_configs.json/.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for overlap_configs.json/.md (default: benchmarks/results, or "
+                             "benchmarks/results/smoke with --cpu-smoke)")
     parser.add_argument("--extra", action="append", default=None,
                         help="an extra strip config TILE,STRIP_ROWS,PREFETCH,WARPS (repeatable; default: "
                              + " ".join(DEFAULT_EXTRAS) + ")")
@@ -61,6 +74,8 @@ def describe(config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out is None:  # smoke numbers never overwrite real results
+        args.out = DEFAULT_OUT / "smoke" if args.cpu_smoke else DEFAULT_OUT
     if args.cpu_smoke:  # before any Triton kernel module is imported
         os.environ["TRITON_INTERPRET"] = "1"
     extras = [strip_config(text) for text in (args.extra or DEFAULT_EXTRAS)]
@@ -72,28 +87,22 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_overlap_configs: no CUDA device; this benchmark needs a GPU "
               "(use --cpu-smoke only to test this script on CPU)", file=sys.stderr)
         return 2
-    from bench_kernels import compact_masks, median_call_ms
     from resam_kernels import overlap
     from resam_kernels.entropy import entropy_filter_reference
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     device_name = ("cpu (Triton interpreter, smoke test: numbers are meaningless)" if args.cpu_smoke
                    else torch.cuda.get_device_name(device))
-
-    def alone_ms(fn) -> float:
-        return median_call_ms(fn, wall_clock=args.cpu_smoke)
-
-    def back_to_back_ms(fn) -> float | None:
-        return None if args.cpu_smoke else float(triton.testing.do_bench_cudagraph(fn, return_mode="median"))
-
-    copy_src = torch.ones((1 << 18) if args.cpu_smoke else (1 << 28), dtype=torch.float32, device=device)
-    copy_dst = torch.empty_like(copy_src)
-    copy_gbps = 2 * copy_src.numel() * 4 / (alone_ms(lambda: copy_dst.copy_(copy_src)) * 1e-3) / 1e9
-    del copy_src, copy_dst
+    copy_gbps = copy_bandwidth_gbps(device, wall_clock=args.cpu_smoke)
     print(f"device-to-device copy on {device_name}: {copy_gbps:.1f} GB/s", flush=True)
-
-    rows: list[dict] = []
+    result = {"device": device_name, "smoke": args.cpu_smoke, "torch": torch.__version__,
+              "triton": triton.__version__, "copy_bandwidth_gbps": copy_gbps, "rows": []}
     args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (args.out / "overlap_configs.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "overlap_configs.md").write_text(markdown(result))
+
     generator = torch.Generator(device=device).manual_seed(0)
     for batch, num_instances, height, width in SMOKE_SHAPES if args.cpu_smoke else SHAPES:
         shape = f"{batch}x{num_instances}x{height}x{width}"
@@ -104,48 +113,45 @@ def main(argv: list[str] | None = None) -> int:
         source = torch.ones(numel // 4, dtype=torch.int32, device=device)  # a copy of the same bytes
         target = torch.empty_like(source)
         for kind in ("random", "compact"):
-            if kind == "random":  # the entropy filter of random logits, as bench_kernels.py
+            if kind == "random":  # the entropy filter of random logits, as in bench_kernels.py
                 logits = torch.randn(batch, num_instances, height, width, device=device, generator=generator) * 4
                 masks = entropy_filter_reference(logits, 0.5)
                 del logits
             else:
                 masks = compact_masks(batch, num_instances, height, width, device, generator)
             expected_out, expected_boxes = overlap.suppress_overlap_reference(masks, None, counts, "drop")
-            named = {"words_per_row": width // 4, "words_ptr": masks, "out_ptr": masks}
             kp = triton.next_power_of_2(num_instances)
-            candidates = overlap._prune_word_configs(list(overlap._WORD_CONFIGS), named, KP=kp, ZERO_ONE=True)
-            candidates += [config for config in extras if config.kwargs["TILE"] >= kp]
-            timings = [("copy of the same bytes", None, lambda: target.copy_(source))]
-            for config in candidates:
+            tuned = overlap._prune_word_configs(
+                list(overlap._WORD_CONFIGS), {"words_per_row": width // 4, "words_ptr": masks, "out_ptr": masks},
+                KP=kp, ZERO_ONE=masks.dtype == torch.bool)
+            candidates = [("tuned", config) for config in tuned] + [
+                ("extra", config) for config in extras if config.kwargs["TILE"] >= kp and config not in tuned]
+            timings = [("copy", "copy", lambda: target.copy_(source))]
+            for origin, config in candidates:
                 out, boxes = overlap.suppress_overlap_triton(masks, None, counts, "drop", config=config)
                 if not (torch.equal(out, expected_out) and torch.equal(boxes, expected_boxes)):
                     raise AssertionError(f"{describe(config)} at {shape} ({kind}) differs from the reference")
-                timings.append(("extra" if config in extras else "tuned", config,
-                                lambda config=config: overlap.suppress_overlap_triton(
-                                    masks, None, counts, "drop", config=config)))
-            for origin, config, fn in timings:
-                alone, together = alone_ms(fn), back_to_back_ms(fn)
-                row = {"shape": shape, "masks": kind, "config": "copy" if config is None else describe(config),
-                       "origin": origin if config is not None else "copy", "alone_ms": alone,
-                       "alone_pct_copy": 100 * num_bytes / (alone * 1e-3) / 1e9 / copy_gbps,
-                       "back_to_back_ms": together,
-                       "back_to_back_pct_copy": None if together is None
-                       else 100 * num_bytes / (together * 1e-3) / 1e9 / copy_gbps}
-                rows.append(row)
-                print(f"{shape} {kind:7s} {row['config']:70s} alone {alone:.4f} ms "
-                      f"({row['alone_pct_copy']:.1f}%)" + ("" if together is None else
-                                                           f", back to back {together:.4f} ms "
-                                                           f"({row['back_to_back_pct_copy']:.1f}%)"), flush=True)
+                timings.append((origin, describe(config), lambda config=config: overlap.suppress_overlap_triton(
+                    masks, None, counts, "drop", config=config)))
+            for origin, name, fn in timings:
+                alone = median_call_ms(fn, wall_clock=args.cpu_smoke)
+                together = None if args.cpu_smoke else float(
+                    triton.testing.do_bench_cudagraph(fn, return_mode="median"))
+                percent = lambda ms: 100 * num_bytes / (ms * 1e-3) / 1e9 / copy_gbps  # noqa: E731
+                row = {"shape": shape, "masks": kind, "config": name, "origin": origin, "alone_ms": alone,
+                       "alone_pct_copy": percent(alone), "back_to_back_ms": together,
+                       "back_to_back_pct_copy": None if together is None else percent(together)}
+                result["rows"].append(row)
+                save()  # a run cut short keeps its rows
+                print(f"{shape} {kind:7s} {name:70s} alone {alone:.4f} ms ({row['alone_pct_copy']:.1f}%)"
+                      + ("" if together is None else
+                         f", back to back {together:.4f} ms ({row['back_to_back_pct_copy']:.1f}%)"), flush=True)
             del masks
-        result = {"device": device_name, "smoke": args.cpu_smoke, "torch": torch.__version__,
-                  "triton": triton.__version__, "copy_bandwidth_gbps": copy_gbps, "rows": rows}
-        (args.out / "overlap_configs.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "overlap_configs.md").write_text(markdown(result))
     return 0
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Word-kernel configs of \"drop\" overlap suppression\n",
+    lines = ["# Word-kernel configs of \"drop\" overlap suppression\n",
              f"Device: **{result['device']}** (torch {result['torch']}, triton {result['triton']}). "
              f"Copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s. \"alone\": `do_bench` median (L2 "
              "cleared before each call); \"back to back\": `do_bench_cudagraph` median. % of the copy "
@@ -161,5 +167,4 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_kernels' mask maker
     sys.exit(main())

@@ -80,33 +80,41 @@ OVERLAP_CONFIGS = SCRIPT.parent / "bench_overlap_configs.py"
 
 
 def test_overlap_configs_cpu_smoke_checks_and_times_every_candidate(tmp_path):
-    """bench_overlap_configs.py --cpu-smoke: every pruned word config and the extra one are
-    checked against the reference (the script stops on a mismatch) and timed, for both kinds of
-    masks, next to a copy of the same bytes."""
+    """bench_overlap_configs.py --cpu-smoke: every word config its pruner keeps and the extra one
+    not among them are checked against the reference (the script stops on a mismatch) and timed,
+    for both kinds of masks, next to a copy of the same bytes."""
     completed = subprocess.run([sys.executable, str(OVERLAP_CONFIGS), "--cpu-smoke", "--extra", "512,32,2,1",
-                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                                "--extra", "1024,32,2,2", "--out", str(tmp_path)],
+                               capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     result = json.loads((tmp_path / "overlap_configs.json").read_text())
     assert result["smoke"] is True and "cpu" in result["device"]
     for kind in ("random", "compact"):
         rows = [row for row in result["rows"] if row["masks"] == kind]
         assert [row["origin"] for row in rows].count("copy") == 1
+        # 1024,32,2,2 is one of the tuned configs: timed once, as tuned
         assert [row["config"] for row in rows if row["origin"] == "extra"] == [
             "{'TILE': 512, 'STRIP_ROWS': 32, 'PREFETCH': 2} warps=1"]
         # 1 x 3 x 16 x 64 bool masks, 16 words a row: the 11 tuned configs but TILE 8192 with 4 warps
         # (its tiles would straddle rows)
         tuned = [row["config"] for row in rows if row["origin"] == "tuned"]
-        assert len(tuned) == 10 and "{'TILE': 8192} warps=4" not in tuned
+        assert len(tuned) == len(set(tuned)) == 10 and "{'TILE': 8192} warps=4" not in tuned
         assert all(row["alone_ms"] > 0 and row["back_to_back_ms"] is None for row in rows)
     assert "| 1x3x16x64 | compact |" in (tmp_path / "overlap_configs.md").read_text()
 
 
-def test_overlap_configs_refuses_without_cuda_and_a_malformed_extra():
+def test_overlap_configs_refuses_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     missing = subprocess.run([sys.executable, str(OVERLAP_CONFIGS), "--out", "/nonexistent"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no CUDA device" in missing.stderr
-    malformed = subprocess.run([sys.executable, str(OVERLAP_CONFIGS), "--extra", "512,32"],
+
+
+@pytest.mark.parametrize("extra, message", [("512,32", "TILE,STRIP_ROWS,PREFETCH,WARPS (4 integers)"),
+                                            ("500,32,2,1", "powers of two"), ("512,33,2,1", "STRIP_ROWS 1 to 32"),
+                                            ("512,32,3,1", "PREFETCH 1 or 2")])
+def test_overlap_configs_refuses_a_malformed_extra(extra, message):
+    malformed = subprocess.run([sys.executable, str(OVERLAP_CONFIGS), "--cpu-smoke", "--extra", extra],
                                capture_output=True, text=True, timeout=120)
-    assert malformed.returncode == 1 and "TILE,STRIP_ROWS,PREFETCH,WARPS" in malformed.stderr
+    assert malformed.returncode == 1 and message in malformed.stderr
