@@ -1,9 +1,10 @@
 """Triton kernels for ReSAM-dist (imported as `resam_kernels`).
 
-Each dispatcher runs the Triton kernel when `use_triton` is true and the input is a CUDA tensor,
-or a CPU tensor while Triton's interpreter is on (`TRITON_INTERPRET=1` in the environment when
-the kernel modules were first imported); otherwise, or with `use_triton=False`, the torch
-reference (the specification, `*_reference` in each module) runs.
+Each dispatcher runs the Triton kernel when `use_triton` is true and the input is a CUDA tensor
+(on that tensor's device, whichever device is current), or a CPU tensor while Triton's interpreter
+is on (`TRITON_INTERPRET=1` in the environment when the kernel modules were first imported);
+otherwise, or with `use_triton=False`, the torch reference (the specification, `*_reference` in
+each module) runs.
 
 - `entropy_filter(logits, eps, *, return_confidence=False, use_triton=True)`
 - `confidence(logits, *, use_triton=True)`
@@ -24,6 +25,8 @@ tuning inside a capture fails with CUDA's "operation not permitted when stream i
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -57,6 +60,14 @@ def runs_triton(tensor: torch.Tensor, use_triton: bool = True) -> bool:
     return tensor.is_cuda or (INTERPRET and tensor.device.type == "cpu")
 
 
+def _on_device_of(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: for a tensor on another one, that device is made
+    current for the call (nothing happens on the current device or on CPU)."""
+    if tensor.is_cuda and tensor.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
 def entropy_filter(logits: torch.Tensor, eps: float, *, return_confidence: bool = False,
                    use_triton: bool = True):
     """Refine's entropy filter. logits: B x K x H x W (fp32/bf16/fp16).
@@ -65,14 +76,16 @@ def entropy_filter(logits: torch.Tensor, eps: float, *, return_confidence: bool 
     shape) with `return_confidence` (what `suppress_overlap(..., mode="argmax")` needs).
     """
     if runs_triton(logits, use_triton):
-        return entropy_filter_triton(logits, eps, return_confidence=return_confidence)
+        with _on_device_of(logits):
+            return entropy_filter_triton(logits, eps, return_confidence=return_confidence)
     return entropy_filter_reference(logits, eps, return_confidence=return_confidence)
 
 
 def confidence(logits: torch.Tensor, *, use_triton: bool = True) -> torch.Tensor:
     """Per-pixel confidence c = p (1 - H): logits ... -> float32 of the same shape."""
     if runs_triton(logits, use_triton):
-        return entropy_filter_triton(logits, 0.0, return_confidence=True)[1]
+        with _on_device_of(logits):
+            return entropy_filter_triton(logits, 0.0, return_confidence=True)[1]
     return confidence_reference(logits)
 
 
@@ -88,7 +101,8 @@ def suppress_overlap(masks: torch.Tensor, confidence: torch.Tensor | None, count
     empty masks -> zeros).
     """
     if runs_triton(masks, use_triton):
-        return suppress_overlap_triton(masks, confidence, counts, mode)
+        with _on_device_of(masks):
+            return suppress_overlap_triton(masks, confidence, counts, mode)
     return suppress_overlap_reference(masks, confidence, counts, mode)
 
 
@@ -97,7 +111,8 @@ def ssa_loss(student: torch.Tensor, weak: torch.Tensor, queue: torch.Tensor, tau
     """Soft Semantic Alignment loss (float32 scalar). student N x C (grad), weak N x C, queue q x C;
     all rows L2-normalised inside; gradient to `student` only. See `resam_kernels.ssa`."""
     if runs_triton(student, use_triton):
-        return ssa_loss_triton(student, weak, queue, tau)
+        with _on_device_of(student):
+            return ssa_loss_triton(student, weak, queue, tau)
     return ssa_loss_reference(student, weak, queue, tau)
 
 
@@ -107,7 +122,8 @@ def mask_loss_terms(logits: torch.Tensor, target: torch.Tensor, *, use_triton: b
     target of the same shape: each ... float32; focal and dice differentiable wrt the logits, iou
     (of logits > 0) not. See `resam_kernels.mask_loss`."""
     if runs_triton(logits, use_triton):
-        return mask_loss_terms_triton(logits, target)
+        with _on_device_of(logits):
+            return mask_loss_terms_triton(logits, target)
     return mask_loss_terms_reference(logits, target)
 
 
@@ -117,7 +133,8 @@ def upsampled_mask_loss_terms(low_res: torch.Tensor, target: torch.Tensor, *, us
     bool target ... x 4h x 4w, without the full-resolution logits or their gradient. See
     `resam_kernels.mask_loss_upsampled`."""
     if runs_triton(low_res, use_triton):
-        return upsampled_mask_loss_terms_triton(low_res, target)
+        with _on_device_of(low_res):
+            return upsampled_mask_loss_terms_triton(low_res, target)
     return upsampled_mask_loss_terms_reference(low_res, target)
 
 
@@ -125,7 +142,8 @@ def instance_counts(pred: torch.Tensor, gt: torch.Tensor, *, use_triton: bool = 
     """Per-instance (tp, fp, fn) pixel counts: pred ... x H x W (bool, or float logits with
     foreground logit > 0), gt ... x H x W bool -> ... x 3 int64. See `resam_kernels.counts`."""
     if runs_triton(pred, use_triton):
-        return instance_counts_triton(pred, gt)
+        with _on_device_of(pred):
+            return instance_counts_triton(pred, gt)
     return instance_counts_reference(pred, gt)
 
 
@@ -136,7 +154,8 @@ def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: t
     W = grid_w), rel_h B x heads x N x H, rel_w B x heads x N x W -> B x heads x N x d in q's dtype;
     differentiable in all five. See `resam_kernels.relpos_attention`."""
     if runs_triton(q, use_triton):
-        return relpos_attention_triton(q, k, v, rel_h, rel_w, grid_w, scale)
+        with _on_device_of(q):
+            return relpos_attention_triton(q, k, v, rel_h, rel_w, grid_w, scale)
     return relpos_attention_reference(q, k, v, rel_h, rel_w, grid_w, scale)
 
 
@@ -144,7 +163,8 @@ def upsample4x(low_res: torch.Tensor, *, use_triton: bool = True) -> torch.Tenso
     """Bilinear 4x upsampling (align_corners=False) of float32 N x C x h x w -> N x C x 4h x 4w,
     differentiable. See `resam_kernels.upsample`."""
     if runs_triton(low_res, use_triton):
-        return upsample4x_triton(low_res)
+        with _on_device_of(low_res):
+            return upsample4x_triton(low_res)
     return upsample4x_reference(low_res)
 
 
@@ -155,7 +175,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     math, in x's dtype (act = exact GELU with `gelu`); residual like x, pre_bias / weight / bias C.
     Differentiable in x, residual, pre_bias, weight and bias. See `resam_kernels.layer_norm`."""
     if runs_triton(x, use_triton):
-        return layer_norm_triton(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
+        with _on_device_of(x):
+            return layer_norm_triton(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
     return layer_norm_reference(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
 
 
@@ -166,5 +187,6 @@ def mask_head(upscaled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     bias Cout, hyper_in N x Cout -> masks N x 1 x 2H x 2W float32, differentiable wrt all four.
     See `resam_kernels.mask_head`."""
     if runs_triton(upscaled, use_triton):
-        return mask_head_triton(upscaled, weight, bias, hyper_in)
+        with _on_device_of(upscaled):
+            return mask_head_triton(upscaled, weight, bias, hyper_in)
     return mask_head_reference(upscaled, weight, bias, hyper_in)

@@ -551,3 +551,33 @@ def test_layer_norm_realistic(rows, channels, with_residual, with_pre_bias, gelu
         # parameter gradients: float32 sums over up to 3.3 M rows in another order, then bf16
         scale = grad_ref.float().abs().max().item()
         torch.testing.assert_close(grad.float(), grad_ref.float(), atol=1e-2 * scale, rtol=2e-2, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_on_a_device_that_is_not_current():
+    """Tensors on cuda:1 while cuda:0 is current: each dispatcher launches on the tensors' device
+    (Triton would launch on the current one) and matches its reference, backward included."""
+    other = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        generator = torch.Generator(device=other).manual_seed(7)
+        logits = torch.randn(2, 7, 63, 64, device=other, generator=generator) * 4
+        keep, confidence = resam_kernels.entropy_filter(logits, 0.3, return_confidence=True)
+        keep_ref, confidence_ref = entropy_filter_reference(logits, 0.3, return_confidence=True)
+        assert torch.equal(keep, keep_ref) and torch.allclose(confidence, confidence_ref, atol=1e-6)
+        counts = torch.tensor([7, 5], device=other)
+        for mode in ("drop", "argmax"):
+            out, boxes = resam_kernels.suppress_overlap(keep, confidence, counts, mode)
+            out_ref, boxes_ref = suppress_overlap_reference(keep, confidence, counts, mode)
+            assert torch.equal(out, out_ref) and torch.equal(boxes, boxes_ref), mode
+        gt = torch.rand(2, 7, 63, 64, device=other, generator=generator) < 0.3
+        assert torch.equal(resam_kernels.instance_counts(logits, gt), instance_counts_reference(logits, gt))
+        x = torch.randn(37, 100, device=other, generator=generator, requires_grad=True)
+        weight = torch.randn(100, device=other, generator=generator)
+        bias = torch.randn(100, device=other, generator=generator)
+        got = resam_kernels.layer_norm(x, weight, bias, 1e-6, gelu=True)
+        expected = layer_norm_reference(x, weight, bias, 1e-6, gelu=True)
+        assert torch.allclose(got, expected, atol=1e-4)
+        (grad,) = torch.autograd.grad(got.square().sum(), x)
+        (grad_ref,) = torch.autograd.grad(expected.square().sum(), x)
+        assert torch.allclose(grad, grad_ref, atol=1e-3)
+        assert torch.cuda.current_device() == 0
