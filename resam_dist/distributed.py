@@ -4,8 +4,8 @@ Ranks come from the launcher's environment (`deepspeed`, `torchrun`, Slurm + tor
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; under a bare `srun` with several
 tasks, SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID stand in for them). Without any of them the
 process is a world of one on a free loopback port. The device is chosen by the LOCAL rank (one GPU per local rank;
-a task that sees one GPU, as Slurm's per-task GPU binding leaves it, uses that one), the data shard by the GLOBAL
-rank.
+a task whose CUDA_VISIBLE_DEVICES leaves it one GPU, as Slurm's per-task GPU binding does, uses that one), the data
+shard by the GLOBAL rank.
 
 `init_distributed` creates the torch.distributed group itself (gloo on CPU, nccl on CUDA) with the
 configured timeout, so that a rank that dies ends the job with an error after at most that long
@@ -58,7 +58,8 @@ def cuda_device_index(local_rank: int, visible_devices: int) -> int:
     if not 0 <= local_rank < visible_devices:
         raise ValueError(f"LOCAL_RANK={local_rank} but this process sees {visible_devices} CUDA device(s) "
                          f"(CUDA_VISIBLE_DEVICES={'<unset>' if visible is None else visible}): start one "
-                         "rank per GPU, each seeing either all of its node's GPUs or only its own")
+                         "rank per GPU, each seeing either all of its node's GPUs or only its own through "
+                         "CUDA_VISIBLE_DEVICES")
     return local_rank
 
 
@@ -75,7 +76,8 @@ def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> Di
     global _INFO
     if timeout_s <= 0:
         raise ValueError(f"collective timeout must be positive, got {timeout_s} s (train.collective_timeout_s)")
-    if _INFO is not None and dist.is_initialized():
+    if (_INFO is not None and dist.is_initialized() and dist.get_rank() == _INFO.rank
+            and dist.get_world_size() == _INFO.world_size):
         return _INFO
     if "RANK" not in os.environ and _env_int("SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in os.environ:
         # one srun task per rank (`srun python launch/train.py`, deepspeed --launcher slurm)
@@ -130,16 +132,24 @@ NODE_LOCAL_DEEPSPEED_OPTIONS = (("checkpoint", "use_node_local_storage"),
                                 ("zero_optimization", "pipeline_loading_checkpoint"))
 
 
-def check_node_local_options(ds_config: dict, info: DistInfo, source: str) -> None:
-    """Refuses DeepSpeed's node-local options on a rank that sees only its own GPU (its device
-    index differs from its local rank): every rank of the node would act as the node's first."""
-    if info.device.type != "cuda" or info.device.index == info.local_rank:
+def check_node_local_options(deepspeed_config: dict, info: DistInfo, source: str) -> None:
+    """Refuses DeepSpeed's node-local options when any rank sees only its own GPU (its device index
+    differs from its local rank): DeepSpeed would take every such rank for its node's first (all
+    of them write the node's checkpoint files, or wait on sends no rank makes). Every rank
+    decides alike: with an option set, the ranks agree through one all-reduce."""
+    options = [f"{section}.{key}" for section, key in NODE_LOCAL_DEEPSPEED_OPTIONS
+               if (deepspeed_config.get(section) or {}).get(key)]
+    if not options:
         return
-    for section, key in NODE_LOCAL_DEEPSPEED_OPTIONS:
-        if (ds_config.get(section) or {}).get(key):
-            raise ValueError(f"{source}: key 'deepspeed.{section}.{key}' needs ranks that see all of their "
-                             f"node's GPUs, but local rank {info.local_rank} sees only its own (cuda:"
-                             f"{info.device.index}); drop the key or give every task all of the node's GPUs")
+    bound = info.device.type == "cuda" and info.device.index != info.local_rank
+    if is_initialized() and info.world_size > 1:
+        flag = torch.tensor([int(bound)], device="cpu" if dist.get_backend() == "gloo" else info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bound = bool(flag.item())
+    if bound:
+        raise ValueError(f"{source}: key 'deepspeed.{options[0]}' needs ranks that see all of their node's "
+                         "GPUs, but ranks of this job see only their own (CUDA_VISIBLE_DEVICES); drop the key "
+                         "or give every task all of its node's GPUs")
 
 
 def is_initialized() -> bool:

@@ -256,8 +256,10 @@ def evaluate_model(model: Any, split: Any, *, num_points: int, seed: int = 1337,
                                         "instances": int(item.gt_masks.shape[0]), "evaluated": True,
                                         "tp": tp, "fp": fp, "fn": fn, **row_scores}
 
+    # the model's device is current for the call (Triton kernels launch on the current device)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), on_device:
             pending: list[_Prepared] = []
             for index, image_id in enumerate(chosen):
                 item = _prepare(split, image_id, image_size=model.image_size, num_points=num_points,

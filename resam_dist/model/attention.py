@@ -70,7 +70,7 @@ from segment_anything.modeling.transformer import Attention as DecoderAttention
 from segment_anything.modeling.transformer import TwoWayAttentionBlock, TwoWayTransformer
 from torch import nn
 
-from resam_kernels import layer_norm
+from resam_kernels import layer_norm, relpos_attention
 
 ATTENTION_KINDS = ("sdpa", "official")
 FEW_KEYS = 16
@@ -168,10 +168,8 @@ class SdpaAttention(Attention):
             rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_cols)  # B x heads x H x W x W
             rel_h = rel_h.reshape(batch, heads, tokens, height)  # B x heads x N x H
             rel_w = rel_w.reshape(batch, heads, tokens, width)  # B x heads x N x W
-            if q.is_cuda and USE_TRITON_RELPOS:
-                from resam_kernels.relpos_attention import relpos_attention_triton  # late: TRITON_INTERPRET
-
-                out = relpos_attention_triton(q, k, v, rel_h, rel_w, width, self.scale)  # B x heads x N x d
+            if q.is_cuda and USE_TRITON_RELPOS:  # the Triton kernel, on q's device
+                out = relpos_attention(q, k, v, rel_h, rel_w, width, self.scale)  # B x heads x N x d
             else:
                 out = augmented_sdpa_attention(q, k, v, rel_h, rel_w, width, self.scale)  # B x heads x N x d
         out = out.view(batch, heads, height, width, head_dim).permute(0, 2, 3, 1, 4)  # B x H x W x heads x d

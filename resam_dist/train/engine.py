@@ -199,6 +199,7 @@ class Trainer:
 
         self.cfg = cfg
         self.info = distributed.init_distributed(cfg.train.collective_timeout_s, local_rank_arg=local_rank_arg)
+        distributed.check_node_local_options(cfg.deepspeed, self.info, cfg.source or "<config>")
         self.rank, self.world_size, self.device = self.info.rank, self.info.world_size, self.info.device
         self.is_main = self.rank == 0
         self.output_dir = Path(cfg.train.output_dir)
@@ -224,7 +225,6 @@ class Trainer:
         scheduler = build_scheduler(optimizer, warmup_steps=cfg.train.warmup_steps,
                                     milestones=cfg.train.milestones, gamma=cfg.train.lr_gamma)
         self.ds_config = deepspeed_dict(cfg, self.world_size, _bf16_supported(cfg, self.device))
-        distributed.check_node_local_options(self.ds_config, self.info, cfg.source or "<config>")
         self.bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
         if self.device.type == "cpu":
             _disable_deepspeed_shm_build()
