@@ -4,7 +4,6 @@ DeepSpeed's start-up collectives; without the option neither refuses."""
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from resam_dist.distributed import DistInfo, check_node_local_options
+from train_helpers import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -36,10 +36,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_every_rank_refuses_when_one_rank_is_bound(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert outcome["plain"] == "accepted"
