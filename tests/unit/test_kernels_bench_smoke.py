@@ -1,6 +1,7 @@
 """The kernel benchmark script: `--cpu-smoke` writes its JSON/markdown; without CUDA it refuses."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,18 +104,29 @@ def test_overlap_configs_cpu_smoke_checks_and_times_every_candidate(tmp_path):
     assert "| 1x3x16x64 | compact |" in (tmp_path / "overlap_configs.md").read_text()
 
 
-def test_overlap_configs_refuses_without_cuda():
+def load_overlap_configs():
+    """benchmarks/bench_overlap_configs.py as a module (its folder on the path, for bench_kernels)."""
+    import importlib.util
+    sys.path.insert(0, str(OVERLAP_CONFIGS.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_overlap_configs", OVERLAP_CONFIGS)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(OVERLAP_CONFIGS.parent))
+    return module
+
+
+def test_overlap_configs_refuses_without_cuda(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    missing = subprocess.run([sys.executable, str(OVERLAP_CONFIGS), "--out", "/nonexistent"],
-                             capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "no CUDA device" in missing.stderr
+    assert load_overlap_configs().main(["--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("extra, message", [("512,32", "TILE,STRIP_ROWS,PREFETCH,WARPS (4 integers)"),
                                             ("500,32,2,1", "powers of two"), ("512,33,2,1", "STRIP_ROWS 1 to 32"),
                                             ("512,32,3,1", "PREFETCH 1 or 2")])
 def test_overlap_configs_refuses_a_malformed_extra(extra, message):
-    malformed = subprocess.run([sys.executable, str(OVERLAP_CONFIGS), "--cpu-smoke", "--extra", extra],
-                               capture_output=True, text=True, timeout=120)
-    assert malformed.returncode == 1 and message in malformed.stderr
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        load_overlap_configs().strip_config(extra)
