@@ -60,11 +60,18 @@ def runs_triton(tensor: torch.Tensor, use_triton: bool = True) -> bool:
     return tensor.is_cuda or (INTERPRET and tensor.device.type == "cpu")
 
 
-def _on_device_of(tensor: torch.Tensor):
-    """Triton launches on the current CUDA device: for a tensor on another one, that device is made
-    current for the call (nothing happens on the current device or on CPU)."""
-    if tensor.is_cuda and tensor.get_device() != torch.cuda.current_device():
-        return torch.cuda.device(tensor.device)
+def _on_device_of(function: str, **tensors: torch.Tensor | None):
+    """The context for a Triton call on the device of the first tensor given: on a CUDA device other
+    than the current one, that device is made current for the call (Triton launches on the current
+    device). Every other tensor given (None: not passed) must lie on that same device, else a
+    ValueError names both: a kernel given another device's pointer reads garbage or faults."""
+    (first_name, first), *others = tensors.items()
+    for name, tensor in others:
+        if tensor is not None and tensor.device != first.device:
+            raise ValueError(f"resam_kernels.{function}: '{name}' is on {tensor.device} but '{first_name}' is on "
+                             f"{first.device}; the kernel needs all of its inputs on one device")
+    if first.is_cuda and first.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(first.device)
     return contextlib.nullcontext()
 
 
@@ -76,7 +83,7 @@ def entropy_filter(logits: torch.Tensor, eps: float, *, return_confidence: bool 
     shape) with `return_confidence` (what `suppress_overlap(..., mode="argmax")` needs).
     """
     if runs_triton(logits, use_triton):
-        with _on_device_of(logits):
+        with _on_device_of("entropy_filter", logits=logits):
             return entropy_filter_triton(logits, eps, return_confidence=return_confidence)
     return entropy_filter_reference(logits, eps, return_confidence=return_confidence)
 
@@ -84,7 +91,7 @@ def entropy_filter(logits: torch.Tensor, eps: float, *, return_confidence: bool 
 def confidence(logits: torch.Tensor, *, use_triton: bool = True) -> torch.Tensor:
     """Per-pixel confidence c = p (1 - H): logits ... -> float32 of the same shape."""
     if runs_triton(logits, use_triton):
-        with _on_device_of(logits):
+        with _on_device_of("confidence", logits=logits):
             return entropy_filter_triton(logits, 0.0, return_confidence=True)[1]
     return confidence_reference(logits)
 
@@ -101,7 +108,7 @@ def suppress_overlap(masks: torch.Tensor, confidence: torch.Tensor | None, count
     empty masks -> zeros).
     """
     if runs_triton(masks, use_triton):
-        with _on_device_of(masks):
+        with _on_device_of("suppress_overlap", masks=masks, confidence=confidence if mode == "argmax" else None):
             return suppress_overlap_triton(masks, confidence, counts, mode)
     return suppress_overlap_reference(masks, confidence, counts, mode)
 
@@ -111,7 +118,7 @@ def ssa_loss(student: torch.Tensor, weak: torch.Tensor, queue: torch.Tensor, tau
     """Soft Semantic Alignment loss (float32 scalar). student N x C (grad), weak N x C, queue q x C;
     all rows L2-normalised inside; gradient to `student` only. See `resam_kernels.ssa`."""
     if runs_triton(student, use_triton):
-        with _on_device_of(student):
+        with _on_device_of("ssa_loss", student=student, weak=weak, queue=queue):
             return ssa_loss_triton(student, weak, queue, tau)
     return ssa_loss_reference(student, weak, queue, tau)
 
@@ -122,7 +129,7 @@ def mask_loss_terms(logits: torch.Tensor, target: torch.Tensor, *, use_triton: b
     target of the same shape: each ... float32; focal and dice differentiable wrt the logits, iou
     (of logits > 0) not. See `resam_kernels.mask_loss`."""
     if runs_triton(logits, use_triton):
-        with _on_device_of(logits):
+        with _on_device_of("mask_loss_terms", logits=logits, target=target):
             return mask_loss_terms_triton(logits, target)
     return mask_loss_terms_reference(logits, target)
 
@@ -133,7 +140,7 @@ def upsampled_mask_loss_terms(low_res: torch.Tensor, target: torch.Tensor, *, us
     bool target ... x 4h x 4w, without the full-resolution logits or their gradient. See
     `resam_kernels.mask_loss_upsampled`."""
     if runs_triton(low_res, use_triton):
-        with _on_device_of(low_res):
+        with _on_device_of("upsampled_mask_loss_terms", low_res=low_res, target=target):
             return upsampled_mask_loss_terms_triton(low_res, target)
     return upsampled_mask_loss_terms_reference(low_res, target)
 
@@ -142,7 +149,7 @@ def instance_counts(pred: torch.Tensor, gt: torch.Tensor, *, use_triton: bool = 
     """Per-instance (tp, fp, fn) pixel counts: pred ... x H x W (bool, or float logits with
     foreground logit > 0), gt ... x H x W bool -> ... x 3 int64. See `resam_kernels.counts`."""
     if runs_triton(pred, use_triton):
-        with _on_device_of(pred):
+        with _on_device_of("instance_counts", pred=pred, gt=gt):
             return instance_counts_triton(pred, gt)
     return instance_counts_reference(pred, gt)
 
@@ -154,7 +161,7 @@ def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: t
     W = grid_w), rel_h B x heads x N x H, rel_w B x heads x N x W -> B x heads x N x d in q's dtype;
     differentiable in all five. See `resam_kernels.relpos_attention`."""
     if runs_triton(q, use_triton):
-        with _on_device_of(q):
+        with _on_device_of("relpos_attention", q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w):
             return relpos_attention_triton(q, k, v, rel_h, rel_w, grid_w, scale)
     return relpos_attention_reference(q, k, v, rel_h, rel_w, grid_w, scale)
 
@@ -163,7 +170,7 @@ def upsample4x(low_res: torch.Tensor, *, use_triton: bool = True) -> torch.Tenso
     """Bilinear 4x upsampling (align_corners=False) of float32 N x C x h x w -> N x C x 4h x 4w,
     differentiable. See `resam_kernels.upsample`."""
     if runs_triton(low_res, use_triton):
-        with _on_device_of(low_res):
+        with _on_device_of("upsample4x", low_res=low_res):
             return upsample4x_triton(low_res)
     return upsample4x_reference(low_res)
 
@@ -175,7 +182,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     math, in x's dtype (act = exact GELU with `gelu`); residual like x, pre_bias / weight / bias C.
     Differentiable in x, residual, pre_bias, weight and bias. See `resam_kernels.layer_norm`."""
     if runs_triton(x, use_triton):
-        with _on_device_of(x):
+        with _on_device_of("layer_norm", x=x, weight=weight, bias=bias, residual=residual,
+                          pre_bias=pre_bias):
             return layer_norm_triton(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
     return layer_norm_reference(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
 
@@ -187,6 +195,6 @@ def mask_head(upscaled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     bias Cout, hyper_in N x Cout -> masks N x 1 x 2H x 2W float32, differentiable wrt all four.
     See `resam_kernels.mask_head`."""
     if runs_triton(upscaled, use_triton):
-        with _on_device_of(upscaled):
+        with _on_device_of("mask_head", upscaled=upscaled, weight=weight, bias=bias, hyper_in=hyper_in):
             return mask_head_triton(upscaled, weight, bias, hyper_in)
     return mask_head_reference(upscaled, weight, bias, hyper_in)
