@@ -367,7 +367,7 @@ def validate(cfg: Config) -> None:
     if "optimizer" in ds or "scheduler" in ds:
         raise ValueError(f"{src}: keys 'deepspeed.optimizer'/'deepspeed.scheduler' are not used: the trainer "
                          "builds a torch AdamW and the warm-up/milestone schedule from the train section")
-    for key in ("zero_optimization", "bf16", "fp16"):
+    for key in ("zero_optimization", "bf16", "fp16", "checkpoint"):
         if key in ds and not isinstance(ds[key], dict):
             raise ValueError(f"{src}: key 'deepspeed.{key}' must be an object, got {ds[key]!r}")
     if ds.get("fp16", {}).get("enabled", False) not in (False,):
@@ -382,6 +382,14 @@ def validate(cfg: Config) -> None:
     if clip != "auto" and clip != cfg.train.grad_clip:
         raise ValueError(f"{src}: key 'deepspeed.gradient_clipping' is {clip} but 'train.grad_clip' is "
                          f"{cfg.train.grad_clip}; use \"auto\"")
+    writer = ds.get("checkpoint", {}).get("writer")
+    if isinstance(writer, dict) and writer.get("decoupled"):
+        # DeepSpeed's decoupled writer returns from save_checkpoint before the files are written (it
+        # commits them at the next optimizer step); the trainer renames a checkpoint into place as
+        # complete once every rank's save has returned, which would publish half-written files.
+        raise ValueError(f"{src}: key 'deepspeed.checkpoint.writer.decoupled' is not supported: checkpoints are "
+                         "committed atomically when save_checkpoint returns, before a decoupled writer has "
+                         "written them; drop the key")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{src}: key 'deepspeed.zero_optimization.stage' must be 0-3, got {stage!r}")

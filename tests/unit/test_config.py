@@ -188,6 +188,8 @@ def test_nothing_to_train_and_nan_are_refused(tmp_path):
     ({"fp16": {"enabled": "auto"}}, "fp16 is not supported"),
     ({"gradient_clipping": 5.0}, "gradient_clipping"),
     ({"zero_optimization": 2}, "'deepspeed.zero_optimization' must be an object"),
+    ({"checkpoint": True}, "'deepspeed.checkpoint' must be an object"),
+    ({"checkpoint": {"writer": {"decoupled": True}}}, "'deepspeed.checkpoint.writer.decoupled' is not supported"),
 ])
 def test_deepspeed_block_conflicts(tmp_path, block, pattern):
     data = demo_dict()
