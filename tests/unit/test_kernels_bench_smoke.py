@@ -21,8 +21,19 @@ def run_smoke(tmp_path, *only):
     return json.loads((tmp_path / "kernels.json").read_text())
 
 
-def test_cpu_smoke_writes_results(tmp_path):
-    result = run_smoke(tmp_path)
+@pytest.fixture(scope="module")
+def full_smoke(tmp_path_factory):
+    """One `--cpu-smoke` run of every case (about 25 s on 2 cores), shared by the tests below."""
+    out = tmp_path_factory.mktemp("smoke")
+    return out, run_smoke(out)
+
+
+def rows_of(result, kernel_prefix):
+    return [row for row in result["rows"] if row["kernel"].split("/")[0] == kernel_prefix]
+
+
+def test_cpu_smoke_writes_results(full_smoke):
+    out, result = full_smoke
     assert result["smoke"] is True and "cpu" in result["device"]
     assert result["copy_bandwidth_gbps"] > 0
     kernels = {row["kernel"].split("/")[0] for row in result["rows"]}
@@ -31,7 +42,7 @@ def test_cpu_smoke_writes_results(tmp_path):
                        "instance_counts", "upsample4x_fwd_bwd", "mask_loss_upsampled_fwd_bwd"}
     timed = [row for row in result["rows"] if row["impl"] in ("triton", "torch_eager")]
     assert timed and all(row["ms"] > 0 and row["gbps"] > 0 for row in timed)
-    markdown = (tmp_path / "kernels.md").read_text()
+    markdown = (out / "kernels.md").read_text()
     assert "| suppress_overlap/argmax |" in markdown and result["device"] in markdown
 
 
@@ -41,24 +52,22 @@ def test_cpu_smoke_only_one_case(tmp_path):
     assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "torch_compile"}
 
 
-def test_cpu_smoke_mask_loss_upsampled(tmp_path):
-    result = run_smoke(tmp_path, "mask_loss_upsampled")
-    assert {row["kernel"] for row in result["rows"]} == {"mask_loss_upsampled_fwd_bwd/float32"}
-    assert {row["shape"] for row in result["rows"]} == {"3x4x4->16x16"}
-    assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "triton_unfused", "torch_compile"}
-    assert all(row["ms"] > 0 and row["bytes"] == 3 * 16 * (4 + 16 + 4) for row in result["rows"]
+def test_cpu_smoke_mask_loss_upsampled(full_smoke):
+    rows = rows_of(full_smoke[1], "mask_loss_upsampled_fwd_bwd")
+    assert {row["kernel"] for row in rows} == {"mask_loss_upsampled_fwd_bwd/float32"}
+    assert {row["shape"] for row in rows} == {"3x4x4->16x16"}
+    assert {row["impl"] for row in rows} == {"torch_eager", "triton", "triton_unfused", "torch_compile"}
+    assert all(row["ms"] > 0 and row["bytes"] == 3 * 16 * (4 + 16 + 4) for row in rows
                if row["impl"] != "torch_compile")
 
 
-def test_cpu_smoke_layer_norm(tmp_path):
-    result = run_smoke(tmp_path, "layer_norm")
-    assert {row["kernel"] for row in result["rows"]} == {"layer_norm_fwd_bwd/bfloat16"}
+def test_cpu_smoke_layer_norm(full_smoke):
+    rows = rows_of(full_smoke[1], "layer_norm_fwd_bwd")
+    assert {row["kernel"] for row in rows} == {"layer_norm_fwd_bwd/bfloat16"}
     sites = ("upscale:300x64+bias+gelu", "norm4:50x256+res")
-    assert {row["shape"] for row in result["rows"]} == {site + kind for site in sites
-                                                       for kind in ("+frozen", "+trainable")}
-    assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "torch_compile",
-                                                       "torch_eager_native"}
-    assert all(row["ms"] > 0 for row in result["rows"] if row["impl"] != "torch_compile")
+    assert {row["shape"] for row in rows} == {site + kind for site in sites for kind in ("+frozen", "+trainable")}
+    assert {row["impl"] for row in rows} == {"torch_eager", "triton", "torch_compile", "torch_eager_native"}
+    assert all(row["ms"] > 0 for row in rows if row["impl"] != "torch_compile")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal only happens without CUDA")
@@ -70,11 +79,11 @@ def test_refuses_without_cuda(tmp_path):
     assert not (tmp_path / "kernels.json").exists()
 
 
-def test_cpu_smoke_relpos_attention(tmp_path):
-    result = run_smoke(tmp_path, "relpos_attention")
-    assert {row["kernel"] for row in result["rows"]} == {"relpos_attention_fwd_bwd/bfloat16"}
-    assert {row["impl"] for row in result["rows"]} == {"torch_eager", "triton", "sdpa_augmented", "torch_compile"}
-    assert all(row["ms"] > 0 for row in result["rows"] if row["impl"] != "torch_compile")
+def test_cpu_smoke_relpos_attention(full_smoke):
+    rows = rows_of(full_smoke[1], "relpos_attention_fwd_bwd")
+    assert {row["kernel"] for row in rows} == {"relpos_attention_fwd_bwd/bfloat16"}
+    assert {row["impl"] for row in rows} == {"torch_eager", "triton", "sdpa_augmented", "torch_compile"}
+    assert all(row["ms"] > 0 for row in rows if row["impl"] != "torch_compile")
 
 
 OVERLAP_CONFIGS = SCRIPT.parent / "bench_overlap_configs.py"
