@@ -145,7 +145,7 @@ class TrainConfig:
     output_dir: str = "runs/default"
     """Folder for logs, checkpoints and exports (relative to the working directory)."""
     log_every: int = 1
-    """Console/JSON-lines log period in steps."""
+    """Console/JSON-lines log period in steps (rank 0 computes the monitoring IoUs of logged steps only)."""
     collective_timeout_s: int = 300
     """Timeout of collectives: a dead rank ends the job instead of hanging it."""
     activation_checkpointing: Literal["off", "encoder", "decoder", "all"] = "off"

@@ -84,14 +84,14 @@ class TrainStepModule(nn.Module):
         self.cfg = cfg
 
     def forward(self, *, batch: Batch, step_state: Any, min_chunks: int = 1,
-                teacher_weights: Callable[[], contextlib.AbstractContextManager] | None = None
-                ) -> dict[str, Any]:
+                teacher_weights: Callable[[], contextlib.AbstractContextManager] | None = None,
+                monitor_ious: bool = True) -> dict[str, Any]:
         if self.cfg.resam.method == "pointsam":
             from resam_dist.resam.pointsam import pointsam_step
             result = pointsam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks)
         else:
             result = resam_step(self.sam, batch, step_state, self.cfg, min_chunks=min_chunks,
-                                teacher_weights=teacher_weights)
+                                teacher_weights=teacher_weights, monitor_ious=monitor_ious)
         return {"loss": result.loss, "parts": result.parts, "weak_embeddings": result.weak_embeddings,
                 "stats": result.stats}
 
@@ -395,7 +395,8 @@ class Trainer:
                     min_chunks = self._min_chunks(batch)
                     result = StepResult(**self.engine(
                         batch=batch, step_state=self.step_state, min_chunks=min_chunks,
-                        teacher_weights=self.teacher_ema.weights if self.teacher_ema is not None else None))
+                        teacher_weights=self.teacher_ema.weights if self.teacher_ema is not None else None,
+                        monitor_ious=self.is_main and self._logs_step(self.step + 1)))
                     loss = self._poison(result.loss)
                     verdict = self.guard.check(loss, result.parts)
                     images = batch.weak.shape[0]
@@ -456,8 +457,7 @@ class Trainer:
         memory_bytes = memory.get("allocated_bytes", memory["rss_bytes"])
         bar.update(step=self.step, loss=loss, images_per_second=local_rate * self.world_size,
                    memory_bytes=memory_bytes)
-        every = max(1, self.cfg.train.log_every)
-        if self.is_main and (self.step % every == 0 or self.step >= self.total_steps):
+        if self.is_main and self._logs_step(self.step):
             epoch = (self.data_position - 1) // self.loader.samples_per_epoch  # of the last batch
             self.log.write({
                 "event": "step", "step": self.step, "epoch": epoch, "loss": loss, "parts": parts, "lr": window.lr,
@@ -467,6 +467,11 @@ class Trainer:
                 "skipped": dict(self.skipped), "data_position": self.data_position, "memory": memory,
                 "stats_rank0": {name: value / window.stats_count[name] for name, value in window.stats.items()},
             })
+
+    def _logs_step(self, step: int) -> bool:
+        """Whether rank 0 writes optimizer step `step` to the log (its stats: only those steps'
+        micro-batches compute the monitoring IoUs)."""
+        return step % max(1, self.cfg.train.log_every) == 0 or step >= self.total_steps
 
     def _record_skip(self, verdict: GuardVerdict, *, images: int, seconds: float, data_wait: float) -> None:
         reason = verdict.skip_reason

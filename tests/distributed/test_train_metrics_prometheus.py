@@ -24,6 +24,7 @@ from train_helpers import REPO, clean_env, free_port, free_port_pair, torchrun_c
 pytestmark = pytest.mark.distributed
 
 STEPS = 10
+LOG_EVERY = 4  # steps 4, 8 and the last (10) are logged
 PROMETHEUS = shutil.which("prometheus")
 
 
@@ -60,7 +61,7 @@ def observed(train_shards, tmp_path_factory):
     metrics_port = free_port_pair()
     config = write_config(base / "config.json", shards=train_shards, output_dir=base / "run", overrides={
         "deepspeed.zero_optimization.stage": 1, "train.precision": "bf16", "train.max_steps": STEPS,
-        "metrics.base_port": metrics_port})
+        "train.log_every": LOG_EVERY, "metrics.base_port": metrics_port})
 
     prometheus, prometheus_port = None, None
     if PROMETHEUS:
@@ -140,14 +141,19 @@ def test_a_prometheus_server_scrapes_both_ranks(observed):
     assert queries and all(status == "success" for status in queries.values()), queries
 
 
-def test_jsonl_log_holds_every_step_and_the_metrics_ports(observed):
+def test_jsonl_log_holds_the_logged_steps_and_the_metrics_ports(observed):
+    """With train.log_every 4 the log holds steps 4, 8 and the last; each carries rank 0's stage
+    IoUs (computed only for the micro-batches of logged steps) next to its instance counts."""
     records = read_jsonl(observed["base"] / "run" / "train_log.jsonl")
     start = records[0]
     assert start["event"] == "start" and start["precision"] == "bf16" and start["zero_stage"] == 1
     assert [r["metrics_port"] for r in start["ranks"]] == [observed["metrics_port"], observed["metrics_port"] + 1]
     steps = [r for r in records if r["event"] == "step"]
-    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in steps] == [4, 8, STEPS]
     for record in steps:
+        stats = record["stats_rank0"]
+        assert {"n_instances", "n_valid", "kept_fraction"} <= set(stats)
+        assert all(0.0 <= stats[name] <= 1.0 for name in ("iou_point", "iou_refined", "iou_requery", "iou_pseudo"))
         assert set(record["parts"]) == {"focal", "dice", "iou_mse", "ssa", "total"}
         assert math.isfinite(record["loss"]) and record["lr"] > 0 and record["images_per_second"] > 0
         assert record["images"] == 4 and record["memory"]["rss_bytes"] > 0

@@ -112,6 +112,26 @@ def test_queue_is_read_not_pushed_by_the_step():
     assert after_push.parts["focal"].item() == pytest.approx(first.parts["focal"].item(), rel=1e-6)
 
 
+def test_without_monitoring_ious_the_step_counts_no_pixels_and_trains_alike(monkeypatch):
+    """monitor_ious=False (the trainer's micro-batches that are not logged) leaves the four stage
+    IoUs out without computing them; loss, parts and the other stats are the same."""
+    import resam_dist.resam.step as step_module
+
+    model, batch, cfg = tiny_lora_model(), make_batch(), make_config()
+    queue = EmbeddingQueue(8, DIM)
+    monitored = resam_step(model, batch, queue, cfg)
+    calls = []
+    counting = step_module.instance_counts
+    monkeypatch.setattr(step_module, "instance_counts", lambda *args: calls.append(1) or counting(*args))
+    quiet = resam_step(model, batch, queue, cfg, monitor_ious=False)
+    assert calls == []
+    ious = {"iou_point", "iou_refined", "iou_requery", "iou_pseudo"}
+    assert ious <= set(monitored.stats) and not ious & set(quiet.stats)
+    assert {k: v for k, v in monitored.stats.items() if k not in ious} == quiet.stats
+    assert quiet.loss.item() == monitored.loss.item()
+    assert all(quiet.parts[name].item() == monitored.parts[name].item() for name in monitored.parts)
+
+
 def test_ssa_sends_gradient_to_lora_weights():
     """Gradient of SSA alone = gradient(loss with beta = 1) - gradient(loss with beta = 0)."""
     model, batch = tiny_lora_model(), make_batch()
