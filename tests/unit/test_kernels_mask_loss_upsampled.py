@@ -212,15 +212,15 @@ def test_one_unused_output(small_finalize, used):
 def test_nan_low_res_logit(small_finalize):
     """A NaN low-res logit makes its instance's focal and dice NaN and its whole gradient NaN, in
     the reference too; the other instances are unaffected."""
-    low_res, target = make_inputs((4,), 17, 37, seed=33)
+    low_res, target = make_inputs((2,), 17, 37, seed=33)
     with torch.no_grad():
-        low_res[3, 16, 30] = float("nan")  # the last tile
+        low_res[1, 16, 30] = float("nan")  # the last tile
     focal, dice, iou, grad = terms_and_gradient(upsampled_mask_loss_terms_triton, low_res, target, seed=6)
     focal_ref, dice_ref, iou_ref, grad_ref = terms_and_gradient(upsampled_mask_loss_terms_reference, low_res,
                                                                 target, seed=6)
-    assert focal[3].isnan() and dice[3].isnan() and grad[3].isnan().all() and grad_ref[3].isnan().all()
+    assert focal[1].isnan() and dice[1].isnan() and grad[1].isnan().all() and grad_ref[1].isnan().all()
     assert torch.equal(iou, iou_ref)
-    others = [k for k in range(low_res.shape[0]) if k != 3]
+    others = [0]
     torch.testing.assert_close(focal[others], focal_ref[others], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(dice[others], dice_ref[others], atol=1e-6, rtol=1e-5)
     scale = grad_ref[others].abs().max().item()
