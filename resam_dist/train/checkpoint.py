@@ -3,9 +3,10 @@
 Layout under `<output_dir>/checkpoints/`:
 
     step_00000020/                 one checkpoint (DeepSpeed tag)
-        mp_rank_00_model_states.pt ... DeepSpeed engine files (module, optimizer, lr scheduler)
+        mp_rank_00_model_states.pt ... DeepSpeed engine files (module, optimizer, lr scheduler);
+                                   the module's trainable (LoRA) weights and buffers only
         client_rank00000.pt        per-rank trainer state (queue, data position, RNG, loss window)
-        meta.json                  step, world size, ZeRO stage
+        meta.json                  step, world size, ZeRO stage, digest of the frozen weights
     latest                         the tag of the newest complete checkpoint (text)
 
 Protocol (`CheckpointManager.save`): every rank writes into a temporary tag `.tmp-step_N`,
@@ -17,10 +18,16 @@ one checkpoint behind). At the next start a leftover `.tmp-*` directory that hol
 checkpoint (meta.json written) whose tag is missing is renamed into place; the other leftovers
 are removed. The last `keep_last` checkpoints are kept. Assumes `output_dir` is on a file system
 every node sees (as for DeepSpeed itself).
+
+The frozen SAM weights are not written (hundreds of MB to GB a checkpoint, the same every time):
+a resume rebuilds them from the config's model section and `frozen_weights_digest` must match the
+one in meta.json (`check_frozen_weights`). Checkpoints written with the frozen weights (before
+this rule; no digest) still load whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -33,11 +40,51 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from torch import nn
+
 from resam_dist import distributed
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 TAG_PREFIX = "step_"
+
+
+def frozen_weights_digest(module: nn.Module) -> str:
+    """SHA-256 over the name, dtype, shape and bytes of every frozen parameter (requires_grad
+    False) of `module`, in registration order: what a checkpoint without them was trained over.
+    Call it on the built model before DeepSpeed casts or partitions it (about 1 s per GB)."""
+    digest = hashlib.sha256()
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            continue
+        tensor = parameter.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_frozen_weights(meta: dict[str, Any], digest: str, *, source: str) -> None:
+    """ValueError unless a checkpoint (its meta.json: `meta`) was trained over the frozen weights
+    of digest `digest` (a checkpoint without a digest holds its frozen weights itself)."""
+    saved = meta.get("frozen_weights_sha256")
+    if saved is not None and saved != digest:
+        raise ValueError(f"{source} was trained over other frozen SAM weights (digest {saved[:12]}) than the "
+                         f"config's model section builds ({digest[:12]}): resume with the same model.name, "
+                         "model.checkpoint and lora settings, or start a new train.output_dir")
+
+
+def load_trainable_state(source: dict[str, torch.Tensor], module: nn.Module, *, origin: str) -> None:
+    """Loads a module state dict that may lack the frozen parameters into `module` (DeepSpeed's
+    `custom_load_fn`): every trainable parameter must be in it and every key of it in the module;
+    the frozen parameters it lacks keep their values."""
+    expected = module.state_dict()
+    unexpected = [key for key in source if key not in expected]
+    missing = [name for name, parameter in module.named_parameters() if parameter.requires_grad
+               and name not in source]
+    if unexpected or missing:
+        raise ValueError(f"{origin}: the module weights do not match the model (trainable weights missing: "
+                         f"{missing[:5]}, unknown keys: {unexpected[:5]}); were the lora settings changed?")
+    module.load_state_dict(source, strict=False)
 
 
 def tag_for_step(step: int) -> str:
@@ -144,7 +191,7 @@ class CheckpointManager:
         """Write checkpoint `step` atomically (collective: every rank calls it).
 
         write_engine(root, tag): writes the engine files of this rank into root/tag (DeepSpeed's
-        `engine.save_checkpoint(root, tag=tag, save_latest=False)`).
+        `engine.save_checkpoint(root, tag=tag, save_latest=False, exclude_frozen_parameters=True)`).
         client_state: this rank's trainer state. meta: JSON-able facts rank 0 records.
         Returns the final tag.
         """

@@ -60,7 +60,8 @@ from resam_dist.model.build import build_sam
 from resam_dist.model.lora import apply_lora, merge_lora, save_adapter
 from resam_dist.resam.queue import EmbeddingQueue
 from resam_dist.resam.step import StepResult, resam_step
-from resam_dist.train.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from resam_dist.train.checkpoint import (CheckpointManager, capture_rng_state, check_frozen_weights,
+                                         frozen_weights_digest, load_trainable_state, restore_rng_state)
 from resam_dist.train.ema import EmaTeacher, resume_notice
 from resam_dist.train.metrics import JsonlLog, ProgressBar, TrainMetrics
 from resam_dist.train.schedule import build_scheduler
@@ -210,6 +211,8 @@ class Trainer:
         sam = build_sam(cfg.model.name, cfg.model.checkpoint, seed=cfg.train.seed, attention=cfg.model.attention)
         apply_lora(sam, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                    start_block=cfg.lora.start_block, seed=cfg.train.seed + 1)
+        # checkpoints hold the trainable weights only: this digest names the frozen ones they need
+        self.frozen_digest = frozen_weights_digest(sam)
         sam.set_activation_checkpointing(cfg.train.activation_checkpointing)
         sam.train()  # LoRA dropout on (SAM itself has no dropout or batch norm)
         if self.zero_stage == 3:
@@ -314,10 +317,15 @@ class Trainer:
         source = f"checkpoint {self.checkpoints.root / tag}"
         # (refused before DeepSpeed loads anything when the configured teacher needs averages)
         notice = resume_notice(client.get("teacher_ema"), self.cfg.resam.teacher_ema, source=source)
+        check_frozen_weights(self.checkpoints.read_meta(tag), self.frozen_digest, source=source)
         if notice is not None and self.is_main:
             print(f"[train] warning: {notice}", flush=True)
+
+        def load_module(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
+            load_trainable_state(src, dst, origin=source)
+
         load_path, _ = self.engine.load_checkpoint(str(self.checkpoints.root), tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+                                                   load_lr_scheduler_states=True, custom_load_fn=load_module)
         if load_path is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {self.checkpoints.root / tag}")
         self.step = int(client["step"])
@@ -497,10 +505,11 @@ class Trainer:
             client["teacher_ema"] = self.teacher_ema.state_dict()
 
         def write_engine(root: Path, tag: str) -> None:
-            self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+            self.engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
 
         tag = self.checkpoints.save(self.step, write_engine=write_engine, client_state=client,
-                                    meta={"zero_stage": self.zero_stage, "data_position_rank0": self.data_position})
+                                    meta={"zero_stage": self.zero_stage, "data_position_rank0": self.data_position,
+                                          "frozen_weights_sha256": self.frozen_digest})
         if self.is_main:
             self.log.write({"event": "checkpoint", "step": self.step, "tag": tag})
         return tag

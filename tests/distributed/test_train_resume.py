@@ -4,6 +4,7 @@ from `latest` and reproduces the uninterrupted losses bit for bit (CPU, fp32).""
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
@@ -27,6 +28,10 @@ def runs(train_shards, tmp_path_factory):
     straight_cfg = write_config(base / "straight.json", shards=train_shards, output_dir=base / "straight",
                                 overrides={**common, "train.max_steps": 2 * K})
     straight = run(deepspeed_cmd(straight_cfg), log=base / "straight.log")
+    # a relaunch over it whose config builds other frozen weights (another seed of the random base)
+    reseeded_cfg = write_config(base / "reseeded.json", shards=train_shards, output_dir=base / "straight",
+                                overrides={**common, "train.max_steps": 2 * K + 1, "train.seed": 7})
+    reseeded = run(torchrun_cmd(reseeded_cfg), log=base / "reseeded.log")
 
     # the killed run: two plain processes (no launcher that would end rank 0 for us); it would
     # run 50 steps, rank 1 is SIGKILLed once rank 0 logged step K + 1 (checkpoint K is complete)
@@ -37,7 +42,7 @@ def runs(train_shards, tmp_path_factory):
     survivor_rc, survivor_seconds = signal_rank_after_step(
         procs, log_path=killed_dir / "train_log.jsonl", step=K + 1, sig=signal.SIGKILL, wait_s=TIMEOUT_S + 60)
     resumed = run(torchrun_cmd(killed_cfg, "--set", f"train.max_steps={2 * K}"), log=base / "resumed.log")
-    return {"base": base, "straight": straight, "resumed": resumed, "survivor_rc": survivor_rc,
+    return {"base": base, "straight": straight, "reseeded": reseeded, "resumed": resumed, "survivor_rc": survivor_rc,
             "survivor_seconds": survivor_seconds, "survivor_log": (base / "killed_rank0.log").read_text()}
 
 
@@ -64,6 +69,29 @@ def test_uninterrupted_run_checkpoints_atomically_and_exports(runs):
     assert [r["rank"] for r in records[0]["ranks"]] == [0, 1]
     assert records[0]["activation_checkpointing"] == "all" and records[0]["attention"] == "sdpa"
     assert [r["local_rank"] for r in records[0]["ranks"]] == [0, 1]
+
+
+def test_checkpoints_hold_the_trainable_weights_and_refuse_other_frozen_ones(runs):
+    """The engine files hold the LoRA weights and no frozen SAM weight; meta.json names the frozen
+    weights by digest, and a relaunch whose config builds others is refused before any step."""
+    step_dir = runs["base"] / "straight" / "checkpoints" / "step_00000006"
+    from resam_dist.model.build import build_sam
+    from resam_dist.model.lora import apply_lora
+
+    module = torch.load(step_dir / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")["module"]
+    sam = build_sam("tiny", seed=0)
+    apply_lora(sam, rank=4, alpha=4.0, dropout=0.0, start_block=0, seed=0)  # (configs/demo.json's lora section)
+    frozen = {f"sam.{name}" for name, parameter in sam.named_parameters() if not parameter.requires_grad}
+    trainable = {f"sam.{name}" for name, parameter in sam.named_parameters() if parameter.requires_grad}
+    assert trainable <= module.keys() and not frozen & module.keys()
+    digest = json.loads((step_dir / "meta.json").read_text())["frozen_weights_sha256"]
+    assert len(digest) == 64
+    reseeded = runs["reseeded"]
+    assert reseeded.returncode != 0
+    assert f"was trained over other frozen SAM weights (digest {digest[:12]})" in reseeded.stdout, \
+        reseeded.stdout[-3000:]
+    assert step_losses(runs["base"] / "straight" / "train_log.jsonl").keys() == set(range(1, 2 * K + 1))
+    assert (runs["base"] / "straight" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
 
 def test_a_dead_rank_ends_the_job_with_a_message(runs):

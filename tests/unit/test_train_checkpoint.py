@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from resam_dist.train.checkpoint import (LATEST, CheckpointManager, atomic_write_text, capture_rng_state,
+                                         check_frozen_weights, frozen_weights_digest, load_trainable_state,
                                          restore_rng_state, tag_for_step)
 
 
@@ -131,3 +132,53 @@ def test_atomic_write_replaces_whole_content(tmp_path):
     atomic_write_text(target, "b\n")
     assert target.read_text() == "b\n"
     assert [p.name for p in tmp_path.iterdir()] == ["pointer"]
+
+
+def lora_sam(seed: int = 0):
+    from resam_dist.model.build import build_sam
+    from resam_dist.model.lora import apply_lora
+
+    sam = build_sam("tiny", seed=seed)
+    apply_lora(sam, rank=4, alpha=4.0, dropout=0.0, start_block=0, seed=1)
+    return sam
+
+
+def test_the_frozen_weights_digest_names_the_frozen_weights_only():
+    sam = lora_sam()
+    digest = frozen_weights_digest(sam)
+    assert digest == frozen_weights_digest(lora_sam()) and len(digest) == 64
+    assert digest != frozen_weights_digest(lora_sam(seed=1))  # another random base
+    with torch.no_grad():
+        next(p for n, p in sam.named_parameters() if "lora_" in n).add_(1.0)
+    assert frozen_weights_digest(sam) == digest  # the trainable weights are not part of it
+    with torch.no_grad():
+        next(p for p in sam.parameters() if not p.requires_grad).view(-1)[-1] += 1e-6
+    assert frozen_weights_digest(sam) != digest
+
+
+def test_a_resume_over_other_frozen_weights_is_refused():
+    check_frozen_weights({"step": 4}, "a" * 64, source="checkpoint x")  # written whole: no digest, no check
+    check_frozen_weights({"frozen_weights_sha256": "a" * 64}, "a" * 64, source="checkpoint x")
+    with pytest.raises(ValueError, match=r"checkpoint x was trained over other frozen SAM weights \(digest "
+                                         r"aaaaaaaaaaaa\) than the config's model section builds \(bbbbbbbbbbbb\)"):
+        check_frozen_weights({"frozen_weights_sha256": "a" * 64}, "b" * 64, source="checkpoint x")
+
+
+def test_a_trainable_state_loads_and_leaves_the_frozen_weights_alone():
+    source, target = lora_sam(), lora_sam(seed=1)
+    with torch.no_grad():
+        for name, parameter in source.named_parameters():
+            if "lora_" in name:
+                parameter.add_(torch.randn_like(parameter))
+    frozen_before = {n: p.clone() for n, p in target.named_parameters() if not p.requires_grad}
+    state = {n: p.detach().clone() for n, p in source.named_parameters() if p.requires_grad}
+    load_trainable_state(state, target, origin="checkpoint x")
+    trained = dict(target.named_parameters())
+    assert all(torch.equal(trained[name], value) for name, value in state.items())
+    assert all(torch.equal(trained[name], value) for name, value in frozen_before.items())
+
+    lora_name = next(iter(state))
+    with pytest.raises(ValueError, match=rf"checkpoint x: .*trainable weights missing: \['{lora_name}'\]"):
+        load_trainable_state({k: v for k, v in state.items() if k != lora_name}, target, origin="checkpoint x")
+    with pytest.raises(ValueError, match=r"unknown keys: \['extra.weight'\]"):
+        load_trainable_state({**state, "extra.weight": torch.zeros(1)}, target, origin="checkpoint x")
