@@ -1,6 +1,8 @@
 """A run resumed inside an epoch whose remaining batches the loss guard all skips goes on into the
 next epoch. The tail is replayed exactly on every relaunch, so stopping there ("every batch of a
-whole epoch skipped") would stop every relaunch too; only a whole epoch of skips stops a run."""
+whole epoch skipped") would stop every relaunch too; only a whole epoch of skips stops a run.
+Under ZeRO-3: the relaunch also resumes a stage-3 checkpoint (partitioned LoRA weights and optimizer
+state, no frozen weights) and trains on from it."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.distributed
 
 
 def test_a_skipped_epoch_tail_after_a_resume_does_not_stop_the_run(train_shards, tmp_path):
-    common = {"deepspeed.zero_optimization.stage": 2, "checkpoint.every_steps": 3}
+    common = {"deepspeed.zero_optimization.stage": 3, "checkpoint.every_steps": 3}
     first = write_config(tmp_path / "first.json", shards=train_shards, output_dir=tmp_path / "run",
                          overrides={**common, "train.max_steps": 3})
     done = run(deepspeed_cmd(first), log=tmp_path / "first.log")
