@@ -11,8 +11,11 @@ checked against the torch reference before it is timed. Candidates: the configs 
 not among them. The default extras are one-warp strips: compiled for sm_90 by triton 3.8 (this
 machine's), their row loop has no barrier and no shared-memory round trip and they do not spill,
 where the four-warp pick (2048, 32, 2, 4) sums each row's instances across warps through shared
-memory with two barriers a row. The GPU machines run another Triton (3.6), so that is a lead to
-measure, not a finding.
+memory with two barriers a row. Two wide strips follow (TILE 4096 and 8192 over 8 warps): each
+program reads 256 or 512 contiguous bytes of every instance plane a row instead of the pick's 128,
+in case the pick's short segments cost DRAM efficiency; compiled the same way, they do not spill
+either (126 and 253 registers). The GPU machines run another Triton (3.6), so these are leads to
+measure, not findings.
 
 Writes overlap_configs.json and overlap_configs.md into --out (default benchmarks/results, or
 benchmarks/results/smoke with --cpu-smoke) after every row, 1024 x 1024 first. Without CUDA it
@@ -32,7 +35,7 @@ from bench_kernels import compact_masks, copy_bandwidth_gbps, median_call_ms
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_EXTRAS = ("256,32,2,1", "512,32,2,1", "512,16,2,1", "512,32,1,1", "1024,32,2,1",
-                  "1024,16,2,1", "1024,32,1,1")
+                  "1024,16,2,1", "1024,32,1,1", "4096,32,2,8", "8192,16,2,8")
 # B x K x H x W: the kernel benchmark's overlap shapes (K = 50 on the ViT and the tiny canvas)
 SHAPES = ((2, 50, 1024, 1024), (8, 50, 256, 256))
 SMOKE_SHAPES = ((1, 3, 16, 64),)
