@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -100,6 +101,25 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+# files of a checkpoint named for the rank that writes them: DeepSpeed's per-rank ZeRO files
+# ((bf16_)zero_pp_rank_<data-parallel rank>_mp_rank_00_*.pt; data parallelism only, so that rank is
+# the global rank) and the trainer's client_rank<rank>.pt
+_RANK_FILE_PATTERNS = (re.compile(r"zero_pp_rank_(\d+)_"), re.compile(r"^client_rank(\d+)\.pt$"))
+
+
+def files_to_sync(paths: list[Path], rank: int) -> list[Path]:
+    """The files of a checkpoint directory that `rank` fsyncs before the commit barrier: those named
+    for it, and every file named for no rank (fsync flushes only the writing node's cache, and any
+    rank may have written such a file). With N ranks each fsyncs a few files, not all 2N + 1."""
+    def owner(path: Path) -> int | None:
+        for pattern in _RANK_FILE_PATTERNS:
+            found = pattern.search(path.name)
+            if found:
+                return int(found.group(1))
+        return None
+    return [path for path in paths if owner(path) in (None, rank)]
 
 
 def _fsync_file(path: Path) -> None:
@@ -201,9 +221,9 @@ class CheckpointManager:
         write_engine(self.root, tmp_tag)
         tmp_dir.mkdir(parents=True, exist_ok=True)
         torch.save(client_state, self.client_file(tmp_tag))
-        for path in tmp_dir.rglob("*"):  # on disk before any rank moves on (survives a crashed node)
-            if path.is_file():
-                _fsync_file(path)
+        # on disk before any rank moves on (survives a crashed node)
+        for path in files_to_sync([path for path in tmp_dir.rglob("*") if path.is_file()], self.rank):
+            _fsync_file(path)
         distributed.barrier()  # every rank's files are in tmp_dir
         if self.rank == 0:
             atomic_write_text(tmp_dir / "meta.json", json.dumps(

@@ -1,14 +1,15 @@
 """Atomic checkpoint protocol (one process; the multi-rank path runs in tests/distributed)."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from resam_dist.train.checkpoint import (LATEST, CheckpointManager, atomic_write_text, capture_rng_state,
-                                         check_frozen_weights, frozen_weights_digest, load_trainable_state,
-                                         restore_rng_state, tag_for_step)
+                                         check_frozen_weights, files_to_sync, frozen_weights_digest,
+                                         load_trainable_state, restore_rng_state, tag_for_step)
 
 
 def _engine_writer(payload: str):
@@ -182,3 +183,18 @@ def test_a_trainable_state_loads_and_leaves_the_frozen_weights_alone():
         load_trainable_state({k: v for k, v in state.items() if k != lora_name}, target, origin="checkpoint x")
     with pytest.raises(ValueError, match=r"unknown keys: \['extra.weight'\]"):
         load_trainable_state({**state, "extra.weight": torch.zeros(1)}, target, origin="checkpoint x")
+
+
+def test_each_rank_fsyncs_its_own_files_and_the_unnamed_ones():
+    names = ["mp_rank_00_model_states.pt", "client_rank00000.pt", "client_rank00001.pt", "client_rank00010.pt",
+             "zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_10_mp_rank_00_model_states.pt", "unknown.bin"]
+    paths = [Path("ckpt") / name for name in names]
+    chosen = {rank: [path.name for path in files_to_sync(paths, rank)] for rank in (0, 1, 10)}
+    assert chosen[0] == ["mp_rank_00_model_states.pt", "client_rank00000.pt",
+                         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "unknown.bin"]
+    assert chosen[1] == ["mp_rank_00_model_states.pt", "client_rank00001.pt",
+                         "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "unknown.bin"]
+    assert chosen[10] == ["mp_rank_00_model_states.pt", "client_rank00010.pt",
+                          "zero_pp_rank_10_mp_rank_00_model_states.pt", "unknown.bin"]
+    assert set().union(*chosen.values()) == set(names)  # every file is fsynced by some rank
