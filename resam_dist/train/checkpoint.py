@@ -40,7 +40,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-
 from torch import nn
 
 from resam_dist import distributed
