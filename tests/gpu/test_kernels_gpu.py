@@ -596,3 +596,18 @@ def test_kernels_on_a_device_that_is_not_current():
         with torch.no_grad():
             torch.testing.assert_close(fused(tokens), official(tokens), atol=2e-3, rtol=2e-3)
         assert torch.cuda.current_device() == 0
+
+
+def test_inputs_on_cuda_and_on_the_cpu_are_refused_by_name():
+    """A CUDA kernel given a CPU pointer would read garbage or fault: the dispatchers refuse first."""
+    cuda = torch.device("cuda")
+    masks = torch.rand(1, 3, 64, 64, device=cuda) > 0.5
+    with pytest.raises(ValueError, match=r"'confidence' is on cpu but 'masks' is on cuda:\d"):
+        resam_kernels.suppress_overlap(masks, torch.rand(1, 3, 64, 64), torch.tensor([3]), "argmax")
+    student, weak = torch.randn(4, 32, device=cuda), torch.randn(4, 32, device=cuda)
+    with pytest.raises(ValueError, match=r"resam_kernels\.ssa_loss: 'queue' is on cpu"):
+        resam_kernels.ssa_loss(student, weak, torch.randn(9, 32), 0.1)
+    # counts may stay on the host (the dispatcher moves them)
+    out, boxes = resam_kernels.suppress_overlap(masks, None, torch.tensor([3]), "drop")
+    out_ref, boxes_ref = suppress_overlap_reference(masks, None, torch.tensor([3], device=cuda), "drop")
+    assert torch.equal(out, out_ref) and torch.equal(boxes, boxes_ref)
