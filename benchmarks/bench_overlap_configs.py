@@ -1,6 +1,6 @@
 """Time each launch config of the word kernel ("drop" overlap suppression) at the benchmark's shapes.
 
-    python benchmarks/bench_overlap_configs.py [--out DIR] [--extra TILE,STRIP_ROWS,PREFETCH,WARPS ...]
+    python benchmarks/bench_overlap_configs.py [--out DIR] [--extra TILE,STRIP_ROWS,PREFETCH,WARPS[,STREAM] ...]
     python benchmarks/bench_overlap_configs.py --cpu-smoke [--out DIR]    # tests this script only
 
 Each config runs alone (`triton.testing.do_bench`, which clears the L2 cache before every call:
@@ -8,14 +8,20 @@ what a plain call and the autotuner see) and back to back (`do_bench_cudagraph`:
 graph), against a copy of the same bytes timed both ways. Every config's outputs and boxes are
 checked against the torch reference before it is timed. Candidates: the configs of
 `overlap._WORD_CONFIGS` that its pruner lets run on these masks, then the `--extra` strip configs
-not among them. The default extras are one-warp strips: compiled for sm_90 by triton 3.8 (this
-machine's), their row loop has no barrier and no shared-memory round trip and they do not spill,
-where the four-warp pick (2048, 32, 2, 4) sums each row's instances across warps through shared
-memory with two barriers a row. Two wide strips follow (TILE 4096 and 8192 over 8 warps): each
-program reads 256 or 512 contiguous bytes of every instance plane a row instead of the pick's 128,
-in case the pick's short segments cost DRAM efficiency; compiled the same way, they do not spill
-either (126 and 253 registers). The GPU machines run another Triton (3.6), so these are leads to
-measure, not findings.
+not among them. The default extras, in the order they run (a run cut short by its time limit keeps
+the first):
+- the pick (2048, 32, 2, 4), its 16-row sibling and a 4096-word strip with STREAM (a fifth field,
+  1): every load marked evict-first (`ld.global.L1::evict_first` with an L2 evict-first policy in
+  the PTX) and every store streaming (`st.global.cs`), since each byte is read once and written
+  once; the same registers as without (124 for the pick);
+- one-warp strips: compiled for sm_90 by triton 3.8 (this machine's), their row loop has no
+  barrier and no shared-memory round trip and they do not spill, where the four-warp pick sums
+  each row's instances across warps through shared memory with two barriers a row;
+- two wide strips (TILE 4096 and 8192 over 8 warps): each program reads 256 or 512 contiguous
+  bytes of every instance plane a row instead of the pick's 128, in case the pick's short
+  segments cost DRAM efficiency; compiled the same way, they do not spill either (126 and 253
+  registers).
+The GPU machines run another Triton (3.6), so these are leads to measure, not findings.
 
 Writes overlap_configs.json and overlap_configs.md into --out (default benchmarks/results, or
 benchmarks/results/smoke with --cpu-smoke) after every row, 1024 x 1024 first. Without CUDA it
@@ -34,28 +40,36 @@ from pathlib import Path
 from bench_kernels import compact_masks, copy_bandwidth_gbps, median_call_ms
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-DEFAULT_EXTRAS = ("256,32,2,1", "512,32,2,1", "512,16,2,1", "512,32,1,1", "1024,32,2,1",
-                  "1024,16,2,1", "1024,32,1,1", "4096,32,2,8", "8192,16,2,8")
+DEFAULT_EXTRAS = ("2048,32,2,4,1", "2048,16,2,4,1", "4096,32,2,8,1", "256,32,2,1", "512,32,2,1",
+                  "512,16,2,1", "512,32,1,1", "1024,32,2,1", "1024,16,2,1", "1024,32,1,1", "4096,32,2,8",
+                  "8192,16,2,8")
 # B x K x H x W: the kernel benchmark's overlap shapes (K = 50 on the ViT and the tiny canvas)
 SHAPES = ((2, 50, 1024, 1024), (8, 50, 256, 256))
 SMOKE_SHAPES = ((1, 3, 16, 64),)
 
 
 def strip_config(text: str):
-    """"TILE,STRIP_ROWS,PREFETCH,WARPS" -> a triton.Config of the word kernel's strip design (exits
-    with a message on anything the kernel cannot run)."""
+    """"TILE,STRIP_ROWS,PREFETCH,WARPS[,STREAM]" -> a triton.Config of the word kernel's strip design
+    (STREAM 1: evict-first loads and streaming stores; default 0). Exits with a message on anything
+    the kernel cannot run."""
     import triton
     try:
-        tile, strip_rows, prefetch, warps = (int(part) for part in text.split(","))
+        tile, strip_rows, prefetch, warps, *rest = (int(part) for part in text.split(","))
     except ValueError:
-        raise SystemExit(f"bench_overlap_configs: --extra takes TILE,STRIP_ROWS,PREFETCH,WARPS (4 integers), "
-                         f"got {text!r}") from None
+        rest = [None, None]  # (a message below)
+    if len(rest) > 1:
+        raise SystemExit(f"bench_overlap_configs: --extra takes TILE,STRIP_ROWS,PREFETCH,WARPS[,STREAM] "
+                         f"(4 or 5 integers), got {text!r}")
+    stream = rest[0] if rest else 0
     power_of_two = lambda value: value > 0 and value & (value - 1) == 0  # noqa: E731
     if not (power_of_two(tile) and 1 <= strip_rows <= 32 and prefetch in (1, 2) and power_of_two(warps)
-            and warps <= 32):
+            and warps <= 32 and stream in (0, 1)):
         raise SystemExit(f"bench_overlap_configs: --extra {text!r}: TILE and WARPS must be powers of two "
-                         "(WARPS <= 32), STRIP_ROWS 1 to 32, PREFETCH 1 or 2")
-    return triton.Config({"TILE": tile, "STRIP_ROWS": strip_rows, "PREFETCH": prefetch}, num_warps=warps)
+                         "(WARPS <= 32), STRIP_ROWS 1 to 32, PREFETCH 1 or 2, STREAM 0 or 1")
+    meta = {"TILE": tile, "STRIP_ROWS": strip_rows, "PREFETCH": prefetch}
+    if stream:
+        meta["STREAM"] = True
+    return triton.Config(meta, num_warps=warps)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="folder for overlap_configs.json/.md (default: benchmarks/results, or "
                              "benchmarks/results/smoke with --cpu-smoke)")
     parser.add_argument("--extra", action="append", default=None,
-                        help="an extra strip config TILE,STRIP_ROWS,PREFETCH,WARPS (repeatable; default: "
+                        help="an extra strip config TILE,STRIP_ROWS,PREFETCH,WARPS[,STREAM] (repeatable; default: "
                              + " ".join(DEFAULT_EXTRAS) + ")")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny masks on CPU through the Triton interpreter (tests the script only)")

@@ -485,33 +485,43 @@ def _bit_index(value):
 
 
 @triton.jit
-def _word_strip_load(words_ptr, plane, row, column, in_columns, valid, height, words_per_row):
-    """One image row of a strip: KP x BLOCK_W words (0 outside the image and for padding)."""
+def _word_strip_load(words_ptr, plane, row, column, in_columns, valid, height, words_per_row,
+                     STREAM: tl.constexpr):
+    """One image row of a strip: KP x BLOCK_W words (0 outside the image and for padding).
+    STREAM: the words are read once, so the L2 may evict them first."""
     in_range = in_columns & (row < height)  # BLOCK_W
     offsets = plane[:, None] + (row * words_per_row + column)[None, :]  # KP x BLOCK_W int64
-    return tl.load(words_ptr + offsets, mask=valid[:, None] & in_range[None, :], other=0)
+    read = valid[:, None] & in_range[None, :]
+    if STREAM:
+        return tl.load(words_ptr + offsets, mask=read, other=0, eviction_policy="evict_first")
+    return tl.load(words_ptr + offsets, mask=read, other=0)
 
 
 @triton.jit
 def _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real, height, words_per_row,
-                      ZERO_ONE: tl.constexpr):
+                      ZERO_ONE: tl.constexpr, STREAM: tl.constexpr):
     """The surviving lanes of one loaded strip row (the counting of `_word_tile_design`),
     stored and returned (KP x BLOCK_W)."""
     survives = _single_keeper_lanes(raw, ZERO_ONE)  # KP x BLOCK_W
     in_range = in_columns & (row < height)  # BLOCK_W
     offsets = plane[:, None] + (row * words_per_row + column)[None, :]  # KP x BLOCK_W int64
-    tl.store(out_ptr + offsets, survives, mask=real[:, None] & in_range[None, :])
+    written = real[:, None] & in_range[None, :]
+    if STREAM:  # streaming stores: not kept in the caches for a re-read
+        tl.store(out_ptr + offsets, survives, mask=written, cache_modifier=".cs")
+    else:
+        tl.store(out_ptr + offsets, survives, mask=written)
     return survives
 
 
 @triton.jit
 def _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instances, words_per_row,
                        num_words, KP: tl.constexpr, TILE: tl.constexpr, ZERO_ONE: tl.constexpr,
-                       STRIP_ROWS: tl.constexpr, PREFETCH: tl.constexpr):
+                       STRIP_ROWS: tl.constexpr, PREFETCH: tl.constexpr, STREAM: tl.constexpr):
     """The word tile over a strip: BLOCK_W = TILE / KP word columns of STRIP_ROWS image rows,
     one row at a time. No reduction per row for the boxes: each element keeps the or of its
     surviving words over the strip's rows (x) and a bit per row with a survivor (y), reduced
-    across the columns once per program."""
+    across the columns once per program. STREAM: loads marked evict-first and streaming stores
+    (every byte is read once and written once)."""
     tl.static_assert(STRIP_ROWS <= 32)  # one bit per row in an int32
     BLOCK_W: tl.constexpr = TILE // KP
     height = num_words // words_per_row
@@ -530,25 +540,25 @@ def _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instance
     # every config ran slower on an H200 in run 13)
     tl.static_assert((PREFETCH == 1) | (PREFETCH == 2))
     raw = _word_strip_load(words_ptr, plane, first_row, column, in_columns, valid, end_row,
-                           words_per_row)  # KP x BLOCK_W
+                           words_per_row, STREAM)  # KP x BLOCK_W
     if PREFETCH == 2:
         ahead = _word_strip_load(words_ptr, plane, first_row + 1, column, in_columns, valid,
-                                 end_row, words_per_row)
+                                 end_row, words_per_row, STREAM)
     else:
         ahead = raw  # (unused)
     for step in range(0, STRIP_ROWS):
         row = first_row + step
         if PREFETCH == 1:
             next_raw = _word_strip_load(words_ptr, plane, row + 1, column, in_columns, valid,
-                                        end_row, words_per_row)
+                                        end_row, words_per_row, STREAM)
             survives = _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real,
-                                         end_row, words_per_row, ZERO_ONE)
+                                         end_row, words_per_row, ZERO_ONE, STREAM)
             raw = next_raw
         else:
             next_ahead = _word_strip_load(words_ptr, plane, row + 2, column, in_columns, valid,
-                                          end_row, words_per_row)
+                                          end_row, words_per_row, STREAM)
             survives = _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real,
-                                         end_row, words_per_row, ZERO_ONE)
+                                         end_row, words_per_row, ZERO_ONE, STREAM)
             raw = ahead
             ahead = next_ahead
         surviving_words = surviving_words | survives
@@ -580,7 +590,7 @@ def _suppress_drop_words_jit(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals
                              boxes_ptr, num_instances, words_per_row, num_words, words_bucket,
                              KP: tl.constexpr, TILE: tl.constexpr, ZERO_ONE: tl.constexpr,
                              ROW_TILES: tl.constexpr, STRIP_ROWS: tl.constexpr = 0,
-                             PREFETCH: tl.constexpr = 1):
+                             PREFETCH: tl.constexpr = 1, STREAM: tl.constexpr = False):
     # "drop" mode on 32-bit words of 4 pixels (width % 4 == 0, so a word never straddles two
     # rows). words/out: B x K x (H W / 4) int32, each byte one pixel (0 = not kept),
     # counts: B int64, state/arrivals/boxes as in `_suppress_overlap_kernel`. Grid: (word spans
@@ -590,7 +600,8 @@ def _suppress_drop_words_jit(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals
     count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
     if STRIP_ROWS > 0:
         _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instances,
-                           words_per_row, num_words, KP, TILE, ZERO_ONE, STRIP_ROWS, PREFETCH)
+                           words_per_row, num_words, KP, TILE, ZERO_ONE, STRIP_ROWS, PREFETCH,
+                           STREAM)
     else:
         _word_tile_design(words_ptr, out_ptr, state_ptr, image, count, num_instances,
                           words_per_row, num_words, KP, TILE, ZERO_ONE, ROW_TILES)
@@ -631,7 +642,8 @@ _ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 # In sm_90 SASS (triton 3.8 here) the pick's row loop sums the instances of a row across its four
 # warps through shared memory, with two barriers a row; one-warp strips ((256-1024, 16-32, 1-2, 1))
 # have no barrier there and do not spill. `benchmarks/bench_overlap_configs.py` times them next to
-# these configs; not yet run on a GPU, so they are not tuned here.
+# these configs; not yet run on a GPU, so they are not tuned here. So does STREAM (evict-first
+# loads, streaming stores; same registers in sm_90 SASS): no config here sets it.
 _WORD_CONFIGS = ([triton.Config({"TILE": tile}, num_warps=warps)
                   for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8),
                                       (8192, 4), (8192, 8))]

@@ -94,7 +94,7 @@ def test_overlap_configs_cpu_smoke_checks_and_times_every_candidate(tmp_path):
     not among them are checked against the reference (the script stops on a mismatch) and timed,
     for both kinds of masks, next to a copy of the same bytes."""
     completed = subprocess.run([sys.executable, str(OVERLAP_CONFIGS), "--cpu-smoke", "--extra", "512,32,2,1",
-                                "--extra", "1024,32,2,2", "--out", str(tmp_path)],
+                                "--extra", "1024,32,2,2", "--extra", "512,16,2,1,1", "--out", str(tmp_path)],
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     result = json.loads((tmp_path / "overlap_configs.json").read_text())
@@ -104,7 +104,8 @@ def test_overlap_configs_cpu_smoke_checks_and_times_every_candidate(tmp_path):
         assert [row["origin"] for row in rows].count("copy") == 1
         # 1024,32,2,2 is one of the tuned configs: timed once, as tuned
         assert [row["config"] for row in rows if row["origin"] == "extra"] == [
-            "{'TILE': 512, 'STRIP_ROWS': 32, 'PREFETCH': 2} warps=1"]
+            "{'TILE': 512, 'STRIP_ROWS': 32, 'PREFETCH': 2} warps=1",
+            "{'TILE': 512, 'STRIP_ROWS': 16, 'PREFETCH': 2, 'STREAM': True} warps=1"]
         # 1 x 3 x 16 x 64 bool masks, 16 words a row: the 11 tuned configs but TILE 8192 with 4 warps
         # (its tiles would straddle rows)
         tuned = [row["config"] for row in rows if row["origin"] == "tuned"]
@@ -133,9 +134,10 @@ def test_overlap_configs_refuses_without_cuda(tmp_path, capsys):
     assert "no CUDA device" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("extra, message", [("512,32", "TILE,STRIP_ROWS,PREFETCH,WARPS (4 integers)"),
+@pytest.mark.parametrize("extra, message", [("512,32", "TILE,STRIP_ROWS,PREFETCH,WARPS[,STREAM] (4 or 5 integers)"),
+                                            ("512,32,2,1,1,0", "(4 or 5 integers)"), ("512,32,2,x", "(4 or 5 integers)"),
                                             ("500,32,2,1", "powers of two"), ("512,33,2,1", "STRIP_ROWS 1 to 32"),
-                                            ("512,32,3,1", "PREFETCH 1 or 2")])
+                                            ("512,32,3,1", "PREFETCH 1 or 2"), ("512,32,2,1,2", "STREAM 0 or 1")])
 def test_overlap_configs_refuses_a_malformed_extra(extra, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         load_overlap_configs().strip_config(extra)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import triton
 
 import resam_kernels
 from resam_dist.resam.prompts import masks_to_boxes
@@ -314,7 +315,11 @@ def test_every_byte_config(config, mode):
         check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, mode, config=config)
 
 
-@pytest.mark.parametrize("config", _WORD_CONFIGS, ids=config_id)
+# the strip design with STREAM (evict-first loads, streaming stores): a benchmark candidate
+STREAM_STRIP_CONFIG = triton.Config({"TILE": 2048, "STRIP_ROWS": 16, "PREFETCH": 2, "STREAM": True}, num_warps=4)
+
+
+@pytest.mark.parametrize("config", _WORD_CONFIGS + [STREAM_STRIP_CONFIG], ids=config_id)
 def test_every_word_config(config):
     for case in WORD_CONFIG_CASES:
         batch, num_instances, height, width, counts = case
