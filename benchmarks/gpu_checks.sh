@@ -97,7 +97,7 @@ if wanted tests; then
 fi
 ONLY=(); for case in ${KERNEL_CASES:-}; do ONLY+=(--only "$case"); done  # default: every case
 wanted kernels && step "kernel benchmark" "${KERNELS_LIMIT:-280}" "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels" "${ONLY[@]}"
-wanted overlap_configs && step "word-kernel configs of overlap suppression" "${OVERLAP_CONFIGS_LIMIT:-240}" \
+wanted overlap_configs && step "word-kernel configs of overlap suppression" "${OVERLAP_CONFIGS_LIMIT:-300}" \
     "$PY" benchmarks/bench_overlap_configs.py --out "$OUT/overlap_configs"
 if wanted profile; then
     for ckpt in ${PROFILE_MODES:-on off}; do
