@@ -20,8 +20,9 @@ each module) runs.
 
 On the GPU the entropy filter, overlap suppression and the SSA loss tune their launch on the first
 call of each size class, which synchronises the device. To capture them in a CUDA graph, call them
-once with the same sizes before capturing (as `torch.cuda.graphs` advises for warm-up anyway):
-tuning inside a capture fails with CUDA's "operation not permitted when stream is capturing".
+once with the same sizes before capturing (as `torch.cuda.graphs` advises for warm-up anyway): an
+untuned size class met during a capture raises a RuntimeError naming the function and the size
+class, before anything is launched (`resam_kernels.launch.refuse_tuning_while_capturing`).
 """
 
 from __future__ import annotations

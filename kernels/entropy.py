@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from resam_kernels.launch import refuse_tuning_while_capturing
+
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -93,6 +95,9 @@ _CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps)
                                  (16384, 8), (16384, 16))]
 _entropy_filter_kernel_tuned = triton.autotune(
     configs=_CONFIGS, key=["numel_bucket", "WRITE_CONFIDENCE"])(_entropy_filter_kernel)
+# The size classes launched through the autotuner so far: (numel bucket, confidence written, logits
+# dtype), the autotuner's key (its other tensors' dtypes follow from these).
+_TUNED_SIZES: set[tuple] = set()
 # The interpreter runs one numpy call per block operation: few big blocks are much faster there.
 _INTERPRET_BLOCK = 1 << 16
 
@@ -114,7 +119,11 @@ def entropy_filter_triton(logits: torch.Tensor, eps: float, *, return_confidence
         else:
             def grid(meta):
                 return (triton.cdiv(numel, meta["BLOCK"]),)
+            size_class = (numel_bucket, return_confidence, logits.dtype)
+            if size_class not in _TUNED_SIZES:
+                refuse_tuning_while_capturing("entropy_filter", size_class)
             _entropy_filter_kernel_tuned[grid](logits, keep, confidence, numel, float(eps),
                                                numel_bucket, WRITE_CONFIDENCE=return_confidence)
+            _TUNED_SIZES.add(size_class)
     keep = keep.view(torch.bool)
     return (keep, confidence) if return_confidence else keep

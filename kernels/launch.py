@@ -1,4 +1,12 @@
-"""Launch shape of the streaming kernels (instance counts, mask loss): one program per chunk of
+"""Launch helpers.
+
+Tuned launches (entropy filter, overlap suppression, SSA loss): the first call of a size class
+times every config with device synchronisations, which CUDA does not allow on a stream being
+captured into a CUDA graph. `refuse_tuning_while_capturing` turns that into a clear error before
+anything is launched, instead of CUDA's "operation not permitted when stream is capturing" (which
+also invalidates the capture).
+
+Launch shape of the streaming kernels (instance counts, mask loss): one program per chunk of
 BLOCK x ITERS pixels of one instance, ITERS steps of BLOCK pixels each.
 
 Long chunks amortise a program's start and its partial write, but a small batch then launches too
@@ -10,6 +18,7 @@ ITERS until the launch has at least `MIN_PROGRAMS` programs.
 
 from __future__ import annotations
 
+import torch
 import triton
 
 MIN_PROGRAMS = 4096  # about 31 programs per SM of 132 SMs
@@ -25,3 +34,12 @@ def steps_per_program(instances: int, pixels: int, block: int, max_steps: int,
     while steps > 1 and instances * triton.cdiv(pixels, block * steps) < min_programs:
         steps //= 2
     return steps
+
+
+def refuse_tuning_while_capturing(function: str, size_class: tuple) -> None:
+    """Called before the first launch of an untuned size class: a RuntimeError naming the
+    dispatcher and the size class if the current CUDA stream is capturing a graph."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"resam_kernels.{function}: size class {size_class} has not been tuned, and tuning "
+                           "cannot run while a CUDA graph is being captured; call it once with the same sizes "
+                           "before the capture")

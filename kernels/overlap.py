@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from resam_kernels.launch import refuse_tuning_while_capturing
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 MODES = ("drop", "argmax")
@@ -808,6 +810,7 @@ def _pick_or_tune(tuned, picks: dict, key: tuple, grid, args: tuple, **constexpr
     autotuner `tuned` (which tunes, then runs its pick) and recording that pick in `picks`."""
     config = picks.get(key)
     if config is None:
+        refuse_tuning_while_capturing("suppress_overlap", key)
         tuned[grid](*args, **constexprs)
         picks[key] = tuned.best_config
     return config

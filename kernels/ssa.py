@@ -50,6 +50,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from resam_kernels.launch import refuse_tuning_while_capturing
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 NORM_EPS = 1e-12
@@ -340,6 +342,8 @@ _ssa_queue_partial_kernel_bf16 = triton.autotune(
 _ssa_queue_partial_kernel_f32 = triton.autotune(
     configs=_PARTIAL_CONFIGS_F32, key=["dim", "size_class"],
     prune_configs_by={"early_config_prune": _fit_channel_tiles})(_ssa_queue_partial_kernel)
+# The size classes launched through the autotuners so far: (bf16 products, dim, size class).
+_TUNED_SIZES: set[tuple] = set()
 # split_len is a multiple of every BLOCK_Q above, so splits never share a queue tile
 _SPLIT_QUANTUM = 128
 
@@ -431,7 +435,11 @@ def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.T
         else:
             tuned = _ssa_queue_partial_kernel_bf16 if bf16_dot else _ssa_queue_partial_kernel_f32
             grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_N"]), num_splits, meta["C_PARTS"])
+            tuned_size = (bf16_dot, dim, size_class)
+            if tuned_size not in _TUNED_SIZES:
+                refuse_tuning_while_capturing("ssa_loss", tuned_size)
             tuned[grid](*args, BLOCK_C=block_c, BF16_DOT=bf16_dot, UPCAST_BF16_DOT=False)
+            _TUNED_SIZES.add(tuned_size)
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=device)
     grad = torch.empty((num_rows, dim), dtype=torch.float32, device=device)
     merge_block_n = 64 if INTERPRET else 16

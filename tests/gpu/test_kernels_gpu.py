@@ -165,6 +165,49 @@ def test_suppress_overlap_in_a_cuda_graph_and_after(mode):
         assert torch.equal(plain_out, out_ref) and torch.equal(plain_boxes, boxes_ref)
 
 
+def forget_tuning():
+    """Every tuned size class of the three tuned kernels forgotten: their next calls tune again."""
+    from resam_kernels import entropy, overlap, ssa
+    overlap.clear_tuning()
+    for module, tuned_kernels in ((entropy, [entropy._entropy_filter_kernel_tuned]),
+                                  (ssa, [ssa._ssa_queue_partial_kernel_bf16, ssa._ssa_queue_partial_kernel_f32])):
+        module._TUNED_SIZES.clear()
+        for tuned in tuned_kernels:
+            tuned.cache.clear()
+
+
+@pytest.mark.parametrize("function", ["entropy_filter", "suppress_overlap", "ssa_loss"])
+def test_tuning_inside_a_graph_capture_is_refused_by_name_and_capture_works_after_a_warm_up(function):
+    """An untuned size class met while a CUDA graph is captured: a RuntimeError naming the
+    dispatcher, raised before any launch, so the capture ends cleanly; once called outside, the
+    same call is captured and its replay gives the plain call's outputs."""
+    logits = smooth_logits(2, 50, 256, torch.float32, seed=12)
+    keep = entropy_filter_reference(logits, 0.2)
+    counts = torch.tensor([50, 31], device=DEVICE)
+    generator = torch.Generator(device=DEVICE).manual_seed(12)
+    weak, queue = (torch.randn(rows, 256, device=DEVICE, generator=generator) for rows in (400, 1000))
+    student = weak + torch.randn(400, 256, device=DEVICE, generator=generator)
+    calls = {"entropy_filter": lambda: (resam_kernels.entropy_filter(logits, 0.2),),
+             "suppress_overlap": lambda: resam_kernels.suppress_overlap(keep, None, counts, "drop"),
+             "ssa_loss": lambda: (resam_kernels.ssa_loss(student, weak, queue, 0.07),)}
+    call = calls[function]
+    forget_tuning()
+    try:
+        with pytest.raises(RuntimeError, match=f"resam_kernels.{function}: size class .* has not been tuned"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                call()
+        expected = [tensor.clone() for tensor in call()]  # tunes
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = call()
+        graph.replay()
+        torch.cuda.synchronize()
+        for output, want in zip(outputs, expected, strict=True):
+            assert torch.equal(output, want)
+    finally:
+        forget_tuning()
+
+
 def test_suppress_overlap_64bit_offsets():
     """1 x 36 x 8192 x 8192 masks (2.4e9 elements): the later instance planes start beyond 2^31."""
     num_instances, size = 36, 8192
