@@ -100,6 +100,46 @@ def read_image_rgb(path: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def segmentation_problem(segmentation: Any, height: int, width: int) -> str | None:
+    """None when `segmentation` is a valid polygon list or RLE (counts covering every pixel) of a
+    height x width image, else why not."""
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return "empty polygon list"
+        for polygon in segmentation:
+            if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
+                return "polygon must be a list of numbers"
+            if len(polygon) % 2:
+                return f"polygon has an odd number of coordinates ({len(polygon)})"
+            if len(polygon) < 6:
+                return f"polygon has fewer than 3 points ({len(polygon) // 2})"
+            if not all(np.isfinite(polygon)):
+                return "polygon has non-finite coordinates"
+        return None
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+            return "RLE needs 'size' [height, width]"
+        if size != [height, width]:
+            return f"RLE size {size} differs from image size [{height}, {width}]"
+        if isinstance(counts, list):
+            if not all(_is_int(v) and v >= 0 for v in counts):
+                return "uncompressed RLE counts must be non-negative integers"
+            if sum(counts) != height * width:
+                return f"uncompressed RLE counts sum to {sum(counts)}, expected {height * width}"
+            return None
+        if isinstance(counts, (str, bytes)):
+            try:
+                runs = rle_string_counts(counts)
+            except (ValueError, UnicodeEncodeError) as err:
+                return f"invalid compressed RLE ({err})"
+            if (runs < 0).any() or int(runs.sum()) != height * width:
+                return f"compressed RLE counts sum to {int(runs.sum())}, expected {height * width}"
+            return None
+        return "RLE needs 'counts' (list or string)"
+    return "segmentation must be a polygon list or an RLE object"
+
+
 class CocoSplit:
     """A COCO JSON + image folder, checked at construction, decoded per image by `load()`.
 
@@ -180,8 +220,12 @@ class CocoSplit:
                 self._bad("image", image_id, f"invalid size width={info['width']!r} height={info['height']!r}")
                 self._skipped_image_ids.add(image_id)
                 continue
-            if image_id in self._records:
-                self._bad("image", image_id, "duplicate image id")
+            if image_id in self._records or image_id in self._skipped_image_ids:
+                # which entry the annotations of this id belong to is unknown: every entry of the
+                # id is skipped, with its annotations
+                self._bad("image", image_id, "duplicate image id (every image with this id is skipped)")
+                self._records.pop(image_id, None)
+                self._skipped_image_ids.add(image_id)
                 continue
             self._records[image_id] = _Record(info=info)
 
@@ -212,51 +256,11 @@ class CocoSplit:
             if not _is_int(ann["category_id"]) or ann["category_id"] not in category_ids:
                 self._bad("annotation", ann_id, f"unknown or non-integer category id {ann['category_id']!r}")
                 continue
-            problem = self._segmentation_problem(ann["segmentation"], record.info)
+            problem = segmentation_problem(ann["segmentation"], record.info["height"], record.info["width"])
             if problem is not None:
                 self._bad("annotation", ann_id, problem)
                 continue
             record.annotations.append(ann)
-
-    @staticmethod
-    def _segmentation_problem(segmentation: Any, info: dict[str, Any]) -> str | None:
-        """None when the segmentation is a valid polygon list or RLE for this image, else why not."""
-        height, width = info["height"], info["width"]
-        if isinstance(segmentation, list):
-            if not segmentation:
-                return "empty polygon list"
-            for polygon in segmentation:
-                if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
-                    return "polygon must be a list of numbers"
-                if len(polygon) % 2:
-                    return f"polygon has an odd number of coordinates ({len(polygon)})"
-                if len(polygon) < 6:
-                    return f"polygon has fewer than 3 points ({len(polygon) // 2})"
-                if not all(np.isfinite(polygon)):
-                    return "polygon has non-finite coordinates"
-            return None
-        if isinstance(segmentation, dict):
-            size, counts = segmentation.get("size"), segmentation.get("counts")
-            if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
-                return "RLE needs 'size' [height, width]"
-            if size != [height, width]:
-                return f"RLE size {size} differs from image size [{height}, {width}]"
-            if isinstance(counts, list):
-                if not all(_is_int(v) and v >= 0 for v in counts):
-                    return "uncompressed RLE counts must be non-negative integers"
-                if sum(counts) != height * width:
-                    return f"uncompressed RLE counts sum to {sum(counts)}, expected {height * width}"
-                return None
-            if isinstance(counts, (str, bytes)):
-                try:
-                    runs = rle_string_counts(counts)
-                except (ValueError, UnicodeEncodeError) as err:
-                    return f"invalid compressed RLE ({err})"
-                if (runs < 0).any() or int(runs.sum()) != height * width:
-                    return f"compressed RLE counts sum to {int(runs.sum())}, expected {height * width}"
-                return None
-            return "RLE needs 'counts' (list or string)"
-        return "segmentation must be a polygon list or an RLE object"
 
     def _check_image_header(self, image_id: int) -> None:
         info = self._records[image_id].info

@@ -120,7 +120,8 @@ def sample_prompts(masks: np.ndarray, num_points: int, *, seed: int, image_id: i
 
     masks: K x H x W bool (non-empty). Returns (points K x 2N x 2 float32, labels K x 2N int64).
     """
-    rng = np.random.default_rng([seed, image_id])
+    # numpy seeds must be non-negative: negative COCO image ids are taken modulo 2^64 (as the shards do)
+    rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, image_id & 0xFFFFFFFFFFFFFFFF])
     num_instances = masks.shape[0]
     points = np.zeros((num_instances, 2 * num_points, 2), dtype=np.float32)  # K x 2N x 2
     for k in range(num_instances):

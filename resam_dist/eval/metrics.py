@@ -46,6 +46,7 @@ from scipy.optimize import linear_sum_assignment
 
 import resam_kernels
 from resam_dist.data.batch import valid_from_counts
+from resam_dist.data.coco import segmentation_problem
 
 SCORE_KEYS = ("miou", "f1", "precision", "recall")
 """Keys of the micro-imagewise scores (fractions in [0, 1])."""
@@ -248,8 +249,10 @@ def _read_json(path: Path, kind: str) -> Any:
 def load_coco_gt(gt: str | Path | dict | COCO) -> COCO:
     """A pycocotools COCO object from a file path, a loaded dict or a COCO object.
 
-    Annotations without `iscrowd` get 0 and without `area` get their mask area (COCOeval needs
-    both). Annotations whose mask has no pixel are removed: no prompt can be sampled from them
+    Every image needs integer id, height and width, every annotation integer id, image_id and
+    category_id and a segmentation, every category an integer id, ids unique per list (else a
+    ValueError naming the file and the entry). Annotations without `iscrowd` get 0 and without
+    `area` get their mask area (COCOeval needs both). Annotations whose mask has no pixel are removed: no prompt can be sampled from them
     and no prediction can match them (resam_dist.data.coco leaves them out as well).
     Unreadable files raise ValueError naming the file.
     """
@@ -268,6 +271,7 @@ def load_coco_gt(gt: str | Path | dict | COCO) -> COCO:
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(key), list):
             raise ValueError(f"{source}: ground truth lacks the list '{key}'")
+    _check_gt_entries(dataset, source)
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
@@ -294,6 +298,51 @@ def load_coco_gt(gt: str | Path | dict | COCO) -> COCO:
     return coco
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_gt_entries(dataset: dict, source: str) -> None:
+    """ValueError naming `source` and the entry for what pycocotools would fail on or mix up: an
+    image without integer id, height and width, an annotation without integer id, image_id and
+    category_id or without segmentation, a category without integer id, and duplicate ids."""
+    required = {"images": ("id", "height", "width"), "annotations": ("id", "image_id", "category_id"),
+                "categories": ("id",)}
+    for key, int_keys in required.items():
+        seen: set[int] = set()
+        for index, entry in enumerate(dataset[key]):
+            where = f"{source}: {key}[{index}]"
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where} must be an object, got {type(entry).__name__}")
+            for int_key in int_keys:
+                if not _is_int(entry.get(int_key)):
+                    raise ValueError(f"{where} needs an integer '{int_key}', got {entry.get(int_key)!r}")
+            if key == "annotations" and "segmentation" not in entry:
+                raise ValueError(f"{where} (id {entry['id']}) lacks 'segmentation'")
+            if entry["id"] in seen:
+                raise ValueError(f"{where}: duplicate {key[:-1]} id {entry['id']}")
+            seen.add(entry["id"])
+
+
+def _without_annotation_id_zero(coco_gt: COCO) -> COCO:
+    """COCOeval records a match as the matched annotation's id, and an id of 0 as no match: the
+    correct detections of an annotation with id 0 would count as false positives. Such a ground
+    truth is given to COCOeval as a copy where that annotation has the id (largest id + 1); AP
+    does not depend on annotation ids."""
+    if 0 not in coco_gt.anns:
+        return coco_gt
+    dataset = copy.deepcopy(coco_gt.dataset)
+    free_id = max(coco_gt.anns) + 1
+    for ann in dataset["annotations"]:
+        if ann["id"] == 0:
+            ann["id"] = free_id
+    renumbered = COCO()
+    renumbered.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        renumbered.createIndex()
+    return renumbered
+
+
 def _check_result(result: Any, index: int, coco_gt: COCO, source: str) -> dict:
     """A validated copy of one result entry; ValueError naming `source` and the entry."""
     where = f"{source}: result #{index}"
@@ -316,18 +365,18 @@ def _check_result(result: Any, index: int, coco_gt: COCO, source: str) -> dict:
     segmentation = result["segmentation"]
     if not isinstance(segmentation, dict) or "size" not in segmentation or "counts" not in segmentation:
         raise ValueError(f"{where}: segmentation must be an RLE object with 'size' and 'counts'")
-    size = segmentation["size"]
     image = coco_gt.imgs[image_id]
-    if list(size) != [image["height"], image["width"]]:
-        raise ValueError(f"{where}: segmentation size {size} differs from image {image_id}'s "
-                         f"{[image['height'], image['width']]} (height, width)")
-    counts = segmentation["counts"]
+    if isinstance(segmentation["size"], tuple):
+        segmentation = {**segmentation, "size": list(segmentation["size"])}
+    # size [height, width] of the image, runs covering each of its pixels once
+    problem = segmentation_problem(segmentation, image["height"], image["width"])
+    if problem is not None:
+        raise ValueError(f"{where} (image {image_id}): {problem}")
+    size, counts = segmentation["size"], segmentation["counts"]
     if isinstance(counts, list):  # uncompressed RLE -> compressed
         segmentation = mask_utils.frPyObjects(segmentation, size[0], size[1])
     elif isinstance(counts, bytes):
-        segmentation = {"size": list(size), "counts": counts}
-    elif not isinstance(counts, str):
-        raise ValueError(f"{where}: segmentation counts must be a string or a list of ints")
+        segmentation = {"size": size, "counts": counts}
     try:
         mask_utils.area(segmentation)
     except Exception as err:  # pycocotools raises assorted errors on corrupt RLE strings
@@ -374,6 +423,7 @@ def coco_mask_ap(gt: str | Path | dict | COCO, results: str | Path | list,
     if not checked:
         warnings.warn("coco_mask_ap: no results to evaluate; AP, AP50 and AP75 are 0", stacklevel=2)
         return {key: 0.0 for key in AP_KEYS}
+    coco_gt = _without_annotation_id_zero(coco_gt)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(copy.deepcopy(checked))
         evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")

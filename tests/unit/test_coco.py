@@ -173,6 +173,8 @@ def test_skip_bad_records_the_skip_and_keeps_the_rest(tmp_path, case):
     kept = sum(len(item.instance_ids) for item in loaded)
     if skip["kind"] == "annotation":
         assert kept == 4   # 5 non-crowd instances, one skipped
+    elif case == "duplicate image id":   # both images with id 2 are skipped, with their annotations
+        assert sorted(split.image_ids) == [1, 3]
     else:
         assert len(split) == 3
 

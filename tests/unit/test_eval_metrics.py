@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -216,10 +217,57 @@ def test_malformed_results_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="image_id 99 is not in the ground truth"):
         coco_mask_ap(_gt_dict(), wrong_image)
     wrong_size = _results(np.zeros((1, 4, 8), dtype=bool), [0.9])
-    with pytest.raises(ValueError, match=r"segmentation size \[4, 8\] differs"):
+    with pytest.raises(ValueError, match=r"result #0 \(image 7\): RLE size \[4, 8\] differs from image size \[8, 8\]"):
         coco_mask_ap(_gt_dict(), wrong_size)
     with pytest.raises(ValueError, match="results file not found"):
         coco_mask_ap(_gt_dict(), tmp_path / "missing.json")
+
+
+def test_coco_ap_with_an_annotation_id_zero_is_still_perfect_for_perfect_results():
+    # COCOeval reads a matched id of 0 as "no match"; ids from 0 are common in converted datasets
+    gt = _gt_dict()
+    for k, ann in enumerate(gt["annotations"]):
+        ann["id"] = k  # 0 and 1
+    ap = coco_mask_ap(gt, _results(_gt_masks(), [0.9, 0.8]))
+    assert ap == {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0), "ap75": pytest.approx(1.0)}
+    assert coco_mask_ap(gt, _results(_gt_masks()[1:], [0.9]))["ap"] == pytest.approx(51 / 101)
+    scored = score_coco_results(gt, _results(_gt_masks(), [0.9, 0.8], gt_ids=[0, 1]))
+    assert scored.scores["miou"] == 1.0  # gt_id pairing keeps the file's ids
+
+
+@pytest.mark.parametrize("counts, message", [
+    ([3, 2], "uncompressed RLE counts sum to 5, expected 64"),
+    ([0, 60, 10], "uncompressed RLE counts sum to 70, expected 64"),
+    ("0`0", "compressed RLE counts sum to"),
+    (7, "RLE needs 'counts' (list or string)"),
+])
+def test_results_whose_runs_do_not_cover_the_image_are_refused(counts, message):
+    entry = _results(_gt_masks()[:1], [0.9])[0]
+    entry["segmentation"] = {"size": [8, 8], "counts": counts}
+    for evaluate in (coco_mask_ap, score_coco_results):
+        with pytest.raises(ValueError, match=r"<results>: result #0 \(image 7\): " + re.escape(message)):
+            evaluate(_gt_dict(), [entry])
+    entry["segmentation"] = {"size": 8, "counts": [64]}
+    with pytest.raises(ValueError, match=re.escape("result #0 (image 7): RLE needs 'size' [height, width]")):
+        score_coco_results(_gt_dict(), [entry])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda gt: gt["annotations"][0].pop("id"), "gt.json: annotations[0] needs an integer 'id', got None"),
+    (lambda gt: gt["annotations"][1].update(id=10), "gt.json: annotations[1]: duplicate annotation id 10"),
+    (lambda gt: gt["annotations"][0].pop("segmentation"), "gt.json: annotations[0] (id 10) lacks 'segmentation'"),
+    (lambda gt: gt["annotations"][0].update(image_id="7"), "annotations[0] needs an integer 'image_id', got '7'"),
+    (lambda gt: gt["images"][0].pop("height"), "gt.json: images[0] needs an integer 'height', got None"),
+    (lambda gt: gt["images"].append(dict(gt["images"][0])), "gt.json: images[1]: duplicate image id 7"),
+    (lambda gt: gt["categories"].append("thing"), "gt.json: categories[1] must be an object, got str"),
+])
+def test_malformed_ground_truth_is_refused_by_entry(tmp_path, edit, message):
+    gt = _gt_dict()
+    edit(gt)
+    gt_file = tmp_path / "gt.json"
+    gt_file.write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        score_coco_results(gt_file, _results(_gt_masks(), [0.9, 0.8]))
 
 
 def test_score_results_oracle_gt_id_and_best_iou():

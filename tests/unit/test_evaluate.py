@@ -81,6 +81,9 @@ def test_prompts_seeded_and_scaled():
     other, _ = sample_prompts(masks, 2, **{**kwargs, "image_id": 6})
     assert points.shape == (2, 4, 2) and labels.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
     assert torch.equal(points, again) and not torch.equal(points, other)
+    negative_id, _ = sample_prompts(masks, 2, **{**kwargs, "image_id": -5})  # COCO allows negative ids
+    assert torch.equal(negative_id, sample_prompts(masks, 2, **{**kwargs, "image_id": -5})[0])
+    assert not torch.equal(negative_id, points)
     # Back on the original grid, positives fall inside and negatives outside their instance.
     original = points / torch.tensor([256 / 64, 160 / 40])
     for k in range(2):
