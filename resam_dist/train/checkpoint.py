@@ -6,7 +6,7 @@ Layout under `<output_dir>/checkpoints/`:
         mp_rank_00_model_states.pt ... DeepSpeed engine files (module, optimizer, lr scheduler);
                                    the module's trainable (LoRA) weights and buffers only
         client_rank00000.pt        per-rank trainer state (queue, data position, RNG, loss window)
-        meta.json                  step, world size, ZeRO stage, digest of the frozen weights
+        meta.json                  step, world size, ZeRO stage, precision, digest of the frozen weights
     latest                         the tag of the newest complete checkpoint (text)
 
 Protocol (`CheckpointManager.save`): every rank writes into a temporary tag `.tmp-step_N`,
@@ -73,10 +73,34 @@ def check_frozen_weights(meta: dict[str, Any], digest: str, *, source: str) -> N
                          "model.checkpoint and lora settings, or start a new train.output_dir")
 
 
+def _zero_group(stage: int) -> str:
+    """DeepSpeed writes its optimizer state in one layout for stage 0, one for stages 1-2 and one
+    for stage 3: a checkpoint loads into any stage of its group only."""
+    return "0" if stage == 0 else "1-2" if stage in (1, 2) else "3"
+
+
+def check_engine_layout(meta: dict[str, Any], *, zero_stage: int, bf16: bool, source: str, config: str) -> None:
+    """ValueError unless a checkpoint (its meta.json: `meta`) can be loaded by an engine of ZeRO
+    stage `zero_stage` and this precision (bf16, else fp32): the stage group and the precision
+    must match (checkpoints written without a record of either are not checked for it)."""
+    saved_stage = meta.get("zero_stage")
+    if saved_stage is not None and _zero_group(saved_stage) != _zero_group(zero_stage):
+        raise ValueError(f"{source} was written with ZeRO stage {saved_stage}, {config} asks for stage "
+                         f"{zero_stage} (deepspeed.zero_optimization.stage): DeepSpeed loads a checkpoint only "
+                         f"at a stage of its group (0, 1-2 or 3); resume at stage(s) {_zero_group(saved_stage)} "
+                         "or start a new train.output_dir")
+    saved_bf16 = meta.get("bf16")
+    if saved_bf16 is not None and saved_bf16 != bf16:
+        names = {True: "bf16", False: "fp32"}
+        raise ValueError(f"{source} was written in {names[saved_bf16]}, {config} trains in {names[bf16]} "
+                         "(train.precision, resolved): DeepSpeed's optimizer state differs between them; resume "
+                         f"with train.precision \"{names[saved_bf16]}\" or start a new train.output_dir")
+
+
 def load_trainable_state(source: dict[str, torch.Tensor], module: nn.Module, *, origin: str) -> None:
     """Loads a module state dict that may lack the frozen parameters into `module` (DeepSpeed's
-    `custom_load_fn`): every trainable parameter must be in it and every key of it in the module;
-    the frozen parameters it lacks keep their values."""
+    `custom_load_fn`): every trainable parameter must be in it, every key of it in the module, with
+    the module's shape; the frozen parameters it lacks keep their values."""
     expected = module.state_dict()
     unexpected = [key for key in source if key not in expected]
     missing = [name for name, parameter in module.named_parameters() if parameter.requires_grad
@@ -84,6 +108,11 @@ def load_trainable_state(source: dict[str, torch.Tensor], module: nn.Module, *, 
     if unexpected or missing:
         raise ValueError(f"{origin}: the module weights do not match the model (trainable weights missing: "
                          f"{missing[:5]}, unknown keys: {unexpected[:5]}); were the lora settings changed?")
+    reshaped = [f"{key} {tuple(tensor.shape)} -> {tuple(expected[key].shape)}" for key, tensor in source.items()
+                if tensor.shape != expected[key].shape]
+    if reshaped:
+        raise ValueError(f"{origin}: {len(reshaped)} weight(s) have another shape than the model's, e.g. "
+                         f"{reshaped[:3]}; were the lora settings (rank) changed?")
     module.load_state_dict(source, strict=False)
 
 

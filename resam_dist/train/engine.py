@@ -60,8 +60,9 @@ from resam_dist.model.build import build_sam
 from resam_dist.model.lora import apply_lora, merge_lora, save_adapter
 from resam_dist.resam.queue import EmbeddingQueue
 from resam_dist.resam.step import StepResult, resam_step
-from resam_dist.train.checkpoint import (CheckpointManager, capture_rng_state, check_frozen_weights,
-                                         frozen_weights_digest, load_trainable_state, restore_rng_state)
+from resam_dist.train.checkpoint import (CheckpointManager, capture_rng_state, check_engine_layout,
+                                         check_frozen_weights, frozen_weights_digest, load_trainable_state,
+                                         restore_rng_state)
 from resam_dist.train.ema import EmaTeacher, resume_notice
 from resam_dist.train.metrics import JsonlLog, ProgressBar, TrainMetrics
 from resam_dist.train.schedule import build_scheduler
@@ -251,6 +252,7 @@ class Trainer:
         self.data_position = 0
         self.skipped: dict[str, int] = {"nonfinite": 0, "spike": 0}
         self._nan_fired = False
+        self._unlogged_step: dict[str, Any] | None = None  # rank 0: the last step's record, if not logged
 
         # ---- resume ---------------------------------------------------------------------------
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
@@ -317,7 +319,10 @@ class Trainer:
         source = f"checkpoint {self.checkpoints.root / tag}"
         # (refused before DeepSpeed loads anything when the configured teacher needs averages)
         notice = resume_notice(client.get("teacher_ema"), self.cfg.resam.teacher_ema, source=source)
-        check_frozen_weights(self.checkpoints.read_meta(tag), self.frozen_digest, source=source)
+        meta = self.checkpoints.read_meta(tag)
+        check_frozen_weights(meta, self.frozen_digest, source=source)
+        check_engine_layout(meta, zero_stage=self.zero_stage, bf16=self.bf16, source=source,
+                            config=str(self.cfg.source))
         if notice is not None and self.is_main:
             print(f"[train] warning: {notice}", flush=True)
 
@@ -441,6 +446,11 @@ class Trainer:
                 if whole_epoch and accepted_in_epoch == 0 and not self._finished():
                     raise RuntimeError(f"the loss guard skipped every batch of a whole epoch ({served_in_epoch} "
                                        f"batches; skipped so far: {self.skipped}): training cannot progress")
+            if self._unlogged_step is not None and self._unlogged_step["step"] == self.step:
+                # the last step, which `_logs_step` could not foresee: skipped batches made the run
+                # end short of total_steps (its monitoring IoUs were not computed)
+                self.log.write(self._unlogged_step)
+            bar.finish(self.step)
             if self.step != last_checkpoint or self.checkpoints.latest_tag() is None:
                 self.save_checkpoint()
             exports = self.export()
@@ -465,16 +475,22 @@ class Trainer:
         memory_bytes = memory.get("allocated_bytes", memory["rss_bytes"])
         bar.update(step=self.step, loss=loss, images_per_second=local_rate * self.world_size,
                    memory_bytes=memory_bytes)
-        if self.is_main and self._logs_step(self.step):
-            epoch = (self.data_position - 1) // self.loader.samples_per_epoch  # of the last batch
-            self.log.write({
-                "event": "step", "step": self.step, "epoch": epoch, "loss": loss, "parts": parts, "lr": window.lr,
-                "images": window.images * self.world_size,
-                "images_per_second": local_rate * self.world_size, "step_seconds": window.seconds,
-                "data_wait_seconds": window.data_wait, "queue_entries": queue_entries,
-                "skipped": dict(self.skipped), "data_position": self.data_position, "memory": memory,
-                "stats_rank0": {name: value / window.stats_count[name] for name, value in window.stats.items()},
-            })
+        if not self.is_main:
+            return
+        epoch = (self.data_position - 1) // self.loader.samples_per_epoch  # of the last batch
+        record = {
+            "event": "step", "step": self.step, "epoch": epoch, "loss": loss, "parts": parts, "lr": window.lr,
+            "images": window.images * self.world_size,
+            "images_per_second": local_rate * self.world_size, "step_seconds": window.seconds,
+            "data_wait_seconds": window.data_wait, "queue_entries": queue_entries,
+            "skipped": dict(self.skipped), "data_position": self.data_position, "memory": memory,
+            "stats_rank0": {name: value / window.stats_count[name] for name, value in window.stats.items()},
+        }
+        if self._logs_step(self.step):
+            self.log.write(record)
+            self._unlogged_step = None
+        else:  # written at the end if it turns out to be the last step (epochs with skipped batches)
+            self._unlogged_step = record
 
     def _logs_step(self, step: int) -> bool:
         """Whether rank 0 writes optimizer step `step` to the log (its stats: only those steps'
@@ -508,7 +524,8 @@ class Trainer:
             self.engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
 
         tag = self.checkpoints.save(self.step, write_engine=write_engine, client_state=client,
-                                    meta={"zero_stage": self.zero_stage, "data_position_rank0": self.data_position,
+                                    meta={"zero_stage": self.zero_stage, "bf16": self.bf16,
+                                          "data_position_rank0": self.data_position,
                                           "frozen_weights_sha256": self.frozen_digest})
         if self.is_main:
             self.log.write({"event": "checkpoint", "step": self.step, "tag": tag})

@@ -32,6 +32,9 @@ def runs(train_shards, tmp_path_factory):
     reseeded_cfg = write_config(base / "reseeded.json", shards=train_shards, output_dir=base / "straight",
                                 overrides={**common, "train.max_steps": 2 * K + 1, "train.seed": 7})
     reseeded = run(torchrun_cmd(reseeded_cfg), log=base / "reseeded.log")
+    # and one at another ZeRO stage group (DeepSpeed itself would fail on the optimizer files)
+    restaged = run(torchrun_cmd(straight_cfg, "--set", "deepspeed.zero_optimization.stage=0", "--set",
+                                f"train.max_steps={2 * K + 1}"), log=base / "restaged.log")
 
     # the killed run: two plain processes (no launcher that would end rank 0 for us); it would
     # run 50 steps, rank 1 is SIGKILLed once rank 0 logged step K + 1 (checkpoint K is complete)
@@ -42,7 +45,8 @@ def runs(train_shards, tmp_path_factory):
     survivor_rc, survivor_seconds = signal_rank_after_step(
         procs, log_path=killed_dir / "train_log.jsonl", step=K + 1, sig=signal.SIGKILL, wait_s=TIMEOUT_S + 60)
     resumed = run(torchrun_cmd(killed_cfg, "--set", f"train.max_steps={2 * K}"), log=base / "resumed.log")
-    return {"base": base, "straight": straight, "reseeded": reseeded, "resumed": resumed, "survivor_rc": survivor_rc,
+    return {"base": base, "straight": straight, "reseeded": reseeded, "restaged": restaged, "resumed": resumed,
+            "survivor_rc": survivor_rc,
             "survivor_seconds": survivor_seconds, "survivor_log": (base / "killed_rank0.log").read_text()}
 
 
@@ -73,7 +77,8 @@ def test_uninterrupted_run_checkpoints_atomically_and_exports(runs):
 
 def test_checkpoints_hold_the_trainable_weights_and_refuse_other_frozen_ones(runs):
     """The engine files hold the LoRA weights and no frozen SAM weight; meta.json names the frozen
-    weights by digest, and a relaunch whose config builds others is refused before any step."""
+    weights by digest, the ZeRO stage and the precision, and a relaunch whose config builds other
+    frozen weights, or asks for another ZeRO stage group, is refused before any step."""
     step_dir = runs["base"] / "straight" / "checkpoints" / "step_00000006"
     from resam_dist.model.build import build_sam
     from resam_dist.model.lora import apply_lora
@@ -90,6 +95,12 @@ def test_checkpoints_hold_the_trainable_weights_and_refuse_other_frozen_ones(run
     assert reseeded.returncode != 0
     assert f"was trained over other frozen SAM weights (digest {digest[:12]})" in reseeded.stdout, \
         reseeded.stdout[-3000:]
+    meta = json.loads((step_dir / "meta.json").read_text())
+    assert (meta["zero_stage"], meta["bf16"]) == (2, False)
+    restaged = runs["restaged"]
+    assert restaged.returncode != 0
+    assert "was written with ZeRO stage 2, " in restaged.stdout and "asks for stage 0" in restaged.stdout, \
+        restaged.stdout[-3000:]
     assert step_losses(runs["base"] / "straight" / "train_log.jsonl").keys() == set(range(1, 2 * K + 1))
     assert (runs["base"] / "straight" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from resam_dist.train.checkpoint import (LATEST, CheckpointManager, atomic_write_text, capture_rng_state,
-                                         check_frozen_weights, files_to_sync, frozen_weights_digest,
-                                         load_trainable_state, restore_rng_state, tag_for_step)
+                                         check_engine_layout, check_frozen_weights, files_to_sync,
+                                         frozen_weights_digest, load_trainable_state, restore_rng_state,
+                                         tag_for_step)
 
 
 def _engine_writer(payload: str):
@@ -165,6 +166,20 @@ def test_a_resume_over_other_frozen_weights_is_refused():
         check_frozen_weights({"frozen_weights_sha256": "a" * 64}, "b" * 64, source="checkpoint x")
 
 
+def test_a_resume_across_zero_stage_groups_or_precisions_is_refused():
+    layout = dict(source="checkpoint x", config="run.json")
+    check_engine_layout({"step": 4}, zero_stage=3, bf16=True, **layout)  # no record: not checked
+    for saved, wanted in ((0, 0), (1, 2), (2, 1), (3, 3)):  # within a group DeepSpeed loads it
+        check_engine_layout({"zero_stage": saved, "bf16": True}, zero_stage=wanted, bf16=True, **layout)
+    for saved, wanted in ((2, 0), (0, 1), (2, 3), (3, 1)):
+        with pytest.raises(ValueError, match=rf"checkpoint x was written with ZeRO stage {saved}, run.json asks "
+                                             rf"for stage {wanted} \(deepspeed.zero_optimization.stage\)"):
+            check_engine_layout({"zero_stage": saved, "bf16": False}, zero_stage=wanted, bf16=False, **layout)
+    with pytest.raises(ValueError, match=r"checkpoint x was written in fp32, run.json trains in bf16 "
+                                         r"\(train.precision, resolved\)"):
+        check_engine_layout({"zero_stage": 2, "bf16": False}, zero_stage=2, bf16=True, **layout)
+
+
 def test_a_trainable_state_loads_and_leaves_the_frozen_weights_alone():
     source, target = lora_sam(), lora_sam(seed=1)
     with torch.no_grad():
@@ -183,6 +198,10 @@ def test_a_trainable_state_loads_and_leaves_the_frozen_weights_alone():
         load_trainable_state({k: v for k, v in state.items() if k != lora_name}, target, origin="checkpoint x")
     with pytest.raises(ValueError, match=r"unknown keys: \['extra.weight'\]"):
         load_trainable_state({**state, "extra.weight": torch.zeros(1)}, target, origin="checkpoint x")
+    wider = {**state, lora_name: torch.zeros(state[lora_name].shape[0] + 1, *state[lora_name].shape[1:])}
+    with pytest.raises(ValueError, match=rf"checkpoint x: 1 weight\(s\) have another shape than the model's, "
+                                         rf"e.g. \['{lora_name} \("):
+        load_trainable_state(wider, target, origin="checkpoint x")
 
 
 def test_each_rank_fsyncs_its_own_files_and_the_unnamed_ones():
