@@ -29,6 +29,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     return overrides
 
 
+def rank_label() -> str:
+    """This process's global rank for messages: RANK (set by the launchers, or from SLURM_PROCID
+    once the trainer has started), else srun's task index, else 0."""
+    return os.environ.get("RANK") or os.environ.get("SLURM_PROCID", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="JSON config file (see configs/)")
@@ -41,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     from resam_dist.config import load_config
     from resam_dist.train.engine import Trainer
 
-    rank = os.environ.get("RANK", "0")
     cfg = None
     try:
         cfg = load_config(args.config, parse_overrides(args.set))
@@ -50,11 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
     except ValueError as error:  # a user error (config, data, checkpoint) or a failed internal check
         traceback.print_exc()
+        rank = rank_label()
         print(f"[rank {rank}] error: {error}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)  # the other ranks, if any, stop at their collective timeout
     except Exception as error:  # noqa: BLE001 - every other failure ends this rank loudly
         traceback.print_exc()
+        rank = rank_label()
         from torch.distributed import DistError
         if isinstance(error, DistError) or "gloo" in str(error).lower() or "nccl" in str(error).lower():
             timeout = f"{cfg.train.collective_timeout_s} s" if cfg is not None else "train.collective_timeout_s"

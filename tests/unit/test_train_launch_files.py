@@ -101,3 +101,19 @@ def test_dashboard_queries_only_exported_metrics():
     exported |= {f"resam_device_memory_{key}_bytes" for key in CUDA_MEMORY}
     assert used and used <= exported, sorted(used - exported)
     assert {"resam_samples_total", "resam_step_duration_seconds_bucket", "resam_loss"} <= used
+
+
+def test_error_messages_name_the_srun_task_before_the_trainer_sets_rank(monkeypatch):
+    """launch/train.py labels its error lines with RANK, or before the trainer has set it from
+    srun's SLURM_PROCID (a config error under `srun python launch/train.py`), with that."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_entry", REPO / "launch" / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    assert entry.rank_label() == "0"
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert entry.rank_label() == "3"
+    monkeypatch.setenv("RANK", "5")
+    assert entry.rank_label() == "5"
