@@ -170,14 +170,22 @@ class TrainMetrics:
 
 
 class JsonlLog:
-    """Append-only JSON-lines log (rank 0): one object per line, flushed at once."""
+    """Append-only JSON-lines log (rank 0): one object per line, flushed at once. A log whose last
+    line was torn (a killed writer) gets a line break first, so the next record stays whole."""
 
     def __init__(self, path: str | Path | None) -> None:
         self.path = None if path is None else Path(path)
         self._handle = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            torn = False
+            if self.path.is_file() and self.path.stat().st_size > 0:
+                with open(self.path, "rb") as existing:
+                    existing.seek(-1, os.SEEK_END)
+                    torn = existing.read(1) != b"\n"
             self._handle = open(self.path, "a", buffering=1)
+            if torn:
+                self._handle.write("\n")
 
     def write(self, record: dict[str, Any]) -> None:
         if self._handle is not None:
@@ -217,6 +225,12 @@ class ProgressBar:
         self._bar.set_postfix({"loss": f"{loss:.4f}", "img/s": f"{images_per_second:.1f}",
                                "mem": f"{memory_bytes / 2**30:.2f}GiB"}, refresh=False)
         self._bar.update(step - self._bar.n)  # redraws at most every `mininterval` seconds
+
+    def finish(self, step: int) -> None:
+        """The run ended at `step` (below the planned total when batches were skipped)."""
+        if self._bar is not None:
+            self._bar.total = step
+            self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
         if self._bar is not None:

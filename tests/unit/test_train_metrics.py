@@ -70,7 +70,7 @@ def test_busy_port_names_the_config_key():
         first.close()
 
 
-def test_jsonl_log_appends_and_reader_ignores_a_torn_last_line(tmp_path):
+def test_jsonl_log_appends_and_reader_ignores_a_torn_last_line_and_the_next_run_starts_afresh(tmp_path):
     path = tmp_path / "log.jsonl"
     log = JsonlLog(path)
     log.write({"event": "step", "step": 1, "loss": 0.5})
@@ -83,6 +83,10 @@ def test_jsonl_log_appends_and_reader_ignores_a_torn_last_line(tmp_path):
     records = read_jsonl(path)
     assert [r["step"] for r in records] == [1, 2]
     assert math.isnan(records[1]["loss"]) and "time" in records[0]
+    log = JsonlLog(path)  # the run resumed after the kill: its first record starts a line of its own
+    log.write({"event": "start", "step": 2})
+    log.close()
+    assert [(r["event"], r["step"]) for r in read_jsonl(path)] == [("step", 1), ("step", 2), ("start", 2)]
 
 
 def test_loss_guard_skips_nonfinite_and_spiking_losses():
