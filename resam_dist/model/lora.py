@@ -28,6 +28,9 @@ from resam_dist.model.sam import PromptableSam
 ADAPTER_NAME = "default"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# The key prefix of peft's adapter files (`PeftModel.save_pretrained`): the weights live under the
+# PeftModel's `base_model` (the LoRA tuner) and its `model` (the wrapped PromptableSam)
+PEFT_KEY_PREFIX = "base_model.model."
 _TARGET_PATTERN = re.compile(r"image_encoder\.blocks\.(\d+)\.attn\.qkv")
 
 
@@ -97,7 +100,8 @@ def save_adapter(model: PromptableSam, directory: str | Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed writer
     staging.mkdir()
     model.peft_config[ADAPTER_NAME].save_pretrained(str(staging))
-    tensors = {name: tensor.contiguous().cpu() for name, tensor in lora_state_dict(model).items()}
+    # peft's key layout, so that `PeftModel.from_pretrained(build_sam(...), directory)` loads it too
+    tensors = {PEFT_KEY_PREFIX + name: tensor.contiguous().cpu() for name, tensor in lora_state_dict(model).items()}
     save_file(tensors, str(staging / WEIGHTS_FILE))
     earlier = directory.with_name(directory.name + ".old")
     shutil.rmtree(earlier, ignore_errors=True)  # left by a writer killed between the renames
@@ -109,7 +113,8 @@ def save_adapter(model: PromptableSam, directory: str | Path) -> Path:
 
 
 def load_adapter(model: PromptableSam, directory: str | Path) -> PromptableSam:
-    """Load an adapter folder into `model` (in place).
+    """Load an adapter folder (this module's or peft's `PeftModel.save_pretrained`) into `model`
+    (in place).
 
     A model without adapters gets them injected first, with the saved rank/alpha/dropout/targets;
     a model with adapters must have the same targets and rank. Keys and shapes must match
@@ -136,6 +141,9 @@ def load_adapter(model: PromptableSam, directory: str | Path) -> PromptableSam:
         tensors = load_file(str(weights_path))
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(f"adapter weights {weights_path} could not be read: {error}") from error
+    # peft's layout (written by save_adapter and PeftModel.save_pretrained), or unprefixed (written
+    # by save_adapter before it took peft's layout)
+    tensors = {key.removeprefix(PEFT_KEY_PREFIX): tensor for key, tensor in tensors.items()}
     expected = lora_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

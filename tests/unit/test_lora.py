@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from resam_dist.model.build import build_sam
 from resam_dist.model.lora import (
-    CONFIG_FILE, WEIGHTS_FILE, apply_lora, has_lora, load_adapter, lora_state_dict, merge_lora, save_adapter)
+    CONFIG_FILE, PEFT_KEY_PREFIX, WEIGHTS_FILE, apply_lora, has_lora, load_adapter, lora_state_dict, merge_lora,
+    save_adapter)
 
 SIZE = 256
 EMBED_DIM = 160  # tiny encoder width
@@ -104,6 +105,34 @@ def test_adapter_save_load_round_trip_is_exact(tmp_path):
     assert all(torch.equal(lora_state_dict(other)[k], expected[k]) for k in expected)
 
 
+def test_the_adapter_is_peft_s_layout_and_loads_both_ways(tmp_path):
+    """PeftModel.from_pretrained on a fresh SAM gives the LoRA model (no missing-key warning), and an
+    adapter written by peft, or by save_adapter before it took peft's key layout, loads back."""
+    import warnings
+
+    from peft import PeftModel
+
+    model = lora_model()
+    save_adapter(model, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft only warns about adapter keys it cannot place
+        wrapped = PeftModel.from_pretrained(build_sam("tiny", seed=0), str(tmp_path / "adapter")).eval()
+    images, counts, points, labels = inputs(3)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(images, counts, points, labels),
+                                                       wrapped.base_model.model(images, counts, points, labels)))
+    wrapped.save_pretrained(str(tmp_path / "by_peft"))
+    unprefixed = tmp_path / "unprefixed"
+    save_adapter(model, unprefixed)
+    tensors = load_file(str(unprefixed / WEIGHTS_FILE))
+    save_file({key.removeprefix(PEFT_KEY_PREFIX): tensor for key, tensor in tensors.items()},
+              str(unprefixed / WEIGHTS_FILE))
+    for folder in ("by_peft", "unprefixed"):
+        loaded = load_adapter(build_sam("tiny", seed=0), tmp_path / folder)
+        assert all(torch.equal(loaded_tensor, lora_state_dict(model)[key])
+                   for key, loaded_tensor in lora_state_dict(loaded).items()), folder
+
+
 def test_adapter_save_is_atomic(tmp_path, monkeypatch):
     import resam_dist.model.lora as lora_module
 
@@ -124,7 +153,7 @@ def test_adapter_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_adapter(second, adapter)
     assert sorted(p.name for p in adapter.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
-    assert torch.equal(load_file(str(adapter / WEIGHTS_FILE))[key], lora_state_dict(first)[key])
+    assert torch.equal(load_file(str(adapter / WEIGHTS_FILE))[PEFT_KEY_PREFIX + key], lora_state_dict(first)[key])
     # ... and none where there was none
     with pytest.raises(KeyboardInterrupt):
         save_adapter(second, tmp_path / "other" / "adapter")
@@ -134,7 +163,7 @@ def test_adapter_save_is_atomic(tmp_path, monkeypatch):
     # renames would have left adapter.old)
     (tmp_path / "export" / "adapter.old").mkdir()
     save_adapter(second, adapter)
-    assert torch.equal(load_file(str(adapter / WEIGHTS_FILE))[key], lora_state_dict(second)[key])
+    assert torch.equal(load_file(str(adapter / WEIGHTS_FILE))[PEFT_KEY_PREFIX + key], lora_state_dict(second)[key])
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["adapter"]
 
 
