@@ -9,6 +9,7 @@ key and the file. The `"deepspeed"` block is kept as a dict for `deepspeed.initi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -220,6 +221,23 @@ class Config:
 
 
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+# The top-level keys of a DeepSpeed config that DeepSpeed 0.19.8 (the pinned version) reads; it
+# ignores any other, so a misspelt one would silently change nothing. Checked against the
+# installed DeepSpeed by tests/unit/test_config.py.
+DEEPSPEED_KEYS = frozenset({
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint", "comet",
+    "comms_logger", "communication_data_type", "compile", "compression_training", "csv_monitor",
+    "curriculum_learning", "data_efficiency", "data_types", "dataloader_drop_last", "datastates_ckpt",
+    "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue", "elasticity", "expert_parallel",
+    "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
+    "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level", "managed_gradient_accumulation",
+    "memory_breakdown", "nebula", "optimizer", "pipeline", "prescale_gradients", "progressive_layer_drop",
+    "quantize_training", "scheduler", "seq_parallel_communication_data_type", "sparse_attention",
+    "sparse_gradients", "steps_per_print", "tensor_parallel", "tensorboard", "timers", "torch_autocast",
+    "train_batch_size", "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism",
+    "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "zero_optimization",
+})
 
 
 def _check_value(value: Any, annotation: Any, key: str, source: str) -> Any:
@@ -304,7 +322,7 @@ def validate(cfg: Config) -> None:
     positive.update({
         "train.lr": cfg.train.lr, "resam.ssa_tau": cfg.resam.ssa_tau, "resam.loss_window": cfg.resam.loss_window,
         "resam.loss_spike_factor": cfg.resam.loss_spike_factor, "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "train.collective_timeout_s": cfg.train.collective_timeout_s,
+        "train.collective_timeout_s": cfg.train.collective_timeout_s, "lora.alpha": cfg.lora.alpha,
     })
     for key, value in positive.items():
         if value <= 0:
@@ -313,6 +331,7 @@ def validate(cfg: Config) -> None:
                     "train.warmup_steps": cfg.train.warmup_steps, "train.grad_clip": cfg.train.grad_clip,
                     "train.weight_decay": cfg.train.weight_decay, "checkpoint.every_steps": cfg.checkpoint.every_steps,
                     "lora.dropout": cfg.lora.dropout, "resam.ssa_weight": cfg.resam.ssa_weight,
+                    "resam.focal_weight": cfg.resam.focal_weight,
                     "metrics.base_port": cfg.metrics.base_port, "resam.queue_size": cfg.resam.queue_size,
                     "resam.pointsam_proto_weight": cfg.resam.pointsam_proto_weight,
                     # numpy's generators take non-negative seeds only
@@ -331,6 +350,11 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"{src}: key '{key}' must be 1, 2 or 3, got {value}")
     if any(later <= earlier for earlier, later in zip(cfg.train.milestones, cfg.train.milestones[1:])):
         raise ValueError(f"{src}: key 'train.milestones' must be strictly increasing, got {cfg.train.milestones}")
+    if cfg.train.milestones and cfg.train.milestones[0] < 1:
+        raise ValueError(f"{src}: key 'train.milestones' must hold optimizer steps >= 1, got {cfg.train.milestones}")
+    if not 0.0 < cfg.train.lr_gamma <= 1.0:
+        raise ValueError(f"{src}: key 'train.lr_gamma' must be in (0, 1] (the lr's factor at each milestone), got "
+                         f"{cfg.train.lr_gamma}")
     if not 0.0 <= cfg.resam.entropy_eps < 1.0:
         raise ValueError(f"{src}: key 'resam.entropy_eps' must be in [0, 1), got {cfg.resam.entropy_eps}")
     if not 0.0 <= cfg.resam.teacher_ema < 1.0:
@@ -356,9 +380,17 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"{src}: key 'resam.pointsam_overlap_iou' must be in [0, 1], got "
                          f"{cfg.resam.pointsam_overlap_iou}")
     ds = cfg.deepspeed
-    for key in _BATCH_KEYS + ("gradient_clipping",):
-        if key in ds and ds[key] != "auto" and not isinstance(ds[key], (int, float)):
-            raise ValueError(f"{src}: key 'deepspeed.{key}' must be a number or \"auto\", got {ds[key]!r}")
+    for key in ds:
+        if key not in DEEPSPEED_KEYS:
+            close = difflib.get_close_matches(key, DEEPSPEED_KEYS, n=1)
+            raise ValueError(f"{src}: unknown key 'deepspeed.{key}': DeepSpeed would ignore it"
+                             + (f" (did you mean 'deepspeed.{close[0]}'?)" if close else ""))
+    for key in _BATCH_KEYS:
+        if key in ds and ds[key] != "auto" and (isinstance(ds[key], bool) or not isinstance(ds[key], int)):
+            raise ValueError(f"{src}: key 'deepspeed.{key}' must be an integer or \"auto\", got {ds[key]!r}")
+    clip = ds.get("gradient_clipping", "auto")
+    if clip != "auto" and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip)):
+        raise ValueError(f"{src}: key 'deepspeed.gradient_clipping' must be a number or \"auto\", got {clip!r}")
     expected = {"train_micro_batch_size_per_gpu": cfg.train.images_per_rank,
                 "gradient_accumulation_steps": cfg.train.grad_accum_steps}
     for key, value in expected.items():
@@ -373,12 +405,11 @@ def validate(cfg: Config) -> None:
     if ds.get("fp16", {}).get("enabled", False) not in (False,):
         raise ValueError(f"{src}: key 'deepspeed.fp16.enabled': fp16 is not supported, use train.precision bf16")
     bf16 = ds.get("bf16", {}).get("enabled", "auto")
-    if bf16 not in ("auto", True, False):
+    if not (isinstance(bf16, bool) or bf16 == "auto"):
         raise ValueError(f"{src}: key 'deepspeed.bf16.enabled' must be true, false or \"auto\", got {bf16!r}")
     if (bf16 is True and cfg.train.precision == "fp32") or (bf16 is False and cfg.train.precision == "bf16"):
         raise ValueError(f"{src}: key 'deepspeed.bf16.enabled' ({bf16}) contradicts 'train.precision' "
                          f"({cfg.train.precision}); set one of them to \"auto\"")
-    clip = ds.get("gradient_clipping", "auto")
     if clip != "auto" and clip != cfg.train.grad_clip:
         raise ValueError(f"{src}: key 'deepspeed.gradient_clipping' is {clip} but 'train.grad_clip' is "
                          f"{cfg.train.grad_clip}; use \"auto\"")
@@ -401,6 +432,33 @@ def validate(cfg: Config) -> None:
                          "(its parameter gathering would run again inside every recomputation); use stage 0-2")
 
 
+def _merge(section: dict[str, Any], update: dict[str, Any]) -> None:
+    """Sets the keys of `update` in `section`, object values into object values, recursively."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(section.get(key), dict):
+            _merge(section[key], value)
+        else:
+            section[key] = value
+
+
+def _overridden(dotted: str, overrides: dict[str, Any]) -> bool:
+    """Whether an override sets key `dotted`: by that name, or inside an object given for one of
+    its sections (e.g. 'model' = {"checkpoint": ...} sets 'model.checkpoint')."""
+    parts = dotted.split(".")
+    for depth in range(1, len(parts) + 1):
+        prefix, rest = ".".join(parts[:depth]), parts[depth:]
+        if prefix not in overrides:
+            continue
+        node = overrides[prefix]
+        for part in rest:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return True
+    return False
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
     """Read, type-check and validate a config file. `overrides` maps dotted keys to values."""
     path = Path(path)
@@ -420,7 +478,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"{source}: override '{dotted}': '{part}' is not a section")
-        node[last] = value
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            _merge(node[last], value)  # an object given for a section sets its keys, keeps the others
+        else:
+            node[last] = value
     cfg = _build(Config, raw, "", source)
     cfg.source = source
     # relative paths: those in the file against the file's folder, those given as overrides (on
@@ -429,7 +490,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
                           ("model", "checkpoint")):
         value = getattr(getattr(cfg, section), name)
         if value and not Path(value).is_absolute():
-            base = Path.cwd() if f"{section}.{name}" in (overrides or {}) else path.resolve().parent
+            base = Path.cwd() if _overridden(f"{section}.{name}", overrides or {}) else path.resolve().parent
             setattr(getattr(cfg, section), name, os.path.normpath(base / value))
     validate(cfg)
     return cfg
@@ -451,6 +512,8 @@ def deepspeed_dict(cfg: Config, world_size: int, bf16_supported: bool) -> dict[s
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and bf16_supported)
     if cfg.train.precision == "bf16" and not bf16_supported:
         raise ValueError(f"{src}: key 'train.precision' is bf16 but this device does not support bf16")
+    if cfg.deepspeed.get("bf16", {}).get("enabled") is True and not bf16_supported:
+        raise ValueError(f"{src}: key 'deepspeed.bf16.enabled' is true but this device does not support bf16")
     ds.setdefault("bf16", {})
     if ds["bf16"].get("enabled", "auto") == "auto":
         ds["bf16"]["enabled"] = use_bf16

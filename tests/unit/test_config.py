@@ -154,6 +154,11 @@ def test_overrides_and_relative_paths(tmp_path, monkeypatch):
     ("resam", "pointsam_overlap_iou", 1.5, "resam.pointsam_overlap_iou' must be in"),
     ("resam", "teacher_ema", 1.0, r"resam.teacher_ema' must be in \[0, 1\) \(0: no EMA teacher\), got 1.0"),
     ("resam", "teacher_ema", -0.1, r"resam.teacher_ema' must be in \[0, 1\)"),
+    ("train", "lr_gamma", -0.1, r"train.lr_gamma' must be in \(0, 1\]"),
+    ("train", "lr_gamma", 0, r"train.lr_gamma' must be in \(0, 1\]"),
+    ("train", "milestones", [-5], r"train.milestones' must hold optimizer steps >= 1, got \[-5\]"),
+    ("lora", "alpha", 0, "lora.alpha' must be positive"),
+    ("resam", "focal_weight", -20, "resam.focal_weight' must be >= 0"),
 ])
 def test_out_of_range_values(tmp_path, section, key, value, pattern):
     data = demo_dict()
@@ -190,6 +195,13 @@ def test_nothing_to_train_and_nan_are_refused(tmp_path):
     ({"zero_optimization": 2}, "'deepspeed.zero_optimization' must be an object"),
     ({"checkpoint": True}, "'deepspeed.checkpoint' must be an object"),
     ({"checkpoint": {"writer": {"decoupled": True}}}, "'deepspeed.checkpoint.writer.decoupled' is not supported"),
+    ({"bf16": {"enabled": 1}}, r"'deepspeed.bf16.enabled' must be true, false or \"auto\", got 1"),
+    ({"train_micro_batch_size_per_gpu": True}, "'deepspeed.train_micro_batch_size_per_gpu' must be an integer"),
+    ({"train_batch_size": 4.0}, "'deepspeed.train_batch_size' must be an integer"),
+    ({"gradient_clipping": True}, "'deepspeed.gradient_clipping' must be a number"),
+    ({"zero_optimisation": {"stage": 2}},
+     r"unknown key 'deepspeed.zero_optimisation': DeepSpeed would ignore it \(did you mean "
+     r"'deepspeed.zero_optimization'\?\)"),
 ])
 def test_deepspeed_block_conflicts(tmp_path, block, pattern):
     data = demo_dict()
@@ -217,3 +229,53 @@ def test_ema_teacher_needs_a_teacher_and_zero_stage_0_to_2(tmp_path):
     data["train"]["activation_checkpointing"] = "off"
     with pytest.raises(ValueError, match="'resam.teacher_ema' is not supported with ZeRO stage 3"):
         load_config(write(tmp_path, data))
+
+
+def test_deepspeed_keys_cover_what_the_installed_deepspeed_reads():
+    """DEEPSPEED_KEYS (the config's allow-list) holds every top-level key DeepSpeed's config reads,
+    recorded while it parses a full block."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from resam_dist.config import DEEPSPEED_KEYS
+
+    class Recording(dict):
+        read: set = set()
+
+        def get(self, key, *default):
+            self.read.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            self.read.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            self.read.add(key)
+            return super().__contains__(key)
+
+    block = Recording(deepspeed_dict(load_config(CONFIGS / "nwpu.json"), world_size=1, bf16_supported=False))
+    DeepSpeedConfig(block)
+    assert len(block.read) > 40 and block.read <= DEEPSPEED_KEYS, sorted(block.read - DEEPSPEED_KEYS)
+
+
+def test_an_object_given_for_a_section_sets_its_keys_and_keeps_the_others(tmp_path, monkeypatch):
+    file_cfg = load_config(CONFIGS / "demo.json")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(CONFIGS / "demo.json", {"train": {"max_steps": 3}, "model": {"checkpoint": "ck.pth"},
+                                              "deepspeed": {"zero_optimization": {"stage": 1}}})
+    assert cfg.train.max_steps == 3
+    assert (cfg.train.lr, cfg.train.milestones, cfg.train.output_dir) == (
+        file_cfg.train.lr, file_cfg.train.milestones, file_cfg.train.output_dir)
+    assert cfg.model.checkpoint == str(tmp_path / "ck.pth")  # given on the command line: the working directory
+    assert cfg.deepspeed["zero_optimization"]["stage"] == 1
+    assert cfg.deepspeed["bf16"] == file_cfg.deepspeed["bf16"]
+
+
+def test_bf16_asked_for_explicitly_on_a_device_without_it_is_refused(tmp_path):
+    data = demo_dict()
+    data["train"]["precision"] = "auto"
+    data["deepspeed"]["bf16"] = {"enabled": True}
+    cfg = load_config(write(tmp_path, data))
+    assert deepspeed_dict(cfg, world_size=1, bf16_supported=True)["bf16"]["enabled"] is True
+    with pytest.raises(ValueError, match="'deepspeed.bf16.enabled' is true but this device does not support bf16"):
+        deepspeed_dict(cfg, world_size=1, bf16_supported=False)
