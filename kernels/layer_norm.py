@@ -297,9 +297,15 @@ class LayerNormFunction(torch.autograd.Function):
         sums = partial.sum(dim=0)  # 3 x C (zeros for rows = 0 or without accumulation)
         grad_w = sums[0].to(weight_dtype) if want_w else None
         grad_b = sums[1].to(bias_dtype) if want_b else None
-        grad_res = dres.view(ctx.shape) if has_residual and ctx.needs_input_grad[3] else None
+        grad_x = dx.view(ctx.shape)
+        # without a separate buffer the residual's gradient is x's: the same tensor object (as torch's
+        # add backward returns), which autograd copies before accumulating it in two .grad fields;
+        # two views of one buffer would become two .grad fields sharing storage
+        grad_res = None
+        if has_residual and ctx.needs_input_grad[3]:
+            grad_res = dres.view(ctx.shape) if separate else grad_x
         grad_pre = sums[2].to(pre.dtype) if want_pre else None
-        return dx.view(ctx.shape), grad_w, grad_b, grad_res, grad_pre, None, None
+        return grad_x, grad_w, grad_b, grad_res, grad_pre, None, None
 
 
 def check_triton_sizes(channels: int) -> None:

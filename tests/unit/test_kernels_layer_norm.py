@@ -134,6 +134,22 @@ def test_residual_of_another_dtype_gets_its_own_gradient(x_dtype, residual_dtype
     assert_matches_reference(inputs, gelu=False)
 
 
+def test_x_and_residual_gradients_accumulate_separately():
+    """Leaf x and residual of one dtype share the backward's gradient buffer: their .grad fields must
+    not share storage, so that two backward passes accumulate g1 + g2 in each (not g1 + 2 g2 in one)."""
+    grads = {}
+    for name, function in (("triton", layer_norm_triton), ("reference", layer_norm_reference)):
+        inputs = make_inputs(9, 64, torch.float32, residual=True, pre_bias=False)
+        x, residual = inputs["x"].requires_grad_(), inputs["residual"].requires_grad_()
+        for scale in (1.0, 3.0):
+            y = function(x, inputs["weight"], inputs["bias"], EPS, residual=residual)
+            (y * torch.linspace(-1, 1, 64, device=DEVICE) * scale).sum().backward()
+        assert x.grad.data_ptr() != residual.grad.data_ptr(), name
+        grads[name] = (x.grad, residual.grad)
+    for got, expected in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_without_weight_and_bias():
     inputs = make_inputs(7, 100, torch.float32, residual=True, pre_bias=True)
     x, residual, pre_bias = inputs["x"], inputs["residual"], inputs["pre_bias"]
