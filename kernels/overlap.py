@@ -71,6 +71,14 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"overlap suppression mode must be one of {MODES}, got {mode!r}")
 
 
+def check_counts(counts: torch.Tensor, batch: int) -> None:
+    """counts: one integer per image (a kernel reads counts[b] for every image b)."""
+    if tuple(counts.shape) != (batch,) or counts.is_floating_point() or counts.is_complex() \
+            or counts.dtype == torch.bool:
+        raise ValueError(f"overlap suppression needs integer counts of shape ({batch},) (one per image), got "
+                         f"{counts.dtype} {tuple(counts.shape)}")
+
+
 def tight_boxes_reference(masks: torch.Tensor) -> torch.Tensor:
     """masks: ... x H x W bool -> ... x 4 float32 (x0, y0, x1, y1), x1/y1 exclusive, empty -> 0."""
     height, width = masks.shape[-2:]
@@ -94,6 +102,7 @@ def suppress_overlap_reference(masks: torch.Tensor, confidence: torch.Tensor | N
     not hold NaN), counts B int -> (masks B x K x H x W bool, boxes B x K x 4 float32)."""
     check_mode(mode)
     batch, num_instances = masks.shape[:2]
+    check_counts(counts, batch)
     instance_ids = torch.arange(num_instances, device=masks.device)  # K
     valid = instance_ids.unsqueeze(0) < counts.to(masks.device).unsqueeze(1)  # B x K
     kept = masks.bool() & valid[:, :, None, None]  # B x K x H x W
@@ -596,7 +605,8 @@ def _suppress_drop_words_jit(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals
     # "drop" mode on 32-bit words of 4 pixels (width % 4 == 0, so a word never straddles two
     # rows). words/out: B x K x (H W / 4) int32, each byte one pixel (0 = not kept),
     # counts: B int64, state/arrivals/boxes as in `_suppress_overlap_kernel`. Grid: (word spans
-    # of TILE / KP words, images). words_bucket is only an autotuning key; ROW_TILES is set by
+    # of TILE / KP words, images). words_bucket (2 x log2 of words per image, rounded up, + 1 where
+    # the strip design is aligned) is only an autotuning key; ROW_TILES is set by
     # the heuristic below from words_per_row and the tile.
     image = tl.program_id(1).to(tl.int64)
     count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
@@ -659,14 +669,19 @@ _WORD_CONFIGS = ([triton.Config({"TILE": tile}, num_warps=warps)
 _STRIP_ALIGNMENT = 16
 
 
+def _strip_aligned(words_per_row: int, *buffers) -> bool:
+    """Whether the strip design runs on these rows and buffers without spilling: rows of a multiple
+    of 16 words, buffers 16-byte aligned (tensors; other values are not checked)."""
+    return words_per_row % _STRIP_ALIGNMENT == 0 and all(
+        not hasattr(buffer, "data_ptr") or buffer.data_ptr() % _STRIP_ALIGNMENT == 0 for buffer in buffers)
+
+
 def _prune_word_configs(configs, named_args, **kwargs):
     """Drops TILE 8192 with 4 warps unless the masks are bool and every tile lies in one row, and
     the strip design unless rows are a multiple of 16 words and both buffers 16-byte aligned."""
     args = {**named_args, **kwargs}
     words_per_row, kp, zero_one = args["words_per_row"], args["KP"], args["ZERO_ONE"]
-    aligned = words_per_row % _STRIP_ALIGNMENT == 0 and all(
-        not hasattr(args.get(name), "data_ptr") or args[name].data_ptr() % _STRIP_ALIGNMENT == 0
-        for name in ("words_ptr", "out_ptr"))
+    aligned = _strip_aligned(words_per_row, args.get("words_ptr"), args.get("out_ptr"))
     one_row_bool_tiles = zero_one and words_per_row % (8192 // kp) == 0
 
     def runs_here(config) -> bool:
@@ -847,6 +862,7 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
     the GPU (once per size class: later calls launch the pick directly)."""
     check_mode(mode)
     batch, num_instances, height, width = masks.shape
+    check_counts(counts, batch)
     argmax = mode == "argmax"
     if argmax and (confidence is None or confidence.shape != masks.shape):
         raise ValueError("argmax overlap suppression needs a confidence tensor shaped like masks "
@@ -887,7 +903,9 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
     if words or (not overridden and _use_words(masks, mode)):
         words_per_row, num_words = width // 4, num_pixels // 4
         zero_one = masks.dtype == torch.bool  # bool storage: every byte 0 or 1
-        words_bucket = (num_words - 1).bit_length()
+        # the size class, and whether the pruning keeps the strip design: a pick tuned on aligned
+        # rows is not reused on others (where it would spill)
+        words_bucket = 2 * (num_words - 1).bit_length() + _strip_aligned(words_per_row, masks, out)
         args = (masks.view(torch.int32), counts, out.view(torch.int32), state, arrivals, boxes,
                 num_instances, words_per_row, num_words, words_bucket)
         if config is None and not INTERPRET and word_tile is None:

@@ -417,15 +417,18 @@ def test_tuned_pick_is_launched_directly_after_the_first_call(monkeypatch, mode)
             return launch
 
     monkeypatch.setattr(overlap, "_suppress_drop_words_jit", RecordingJit())
-    sizes = [(17, 36), (19, 40), (17, 36), (130, 36), (3, 1024), (3, 1024)]
+    sizes = [(17, 36), (19, 40), (17, 36), (130, 36), (3, 1024), (3, 1024), (8, 64), (7, 72)]
     for seed, (height, width) in enumerate(sizes):
         masks, confidence = random_instances(2, 7, height, width, seed=seed + 30)
         counts = torch.tensor([7, 5], device=DEVICE)
         check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, mode)
     assert all(c.pre_hook is None for c in _WORD_CONFIGS + _BYTE_CONFIGS)  # (the direct launch skips hooks)
-    # (17 x 36 and 19 x 40 pixels share a size class; 130 x 36 and 3 x 1024 have their own)
-    assert len(runs) == 3 and len(picks) == 3
-    assert all(pick is config for pick in picks.values()) and len(tuned.cache) == 3
+    # (17 x 36 and 19 x 40 pixels share a size class; 130 x 36 and 3 x 1024 have their own; so do
+    # 8 x 64 and 7 x 72 for the word kernel, whose key tells rows the strip design runs on, 16 words,
+    # from others, 18 words, while the byte kernel's key holds them in one class)
+    classes = 5 if word else 4
+    assert len(runs) == classes and len(picks) == classes
+    assert all(pick is config for pick in picks.values()) and len(tuned.cache) == classes
     if word:  # tiles of 2048 / 8 = 256 words lie in one row of 1024 / 4 words, not in rows of 9 or 10
         assert direct_row_tiles == [(10, False), (9, False), (256, True)]
     overlap.clear_tuning()
