@@ -4,7 +4,9 @@ Each dispatcher runs the Triton kernel when `use_triton` is true and the input i
 (on that tensor's device, whichever device is current), or a CPU tensor while Triton's interpreter
 is on (`TRITON_INTERPRET=1` in the environment when the kernel modules were first imported);
 otherwise, or with `use_triton=False`, the torch reference (the specification, `*_reference` in
-each module) runs.
+each module) runs. The reference also runs for inputs the reference takes and a kernel does not
+(`resam_kernels.launch.UnsupportedByTriton`: a dtype such as float64, sizes beyond a kernel's
+tiles or int32 offsets), and for the entropy filter's confidence where a gradient is wanted.
 
 - `entropy_filter(logits, eps, *, return_confidence=False, use_triton=True)`
 - `confidence(logits, *, use_triton=True)`
@@ -34,6 +36,7 @@ import torch
 from resam_kernels.counts import instance_counts_reference, instance_counts_triton
 from resam_kernels.entropy import (INTERPRET, confidence_reference, entropy_filter_reference,
                                    entropy_filter_triton)
+from resam_kernels.launch import UnsupportedByTriton
 from resam_kernels.layer_norm import layer_norm_reference, layer_norm_triton
 from resam_kernels.mask_head import mask_head_reference, mask_head_triton
 from resam_kernels.mask_loss import mask_loss_terms_reference, mask_loss_terms_triton
@@ -61,6 +64,10 @@ def runs_triton(tensor: torch.Tensor, use_triton: bool = True) -> bool:
     return tensor.is_cuda or (INTERPRET and tensor.device.type == "cpu")
 
 
+def _wants_grad(tensor: torch.Tensor) -> bool:
+    return tensor.requires_grad and torch.is_grad_enabled()
+
+
 def _on_device_of(function: str, **tensors: torch.Tensor | None):
     """The context for a Triton call on the device of the first tensor given: on a CUDA device other
     than the current one, that device is made current for the call (Triton launches on the current
@@ -83,15 +90,17 @@ def entropy_filter(logits: torch.Tensor, eps: float, *, return_confidence: bool 
     Returns keep (B x K x H x W bool, confidence > eps), or (keep, confidence float32 of the same
     shape) with `return_confidence` (what `suppress_overlap(..., mode="argmax")` needs).
     """
-    if runs_triton(logits, use_triton):
+    # the kernel's confidence carries no gradient: the reference runs where one is wanted
+    if runs_triton(logits, use_triton) and not (return_confidence and _wants_grad(logits)):
         with _on_device_of("entropy_filter", logits=logits):
             return entropy_filter_triton(logits, eps, return_confidence=return_confidence)
     return entropy_filter_reference(logits, eps, return_confidence=return_confidence)
 
 
 def confidence(logits: torch.Tensor, *, use_triton: bool = True) -> torch.Tensor:
-    """Per-pixel confidence c = p (1 - H): logits ... -> float32 of the same shape."""
-    if runs_triton(logits, use_triton):
+    """Per-pixel confidence c = p (1 - H): logits ... -> float32 of the same shape (differentiable
+    through the reference where the logits need a gradient)."""
+    if runs_triton(logits, use_triton) and not _wants_grad(logits):
         with _on_device_of("confidence", logits=logits):
             return entropy_filter_triton(logits, 0.0, return_confidence=True)[1]
     return confidence_reference(logits)
@@ -131,7 +140,10 @@ def mask_loss_terms(logits: torch.Tensor, target: torch.Tensor, *, use_triton: b
     (of logits > 0) not. See `resam_kernels.mask_loss`."""
     if runs_triton(logits, use_triton):
         with _on_device_of("mask_loss_terms", logits=logits, target=target):
-            return mask_loss_terms_triton(logits, target)
+            try:
+                return mask_loss_terms_triton(logits, target)
+            except UnsupportedByTriton:  # (raised before any launch) the reference takes them
+                pass
     return mask_loss_terms_reference(logits, target)
 
 
@@ -142,7 +154,10 @@ def upsampled_mask_loss_terms(low_res: torch.Tensor, target: torch.Tensor, *, us
     `resam_kernels.mask_loss_upsampled`."""
     if runs_triton(low_res, use_triton):
         with _on_device_of("upsampled_mask_loss_terms", low_res=low_res, target=target):
-            return upsampled_mask_loss_terms_triton(low_res, target)
+            try:
+                return upsampled_mask_loss_terms_triton(low_res, target)
+            except UnsupportedByTriton:  # (raised before any launch) the reference takes them
+                pass
     return upsampled_mask_loss_terms_reference(low_res, target)
 
 
@@ -151,7 +166,10 @@ def instance_counts(pred: torch.Tensor, gt: torch.Tensor, *, use_triton: bool = 
     foreground logit > 0), gt ... x H x W bool -> ... x 3 int64. See `resam_kernels.counts`."""
     if runs_triton(pred, use_triton):
         with _on_device_of("instance_counts", pred=pred, gt=gt):
-            return instance_counts_triton(pred, gt)
+            try:
+                return instance_counts_triton(pred, gt)
+            except UnsupportedByTriton:  # (raised before any launch) the reference takes them
+                pass
     return instance_counts_reference(pred, gt)
 
 
@@ -163,7 +181,10 @@ def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: t
     differentiable in all five. See `resam_kernels.relpos_attention`."""
     if runs_triton(q, use_triton):
         with _on_device_of("relpos_attention", q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w):
-            return relpos_attention_triton(q, k, v, rel_h, rel_w, grid_w, scale)
+            try:
+                return relpos_attention_triton(q, k, v, rel_h, rel_w, grid_w, scale)
+            except UnsupportedByTriton:  # (raised before any launch) the reference takes them
+                pass
     return relpos_attention_reference(q, k, v, rel_h, rel_w, grid_w, scale)
 
 
@@ -172,7 +193,10 @@ def upsample4x(low_res: torch.Tensor, *, use_triton: bool = True) -> torch.Tenso
     differentiable. See `resam_kernels.upsample`."""
     if runs_triton(low_res, use_triton):
         with _on_device_of("upsample4x", low_res=low_res):
-            return upsample4x_triton(low_res)
+            try:
+                return upsample4x_triton(low_res)
+            except UnsupportedByTriton:  # (raised before any launch) the reference takes them
+                pass
     return upsample4x_reference(low_res)
 
 
@@ -185,7 +209,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     if runs_triton(x, use_triton):
         with _on_device_of("layer_norm", x=x, weight=weight, bias=bias, residual=residual,
                           pre_bias=pre_bias):
-            return layer_norm_triton(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
+            try:
+                return layer_norm_triton(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
+            except UnsupportedByTriton:  # (raised before any launch) the reference takes them
+                pass
     return layer_norm_reference(x, weight, bias, eps, residual=residual, pre_bias=pre_bias, gelu=gelu)
 
 
@@ -197,5 +224,8 @@ def mask_head(upscaled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     See `resam_kernels.mask_head`."""
     if runs_triton(upscaled, use_triton):
         with _on_device_of("mask_head", upscaled=upscaled, weight=weight, bias=bias, hyper_in=hyper_in):
-            return mask_head_triton(upscaled, weight, bias, hyper_in)
+            try:
+                return mask_head_triton(upscaled, weight, bias, hyper_in)
+            except UnsupportedByTriton:  # (raised before any launch) the reference takes them
+                pass
     return mask_head_reference(upscaled, weight, bias, hyper_in)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from resam_kernels.launch import steps_per_program
+from resam_kernels.launch import UnsupportedByTriton, steps_per_program
 
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -107,8 +107,8 @@ def instance_counts_triton(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor
     check_count_inputs(pred, gt)
     hw = pred.shape[-2] * pred.shape[-1]
     if hw >= MAX_MASK_PIXELS:
-        raise ValueError(f"instance_counts_triton: masks of {pred.shape[-2]} x {pred.shape[-1]} pixels; "
-                         f"at most {MAX_MASK_PIXELS - 1} per mask")
+        raise UnsupportedByTriton(f"instance_counts_triton: masks of {pred.shape[-2]} x {pred.shape[-1]} pixels; "
+                                  f"at most {MAX_MASK_PIXELS - 1} per mask")
     lead = pred.shape[:-2]
     num = lead.numel()
     flat_pred = pred.detach().contiguous().reshape(num, hw)  # N x HW

@@ -36,6 +36,12 @@ def steps_per_program(instances: int, pixels: int, block: int, max_steps: int,
     return steps
 
 
+class UnsupportedByTriton(ValueError):
+    """Inputs the torch reference takes but a Triton kernel does not (a dtype, a size beyond its
+    tiles or int32 offsets). Raised by the `*_triton` functions before anything is launched or
+    recorded for autograd; the dispatchers run the reference instead."""
+
+
 def refuse_tuning_while_capturing(function: str, size_class: tuple) -> None:
     """Called before the first launch of an untuned size class: a RuntimeError naming the
     dispatcher and the size class if the current CUDA stream is capturing a graph."""

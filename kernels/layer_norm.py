@@ -46,6 +46,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from resam_kernels.launch import UnsupportedByTriton
+
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -310,8 +312,8 @@ class LayerNormFunction(torch.autograd.Function):
 
 def check_triton_sizes(channels: int) -> None:
     if channels > MAX_C:
-        raise ValueError(f"layer_norm_triton: C = {channels} channels; at most {MAX_C} "
-                         f"(use layer_norm_reference / use_triton=False)")
+        raise UnsupportedByTriton(f"layer_norm_triton: C = {channels} channels; at most {MAX_C} "
+                                  f"(use layer_norm_reference / use_triton=False)")
 
 
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,

@@ -53,6 +53,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from resam_kernels.launch import UnsupportedByTriton
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 MIN_DOT = 16  # tl.dot's smallest tile side
@@ -256,10 +258,10 @@ def _padded(channels: int) -> int:
 def check_triton_sizes(upscaled: torch.Tensor, weight: torch.Tensor) -> None:
     _, c_in, height, width = upscaled.shape
     if _padded(c_in) > MAX_CHANNELS or _padded(weight.shape[1]) > MAX_CHANNELS:
-        raise ValueError(f"mask_head_triton: at most {MAX_CHANNELS} channels in and out, "
-                         f"got {c_in} and {weight.shape[1]}")
+        raise UnsupportedByTriton(f"mask_head_triton: at most {MAX_CHANNELS} channels in and out, "
+                                  f"got {c_in} and {weight.shape[1]}")
     if 4 * height * width * max(c_in, 1) >= MAX_PROMPT_ELEMENTS:
-        raise ValueError(f"mask_head_triton: {height} x {width} x {c_in} is too large for one prompt")
+        raise UnsupportedByTriton(f"mask_head_triton: {height} x {width} x {c_in} is too large for one prompt")
 
 
 def _operands(upscaled: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hyper_in: torch.Tensor):

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from resam_kernels.launch import steps_per_program
+from resam_kernels.launch import UnsupportedByTriton, steps_per_program
 
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -113,8 +113,8 @@ def check_mask_loss_inputs(logits: torch.Tensor, target: torch.Tensor) -> None:
 def check_triton_sizes(logits: torch.Tensor) -> None:
     """The kernels index the pixels of one mask in int32 (the instance offset is int64)."""
     if logits.shape[-2] * logits.shape[-1] >= MAX_MASK_PIXELS:
-        raise ValueError(f"mask_loss_terms_triton: masks of {logits.shape[-2]} x {logits.shape[-1]} pixels; "
-                         f"at most {MAX_MASK_PIXELS - 1} per mask")
+        raise UnsupportedByTriton(f"mask_loss_terms_triton: masks of {logits.shape[-2]} x {logits.shape[-1]} "
+                                  f"pixels; at most {MAX_MASK_PIXELS - 1} per mask")
 
 
 def mask_loss_terms_reference(logits: torch.Tensor, target: torch.Tensor

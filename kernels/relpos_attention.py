@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from resam_kernels.launch import UnsupportedByTriton
+
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -86,23 +88,24 @@ def _check_shapes(q, k, v, rel_h, rel_w, grid_w) -> None:
 
 
 def _check_triton_inputs(q, k, v, rel_h, rel_w, grid_w) -> None:
-    _check_shapes(q, k, v, rel_h, rel_w, grid_w)
+    """Shapes (ValueError), then what the kernels take (UnsupportedByTriton)."""
+    _check_shapes(q, k, v, rel_h, rel_w, grid_w)  # (ValueError: the reference refuses them too)
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"relpos_attention_triton needs q, k, v of one dtype among float32, bfloat16, float16, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise UnsupportedByTriton(f"relpos_attention_triton needs q, k, v of one dtype among float32, bfloat16, "
+                                  f"float16, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (rel_h.is_floating_point() and rel_w.is_floating_point()):
-        raise ValueError("relpos_attention_triton needs floating-point rel_h and rel_w")
+        raise UnsupportedByTriton("relpos_attention_triton needs floating-point rel_h and rel_w")
     batch, heads, tokens, head_dim = q.shape
     if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"relpos_attention_triton supports head dims 1 .. {MAX_HEAD_DIM}, got {head_dim}")
+        raise UnsupportedByTriton(f"relpos_attention_triton supports head dims 1 .. {MAX_HEAD_DIM}, got {head_dim}")
     if grid_w > MAX_GRID_W:
-        raise ValueError(f"relpos_attention_triton supports grid widths up to {MAX_GRID_W}, got {grid_w}")
+        raise UnsupportedByTriton(f"relpos_attention_triton supports grid widths up to {MAX_GRID_W}, got {grid_w}")
     if heads > MAX_BATCH_HEADS:
-        raise ValueError(f"relpos_attention_triton supports up to {MAX_BATCH_HEADS} heads, got {heads}")
+        raise UnsupportedByTriton(f"relpos_attention_triton supports up to {MAX_BATCH_HEADS} heads, got {heads}")
     row_stride = max(q.stride(2), k.stride(2), v.stride(2), head_dim, grid_w, rel_h.shape[-1])
     if tokens * row_stride >= 2 ** 31:  # token offsets inside one (batch, head) are int32 in the kernels
-        raise ValueError(f"relpos_attention_triton: {tokens} tokens with row stride {row_stride} overflow int32 "
-                         f"offsets")
+        raise UnsupportedByTriton(f"relpos_attention_triton: {tokens} tokens with row stride {row_stride} "
+                                  "overflow int32 offsets")
 
 
 @triton.jit

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from resam_kernels.launch import UnsupportedByTriton
+
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -126,7 +128,8 @@ def upsample4x_forward_triton(low_res: torch.Tensor) -> torch.Tensor:
     check_upsample_input(low_res)
     n, c, h, w = low_res.shape
     if 16 * h * w >= MAX_PLANE_PIXELS:
-        raise ValueError(f"upsample4x_triton: planes of {h} x {w} pixels are too large (at most 2^30 outputs a plane)")
+        raise UnsupportedByTriton(f"upsample4x_triton: planes of {h} x {w} pixels are too large (at most 2^30 "
+                                  "outputs a plane)")
     planes = n * c
     x = low_res.detach().contiguous()
     out = torch.empty((n, c, 4 * h, 4 * w), dtype=torch.float32, device=low_res.device)

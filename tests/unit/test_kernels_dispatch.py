@@ -60,3 +60,62 @@ def test_drop_mode_ignores_where_the_unread_confidence_lies():
     expected = resam_kernels.suppress_overlap_reference(masks, None, torch.tensor([3]), "drop")
     got = resam_kernels.suppress_overlap(masks, _on_meta(masks.float()), torch.tensor([3]), "drop")
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_inputs_a_kernel_does_not_take_run_the_reference():
+    """float64 attention, LayerNorm wider than its tiles, a mask head with more channels than its
+    kernel: the *_triton function refuses them (UnsupportedByTriton, a ValueError, before any launch)
+    and the dispatcher runs the reference, gradients included."""
+    from resam_kernels.launch import UnsupportedByTriton
+    from resam_kernels.layer_norm import MAX_C, layer_norm_reference, layer_norm_triton
+    from resam_kernels.mask_head import MAX_CHANNELS, mask_head_reference, mask_head_triton
+    from resam_kernels.relpos_attention import relpos_attention_reference, relpos_attention_triton
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64, generator=generator) for _ in range(3))
+    rel_h, rel_w = torch.randn(1, 2, 4, 2, generator=generator), torch.randn(1, 2, 4, 2, generator=generator)
+    x = torch.randn(3, MAX_C + 4, generator=generator)
+    upscaled = torch.randn(1, MAX_CHANNELS + 1, 2, 2, generator=generator)
+    weight, bias, hyper_in = (torch.randn(MAX_CHANNELS + 1, 4, 2, 2, generator=generator),
+                              torch.randn(4, generator=generator), torch.randn(1, 4, generator=generator))
+    cases = [
+        (lambda: relpos_attention_triton(q, k, v, rel_h, rel_w, 2, 0.5),
+         lambda use: resam_kernels.relpos_attention(q, k, v, rel_h, rel_w, 2, 0.5, use_triton=use),
+         relpos_attention_reference(q, k, v, rel_h, rel_w, 2, 0.5), "float64"),
+        (lambda: layer_norm_triton(x, None, None, 1e-5), lambda use: resam_kernels.layer_norm(x, None, None, 1e-5),
+         layer_norm_reference(x, None, None, 1e-5), f"at most {MAX_C}"),
+        (lambda: mask_head_triton(upscaled, weight, bias, hyper_in),
+         lambda use: resam_kernels.mask_head(upscaled, weight, bias, hyper_in, use_triton=use),
+         mask_head_reference(upscaled, weight, bias, hyper_in), f"at most {MAX_CHANNELS} channels"),
+    ]
+    for refused, dispatched, expected, message in cases:
+        with pytest.raises(UnsupportedByTriton, match=message):
+            refused()
+        assert issubclass(UnsupportedByTriton, ValueError)
+        assert torch.equal(dispatched(True), expected)
+    q.requires_grad_(True)
+    resam_kernels.relpos_attention(q, k, v, rel_h, rel_w, 2, 0.5).sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float64
+
+
+def test_the_confidence_keeps_its_gradient_where_one_is_wanted():
+    from resam_kernels.entropy import confidence_reference
+
+    logits = torch.randn(1, 2, 5, 7, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    for confidence in (resam_kernels.confidence(logits),
+                       resam_kernels.entropy_filter(logits, 0.3, return_confidence=True)[1]):
+        (grad,) = torch.autograd.grad(confidence.sum(), logits)
+        (expected,) = torch.autograd.grad(confidence_reference(logits).sum(), logits)
+        torch.testing.assert_close(grad, expected)
+    with torch.no_grad():  # no gradient wanted: the kernel, same values
+        torch.testing.assert_close(resam_kernels.confidence(logits), confidence_reference(logits),
+                                   atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("counts", [torch.tensor([2]), torch.tensor([2, 2]), torch.tensor(2),
+                                    torch.tensor([2.0, 2.0, 2.0])])
+def test_overlap_suppression_needs_one_integer_count_per_image(counts):
+    masks = torch.ones(3, 2, 4, 8, dtype=torch.bool)
+    for use_triton in (True, False):
+        with pytest.raises(ValueError, match=r"needs integer counts of shape \(3,\) \(one per image\)"):
+            resam_kernels.suppress_overlap(masks, None, counts, "drop", use_triton=use_triton)
