@@ -95,6 +95,15 @@ def compact_masks(batch: int, num_instances: int, height: int, width: int, devic
     return ((rows - centre_y) / axis_y) ** 2 + ((cols - centre_x) / axis_x) ** 2 <= 1  # B x K x H x W
 
 
+def overlap_bytes(counts, num_instances: int, pixels: int, read_bytes_per_pixel: int) -> int:
+    """The bytes overlap suppression must move for B x K masks of `pixels` pixels each: the valid
+    instances' planes read (mask byte, plus the confidence in "argmax" mode; the kernels do not
+    read padding planes, k >= counts[b]), every plane written, and the B x K x 4 float32 boxes."""
+    batch = counts.numel()
+    valid_planes = int(counts.clamp(0, num_instances).sum())
+    return valid_planes * pixels * read_bytes_per_pixel + batch * num_instances * (pixels + 16)
+
+
 def shapes(smoke: bool) -> dict:
     if smoke:
         return {"filter": [(1, 3, 16, 16)], "ssa": [(4, 16, 32), (4, 16, 0)], "mask": [(1, 3, 16, 16)],
@@ -287,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                     "triton": lambda: resam_kernels.suppress_overlap(keep, confidence, counts, mode),
                     "torch_compile": compiled_overlap and (
                         lambda: compiled_overlap(keep, confidence, counts, mode)),
-                }, num_bytes=numel * (1 + read_confidence + 1) + batch * num_instances * 16,
+                }, num_bytes=overlap_bytes(counts, num_instances, height * width, 1 + read_confidence),
                     copy_reference=True, tuned=lambda mode=mode: best_config(
                         overlap_kernels._suppress_drop_words_kernel_tuned if mode == "drop" and width % 4 == 0
                         else overlap_kernels._suppress_overlap_kernel_tuned))

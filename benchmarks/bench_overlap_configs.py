@@ -37,7 +37,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench_kernels import compact_masks, copy_bandwidth_gbps, median_call_ms
+from bench_kernels import compact_masks, copy_bandwidth_gbps, median_call_ms, overlap_bytes
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_EXTRAS = ("2048,32,2,4,1", "2048,16,2,4,1", "4096,32,2,8,1", "256,32,2,1", "512,32,2,1",
@@ -123,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator(device=device).manual_seed(0)
     for batch, num_instances, height, width in SMOKE_SHAPES if args.cpu_smoke else SHAPES:
         shape = f"{batch}x{num_instances}x{height}x{width}"
-        numel = batch * num_instances * height * width
-        num_bytes = 2 * numel + batch * num_instances * 16  # masks in, masks out, boxes out
         counts = torch.full((batch,), num_instances, dtype=torch.int64, device=device)
         counts[0] = max(0, num_instances - 7)
-        source = torch.ones(numel // 4, dtype=torch.int32, device=device)  # a copy of the same bytes
+        # valid masks in (padding planes are not read), every mask out, boxes out
+        num_bytes = overlap_bytes(counts, num_instances, height * width, 1)
+        source = torch.ones(num_bytes // 8, dtype=torch.int32, device=device)  # a copy of the same bytes
         target = torch.empty_like(source)
         for kind in ("random", "compact"):
             if kind == "random":  # the entropy filter of random logits, as in bench_kernels.py

@@ -26,7 +26,8 @@ byte kernel:
   once per program) and over each row's columns (y, one reduction of one word per row), instead
   of four reductions over every instance's pixels per output chunk. The box reductions, not the
   memory traffic, were what held the other designs back (H200 run 12: "argmax" at
-  2 x 50 x 1024 x 1024 from 66-68% to 83.5% of the copy bandwidth).
+  2 x 50 x 1024 x 1024 from 66-68% to 83.5% of the copy bandwidth as the benchmark then counted
+  bytes, 78.6% counting only the planes read: benchmarks/results/gpu_nvidia-h200.md).
 Mode "drop" with rows of a multiple of 4 pixels and K <= 64 (the usual case) runs
 `_suppress_drop_words_kernel` instead: the tile design over int32 words of 4 pixels (one byte
 lane per pixel; the per-pixel count is a byte lane of one int32 sum over a KP-row tile), so every
@@ -648,7 +649,8 @@ _ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 # registers; on an H200, 72% of the copy bandwidth at 2 x 50 x 1024 x 1024 in run 12's
 # experiment). The strip design (words, rows per program, rows in flight, warps): on an H200 in
 # run 13 at 2 x 50 x 1024 x 1024, (2048, 32, 2, 4) reaches 81.4-82.0% of the copy bandwidth in a
-# CUDA graph against 75.0% for the tile design, and (2048, 16, 2, 4) wins at 8 x 50 x 256 x 256.
+# CUDA graph against 75.0% for the tile design (percentages of runs 1-17 count the padding planes
+# as read: x 0.965 for "drop", x 0.942 for "argmax" at that shape), and (2048, 16, 2, 4) wins at 8 x 50 x 256 x 256.
 # Strips of 24 rows ran at 70%, 8 warps and 1-row prefetch below the chosen ones
 # (benchmarks/results/h200_run13/README.md). 118-124 registers with the hints below, no spills.
 # In sm_90 SASS (triton 3.8 here) the pick's row loop sums the instances of a row across its four

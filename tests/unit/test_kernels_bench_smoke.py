@@ -141,3 +141,14 @@ def test_overlap_configs_refuses_without_cuda(tmp_path, capsys):
 def test_overlap_configs_refuses_a_malformed_extra(extra, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         load_overlap_configs().strip_config(extra)
+
+
+def test_overlap_bytes_count_only_the_planes_the_kernels_read():
+    """counts [43, 50] of K = 50 at 1024 x 1024: 93 planes read (plus 4 confidence bytes a pixel in
+    "argmax" mode), 100 planes written, 100 boxes of 16 bytes; padding planes are never read."""
+    overlap_bytes = load_overlap_configs().overlap_bytes
+    pixels = 1024 * 1024
+    counts = torch.tensor([43, 50])
+    assert overlap_bytes(counts, 50, pixels, 1) == 93 * pixels + 100 * pixels + 1600
+    assert overlap_bytes(counts, 50, pixels, 5) == 5 * 93 * pixels + 100 * pixels + 1600
+    assert overlap_bytes(torch.tensor([70, -1]), 50, pixels, 1) == 50 * pixels + 100 * pixels + 1600
