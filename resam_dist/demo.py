@@ -80,7 +80,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def write_domain(out_dir: Path, kinds: dict[str, int], *, size: int, seed: int, object_scale: float = 1.0) -> Path:
     """One COCO split mixing scene kinds ({kind: number of images}); returns the JSON path.
 
-    Each kind keeps its own category (renumbered 1..n in the order of `kinds`)."""
+    Each kind keeps its own category (renumbered 1..n in the order of `kinds`). annotations.json,
+    written last and atomically, marks a finished split: a split cut short is written again."""
     from resam_dist.data.synthetic import write_synthetic_coco
 
     annotation_file = out_dir / "annotations.json"
@@ -93,8 +94,10 @@ def write_domain(out_dir: Path, kinds: dict[str, int], *, size: int, seed: int, 
     for kind_index, (kind, count) in enumerate(kinds.items()):
         part = write_synthetic_coco(out_dir, kind, count, size, seed=seed + 1000 * kind_index,
                                     segmentation="mixed", first_image_id=first_image,
-                                    first_annotation_id=first_annotation, object_scale=object_scale)
+                                    first_annotation_id=first_annotation, object_scale=object_scale,
+                                    annotation_name=f"part_{kind}.json")
         coco = json.loads(part.read_text())
+        part.unlink()
         category_map = {}
         for category in coco["categories"]:
             category_map[category["id"]] = len(categories) + 1
@@ -175,13 +178,23 @@ def claim_output_folder(out: Path, settings: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------ pretraining
+def split_digest(annotation_file: Path) -> str:
+    """SHA-256 of a split: its annotation file (every instance's polygon or RLE) and the bytes of
+    every image it names, in its order. The annotations alone miss a change of appearance (colours,
+    speckle) that leaves the geometry as it was."""
+    digest = hashlib.sha256(annotation_file.read_bytes())
+    for image in json.loads(annotation_file.read_text())["images"]:
+        digest.update(image["file_name"].encode())
+        digest.update(hashlib.sha256((annotation_file.parent / "images" / image["file_name"]).read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def pretraining_key(source: Path, *, steps: int, images_per_step: int, lr: float) -> str:
-    """12 hex digits naming a cached pretrained model: its settings and the whole source annotation
-    file (every instance's polygon or RLE). The first 2 KB of the file, the key of earlier versions,
-    did not change when the synthetic domains did, so a model pretrained on an older domain was
-    silently reused."""
-    content = hashlib.sha256(source.read_bytes()).hexdigest()
-    return hashlib.sha256(json.dumps([steps, images_per_step, lr, content]).encode()).hexdigest()[:12]
+    """12 hex digits naming a cached pretrained model: its settings and the whole source split
+    (`split_digest`). The first 2 KB of the annotation file, the key of earlier versions, did not
+    change when the synthetic domains did, so a model pretrained on an older domain was silently
+    reused."""
+    return hashlib.sha256(json.dumps([steps, images_per_step, lr, split_digest(source)]).encode()).hexdigest()[:12]
 
 
 def _save_to_cache(model, path: Path) -> None:
@@ -224,7 +237,7 @@ def robust_checkpoint(cache: Path, base: Path, source: Path, *, steps: int, lr: 
     # the base model's bytes, not its name: a base pretrained again (CPU pretraining is not bitwise
     # reproducible) under the same name must not reuse a teacher made from the old one
     key = hashlib.sha256(json.dumps([hashlib.sha256(base.read_bytes()).hexdigest(), steps, lr, photometric,
-                                     hashlib.sha256(source.read_bytes()).hexdigest()]).encode()).hexdigest()[:12]
+                                     split_digest(source)]).encode()).hexdigest()[:12]
     path = cache / f"tiny_source_robust_{key}.pth"
     if path.exists():
         print(f"[demo] photometrically robust source model from cache: {path}", flush=True)
@@ -399,6 +412,8 @@ def write_overlays(path: Path, direct_model, adapted_model, split, cfg, count: i
     from resam_dist.resam.refine import refine
     from resam_dist.resam.requery import pseudo_labels, requery
 
+    if count <= 0:
+        return []
     path.mkdir(parents=True, exist_ok=True)
     written = []
     chosen = list(split.image_ids)[:: max(1, len(split.image_ids) // count)][:count]
@@ -480,13 +495,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=2400,
                         help="source pretraining steps (one-off, cached: 15-20 minutes on 2 cores; 560 or 900 "
                              "steps (3-6 minutes) leave the teacher too weak for ReSAM to gain)")
-    parser.add_argument("--size", type=int, default=256, help="scene size in pixels")
+    parser.add_argument("--size", type=int, default=256,
+                        help="scene size in pixels: 256, the tiny SAM's canvas (other sizes are refused)")
     parser.add_argument("--train-images", type=int, default=64)
     parser.add_argument("--test-images", type=int, default=32)
     parser.add_argument("--object-scale", type=float, default=2.0,
                         help="object size factor of the synthetic scenes (2: a building spans 2-5 of the tiny "
                              "model's 16-px feature cells)")
-    parser.add_argument("--overlays", type=int, default=4, help="tiles drawn as PNG overlays")
+    parser.add_argument("--overlays", type=int, default=4, help="tiles drawn as PNG overlays (0: none)")
     parser.add_argument("--robust-steps", type=int, default=ROBUST_STEPS,
                         help="source steps with half the images photometrically distorted that make the teacher "
                              "of the rooftop targets (one-off, cached: about 2 minutes on 2 cores); 0: adapt the "
@@ -497,9 +513,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"{REPO / 'launch' / 'train.py'} is missing")
     for flag, value, least in (("--pretrain-steps", args.pretrain_steps, 1), ("--steps", args.steps, 1),
                                ("--robust-steps", args.robust_steps, 0), ("--ranks", args.ranks, 1),
-                               ("--train-images", args.train_images, 1), ("--test-images", args.test_images, 1)):
+                               ("--train-images", args.train_images, 1), ("--test-images", args.test_images, 1),
+                               ("--overlays", args.overlays, 0)):
         if value is not None and value < least:
             parser.error(f"{flag} must be at least {least}, got {value}")
+    if args.size != 256:  # the tiny SAM's canvas: its pretraining and the adaptation config take 256 px scenes
+        parser.error(f"--size must be 256 (the tiny SAM's 256 px canvas), got {args.size}")
 
     from resam_dist.config import load_config
     from resam_dist.data.coco import CocoSplit

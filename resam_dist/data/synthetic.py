@@ -421,13 +421,14 @@ def make_scene(kind: str, height: int, width: int, rng: np.random.Generator, *,
 
 def write_synthetic_coco(out_dir: str | Path, kind: str, num_images: int, size: int | tuple[int, int],
                          seed: int, *, segmentation: Literal["polygon", "rle", "rle_uncompressed", "mixed"] = "polygon",
-                         first_image_id: int = 1, first_annotation_id: int = 1, object_scale: float = 1.0) -> Path:
+                         first_image_id: int = 1, first_annotation_id: int = 1, object_scale: float = 1.0,
+                         annotation_name: str = "annotations.json") -> Path:
     """Write `num_images` scenes of `kind` as COCO JSON + PNG images; return the JSON path.
 
     size: side length, or (height, width). Image i uses the seed sequence (seed, i), so a scene
     does not depend on how many are written. segmentation: "polygon", "rle" (compressed, counts
     as str), "rle_uncompressed" (counts as a list) or "mixed" (polygons on even images, RLE on
-    odd ones). Files: `out_dir/images/<kind>_<i:05d>.png`, `out_dir/annotations.json`.
+    odd ones). Files: `out_dir/images/<kind>_<i:05d>.png`, `out_dir/<annotation_name>`.
     """
     if segmentation not in ("polygon", "rle", "rle_uncompressed", "mixed"):
         raise ValueError(f"unknown segmentation format {segmentation!r}")
@@ -461,7 +462,7 @@ def write_synthetic_coco(out_dir: str | Path, kind: str, num_images: int, size: 
                 "bbox": [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)],
             })
             annotation_id += 1
-    annotation_file = out_dir / "annotations.json"
+    annotation_file = out_dir / annotation_name
     data = {"info": {"description": f"synthetic {kind} scenes", "seed": seed},
             "images": images, "annotations": annotations, "categories": CATEGORIES[kind]}
     annotation_file.write_text(json.dumps(data), encoding="utf-8")   # dumps: the fast C encoder

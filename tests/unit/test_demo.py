@@ -50,6 +50,7 @@ def test_pseudo_label_quality_and_overlays(target_split, tmp_path):
         assert quality[stage] == pytest.approx(mixed, abs=1e-9)
     written = write_overlays(tmp_path / "overlays", model, model, target_split, cfg, count=2)
     assert len(written) == 2
+    assert write_overlays(tmp_path / "none", model, model, target_split, cfg, count=0) == []
     sheet = np.asarray(Image.open(written[0]))
     assert sheet.shape[1] == 5 * 96  # ground truth | direct | refined | requeried | adapted
     assert sheet.std() > 0
@@ -62,18 +63,58 @@ def test_table_shows_mean_and_spread():
 
 
 def test_pretraining_key_covers_the_whole_source_domain(tmp_path):
-    # Two source domains that differ only after their first 2 KB (one instance's segmentation at the
-    # end) must not share a cached model; the same file and settings must.
+    # Two source domains that differ only after their first 2 KB of annotations (one instance's
+    # segmentation at the end), or only in one image's pixels, must not share a cached model; the
+    # same files and settings must.
+    import shutil
+
     first = write_domain(tmp_path / "a", {"sparse_buildings": 3}, size=64, seed=1)
-    coco = json.loads(first.read_text())
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    second = tmp_path / "b" / "annotations.json"
+    coco = json.loads(second.read_text())
     coco["annotations"][-1]["area"] += 1
-    second = tmp_path / "b.json"
     second.write_text(json.dumps(coco))
     assert first.read_bytes()[:2048] == second.read_bytes()[:2048]
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    repainted = tmp_path / "c" / "images" / coco["images"][-1]["file_name"]
+    pixels = np.asarray(Image.open(repainted)).copy()
+    pixels[0, 0] ^= 1  # the appearance changes, the geometry does not
+    Image.fromarray(pixels).save(repainted)
     key = pretraining_key(first, steps=10, images_per_step=4, lr=1e-3)
     assert key == pretraining_key(first, steps=10, images_per_step=4, lr=1e-3) and len(key) == 12
     assert key != pretraining_key(second, steps=10, images_per_step=4, lr=1e-3)
+    assert key != pretraining_key(tmp_path / "c" / "annotations.json", steps=10, images_per_step=4, lr=1e-3)
     assert key != pretraining_key(first, steps=11, images_per_step=4, lr=1e-3)
+
+
+def test_a_split_cut_short_is_written_again(tmp_path, monkeypatch):
+    """annotations.json marks a finished split: a writer stopped after the first of two kinds
+    leaves none, and the next call writes both kinds."""
+    from resam_dist.data import synthetic
+
+    real_write = synthetic.write_synthetic_coco
+
+    def stopped_at_ships(out_dir, kind, *args, **kwargs):
+        if kind == "sar_ships":
+            raise KeyboardInterrupt("stopped")
+        return real_write(out_dir, kind, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "write_synthetic_coco", stopped_at_ships)
+    with pytest.raises(KeyboardInterrupt):
+        write_domain(tmp_path, {"buildings": 2, "sar_ships": 1}, size=64, seed=3)
+    assert not (tmp_path / "annotations.json").exists()
+    monkeypatch.undo()
+    path = write_domain(tmp_path, {"buildings": 2, "sar_ships": 1}, size=64, seed=3)
+    coco = json.loads(path.read_text())
+    assert [c["name"] for c in coco["categories"]] == ["building", "ship"] and len(coco["images"]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotations.json", "images"]
+
+
+def test_demo_flags_refused_before_any_work(capsys):
+    for flags, message in ((["--size", "128"], "--size must be 256"), (["--overlays", "-1"], "--overlays must be at least 0")):
+        with pytest.raises(SystemExit):
+            demo.main(flags)
+        assert message in capsys.readouterr().err
 
 
 def test_targets_and_a_table_without_ships():
