@@ -8,9 +8,10 @@
     resam-bench memory  [ARGS]   training memory and images/s: PointSAM-style vs ReSAM vs ReSAM-dist
     resam-bench all              loader and memory; kernels too when CUDA is available. Without CUDA,
                                  memory runs the tiny SAM (CPU_MEMORY_ARGS: the ViT-B default at
-                                 1024 px would need tens of GB and hours on a CPU)
+                                 1024 px would need tens of GB and hours on a CPU). Takes no ARGS.
 
-ARGS go to the benchmark script unchanged (`resam-bench memory --help` lists them).
+ARGS go to the benchmark script unchanged (`resam-bench memory --help` lists them). The exit status
+is the script's; for `all`, the worst (signal N counts as N), 0 only when every benchmark exited 0.
 """
 
 from __future__ import annotations
@@ -45,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     name, args = argv[0], argv[1:]
     if name != "all":
         return _run(name, args)
+    if args:  # (each benchmark takes its own arguments: run them one by one)
+        print(f"[resam-bench] all takes no arguments, got {' '.join(args)}", file=sys.stderr, flush=True)
+        return 2
     import torch
 
     cuda = torch.cuda.is_available()
     runs = {"loader": [], "memory": [] if cuda else CPU_MEMORY_ARGS, **({"kernels": []} if cuda else {})}
-    codes = {each: _run(each, args) for each, args in runs.items()}
+    codes = {each: _run(each, each_args) for each, each_args in runs.items()}
     print(f"[resam-bench] exit codes: {codes}", flush=True)
-    return max(codes.values())
+    return max(abs(code) for code in codes.values())  # (a benchmark killed by signal N exits with -N)

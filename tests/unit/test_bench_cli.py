@@ -26,3 +26,11 @@ def test_all_with_cuda_runs_every_benchmark_with_its_defaults(monkeypatch):
 def test_unknown_benchmark_prints_the_usage(capsys):
     assert bench.main(["nope"]) == 2
     assert "resam-bench kernels" in capsys.readouterr().out
+
+
+def test_all_counts_a_benchmark_killed_by_a_signal_and_takes_no_arguments(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_run", lambda name, args: -9 if name == "loader" else 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["all"]) == 9  # the loader was SIGKILLed (the OOM killer)
+    assert bench.main(["all", "--out", "somewhere"]) == 2
+    assert "all takes no arguments, got --out somewhere" in capsys.readouterr().err
