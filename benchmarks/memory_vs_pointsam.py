@@ -398,12 +398,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     except torch.cuda.OutOfMemoryError:  # recorded, not fatal: the other variants still run
         out_of_memory = True
     samples = sampler.stop()
-    if args.profile is not None and not out_of_memory:
-        write_profile(args.profile / f"profile_{variant}.txt", train_step, synchronize, device)
-    if args.memory_trace is not None and device.type == "cuda" and not out_of_memory:
-        from memory_peak import write_peak_report
-
-        write_peak_report(args.memory_trace / f"memory_peak_{variant}.txt", train_step, synchronize)
+    # the peak and mean of the timed steps, read before a profile or a memory trace runs more steps
     if device.type == "cuda":
         # out of memory: the device's capacity is a lower bound of what the variant needed
         peak = torch.cuda.get_device_properties(device).total_memory if out_of_memory \
@@ -414,6 +409,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         peak = _peak_rss_bytes() - baseline
         mean = sum(samples) / len(samples) - baseline
         memory_kind = "rss_delta" if hwm_reset else "rss_delta (VmHWM not reset: includes start-up)"
+    if args.profile is not None and not out_of_memory:
+        write_profile(args.profile / f"profile_{variant}.txt", train_step, synchronize, device)
+    if args.memory_trace is not None and device.type == "cuda" and not out_of_memory:
+        from memory_peak import write_peak_report
+
+        write_peak_report(args.memory_trace / f"memory_peak_{variant}.txt", train_step, synchronize)
     info.update(
         memory_kind=memory_kind, out_of_memory=out_of_memory, peak_bytes=int(peak), mean_bytes=float(mean),
         baseline_bytes=int(baseline), memory_samples=len(samples), step_seconds=step_seconds,
