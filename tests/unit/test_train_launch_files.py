@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from resam_dist.train.metrics import CUDA_MEMORY, TrainMetrics
@@ -21,7 +22,8 @@ def _stub(path: Path, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def _run_sbatch(script: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
+def _run_sbatch(script: str, tmp_path: Path, *args: str, **env_overrides: str
+                ) -> tuple[subprocess.CompletedProcess, Path]:
     stubs, venv = tmp_path / "stubs", tmp_path / "venv"
     stubs.mkdir()
     venv.mkdir()
@@ -33,9 +35,9 @@ def _run_sbatch(script: str, tmp_path: Path) -> tuple[subprocess.CompletedProces
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
            "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "REPO_DIR": str(REPO), "VENV_BIN": str(venv),
            "GPUS_PER_NODE": "4", "HOSTFILE": str(tmp_path / "hostfile"), "CONFIG": "configs/whu.json",
-           "EXTRA_ARGS": "--set train.max_steps=7"}
-    result = subprocess.run(["bash", str(REPO / "launch" / "slurm" / script)], env=env, capture_output=True,
-                            text=True, timeout=60)
+           "EXTRA_ARGS": "--set train.max_steps=7", **env_overrides}
+    result = subprocess.run(["bash", str(REPO / "launch" / "slurm" / script), *args], env=env, capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
     return result, record
 
 
@@ -70,7 +72,7 @@ def test_deepspeed_sbatch_with_the_slurm_launcher_needs_no_ssh_and_sizes_srun_it
     assert not (tmp_path / "ssh.txt").exists()
     srun = record.read_text().splitlines()
     assert srun[:2] == ["-n", "8"]
-    assert "--ntasks-per-node=4" in srun and "--cpus-per-task=16" in srun
+    assert "--ntasks-per-node=4" in srun and "--cpus-per-task=16" in srun and "--kill-on-bad-exit=1" in srun
     assert srun[-5:] == ["launch/train.py", "--config", "configs/whu.json", "--set", "train.max_steps=7"]
     bad = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "train.sbatch")],
                          env={**env, "DS_LAUNCHER": "mpi"}, capture_output=True, text=True, timeout=60)
@@ -84,10 +86,11 @@ def test_deepspeed_sbatch_with_the_slurm_launcher_needs_no_ssh_and_sizes_srun_it
 
 
 def test_torchrun_sbatch_starts_one_agent_per_node_with_c10d_rendezvous(tmp_path):
-    result, record = _run_sbatch("train_torchrun.sbatch", tmp_path)
+    result, record = _run_sbatch("train_torchrun.sbatch", tmp_path, SLURM_CPUS_PER_TASK="32")
     assert result.returncode == 0, result.stderr
     call = record.read_text().strip()
-    assert call.startswith("srun ") and "--ntasks=2 --ntasks-per-node=1" in call, call
+    # the agent gets the allocation's cores explicitly (srun 22.05+ does not inherit them)
+    assert call.startswith("srun ") and "--ntasks=2 --ntasks-per-node=1 --cpus-per-task=32" in call, call
     assert re.search(r"/torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint gpu-a:29500 "
                      r"--rdzv-id 4242 launch/train.py --config configs/whu.json --set train.max_steps=7$", call), call
 
@@ -117,3 +120,33 @@ def test_error_messages_name_the_srun_task_before_the_trainer_sets_rank(monkeypa
     assert entry.rank_label() == "3"
     monkeypatch.setenv("RANK", "5")
     assert entry.rank_label() == "5"
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_torchrun.sbatch"])
+def test_extra_args_are_words_and_script_arguments_are_passed_on(tmp_path, script):
+    """EXTRA_ARGS is split at whitespace without glob expansion ('config*' would match the checkout's
+    configs/ folder), and the arguments after the script name follow it."""
+    assert (REPO / "configs").is_dir()
+    result, record = _run_sbatch(script, tmp_path, "--set", "train.seed=3",
+                                 EXTRA_ARGS="--set data.train_shards=config*")
+    assert result.returncode == 0, result.stderr
+    assert record.read_text().strip().endswith(
+        "launch/train.py --config configs/whu.json --set data.train_shards=config* --set train.seed=3")
+
+
+@pytest.mark.parametrize("benchmark_rc, expected_rc", [(0, 0), (3, 1)])
+def test_gpu_checks_runs_every_step_and_fails_when_one_did(tmp_path, benchmark_rc, expected_rc):
+    """benchmarks/gpu_checks.sh against a stub nvidia-smi and a stub python whose benchmark scripts
+    exit `benchmark_rc`: both steps run either way, and the script's status says whether one failed."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    _stub(stubs / "nvidia-smi", "exit 0\n")
+    _stub(stubs / "py", f'case "${{1:-}}" in benchmarks/*) exit {benchmark_rc};; esac\nexit 0\n')
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PY": str(stubs / "py"),
+           "OUT": str(tmp_path / "out"), "CHECKS": "kernels overlap_configs"}
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == expected_rc, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"=== [kernel benchmark] exit {benchmark_rc}" in result.stdout
+    assert f"=== [word-kernel configs of overlap suppression] exit {benchmark_rc}" in result.stdout
+    assert ("=== failed: kernel benchmark (exit 3)" in result.stdout) == (benchmark_rc != 0)
