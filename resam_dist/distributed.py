@@ -2,7 +2,7 @@
 
 Ranks come from the launcher's environment (`deepspeed`, `torchrun`, Slurm + torchrun all set
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; under a bare `srun` with several
-tasks, SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID stand in for them). Without any of them the
+tasks in its step, SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID stand in for them). Without any of them the
 process is a world of one on a free loopback port. The device is chosen by the LOCAL rank (one GPU per local rank;
 a task whose CUDA_VISIBLE_DEVICES leaves it one GPU, as Slurm's per-task GPU binding does, uses that one), the data
 shard by the GLOBAL rank.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,23 @@ def cuda_device_index(local_rank: int, visible_devices: int) -> int:
 _INFO: DistInfo | None = None  # what init_distributed set up, until close()
 
 
+def srun_task_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """RANK, WORLD_SIZE and LOCAL_RANK of a process that srun started as one task of a step of
+    several (SLURM_STEP_NUM_TASKS > 1), when no launcher set RANK; else None. A process started by
+    the batch script itself (its step has one task, though SLURM_NTASKS counts the job's) is a world
+    of one."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return None
+    try:
+        step_tasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    except ValueError:
+        return None
+    if step_tasks <= 1:
+        return None
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(step_tasks),
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
+
+
 def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> DistInfo:
     """Initialise torch.distributed from the launcher's environment (idempotent: a second call
     returns the first one's DistInfo).
@@ -79,14 +97,15 @@ def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> Di
     if (_INFO is not None and dist.is_initialized() and dist.get_rank() == _INFO.rank
             and dist.get_world_size() == _INFO.world_size):
         return _INFO
-    if "RANK" not in os.environ and _env_int("SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in os.environ:
+    srun_task = srun_task_environment(os.environ)
+    if srun_task is not None:
         # one srun task per rank (`srun python launch/train.py`, deepspeed --launcher slurm)
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             raise ValueError("srun started several tasks but MASTER_ADDR/MASTER_PORT are not set: export them "
                              "(the first host of the job and a free port) before srun")
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        os.environ["RANK"] = srun_task["RANK"]
+        os.environ["WORLD_SIZE"] = srun_task["WORLD_SIZE"]
+        os.environ.setdefault("LOCAL_RANK", srun_task["LOCAL_RANK"])
     if "RANK" not in os.environ:  # a plain `python launch/train.py`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

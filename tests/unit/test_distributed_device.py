@@ -78,3 +78,17 @@ def test_init_distributed_twice_returns_the_first_setup_until_closed(monkeypatch
         assert second is not first and second.rank == 0
     finally:
         distributed.close()
+
+
+def test_only_a_task_of_a_multi_task_srun_step_takes_its_rank_from_slurm():
+    from resam_dist.distributed import srun_task_environment
+
+    step = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8"}
+    assert srun_task_environment(step) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    # the batch script's own process: the job has 8 tasks, its step one (or no step count at all)
+    assert srun_task_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}) is None
+    assert srun_task_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "1"}) is None
+    # a launcher set RANK (torchrun under srun): its environment wins
+    assert srun_task_environment({**step, "RANK": "2"}) is None
+    # a step of 4 tasks in a job of 8: the world is the step
+    assert srun_task_environment({**step, "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3"})["WORLD_SIZE"] == "4"
