@@ -33,12 +33,16 @@ PY=${PY:-python3}
 
 wanted() { [[ " $CHECKS " == *" $1 "* ]]; }
 
+FAILED=()  # the steps that did not exit 0 (the script's exit status is 1 when there are any)
 step() {  # step NAME SECONDS COMMAND...: run with a limit, report its status and duration
     local name=$1 limit=$2; shift 2
-    local start=$SECONDS
+    local start=$SECONDS rc
     echo "=== [$name] start $(date -u +%T) (limit ${limit}s)"
     timeout --kill-after=10 "$limit" "$@"
-    echo "=== [$name] exit $? after $((SECONDS - start))s"
+    rc=$?
+    echo "=== [$name] exit $rc after $((SECONDS - start))s"
+    [ "$rc" -eq 0 ] || FAILED+=("$name (exit $rc)")
+    return "$rc"
 }
 
 echo "=== environment"
@@ -112,3 +116,7 @@ wanted trace && step "memory trace of ReSAM-dist" "${TRACE_LIMIT:-120}" "$PY" be
     --dist-checkpointing "${MEMORY_CHECKPOINTING:-all}" --memory-trace "$OUT/memory_trace" --out "$OUT/memory_trace" \
     && rm -f "$OUT"/memory_trace/*.png
 echo "=== done $(date -u +%T)"
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    printf '=== failed: %s\n' "${FAILED[@]}"
+    exit 1
+fi
