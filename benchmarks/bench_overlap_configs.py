@@ -1,6 +1,8 @@
-"""Time each launch config of the word kernel ("drop" overlap suppression) at the benchmark's shapes.
+"""Time each launch config of the word kernel ("drop" overlap suppression) at the benchmark's shapes,
+or with `--mode argmax` each config of the byte kernel in "argmax" mode.
 
     python benchmarks/bench_overlap_configs.py [--out DIR] [--extra TILE,STRIP_ROWS,PREFETCH,WARPS[,STREAM] ...]
+    python benchmarks/bench_overlap_configs.py --mode argmax [--out DIR]   # overlap_configs_argmax.*
     python benchmarks/bench_overlap_configs.py --cpu-smoke [--out DIR]    # tests this script only
 
 Each config runs alone (`triton.testing.do_bench`, which clears the L2 cache before every call:
@@ -80,9 +82,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--extra", action="append", default=None,
                         help="an extra strip config TILE,STRIP_ROWS,PREFETCH,WARPS[,STREAM] (repeatable; default: "
                              + " ".join(DEFAULT_EXTRAS) + ")")
+    parser.add_argument("--mode", choices=("drop", "argmax"), default="drop",
+                        help="drop: the word kernel's configs and the extras; argmax: every byte-kernel "
+                             "config (masks + float32 confidences; no extras), into overlap_configs_argmax.*")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny masks on CPU through the Triton interpreter (tests the script only)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.mode == "argmax" and args.extra:
+        parser.error("--extra configs are word-kernel strips: mode drop only")
+    return args
 
 
 def describe(config) -> str:
@@ -116,40 +124,54 @@ def main(argv: list[str] | None = None) -> int:
               "triton": triton.__version__, "copy_bandwidth_gbps": copy_gbps, "rows": []}
     args.out.mkdir(parents=True, exist_ok=True)
 
+    stem = "overlap_configs" if args.mode == "drop" else "overlap_configs_argmax"
+    result["mode"] = args.mode
+
     def save() -> None:
-        (args.out / "overlap_configs.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "overlap_configs.md").write_text(markdown(result))
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{stem}.md").write_text(markdown(result))
 
     generator = torch.Generator(device=device).manual_seed(0)
     for batch, num_instances, height, width in SMOKE_SHAPES if args.cpu_smoke else SHAPES:
         shape = f"{batch}x{num_instances}x{height}x{width}"
         counts = torch.full((batch,), num_instances, dtype=torch.int64, device=device)
         counts[0] = max(0, num_instances - 7)
-        # valid masks in (padding planes are not read), every mask out, boxes out
-        num_bytes = overlap_bytes(counts, num_instances, height * width, 1)
+        # valid masks (and confidences) in (padding planes are not read), every mask out, boxes out
+        num_bytes = overlap_bytes(counts, num_instances, height * width, 1 if args.mode == "drop" else 5)
         source = torch.ones(num_bytes // 8, dtype=torch.int32, device=device)  # a copy of the same bytes
         target = torch.empty_like(source)
+        confidence = None  # read in "argmax" mode: the random logits' (as bench_kernels.py does)
         for kind in ("random", "compact"):
             if kind == "random":  # the entropy filter of random logits, as in bench_kernels.py
                 logits = torch.randn(batch, num_instances, height, width, device=device, generator=generator) * 4
-                masks = entropy_filter_reference(logits, 0.5)
-                del logits
+                masks, random_confidence = entropy_filter_reference(logits, 0.5, return_confidence=True)
+                confidence = random_confidence if args.mode == "argmax" else None
+                del logits, random_confidence
             else:
                 masks = compact_masks(batch, num_instances, height, width, device, generator)
-            expected_out, expected_boxes = overlap.suppress_overlap_reference(masks, None, counts, "drop")
+            expected_out, expected_boxes = overlap.suppress_overlap_reference(masks, confidence, counts, args.mode)
             kp = triton.next_power_of_2(num_instances)
-            tuned = overlap._prune_word_configs(
-                list(overlap._WORD_CONFIGS), {"words_per_row": width // 4, "words_ptr": masks, "out_ptr": masks},
-                KP=kp, ZERO_ONE=masks.dtype == torch.bool)
-            candidates = [("tuned", config) for config in tuned] + [
-                ("extra", config) for config in extras if config.kwargs["TILE"] >= kp and config not in tuned]
+            if args.mode == "drop":
+                tuned = overlap._prune_word_configs(
+                    list(overlap._WORD_CONFIGS), {"words_per_row": width // 4, "words_ptr": masks, "out_ptr": masks},
+                    KP=kp, ZERO_ONE=masks.dtype == torch.bool)
+                candidates = [("tuned", config) for config in tuned] + [
+                    ("extra", config) for config in extras if config.kwargs["TILE"] >= kp and config not in tuned]
+            else:
+                configs = overlap._BYTE_CONFIGS
+                if args.cpu_smoke:  # the first config of each design (tile, rows, strip): the interpreter is slow
+                    firsts = {}
+                    for config in configs:
+                        firsts.setdefault((config.kwargs["ROWS"], config.kwargs.get("STRIP_ROWS", 0) > 0), config)
+                    configs = list(firsts.values())
+                candidates = [("tuned", config) for config in configs]
             timings = [("copy", "copy", lambda: target.copy_(source))]
             for origin, config in candidates:
-                out, boxes = overlap.suppress_overlap_triton(masks, None, counts, "drop", config=config)
+                out, boxes = overlap.suppress_overlap_triton(masks, confidence, counts, args.mode, config=config)
                 if not (torch.equal(out, expected_out) and torch.equal(boxes, expected_boxes)):
                     raise AssertionError(f"{describe(config)} at {shape} ({kind}) differs from the reference")
                 timings.append((origin, describe(config), lambda config=config: overlap.suppress_overlap_triton(
-                    masks, None, counts, "drop", config=config)))
+                    masks, confidence, counts, args.mode, config=config)))
             for origin, name, fn in timings:
                 alone = median_call_ms(fn, wall_clock=args.cpu_smoke)
                 together = None if args.cpu_smoke else float(
@@ -168,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Word-kernel configs of \"drop\" overlap suppression\n",
+    title = ("Word-kernel configs of \"drop\"" if result.get("mode", "drop") == "drop"
+             else "Byte-kernel configs of \"argmax\"")
+    lines = [f"# {title} overlap suppression\n",
              f"Device: **{result['device']}** (torch {result['torch']}, triton {result['triton']}). "
              f"Copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s. \"alone\": `do_bench` median (L2 "
              "cleared before each call); \"back to back\": `do_bench_cudagraph` median. % of the copy "

@@ -152,3 +152,25 @@ def test_overlap_bytes_count_only_the_planes_the_kernels_read():
     assert overlap_bytes(counts, 50, pixels, 1) == 93 * pixels + 100 * pixels + 1600
     assert overlap_bytes(counts, 50, pixels, 5) == 5 * 93 * pixels + 100 * pixels + 1600
     assert overlap_bytes(torch.tensor([70, -1]), 50, pixels, 1) == 50 * pixels + 100 * pixels + 1600
+
+
+def test_overlap_configs_argmax_mode_checks_and_times_every_byte_config(tmp_path):
+    """--mode argmax: byte-kernel configs (under --cpu-smoke the first of each design: tile, rows,
+    strip), checked against the reference with confidences and timed, into
+    overlap_configs_argmax.json (the drop results are left alone); no --extra there."""
+    from resam_kernels.overlap import _BYTE_CONFIGS
+
+    firsts = {}
+    for config in _BYTE_CONFIGS:
+        firsts.setdefault((config.kwargs["ROWS"], config.kwargs.get("STRIP_ROWS", 0) > 0), str(config.kwargs))
+    completed = subprocess.run([sys.executable, str(OVERLAP_CONFIGS), "--cpu-smoke", "--mode", "argmax",
+                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads((tmp_path / "overlap_configs_argmax.json").read_text())
+    assert result["mode"] == "argmax" and not (tmp_path / "overlap_configs.json").exists()
+    for kind in ("random", "compact"):
+        rows = [row for row in result["rows"] if row["masks"] == kind]
+        assert [row["config"].split(" warps=")[0] for row in rows if row["origin"] == "tuned"] == list(firsts.values())
+    assert "Byte-kernel configs of \"argmax\"" in (tmp_path / "overlap_configs_argmax.md").read_text()
+    with pytest.raises(SystemExit):
+        load_overlap_configs().parse_args(["--mode", "argmax", "--extra", "512,32,2,1"])
