@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/resam-demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q --durations=25 tests
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu tests/gpu
