@@ -182,8 +182,9 @@ def split_digest(annotation_file: Path) -> str:
     """SHA-256 of a split: its annotation file (every instance's polygon or RLE) and the bytes of
     every image it names, in its order. The annotations alone miss a change of appearance (colours,
     speckle) that leaves the geometry as it was."""
-    digest = hashlib.sha256(annotation_file.read_bytes())
-    for image in json.loads(annotation_file.read_text())["images"]:
+    content = annotation_file.read_bytes()  # read once: hashed, then parsed
+    digest = hashlib.sha256(content)
+    for image in json.loads(content)["images"]:
         digest.update(image["file_name"].encode())
         digest.update(hashlib.sha256((annotation_file.parent / "images" / image["file_name"]).read_bytes()).digest())
     return digest.hexdigest()

@@ -46,7 +46,7 @@ from scipy.optimize import linear_sum_assignment
 
 import resam_kernels
 from resam_dist.data.batch import valid_from_counts
-from resam_dist.data.coco import segmentation_problem
+from resam_dist.data.coco import _is_int, segmentation_problem  # (the COCO reader's own checks)
 
 SCORE_KEYS = ("miou", "f1", "precision", "recall")
 """Keys of the micro-imagewise scores (fractions in [0, 1])."""
@@ -296,10 +296,6 @@ def load_coco_gt(gt: str | Path | dict | COCO) -> COCO:
         with contextlib.redirect_stdout(io.StringIO()):
             coco.createIndex()
     return coco
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_gt_entries(dataset: dict, source: str) -> None:
