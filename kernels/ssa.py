@@ -351,9 +351,10 @@ _SPLIT_QUANTUM = 128
 @triton.jit
 def _ssa_merge_kernel(student_ptr, weak_ptr, part_sum_ptr, part_acc_ptr, row_loss_ptr, grad_ptr,
                       num_rows, dim, num_splits, grad_scale,
-                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_GRAD: tl.constexpr):
     """Adds the h_i key (weight exp2(0) = 1), sums the queue splits, and writes
-    loss_i = 1 - s_i . k_i and d(mean loss)/d(raw student row) = J_normalise^T (-k_i / N)."""
+    loss_i = 1 - s_i . k_i and, with WRITE_GRAD, d(mean loss)/d(raw student row) =
+    J_normalise^T (-k_i / N)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # BLOCK_N
     channels = tl.arange(0, BLOCK_C)
     row_ok = rows < num_rows
@@ -374,6 +375,8 @@ def _ssa_merge_kernel(student_ptr, weak_ptr, part_sum_ptr, part_acc_ptr, row_los
     inv_norm = 1.0 / tl.maximum(norm, 1e-12)
     unit = student * inv_norm[:, None]  # s_i
     tl.store(row_loss_ptr + rows, 1.0 - tl.sum(unit * key_mean, axis=1), mask=row_ok)
+    if not WRITE_GRAD:
+        return
     grad_unit = key_mean * (-grad_scale)  # dL/ds_i
     # through s = x / max(||x||, eps): (g - s (s . g)) / ||x||, or g / eps below eps
     projected = grad_unit - unit * tl.sum(unit * grad_unit, axis=1)[:, None]
@@ -399,9 +402,10 @@ def _queue_split_len(num_rows: int, queue_len: int, device: torch.device,
 
 def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.Tensor,
                        tau: float, *, queue_splits: int | None = None, channel_parts: int = 1,
-                       channel_chunks: int = 1,
-                       split_bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (loss float32 scalar, d loss / d student N x C float32). Needs N >= 1.
+                       channel_chunks: int = 1, split_bf16: bool = False,
+                       with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (loss float32 scalar, d loss / d student N x C float32, or None without `with_grad`).
+    Needs N >= 1.
 
     `queue_splits` (tests) asks for that many queue splits instead of the launch heuristic;
     `channel_parts` and `channel_chunks` (tests) set C_PARTS and K_CHUNKS of the interpreter
@@ -441,28 +445,33 @@ def ssa_forward_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.T
             tuned[grid](*args, BLOCK_C=block_c, BF16_DOT=bf16_dot, UPCAST_BF16_DOT=False)
             _TUNED_SIZES.add(tuned_size)
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=device)
-    grad = torch.empty((num_rows, dim), dtype=torch.float32, device=device)
+    grad = torch.empty((num_rows, dim) if with_grad else (1,), dtype=torch.float32, device=device)
     merge_block_n = 64 if INTERPRET else 16
     _ssa_merge_kernel[(triton.cdiv(num_rows, merge_block_n),)](
         student, weak, part_sum, part_acc, row_loss, grad, num_rows, dim, num_splits,
-        1.0 / num_rows, BLOCK_N=merge_block_n, BLOCK_C=block_c, num_warps=4)
-    return row_loss.mean(), grad
+        1.0 / num_rows, BLOCK_N=merge_block_n, BLOCK_C=block_c, WRITE_GRAD=with_grad, num_warps=4)
+    return row_loss.mean(), grad if with_grad else None
 
 
 class SsaLossFunction(torch.autograd.Function):
-    """Fused SSA loss; gradient to `student` only (computed in the forward, scaled here)."""
+    """Fused SSA loss; gradient to `student` only (computed in the forward, scaled here). A
+    backward that must itself be differentiable (`create_graph=True`, e.g. a Hessian-vector
+    product) takes the gradient from autograd of the reference instead."""
 
     @staticmethod
     def forward(ctx, student, weak, queue, tau):
         loss, grad = ssa_forward_triton(student, weak, queue, tau)
-        ctx.save_for_backward(grad)
-        ctx.student_dtype = student.dtype
+        ctx.save_for_backward(grad, student, weak, queue)
+        ctx.tau = tau
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_loss).to(ctx.student_dtype), None, None, None
+        grad, student, weak, queue = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the fused gradient has no graph of its own
+            loss = ssa_loss_reference(student, weak, queue, ctx.tau)
+            (grad,) = torch.autograd.grad(loss, student, create_graph=True)
+        return (grad * grad_loss).to(student.dtype), None, None, None
 
 
 def ssa_loss_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.Tensor,
@@ -471,4 +480,7 @@ def ssa_loss_triton(student: torch.Tensor, weak: torch.Tensor, queue: torch.Tens
     check_ssa_inputs(student, weak, queue, tau)
     if student.shape[0] == 0:
         return student.sum().float() * 0.0
+    if not (torch.is_grad_enabled() and student.requires_grad):
+        # weak and queue are constants of the loss: no graph, and no gradient computed
+        return ssa_forward_triton(student, weak, queue, float(tau), with_grad=False)[0]
     return SsaLossFunction.apply(student, weak, queue, float(tau))
