@@ -48,7 +48,8 @@ the GPU one state per device and stream is kept and reused (no memset launch per
 On the GPU, KP <= 64: the word kernel's two designs and the byte kernel's three designs (tile sizes,
 pixels per program, rows per step, strip rows, warps) are autotuned per size class (the
 first call of a class; later ones launch the pick directly, past the autotuner); KP > 64
-runs the rows design. Above MAX_INSTANCES instances the torch reference runs instead. Counts
+runs the rows design. Above MAX_INSTANCES instances, or MAX_PLANE_PIXELS pixels per mask, the torch
+reference runs instead. Counts
 larger than K mean all K instances are valid.
 """
 
@@ -417,7 +418,7 @@ def _suppress_overlap_kernel(masks_ptr, confidence_ptr, counts_ptr, out_ptr, sta
     # `_tile_design`); pixels_bucket and batch_bucket (log2 of pixels per image and of images,
     # rounded up) are only autotuning keys.
     image = tl.program_id(1).to(tl.int64)
-    count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
+    count = tl.maximum(tl.minimum(tl.load(counts_ptr + image), num_instances), 0).to(tl.int32)
     if STRIP_ROWS > 0:
         _strip_design(masks_ptr, confidence_ptr, out_ptr, state_ptr, image, count, num_instances,
                       width, num_pixels, KP, ARGMAX, BLOCK_P, STRIP_ROWS, CHUNK, UNROLL)
@@ -610,7 +611,7 @@ def _suppress_drop_words_jit(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals
     # the strip design is aligned) is only an autotuning key; ROW_TILES is set by
     # the heuristic below from words_per_row and the tile.
     image = tl.program_id(1).to(tl.int64)
-    count = tl.minimum(tl.load(counts_ptr + image), num_instances).to(tl.int32)
+    count = tl.maximum(tl.minimum(tl.load(counts_ptr + image), num_instances), 0).to(tl.int32)
     if STRIP_ROWS > 0:
         _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instances,
                            words_per_row, num_words, KP, TILE, ZERO_ONE, STRIP_ROWS, PREFETCH,
@@ -629,6 +630,9 @@ _TILE = {"drop": 4096, "argmax": 8192}
 _NUM_WARPS = 8
 _MIN_BLOCK_P = 16
 MAX_INSTANCES = 1024
+# Pixel indices within one plane are int32 (plane and image offsets are int64): larger planes
+# (over 32768 x 32768) run the torch reference.
+MAX_PLANE_PIXELS = 1 << 30
 # Fixed launch of the tile design: enough programs to fill the GPU; beyond that, each program
 # walks several pixel blocks so that fewer box atomics are issued.
 _TARGET_PROGRAMS = 2048
@@ -874,7 +878,7 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
         raise ValueError(f"overlap suppression design must be one of {DESIGNS}, got {design!r}")
     if masks.dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"overlap suppression needs bool or uint8 masks, got {masks.dtype}")
-    if num_instances > MAX_INSTANCES:
+    if num_instances > MAX_INSTANCES or height * width > MAX_PLANE_PIXELS:
         return suppress_overlap_reference(masks, confidence, counts, mode)
     if masks.numel() == 0:  # (the reference fails on H or W = 0; here: empty masks, zero boxes)
         boxes = torch.zeros((batch, num_instances, 4), dtype=torch.float32, device=masks.device)
@@ -895,6 +899,8 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
     overridden = (design is not None or blocks_per_program is not None or word_tile is not None
                   or config is not None)
     words = word_tile is not None or (config is not None and "TILE" in config.kwargs)
+    if word_tile is not None and (word_tile < kp or word_tile & (word_tile - 1)):
+        raise ValueError(f"word_tile must be a power of two >= {kp} (KP), got {word_tile}")
     if words and not _use_words(masks, mode):
         raise ValueError("word_tile and word configs need mode 'drop', rows of a multiple of 4 "
                          f"pixels and at most {MAX_WORD_INSTANCES} instances, got mode {mode!r} "
@@ -908,8 +914,10 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
         # the size class, and whether the pruning keeps the strip design: a pick tuned on aligned
         # rows is not reused on others (where it would spill)
         words_bucket = 2 * (num_words - 1).bit_length() + _strip_aligned(words_per_row, masks, out)
-        args = (masks.view(torch.int32), counts, out.view(torch.int32), state, arrivals, boxes,
-                num_instances, words_per_row, num_words, words_bucket)
+        # flat int32 views: a contiguous tensor may carry any stride on a size-1 dimension,
+        # which a dtype view refuses
+        args = (masks.view(-1).view(torch.int32), counts, out.view(-1).view(torch.int32), state,
+                arrivals, boxes, num_instances, words_per_row, num_words, words_bucket)
         if config is None and not INTERPRET and word_tile is None:
             config = _pick_or_tune(
                 _suppress_drop_words_kernel_tuned, _WORD_PICKS, (kp, words_bucket, zero_one),

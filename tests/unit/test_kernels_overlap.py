@@ -6,6 +6,7 @@ import triton
 
 import resam_kernels
 from resam_dist.resam.prompts import masks_to_boxes
+from resam_kernels import overlap
 from resam_kernels.overlap import (_BYTE_CONFIGS, _WORD_CONFIGS, MAX_INSTANCES,
                                     suppress_overlap_reference, suppress_overlap_triton)
 
@@ -154,6 +155,44 @@ def test_many_instances_fall_back_to_reference():
     check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, "argmax")
 
 
+def test_large_planes_fall_back_to_reference(monkeypatch):
+    """Pixel indices within a plane are int32: planes above MAX_PLANE_PIXELS run the reference."""
+    masks, confidence = random_instances(2, 3, 5, 8, seed=2)
+    counts = torch.tensor([3, 2], device=DEVICE)
+    monkeypatch.setattr(overlap, "MAX_PLANE_PIXELS", 39)
+    calls = []
+    monkeypatch.setattr(overlap, "suppress_overlap_reference",
+                        lambda *args: calls.append(args) or suppress_overlap_reference(*args))
+    check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, "argmax")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("mode", ["drop", "argmax"])
+@pytest.mark.parametrize("width", [8, 7])  # the word kernel ("drop", width % 4 == 0) and the byte kernel
+def test_counts_far_below_zero_keep_nothing(mode, width):
+    """A count below -2^31 is no instance: it is clamped before the kernels' int32 cast."""
+    masks, confidence = random_instances(2, 3, 4, width, seed=3)
+    counts = torch.tensor([-(2 ** 32) + 2, -(2 ** 40) + 3], device=DEVICE)
+    out, boxes = suppress_overlap_triton(masks.to(DEVICE), confidence.to(DEVICE), counts, mode)
+    assert masks.any() and not out.any() and not boxes.any()
+    check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, mode)
+
+
+@pytest.mark.parametrize("layout", ["leading", "column"])
+def test_contiguous_masks_with_odd_strides_on_size_one_dimensions(layout):
+    """torch calls these contiguous although a size-1 dimension's stride is not a multiple of 4
+    (a dtype view of the whole tensor refuses them); the word kernel takes them."""
+    if layout == "leading":  # B = 1 with stride 1 in front
+        masks = (torch.rand(3, 4, 8, 1, generator=torch.Generator().manual_seed(0)) < 0.5).permute(3, 0, 1, 2)
+    else:  # H = 1 with stride 1
+        masks = (torch.rand(1, 3, 8, 1, generator=torch.Generator().manual_seed(1)) < 0.5).transpose(2, 3)
+    assert masks.is_contiguous()
+    with pytest.raises(RuntimeError, match="stride"):
+        masks.view(torch.int32)
+    masks = masks.to(DEVICE)
+    check_against_reference(masks, None, torch.tensor([3], device=DEVICE), "drop")
+
+
 # "drop" mode on words of 4 pixels (width % 4 == 0, K <= 64): tiles of TILE words, BLOCK_W =
 # TILE / KP words per instance row. Word counts below, at and above one BLOCK_W, and not
 # multiples of it; K not a multiple of the tile height (KP), K = KP, and counts < K, = K, > K.
@@ -255,6 +294,10 @@ def test_unknown_design_and_ineligible_word_tile_are_rejected():
         suppress_overlap_triton(masks[..., :4], confidence[..., :4], torch.tensor([2]), "argmax", word_tile=4)
     with pytest.raises(ValueError, match="word_tile"):
         suppress_overlap_triton(masks, None, torch.tensor([2]), "drop", word_tile=4)
+    masks = masks[..., :4]  # eligible, but the tile is not a power of two >= KP
+    for word_tile in (1, 24):
+        with pytest.raises(ValueError, match="word_tile must be a power of two"):
+            suppress_overlap_triton(masks, None, torch.tensor([2]), "drop", word_tile=word_tile)
 
 
 @pytest.mark.parametrize("rows, unroll, strip_rows", [(False, 1, 0), (True, 1, 0), (True, 4, 0),
