@@ -30,45 +30,56 @@ rp = importlib.import_module("kernels.relpos_attention")  # the package exports 
 target = GPUTarget("cuda", 90, 32)
 kernels = {"forward": rp._forward_kernel, "backward_query": rp._backward_query_kernel,
            "backward_key": rp._backward_key_kernel}
+jobs = [(dtype, type_name, head_dim, wp, name, kernel)
+        for dtype, type_name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+        for head_dim in (64, 80) for wp in (1, 64) for name, kernel in kernels.items()]
 results = []
-for dtype, type_name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-    for head_dim in (64, 80):
-        for wp in (1, 64):
-            for name, kernel in kernels.items():
-                block_m, block_n, warps, stages = rp._gpu_config(name, head_dim, dtype)
-                head_pad, _, _ = rp._geometry(head_dim, 64, block_n)
-                constants = dict(HEAD_DIM=head_pad, BLOCK_M=block_m, BLOCK_N=block_n, WP=wp, R=block_n // wp,
-                                 PRECISION=rp._precision(dtype), UPCAST=False)
-                signature = {}
-                for arg in kernel.arg_names:
-                    if arg in constants:
-                        signature[arg] = "constexpr"
-                    elif arg in ("lse_ptr", "delta_ptr"):
-                        signature[arg] = "*fp32"
-                    elif arg.endswith("_ptr"):
-                        signature[arg] = "*" + type_name
-                    elif arg.startswith("scale"):
-                        signature[arg] = "fp32"
-                    else:
-                        signature[arg] = "i32"
-                source = ASTSource(fn=kernel, signature=signature,
-                                   constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
-                compiled = triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
-                results.append([type_name, head_dim, wp, name, compiled.metadata.shared])
+for dtype, type_name, head_dim, wp, name, kernel in jobs[SHARD::SHARDS]:
+    block_m, block_n, warps, stages = rp._gpu_config(name, head_dim, dtype)
+    head_pad, _, _ = rp._geometry(head_dim, 64, block_n)
+    constants = dict(HEAD_DIM=head_pad, BLOCK_M=block_m, BLOCK_N=block_n, WP=wp, R=block_n // wp,
+                     PRECISION=rp._precision(dtype), UPCAST=False)
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constants:
+            signature[arg] = "constexpr"
+        elif arg in ("lse_ptr", "delta_ptr"):
+            signature[arg] = "*fp32"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*" + type_name
+        elif arg.startswith("scale"):
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
+    results.append([type_name, head_dim, wp, name, compiled.metadata.shared])
 print(json.dumps(results))
 """
 
 
+# Each script compiles its jobs[SHARD::SHARDS]; the shards run side by side, one per core (two at most).
+SHARDS = max(1, min(2, os.cpu_count() or 1))
+SHARD_PREAMBLE = "import os\nSHARD, SHARDS = int(os.environ['SHARD']), int(os.environ['SHARDS'])\n"
+
+
 def compile_for_sm90(script: str) -> list:
-    """Runs a compile script in a subprocess without TRITON_INTERPRET (the repository on its
-    path); returns the JSON list it prints last."""
+    """Runs a compile script in SHARDS subprocesses at once, without TRITON_INTERPRET (the
+    repository on their path); returns the JSON lists they print last, joined."""
     pytest.importorskip("triton")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    shards = [subprocess.Popen([sys.executable, "-c", SHARD_PREAMBLE + script], cwd=ROOT,
+                               env=dict(env, SHARD=str(shard), SHARDS=str(SHARDS)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for shard in range(SHARDS)]
+    results = []
+    for shard in shards:
+        stdout, stderr = shard.communicate(timeout=600)
+        assert shard.returncode == 0, stderr[-3000:]
+        results += json.loads(stdout.strip().splitlines()[-1])
+    return results
 
 
 def test_relpos_attention_configs_fit_sm90_shared_memory():
@@ -91,9 +102,7 @@ kernel = ssa._ssa_queue_partial_kernel
 ptxas = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
 folder = tempfile.mkdtemp()
 results = []
-for config in ssa._PARTIAL_CONFIGS_F32:
-    if not config.kwargs["SPLIT_BF16"]:
-        continue
+for config in [config for config in ssa._PARTIAL_CONFIGS_F32 if config.kwargs["SPLIT_BF16"]][SHARD::SHARDS]:
     constants = dict(config.kwargs, BLOCK_C=256, BF16_DOT=False, UPCAST_BF16_DOT=False)
     signature = {}
     for arg in kernel.arg_names:
@@ -171,13 +180,12 @@ def spills(kernel, constants, num_warps, byte_pointers, aligned=()):
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill", done.stderr))
 
 
-results = []
+jobs = []  # (row of the result without its spill, kernel, constants, warps, byte pointers, aligned)
 for config in overlap._BYTE_CONFIGS:
     if config.kwargs.get("STRIP_ROWS", 0):
         for argmax in (False, True):
-            constants = dict(config.kwargs, KP=64, ARGMAX=argmax)
-            results.append(["strip", str(config), argmax,
-                            spills(overlap._suppress_overlap_kernel, constants, config.num_warps, True)])
+            jobs.append((["strip", str(config), argmax], overlap._suppress_overlap_kernel,
+                         dict(config.kwargs, KP=64, ARGMAX=argmax), config.num_warps, True, ()))
 for config in overlap._WORD_CONFIGS:
     for zero_one in (False, True):
         for row_tiles in (False, True):
@@ -190,9 +198,10 @@ for config in overlap._WORD_CONFIGS:
             # the strip design runs only on rows of a multiple of 16 words and 16-byte aligned buffers
             aligned = (("words_ptr", "out_ptr", "words_per_row", "num_words")
                        if "STRIP_ROWS" in config.kwargs else ())
-            results.append(["words", str(config), [zero_one, row_tiles],
-                            spills(overlap._suppress_drop_words_jit, constants, config.num_warps, False,
-                                   aligned)])
+            jobs.append((["words", str(config), [zero_one, row_tiles]], overlap._suppress_drop_words_jit,
+                         constants, config.num_warps, False, aligned))
+results = [row + [spills(kernel, constants, warps, byte_pointers, aligned)]
+           for row, kernel, constants, warps, byte_pointers, aligned in jobs[SHARD::SHARDS]]
 print(json.dumps(results))
 """
 
