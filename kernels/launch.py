@@ -6,6 +6,12 @@ captured into a CUDA graph. `refuse_tuning_while_capturing` turns that into a cl
 anything is launched, instead of CUDA's "operation not permitted when stream is capturing" (which
 also invalidates the capture).
 
+Fused backwards (`torch.autograd.Function`s) write their gradients with kernels that autograd does
+not record, so a backward asked to build a graph (`create_graph=True`, for a second derivative or a
+gradient penalty) would return gradients without one, and the second-order terms would silently go
+missing. `refuse_differentiable_backward` makes that a clear error; the SSA loss instead takes that
+gradient from autograd of its reference (it saves its inputs anyway).
+
 Launch shape of the streaming kernels (instance counts, mask loss): one program per chunk of
 BLOCK x ITERS pixels of one instance, ITERS steps of BLOCK pixels each.
 
@@ -49,3 +55,12 @@ def refuse_tuning_while_capturing(function: str, size_class: tuple) -> None:
         raise RuntimeError(f"resam_kernels.{function}: size class {size_class} has not been tuned, and tuning "
                            "cannot run while a CUDA graph is being captured; call it once with the same sizes "
                            "before the capture")
+
+
+def refuse_differentiable_backward(function: str) -> None:
+    """Called first in a fused backward: a RuntimeError naming the dispatcher if the backward runs
+    with create_graph=True (grad mode is on inside a backward only then)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"resam_kernels.{function}: the fused Triton backward is first-order only "
+                           "(create_graph=True would silently lose the second-order terms); pass "
+                           "use_triton=False, or set kernels.enabled false, for higher-order gradients")

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from resam_kernels.launch import UnsupportedByTriton
+from resam_kernels.launch import UnsupportedByTriton, refuse_differentiable_backward
 
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -271,6 +271,7 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        refuse_differentiable_backward("layer_norm")
         x2, res2, pre, w, b, mean, rstd = ctx.saved_tensors  # x2: xhat when ctx.from_xhat (res2 None)
         rows, channels = x2.shape
         dy = _rows_view(grad_y, channels)  # rows x C

@@ -33,7 +33,8 @@ Precision. bf16 / fp16 X with a weight of the same dtype: X_tile @ W_q runs on t
 values (exact products, float32 sums), so the forward matches the float32 reference up to
 summation order. In the backward d_pre is rounded to that dtype for the two products with X and
 W (as torch's own bf16 autograd does, whose activation gradients are bf16 tensors); everything
-else is float32. Any other dtype combination is computed in float32 (tf32x3 products on the GPU,
+else is float32. In fp16 a d_pre above 65504 overflows there (dX and dW become inf or NaN where
+the float32 reference stays finite); bf16, the trainer's 16-bit precision, has float32's range. Any other dtype combination is computed in float32 (tf32x3 products on the GPU,
 about float32 accuracy). The gradients are returned in their inputs' dtypes; dX in channels-last
 strides. The interpreter (TRITON_INTERPRET=1) computes everything in float32 numpy.
 
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from resam_kernels.launch import UnsupportedByTriton
+from resam_kernels.launch import UnsupportedByTriton, refuse_differentiable_backward
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -338,6 +339,7 @@ class MaskHeadFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_masks):
+        refuse_differentiable_backward("mask_head")
         upscaled, weight, bias, hyper_in = ctx.saved_tensors
         return mask_head_backward_triton(upscaled, weight, bias, hyper_in, grad_masks)
 

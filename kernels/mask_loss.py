@@ -57,7 +57,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from resam_kernels.launch import UnsupportedByTriton, steps_per_program
+from resam_kernels.launch import UnsupportedByTriton, refuse_differentiable_backward, steps_per_program
 
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -161,14 +161,19 @@ def _pixel_terms(x, t, FAST_LOG: tl.constexpr):
 
 
 @triton.jit
-def _pixel_gradient(x, t, coef_focal, coef_dice, coef_dice_t, ALPHA: tl.constexpr, FAST_LOG: tl.constexpr):
+def _pixel_gradient(x, t, coef_focal, coef_dice, coef_dice_t, ALPHA: tl.constexpr, FAST_LOG: tl.constexpr,
+                    HAS_FOCAL: tl.constexpr):
     """d/dx of coef_focal focal_term + dice part at each pixel (float32 x, int1 t):
-    a dfocal/dx + (b - c t) p (1 - p) with (a, b, c) = (coef_focal, coef_dice, coef_dice_t)."""
+    a dfocal/dx + (b - c t) p (1 - p) with (a, b, c) = (coef_focal, coef_dice, coef_dice_t).
+    Without HAS_FOCAL the focal derivative is not formed at all (at an infinite logit on the
+    wrong side it is NaN, and 0 x NaN would be NaN)."""
     q, q_rest, softplus, p, p_dp = _pixel_terms(x, t, FAST_LOG)
-    alpha_t = tl.where(t, ALPHA, 1.0 - ALPHA)
-    d_focal_ds = -alpha_t * q * q * (2.0 * q_rest * softplus + q)  # gamma = 2
-    d_focal_dx = tl.where(t, d_focal_ds, -d_focal_ds)
-    return coef_focal * d_focal_dx + (coef_dice - tl.where(t, coef_dice_t, 0.0)) * p_dp
+    grad = (coef_dice - tl.where(t, coef_dice_t, 0.0)) * p_dp
+    if HAS_FOCAL:
+        alpha_t = tl.where(t, ALPHA, 1.0 - ALPHA)
+        d_focal_ds = -alpha_t * q * q * (2.0 * q_rest * softplus + q)  # gamma = 2
+        grad += coef_focal * tl.where(t, d_focal_ds, -d_focal_ds)
+    return grad
 
 
 @triton.jit
@@ -312,7 +317,7 @@ def _mask_loss_backward_kernel(logits_ptr, target_ptr, grad_ptr, grad_focal_ptr,
         HAS_DICE)
     for step in range(ITERS):
         pixels, in_range, x, t = _load_step(logits_ptr + base, target_ptr + base, start, step, hw, BLOCK)
-        grad = _pixel_gradient(x, t, coef_focal, coef_dice, coef_dice_t, ALPHA, FAST_LOG)
+        grad = _pixel_gradient(x, t, coef_focal, coef_dice, coef_dice_t, ALPHA, FAST_LOG, HAS_FOCAL)
         tl.store(grad_ptr + base + pixels, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
 
 
@@ -416,6 +421,7 @@ class MaskLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_focal, grad_dice, grad_iou):
+        refuse_differentiable_backward("mask_loss_terms")
         logits, target, saved = ctx.saved_tensors
         flat_logits, flat_target, hw = _flat(logits, target)
         num = flat_logits.shape[0]

@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from resam_kernels.launch import refuse_differentiable_backward
 from resam_kernels.mask_loss import (DICE_SMOOTH, FAST_LOG, FOCAL_ALPHA, _gradient_coefficients, _pixel_gradient,
                                      _pixel_terms, _store_partial, check_triton_sizes, coefficient_args,
                                      finalize_terms, mask_loss_terms_reference, new_partials)
@@ -227,7 +228,7 @@ def _upsampled_loss_backward_kernel(low_ptr, target_ptr, grad_ptr, grad_focal_pt
             valid = ((oy >= 0) & (oy < out_h))[:, None] & ((ox >= 0) & (ox < out_w))[None, :]
             x = _logits(row_up, row_mid, row_down, oy, i, h)  # BLOCK_I x BLOCK_J
             t = tl.load(tgt + oy[:, None] * out_w + ox[None, :], mask=valid, other=0) != 0
-            g = _pixel_gradient(x, t, coef_focal, coef_dice, coef_dice_t, ALPHA, FAST_LOG)
+            g = _pixel_gradient(x, t, coef_focal, coef_dice, coef_dice_t, ALPHA, FAST_LOG, HAS_FOCAL)
             column += tl.where(valid, wy[:, None] * g, 0.0)  # pixels outside the canvas: none
         acc += wx[None, :] * column
     valid = (i < h)[:, None] & (j < w)[None, :]
@@ -301,6 +302,7 @@ class UpsampledMaskLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_focal, grad_dice, grad_iou):
+        refuse_differentiable_backward("upsampled_mask_loss_terms")
         low_res, target, saved = ctx.saved_tensors
         flat_low, flat_target = _flat(low_res, target)
         num, height, width = flat_low.shape

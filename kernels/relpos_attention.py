@@ -41,6 +41,10 @@ token offsets are int32), heads <= 65535 (any B: the
 kernels are launched for slices of at most 65535 B x heads, grid axis 1); other inputs raise
 ValueError. rel_h / rel_w may have any float dtype (read as float32, gradients
 returned in their dtype). float32 inputs use IEEE float32 dot products (not TF32).
+16-bit inputs round P and dS to their dtype for the dot products, as flash attention does: in
+float16, dS above 65504 (large upstream gradients, e.g. under a loss scale) overflows and dq / dk
+become inf or NaN where the float32 reference stays finite. bfloat16 (the trainer's 16-bit
+precision; it refuses fp16) has float32's range.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from resam_kernels.launch import UnsupportedByTriton
+from resam_kernels.launch import UnsupportedByTriton, refuse_differentiable_backward
 
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -212,9 +216,12 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, relh_ptr, relw_ptr, o_ptr, lse_ptr,
         rel_h_tile = _load_rel_h(relh_ptr, offs_m, mask_m, kb, H, R) * 1.4426950408889634  # BLOCK_M x R
         s = _logits(q, k, rel_h_tile, rel_w_tile, valid, scale_log2, BLOCK_M, BLOCK_N, R, WP, PRECISION,
                     UPCAST)  # BLOCK_M x BLOCK_N, base 2
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every key block has a valid key
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # -inf while every key so far has a bias of -inf (the tables used as a mask): shift by 0
+        # then, so that exp2 gives 0 instead of exp2(-inf - -inf) = NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
@@ -468,6 +475,7 @@ class RelPosAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_differentiable_backward("relpos_attention")
         q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
         grads = relpos_attention_backward(_unit_last(grad_out), q, k, v, rel_h, rel_w, out, lse,
                                           ctx.grid_w, ctx.scale)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from resam_kernels.launch import UnsupportedByTriton
+from resam_kernels.launch import UnsupportedByTriton, refuse_differentiable_backward
 
 # Read once at import: Triton's interpreter must be switched on before this module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -162,6 +162,7 @@ class Upsample4xFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_differentiable_backward("upsample4x")
         return upsample4x_backward_triton(grad_out, *ctx.size)
 
 

@@ -205,6 +205,19 @@ def test_one_unused_output_and_strided_upstream_gradients(small_chunks):
         torch.testing.assert_close(grads[0], grads[1], atol=1e-5 * scale, rtol=1e-4, msg=name)
 
 
+def test_dice_only_gradient_at_an_infinite_logit_is_finite():
+    """Without focal in the loss, its derivative (NaN at an infinite logit on the wrong side of
+    the target) is not formed: the dice-only gradient there is 0, as in the reference."""
+    logits = torch.tensor([[[float("inf"), 0.5, -float("inf")]]], device=DEVICE, requires_grad=True)
+    target = torch.tensor([[[False, True, True]]], device=DEVICE)
+    grads = []
+    for fn in (mask_loss_terms_triton, mask_loss_terms_reference):
+        _, dice, _ = fn(logits, target)
+        grads.append(torch.autograd.grad(dice.sum(), logits)[0])
+    assert grads[0].isfinite().all() and grads[0][0, 0, 0] == 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_empty_inputs_with_one_unused_output():
     """N = 0 and H W = 0 launch no backward program: an empty gradient of the logits' shape."""
     for shape in [(0, 63, 257), (3, 0, 5), (3, 5, 0)]:

@@ -102,6 +102,20 @@ def test_large_logits_and_views():
     assert_matches_reference((q, k, v, rel_h, rel_w), upstream, width)
 
 
+@pytest.mark.parametrize("grid", [(3, 40), (14, 14)])
+def test_key_blocks_masked_by_minus_infinity(grid):
+    """rel_h of -inf on key row 0 (a whole key block at W = 40, R = 1; part of one at W = 14) for
+    every query: the running maximum stays -inf over that block, and the kernel must not compute
+    exp2(-inf - -inf) = NaN there."""
+    height, width = grid
+    inputs, upstream = make_inputs(1, 2, height, width, 16, torch.float32, seed=12)
+    with torch.no_grad():
+        inputs[3][..., 0] = float("-inf")
+    out = relpos_attention_triton(*inputs, width, 0.25)
+    assert out.isfinite().all()
+    assert_matches_reference(inputs, upstream, width)
+
+
 def test_dispatcher():
     inputs, _ = make_inputs(1, 2, 3, 5, 16, torch.float32, seed=5)
     expected = relpos_attention_reference(*inputs, 5, 0.25)
