@@ -142,7 +142,9 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 where the device supports it, else fp32."""
     seed: int = 42
-    """Seed of model init, LoRA init and prompt sampling."""
+    """Seed of the model's random initialisation (where no checkpoint gives the weights), of the
+    LoRA initialisation and of each rank's torch / numpy random state (+ rank). The training
+    prompts are drawn once, by `resam-prep --seed`."""
     output_dir: str = "runs/default"
     """Folder for logs, checkpoints and exports (relative to the working directory)."""
     log_every: int = 1
@@ -199,7 +201,10 @@ class FaultsConfig:
     """Multiply the loss of rank `nan_loss_rank` by NaN at the first micro-step of this optimizer
     step (1-based; 0: off). Fires once per process."""
     nan_loss_rank: int = 0
-    """The rank whose loss `nan_loss_step` poisons."""
+    """The rank whose loss `nan_loss_step` (and `nan_grad_step`) poisons."""
+    nan_grad_step: int = 0
+    """Make the gradient (not the loss) of rank `nan_loss_rank` NaN at the first micro-step of this
+    optimizer step (1-based; 0: off): DeepSpeed then skips the update. Fires once per process."""
 
 
 @dataclass
@@ -323,6 +328,7 @@ def validate(cfg: Config) -> None:
         "train.lr": cfg.train.lr, "resam.ssa_tau": cfg.resam.ssa_tau, "resam.loss_window": cfg.resam.loss_window,
         "resam.loss_spike_factor": cfg.resam.loss_spike_factor, "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "train.collective_timeout_s": cfg.train.collective_timeout_s, "lora.alpha": cfg.lora.alpha,
+        "train.log_every": cfg.train.log_every,
     })
     for key, value in positive.items():
         if value <= 0:
@@ -336,7 +342,8 @@ def validate(cfg: Config) -> None:
                     "resam.pointsam_proto_weight": cfg.resam.pointsam_proto_weight,
                     # numpy's generators take non-negative seeds only
                     "data.seed": cfg.data.seed, "train.seed": cfg.train.seed, "eval.seed": cfg.eval.seed,
-                    "faults.nan_loss_step": cfg.faults.nan_loss_step, "faults.nan_loss_rank": cfg.faults.nan_loss_rank}
+                    "faults.nan_loss_step": cfg.faults.nan_loss_step, "faults.nan_loss_rank": cfg.faults.nan_loss_rank,
+                    "faults.nan_grad_step": cfg.faults.nan_grad_step}
     for key, value in non_negative.items():
         if value < 0:
             raise ValueError(f"{src}: key '{key}' must be >= 0, got {value}")

@@ -18,7 +18,7 @@ all-reduces one small vector [loss, loss parts, non-finite flag] before backward
 takes the same decision: a micro-batch whose loss is non-finite on any rank, or whose mean loss
 exceeds `resam.loss_spike_factor` times the mean of the last `resam.loss_window` accepted losses
 (once the window is full), is skipped on all ranks: no backward, no optimizer step, no queue
-push. Its images count as read; the skip is counted (metric, log) and the step is retried with
+push. Losses of micro-batches without an instance on any rank (zeros) stay out of that window. Its images count as read; the skip is counted (metric, log) and the step is retried with
 the next batch.
 
 Checkpoints (`train/checkpoint.py`): every `checkpoint.every_steps` optimizer steps and at the
@@ -61,10 +61,10 @@ from resam_dist.model.lora import apply_lora, merge_lora, save_adapter
 from resam_dist.resam.queue import EmbeddingQueue
 from resam_dist.resam.step import StepResult, resam_step
 from resam_dist.train.checkpoint import (CheckpointManager, capture_rng_state, check_engine_layout,
-                                         check_frozen_weights, frozen_weights_digest, load_trainable_state,
-                                         restore_rng_state)
+                                         check_frozen_weights, check_optimizer_settings, frozen_weights_digest,
+                                         load_trainable_state, restore_rng_state)
 from resam_dist.train.ema import EmaTeacher, resume_notice
-from resam_dist.train.metrics import JsonlLog, ProgressBar, TrainMetrics
+from resam_dist.train.metrics import SKIP_REASONS, JsonlLog, ProgressBar, TrainMetrics
 from resam_dist.train.schedule import build_scheduler
 
 LOG_FILE = "train_log.jsonl"
@@ -104,6 +104,7 @@ class GuardVerdict:
     loss: float                  # sum of the ranks' finite losses / world size (the mean when all are finite)
     parts: dict[str, float]      # loss parts, mean over ranks
     nonfinite_ranks: int
+    instances: float = 1.0       # instances the loss was taken over, summed over ranks (0: a connected zero)
 
 
 class LossGuard:
@@ -116,18 +117,20 @@ class LossGuard:
         self.world_size = world_size
         self.recent: collections.deque[float] = collections.deque(maxlen=window)
 
-    def check(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> GuardVerdict:
-        """Collective: every rank calls it with its loss (scalar) and parts (same keys on all ranks)."""
+    def check(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], *, instances: float = 1.0) -> GuardVerdict:
+        """Collective: every rank calls it with its loss (scalar), parts (same keys on all ranks)
+        and the number of instances its loss was taken over."""
         names = sorted(parts)
         local = torch.stack([loss.detach().float().reshape(())]
                             + [parts[name].detach().float().reshape(()) for name in names])  # 1 + P
         finite = torch.isfinite(local).all()
         payload = torch.cat([torch.where(finite, local, torch.zeros_like(local)),
-                             (~finite).float().reshape(1)])  # 2 + P: values, non-finite flag
+                             (~finite).float().reshape(1),
+                             local.new_tensor([float(instances)])])  # 3 + P: values, non-finite flag, instances
         if distributed.is_initialized() and self.world_size > 1:
             dist.all_reduce(payload, op=dist.ReduceOp.SUM)
         values = payload.tolist()
-        nonfinite_ranks = int(values[-1])
+        nonfinite_ranks = int(values[-2])
         mean_loss = values[0] / self.world_size
         mean_parts = {name: values[1 + i] / self.world_size for i, name in enumerate(names)}
         reason = None
@@ -136,10 +139,15 @@ class LossGuard:
         elif (self.spike_factor > 0 and len(self.recent) == self.recent.maxlen
               and mean_loss > self.spike_factor * (sum(self.recent) / len(self.recent))):
             reason = "spike"
-        return GuardVerdict(skip_reason=reason, loss=mean_loss, parts=mean_parts, nonfinite_ranks=nonfinite_ranks)
+        return GuardVerdict(skip_reason=reason, loss=mean_loss, parts=mean_parts, nonfinite_ranks=nonfinite_ranks,
+                            instances=values[-1])
 
-    def accept(self, loss: float) -> None:
-        self.recent.append(loss)
+    def accept(self, verdict: GuardVerdict) -> None:
+        """Records an accepted loss in the spike window, unless no rank had an instance: such a
+        loss is a connected zero, and zeros would pull the window's mean to 0, after which every
+        real loss would read as a spike."""
+        if verdict.instances > 0:
+            self.recent.append(verdict.loss)
 
     def state_dict(self) -> dict[str, Any]:
         return {"recent": list(self.recent)}
@@ -203,6 +211,10 @@ class Trainer:
         self.info = distributed.init_distributed(cfg.train.collective_timeout_s, local_rank_arg=local_rank_arg)
         distributed.check_node_local_options(cfg.deepspeed, self.info, cfg.source or "<config>")
         self.rank, self.world_size, self.device = self.info.rank, self.info.world_size, self.info.device
+        faults = cfg.faults
+        if (faults.nan_loss_step or faults.nan_grad_step) and faults.nan_loss_rank >= self.world_size:
+            raise ValueError(f"{cfg.source}: key 'faults.nan_loss_rank' ({faults.nan_loss_rank}) names no rank of "
+                             f"this world of {self.world_size}: the fault would never fire")
         self.is_main = self.rank == 0
         self.output_dir = Path(cfg.train.output_dir)
         self.zero_stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
@@ -250,8 +262,9 @@ class Trainer:
                                world_size=self.world_size)
         self.step = 0
         self.data_position = 0
-        self.skipped: dict[str, int] = {"nonfinite": 0, "spike": 0}
+        self.skipped: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
         self._nan_fired = False
+        self._nan_grad_fired = False
         self._unlogged_step: dict[str, Any] | None = None  # rank 0: the last step's record, if not logged
 
         # ---- resume ---------------------------------------------------------------------------
@@ -323,6 +336,8 @@ class Trainer:
         check_frozen_weights(meta, self.frozen_digest, source=source)
         check_engine_layout(meta, zero_stage=self.zero_stage, bf16=self.bf16, source=source,
                             config=str(self.cfg.source))
+        check_optimizer_settings(meta, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay,
+                                 source=source, config=str(self.cfg.source))
         if notice is not None and self.is_main:
             print(f"[train] warning: {notice}", flush=True)
 
@@ -340,7 +355,7 @@ class Trainer:
         self.data_position = int(client["data_position"])
         self.step_state.load_state_dict(client["step_state"])
         self.guard.load_state_dict(client["guard"])
-        self.skipped = dict(client["skipped"])
+        self.skipped = {**dict.fromkeys(SKIP_REASONS, 0), **client["skipped"]}  # (older checkpoints lack reasons)
         if self.teacher_ema is not None:
             self.teacher_ema.load_state_dict(client["teacher_ema"], source=source)
         restore_rng_state(client["rng"], self.device)
@@ -374,6 +389,35 @@ class Trainer:
                 print(f"[rank {self.rank}] faults.nan_loss_step: loss x NaN at step {self.step + 1}", flush=True)
                 return loss * float("nan")
         return loss
+
+    def _poison_gradient(self, loss: torch.Tensor) -> torch.Tensor:
+        """faults.nan_grad_step: a loss of the same value whose gradient is NaN (0 x d sqrt(0)), on
+        rank faults.nan_loss_rank at the first micro-step of that optimizer step."""
+        faults = self.cfg.faults
+        if faults.nan_grad_step and not self._nan_grad_fired and self.step + 1 == faults.nan_grad_step:
+            self._nan_grad_fired = True
+            if self.rank == faults.nan_loss_rank:
+                print(f"[rank {self.rank}] faults.nan_grad_step: NaN gradient at step {self.step + 1}", flush=True)
+                return loss + 0.0 * torch.sqrt(loss * 0.0)
+        return loss
+
+    def _record_skipped_update(self) -> None:
+        """DeepSpeed skipped the optimizer update of the step just ended: its gradients were not
+        finite (ZeRO 1-2 check them). The step counts (its data was read); the EMA teacher is not
+        updated; the schedule, which DeepSpeed did not advance, is stepped here so that its
+        warm-up and milestones stay at the trainer's step numbers."""
+        self.engine.lr_scheduler.step()
+        self.skipped["nonfinite_grad"] += 1
+        self.metrics.observe_skip(reason="nonfinite_grad", images=0, duration_s=0.0, data_wait_s=0.0)
+        if self.is_main:
+            print(f"[train] step {self.step + 1}: DeepSpeed skipped the optimizer update (non-finite gradients)",
+                  flush=True)
+            self.log.write({"event": "skip", "step": self.step + 1, "reason": "nonfinite_grad",
+                            "skipped": dict(self.skipped), "data_position": self.data_position})
+
+    def _loss_instances(self, stats: dict[str, float]) -> float:
+        """The instances a micro-batch's loss was taken over (0: the loss is a connected zero)."""
+        return stats["instances"] if self.cfg.resam.method == "pointsam" else stats["n_valid"]
 
     def _finished(self) -> bool:
         if self.cfg.train.max_steps > 0:
@@ -411,7 +455,7 @@ class Trainer:
                         teacher_weights=self.teacher_ema.weights if self.teacher_ema is not None else None,
                         monitor_ious=self.is_main and self._logs_step(self.step + 1)))
                     loss = self._poison(result.loss)
-                    verdict = self.guard.check(loss, result.parts)
+                    verdict = self.guard.check(loss, result.parts, instances=self._loss_instances(result.stats))
                     images = batch.weak.shape[0]
                     if verdict.skip_reason is not None:
                         del result, loss
@@ -419,16 +463,19 @@ class Trainer:
                                           data_wait=data_wait)
                         continue
                     lr = float(self.engine.get_lr()[0])
-                    self.engine.backward(loss)
+                    self.engine.backward(self._poison_gradient(loss))
                     self.engine.step()
-                    if self.teacher_ema is not None and int(self.engine.global_steps) != self.step:
+                    stepped = int(self.engine.global_steps) != self.step  # the end of an accumulation window
+                    if stepped and not self.engine.was_step_applied():
+                        self._record_skipped_update()
+                    elif stepped and self.teacher_ema is not None:
                         self.teacher_ema.update()  # an optimizer step was taken
                     if isinstance(self.step_state, EmbeddingQueue):
                         if cfg.resam.method == "resam":  # (selftrain and supervised have no embeddings)
                             self.step_state.push_all_ranks(result.weak_embeddings)  # after the loss, all ranks
                     else:  # PointSAM-style store: only accepted steps change it
                         self.step_state.commit(result.weak_embeddings, images)
-                    self.guard.accept(verdict.loss)
+                    self.guard.accept(verdict)
                     accepted_in_epoch += 1
                     window.add(verdict, images=images, seconds=time.perf_counter() - step_start,
                                data_wait=data_wait, stats=result.stats, lr=lr)
@@ -525,6 +572,8 @@ class Trainer:
 
         tag = self.checkpoints.save(self.step, write_engine=write_engine, client_state=client,
                                     meta={"zero_stage": self.zero_stage, "bf16": self.bf16,
+                                          "train.lr": self.cfg.train.lr,
+                                          "train.weight_decay": self.cfg.train.weight_decay,
                                           "data_position_rank0": self.data_position,
                                           "frozen_weights_sha256": self.frozen_digest})
         if self.is_main:

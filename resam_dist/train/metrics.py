@@ -35,7 +35,9 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-SKIP_REASONS = ("nonfinite", "spike")
+# nonfinite / spike: micro-batches the loss guard skipped (no backward); nonfinite_grad: optimizer
+# steps whose update DeepSpeed skipped for non-finite gradients (the step is still counted)
+SKIP_REASONS = ("nonfinite", "spike", "nonfinite_grad")
 LOSS_PARTS = ("total", "focal", "dice", "iou_mse", "ssa")
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
@@ -86,7 +88,8 @@ class TrainMetrics:
 
         self.samples = counter("resam_samples", "Training images processed by this rank (skipped steps included).")
         self.steps = counter("resam_steps", "Optimizer steps taken.")
-        self.skipped = counter("resam_skipped_steps", "Steps skipped by the loss guard.", ("reason",))
+        self.skipped = counter("resam_skipped_steps", "Micro-steps the loss guard skipped (nonfinite, spike) and "
+                               "optimizer updates DeepSpeed skipped (nonfinite_grad).", ("reason",))
         self.step_duration = Histogram("resam_step_duration_seconds", "Wall time of one training step "
                                        "(data wait excluded).", ["rank"], buckets=STEP_BUCKETS, registry=registry)
         self.data_wait = Histogram("resam_data_wait_seconds", "Time spent waiting for the next batch.",
@@ -147,10 +150,14 @@ class TrainMetrics:
         return self.observe_memory()
 
     def observe_skip(self, *, reason: str, images: int, duration_s: float, data_wait_s: float) -> None:
-        """Record a step the loss guard skipped (its images were read, no optimizer step)."""
+        """Record a step the loss guard skipped (its images were read, no optimizer step), or, with
+        images 0 and no durations, an optimizer step whose update was skipped (`observe_step`
+        records its micro-batches)."""
         if reason not in self._skipped:
             raise ValueError(f"unknown skip reason {reason!r} (known: {SKIP_REASONS})")
         self._skipped[reason].inc()
+        if reason == "nonfinite_grad":
+            return
         self._samples.inc(images)
         self._step_duration.observe(duration_s)
         self._data_wait.observe(data_wait_s)

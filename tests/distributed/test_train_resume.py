@@ -97,6 +97,8 @@ def test_checkpoints_hold_the_trainable_weights_and_refuse_other_frozen_ones(run
         reseeded.stdout[-3000:]
     meta = json.loads((step_dir / "meta.json").read_text())
     assert (meta["zero_stage"], meta["bf16"]) == (2, False)
+    trained = json.loads((step_dir.parents[1] / "config.json").read_text())["train"]
+    assert (meta["train.lr"], meta["train.weight_decay"]) == (trained["lr"], trained["weight_decay"])
     restaged = runs["restaged"]
     assert restaged.returncode != 0
     assert "was written with ZeRO stage 2, " in restaged.stdout and "asks for stage 0" in restaged.stdout, \

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from resam_dist.train.checkpoint import (LATEST, CheckpointManager, atomic_write_text, capture_rng_state,
-                                         check_engine_layout, check_frozen_weights, files_to_sync,
+                                         check_engine_layout, check_frozen_weights, check_optimizer_settings,
+                                         files_to_sync,
                                          frozen_weights_digest, load_trainable_state, restore_rng_state,
                                          tag_for_step)
 
@@ -178,6 +179,18 @@ def test_a_resume_across_zero_stage_groups_or_precisions_is_refused():
     with pytest.raises(ValueError, match=r"checkpoint x was written in fp32, run.json trains in bf16 "
                                          r"\(train.precision, resolved\)"):
         check_engine_layout({"zero_stage": 2, "bf16": False}, zero_stage=2, bf16=True, **layout)
+
+
+def test_a_resume_with_another_lr_or_weight_decay_is_refused():
+    """DeepSpeed restores the optimizer's and the schedule's base values: a changed train.lr or
+    train.weight_decay would be silently ignored."""
+    settings = dict(lr=1e-3, weight_decay=1e-4, source="checkpoint x", config="run.json")
+    check_optimizer_settings({"step": 4}, **settings)  # no record: not checked
+    check_optimizer_settings({"train.lr": 1e-3, "train.weight_decay": 1e-4}, **settings)
+    with pytest.raises(ValueError, match=r"checkpoint x was written with train.lr 0.01, run.json sets 0.001"):
+        check_optimizer_settings({"train.lr": 1e-2, "train.weight_decay": 1e-4}, **settings)
+    with pytest.raises(ValueError, match=r"written with train.weight_decay 0.5, run.json sets 0.0001"):
+        check_optimizer_settings({"train.lr": 1e-3, "train.weight_decay": 0.5}, **settings)
 
 
 def test_a_trainable_state_loads_and_leaves_the_frozen_weights_alone():

@@ -97,14 +97,23 @@ def test_loss_guard_skips_nonfinite_and_spiking_losses():
     verdict = guard.check(torch.tensor(1.0), {"dice": torch.tensor(float("inf")), "focal": torch.tensor(0.1)})
     assert verdict.skip_reason == "nonfinite"
     for value in (1.0, 2.0):
-        guard.accept(guard.check(torch.tensor(value), parts).loss)
+        guard.accept(guard.check(torch.tensor(value), parts))
     # the window is not full yet: no spike rule
     assert guard.check(torch.tensor(100.0), parts).skip_reason is None
-    guard.accept(3.0)
+    guard.accept(guard.check(torch.tensor(3.0), parts))
     assert guard.check(torch.tensor(7.9), parts).skip_reason is None      # mean 2, factor 4
     spike = guard.check(torch.tensor(8.1), parts)
     assert spike.skip_reason == "spike" and spike.loss == pytest.approx(8.1)
     assert spike.parts == pytest.approx({"dice": 0.5, "focal": 0.1})
+
+    # micro-batches without instances (a zero loss) stay out of the window: before, enough of them
+    # filled it with zeros, and every real loss then read as a spike
+    for _ in range(5):
+        empty = guard.check(torch.tensor(0.0), parts, instances=0)
+        assert empty.skip_reason is None and empty.instances == 0
+        guard.accept(empty)
+    assert list(guard.recent) == [1.0, 2.0, 3.0]
+    assert guard.check(torch.tensor(7.9), parts, instances=3).skip_reason is None
 
     restored = LossGuard(spike_factor=4.0, window=3, world_size=1)
     restored.load_state_dict(guard.state_dict())
