@@ -16,6 +16,7 @@ as `{"reason", "kind" ("image" | "annotation"), "id", "file"}`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,18 @@ def segmentation_problem(segmentation: Any, height: int, width: int) -> str | No
                 return f"polygon has an odd number of coordinates ({len(polygon)})"
             if len(polygon) < 6:
                 return f"polygon has fewer than 3 points ({len(polygon) // 2})"
-            if not all(np.isfinite(polygon)):
+            try:
+                values = [float(v) for v in polygon]
+            except OverflowError:  # an integer beyond float's range
                 return "polygon has non-finite coordinates"
+            if not all(math.isfinite(v) for v in values):
+                return "polygon has non-finite coordinates"
+            # pycocotools rasterises the polygon's whole extent: a corrupt coordinate (1e9, or -1
+            # wrapped to 4294967295) would need gigabytes, or crash it
+            xs, ys = values[0::2], values[1::2]
+            if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+                return (f"polygon lies far outside the {width} x {height} image (x {min(xs):g} to {max(xs):g}, "
+                        f"y {min(ys):g} to {max(ys):g})")
         return None
     if isinstance(segmentation, dict):
         size, counts = segmentation.get("size"), segmentation.get("counts")

@@ -31,6 +31,8 @@ import multiprocessing
 import os
 import re
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -68,6 +70,8 @@ class TileOptions:
             raise ValueError(f"overlap must be in [0, tile size {self.tile_size}), got {self.overlap}")
         if self.min_area < 0:
             raise ValueError(f"min area must be >= 0, got {self.min_area}")
+        if self.seed < 0:  # (numpy's generators take non-negative seeds only)
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -361,6 +365,10 @@ def _remove_stale_outputs(out_dir: Path, prefix: str) -> None:
             path.unlink()
 
 
+class WorkerDied(RuntimeError):
+    """A `--workers` process ended without returning its result."""
+
+
 def _results(split: CocoSplit, options: TileOptions, workers: int) -> Iterator[ImageResult]:
     """Per-image results in image order, from `workers` processes (1: in this process)."""
     if workers <= 1:
@@ -369,8 +377,15 @@ def _results(split: CocoSplit, options: TileOptions, workers: int) -> Iterator[I
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    with context.Pool(workers, initializer=_init_worker, initargs=(split, options)) as pool:
-        yield from pool.imap(_process_in_worker, split.image_ids, chunksize=1)
+    # (a process pool of concurrent.futures fails when a worker dies, e.g. killed for memory, where
+    # multiprocessing.Pool would wait for its result forever)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(split, options)) as pool:
+        try:
+            yield from pool.map(_process_in_worker, split.image_ids, chunksize=1)
+        except BrokenProcessPool as err:
+            raise WorkerDied("a worker process died (killed, e.g. for lack of memory?) while it prepared an "
+                             "image; no shard was completed from its output") from err
 
 
 def prepare_shards(*, annotations: str | Path, images: str | Path, out_dir: str | Path, prefix: str = "train",
@@ -383,8 +398,10 @@ def prepare_shards(*, annotations: str | Path, images: str | Path, out_dir: str 
         raise ValueError(f"shard size must be positive, got {shard_size_mb} MB")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    split = CocoSplit(annotations, images, skip_bad=skip_bad)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {out_dir} exists and is not a folder")
+    split = CocoSplit(annotations, images, skip_bad=skip_bad)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_outputs(out_dir, prefix)
 
@@ -487,7 +504,7 @@ def main(argv: list[str]) -> int:
         manifest = prepare_shards(annotations=args.annotations, images=args.images, out_dir=args.out,
                                   prefix=args.prefix, shard_size_mb=args.shard_size_mb, options=options,
                                   skip_bad=args.skip_bad, workers=args.workers, progress=not args.no_progress)
-    except ValueError as err:
+    except (ValueError, WorkerDied) as err:
         print(f"resam-prep: error: {err}", file=sys.stderr)
         return 1
     counts = manifest["counts"]

@@ -133,6 +133,10 @@ def _with(tmp_path, edit):
 
 BAD_CASES = {
     "polygon with 2 points": (lambda d: d["annotations"][0].update(segmentation=[[1, 1, 5, 5]]), "annotation id 10", "fewer than 3 points"),
+    "polygon far outside the image": (lambda d: d["annotations"][0].update(segmentation=[[2, 2, 1e9, 2, 20, 20]]),
+                                      "annotation id 10", "far outside"),
+    "polygon beyond float range": (lambda d: d["annotations"][0].update(segmentation=[[2, 2, 10 ** 400, 2, 20, 20]]),
+                                   "annotation id 10", "non-finite"),
     "odd coordinates": (lambda d: d["annotations"][1].update(segmentation=[[1, 1, 5, 5, 9]]), "annotation id 11", "odd number"),
     "unknown category": (lambda d: d["annotations"][3].update(category_id=99), "annotation id 20", "unknown or non-integer category id 99"),
     "list as category": (lambda d: d["annotations"][3].update(category_id=[1]), "annotation id 20", "non-integer category id [1]"),

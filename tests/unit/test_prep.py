@@ -310,3 +310,21 @@ def test_invalid_options_are_reported(tmp_path, capsys):
     assert _prep(annotation_file, tmp_path / "out", "--prefix", "test") == 1   # one split per folder
     assert "already holds shards with prefix 'train'" in capsys.readouterr().err
     assert (tmp_path / "out" / "manifest.json").exists()
+    # checked before the folder's earlier outputs are removed
+    assert _prep(annotation_file, tmp_path / "out", "--seed", "-1") == 1
+    assert "seed must be >= 0" in capsys.readouterr().err
+    assert (tmp_path / "out" / "manifest.json").exists()
+    (tmp_path / "a_file").write_text("")
+    assert _prep(annotation_file, tmp_path / "a_file") == 1
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_a_worker_that_dies_fails_the_run_instead_of_hanging(tmp_path, capsys, monkeypatch):
+    """A --workers process killed (e.g. for memory) ends the run with an error; multiprocessing's
+    Pool used to wait for its result forever. The workers are forked with the patched function."""
+    import resam_dist.data.shards as shards
+    annotation_file = _handmade(tmp_path, [_square(5, 5, 10)])
+    monkeypatch.setattr(shards, "process_image", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
+    assert _prep(annotation_file, tmp_path / "out", "--workers", "2") == 1
+    assert "a worker process died" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()
