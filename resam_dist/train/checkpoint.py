@@ -111,6 +111,22 @@ def check_optimizer_settings(meta: dict[str, Any], *, lr: float, weight_decay: f
                              f"{key} {saved} or start a new train.output_dir")
 
 
+def check_data_order(meta: dict[str, Any], data_order: dict[str, Any], *, source: str, config: str) -> None:
+    """ValueError unless a checkpoint (its meta.json: `meta`) was written over the same training
+    data and data order (`data_order`, see `Trainer._data_order`): the resumed data position
+    counts batch slots of that order, which other shards, seeds, shuffling or batch sizes would map
+    to other samples (not checked for checkpoints written without a record of it)."""
+    saved = meta.get("data_order")
+    if saved is None:
+        return
+    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in data_order.items() if saved.get(key) != value]
+    if changed:
+        raise ValueError(f"{source} was written over another data order than {config} gives ({'; '.join(changed)}): "
+                         "its data position would point at other samples; resume with the same shards (contents), "
+                         "data.seed, data.shuffle, data.shuffle_buffer and train.images_per_rank, or start a new "
+                         "train.output_dir")
+
+
 def load_trainable_state(source: dict[str, torch.Tensor], module: nn.Module, *, origin: str) -> None:
     """Loads a module state dict that may lack the frozen parameters into `module` (DeepSpeed's
     `custom_load_fn`): every trainable parameter must be in it, every key of it in the module, with

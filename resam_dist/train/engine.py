@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -60,7 +61,7 @@ from resam_dist.model.build import build_sam
 from resam_dist.model.lora import apply_lora, merge_lora, save_adapter
 from resam_dist.resam.queue import EmbeddingQueue
 from resam_dist.resam.step import StepResult, resam_step
-from resam_dist.train.checkpoint import (CheckpointManager, capture_rng_state, check_engine_layout,
+from resam_dist.train.checkpoint import (CheckpointManager, capture_rng_state, check_data_order, check_engine_layout,
                                          check_frozen_weights, check_optimizer_settings, frozen_weights_digest,
                                          load_trainable_state, restore_rng_state)
 from resam_dist.train.ema import EmaTeacher, resume_notice
@@ -282,6 +283,9 @@ class Trainer:
         self.loader = build_train_loader(cfg, image_size=sam.image_size, rank=self.rank,
                                          world_size=self.world_size, local_rank=self.info.local_rank,
                                          device=self.device, start_position=self.data_position)
+        if self.resumed_from is not None:
+            check_data_order(self.checkpoints.read_meta(self.resumed_from), self._data_order(),
+                             source=f"checkpoint {self.checkpoints.root / self.resumed_from}", config=str(cfg.source))
         if cfg.train.max_steps > 0:
             self.total_steps = cfg.train.max_steps
         else:
@@ -414,6 +418,15 @@ class Trainer:
                   flush=True)
             self.log.write({"event": "skip", "step": self.step + 1, "reason": "nonfinite_grad",
                             "skipped": dict(self.skipped), "data_position": self.data_position})
+
+    def _data_order(self) -> dict[str, Any]:
+        """What the data position of a checkpoint depends on (recorded in its meta.json): the shards
+        (names, sample counts and the manifest's sha256), the seed, the shuffling and the batch size."""
+        shards = [[shard.tar.name, shard.num_samples, shard.sha256] for shard in self.loader.shards]
+        return {"shards_sha256": hashlib.sha256(json.dumps(shards).encode()).hexdigest(),
+                "data.seed": self.cfg.data.seed, "data.shuffle": self.cfg.data.shuffle,
+                "data.shuffle_buffer": self.cfg.data.shuffle_buffer,
+                "train.images_per_rank": self.cfg.train.images_per_rank}
 
     def _loss_instances(self, stats: dict[str, float]) -> float:
         """The instances a micro-batch's loss was taken over (0: the loss is a connected zero)."""
@@ -574,6 +587,7 @@ class Trainer:
                                     meta={"zero_stage": self.zero_stage, "bf16": self.bf16,
                                           "train.lr": self.cfg.train.lr,
                                           "train.weight_decay": self.cfg.train.weight_decay,
+                                          "data_order": self._data_order(),
                                           "data_position_rank0": self.data_position,
                                           "frozen_weights_sha256": self.frozen_digest})
         if self.is_main:

@@ -99,6 +99,8 @@ def test_checkpoints_hold_the_trainable_weights_and_refuse_other_frozen_ones(run
     assert (meta["zero_stage"], meta["bf16"]) == (2, False)
     trained = json.loads((step_dir.parents[1] / "config.json").read_text())["train"]
     assert (meta["train.lr"], meta["train.weight_decay"]) == (trained["lr"], trained["weight_decay"])
+    assert sorted(meta["data_order"]) == ["data.seed", "data.shuffle", "data.shuffle_buffer", "shards_sha256",
+                                          "train.images_per_rank"]
     restaged = runs["restaged"]
     assert restaged.returncode != 0
     assert "was written with ZeRO stage 2, " in restaged.stdout and "asks for stage 0" in restaged.stdout, \

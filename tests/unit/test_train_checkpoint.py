@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from resam_dist.train.checkpoint import (LATEST, CheckpointManager, atomic_write_text, capture_rng_state,
-                                         check_engine_layout, check_frozen_weights, check_optimizer_settings,
+                                         check_data_order, check_engine_layout, check_frozen_weights,
+                                         check_optimizer_settings,
                                          files_to_sync,
                                          frozen_weights_digest, load_trainable_state, restore_rng_state,
                                          tag_for_step)
@@ -191,6 +192,22 @@ def test_a_resume_with_another_lr_or_weight_decay_is_refused():
         check_optimizer_settings({"train.lr": 1e-2, "train.weight_decay": 1e-4}, **settings)
     with pytest.raises(ValueError, match=r"written with train.weight_decay 0.5, run.json sets 0.0001"):
         check_optimizer_settings({"train.lr": 1e-3, "train.weight_decay": 0.5}, **settings)
+
+
+def test_a_resume_over_another_data_order_is_refused_naming_what_changed():
+    """The data position counts batch slots of one data order: other shards, seeds, shuffling or
+    batch sizes would resume at other samples."""
+    order = {"shards_sha256": "a" * 64, "data.seed": 0, "data.shuffle": True, "data.shuffle_buffer": 256,
+             "train.images_per_rank": 2}
+    check_data_order({"step": 4}, order, source="checkpoint x", config="run.json")  # no record: not checked
+    check_data_order({"data_order": dict(order)}, order, source="checkpoint x", config="run.json")
+    with pytest.raises(ValueError, match=r"checkpoint x was written over another data order than run.json gives "
+                                         r"\(data.seed 0 -> 3; train.images_per_rank 2 -> 4\)"):
+        check_data_order({"data_order": order}, {**order, "data.seed": 3, "train.images_per_rank": 4},
+                         source="checkpoint x", config="run.json")
+    with pytest.raises(ValueError, match=r"shards_sha256 'aaaa"):
+        check_data_order({"data_order": order}, {**order, "shards_sha256": "b" * 64}, source="checkpoint x",
+                         config="run.json")
 
 
 def test_a_trainable_state_loads_and_leaves_the_frozen_weights_alone():
