@@ -23,6 +23,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
+from resam_dist.durable import fsync_dir, fsync_file
 from resam_dist.model.sam import PromptableSam
 
 ADAPTER_NAME = "default"
@@ -103,11 +104,15 @@ def save_adapter(model: PromptableSam, directory: str | Path) -> Path:
     # peft's key layout, so that `PeftModel.from_pretrained(build_sam(...), directory)` loads it too
     tensors = {PEFT_KEY_PREFIX + name: tensor.contiguous().cpu() for name, tensor in lora_state_dict(model).items()}
     save_file(tensors, str(staging / WEIGHTS_FILE))
+    for written in staging.iterdir():  # on disk before the renames publish them
+        fsync_file(written)
+    fsync_dir(staging)
     earlier = directory.with_name(directory.name + ".old")
     shutil.rmtree(earlier, ignore_errors=True)  # left by a writer killed between the renames
     if directory.exists():
         directory.rename(earlier)
     staging.rename(directory)
+    fsync_dir(directory.parent)
     shutil.rmtree(earlier, ignore_errors=True)
     return directory
 

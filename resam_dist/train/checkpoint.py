@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from resam_dist import distributed
+from resam_dist.durable import fsync_dir, fsync_file
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -158,7 +159,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # files of a checkpoint named for the rank that writes them: DeepSpeed's per-rank ZeRO files
@@ -179,18 +180,6 @@ def files_to_sync(paths: list[Path], rank: int) -> list[Path]:
         return None
     return [path for path in paths if owner(path) in (None, rank)]
 
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def capture_rng_state(device: torch.device) -> dict[str, Any]:
@@ -281,7 +270,7 @@ class CheckpointManager:
         torch.save(client_state, self.client_file(tmp_tag))
         # on disk before any rank moves on (survives a crashed node)
         for path in files_to_sync([path for path in tmp_dir.rglob("*") if path.is_file()], self.rank):
-            _fsync_file(path)
+            fsync_file(path)
         distributed.barrier()  # every rank's files are in tmp_dir
         if self.rank == 0:
             atomic_write_text(tmp_dir / "meta.json", json.dumps(
@@ -291,7 +280,7 @@ class CheckpointManager:
             if final_dir.exists():  # an earlier attempt at this step: moved aside, deleted once replaced
                 os.rename(final_dir, stale)
             os.rename(tmp_dir, final_dir)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(stale, ignore_errors=True)
             atomic_write_text(self.root / LATEST, tag + "\n")
             self._prune(keep=tag)

@@ -57,6 +57,7 @@ from torch import nn
 from resam_dist import distributed
 from resam_dist.config import Config, deepspeed_dict
 from resam_dist.data.batch import Batch
+from resam_dist.durable import fsync_dir, fsync_file
 from resam_dist.model.build import build_sam
 from resam_dist.model.lora import apply_lora, merge_lora, save_adapter
 from resam_dist.resam.queue import EmbeddingQueue
@@ -628,7 +629,9 @@ class Trainer:
             merged_path = export_dir / MERGED_FILE
             tmp_path = merged_path.with_name(merged_path.name + ".tmp")
             torch.save(merged.state_dict(), tmp_path)
+            fsync_file(tmp_path)
             os.replace(tmp_path, merged_path)
+            fsync_dir(export_dir)
             exports = {"adapter": str(adapter_dir), "merged": str(merged_path)}
         distributed.barrier()
         return exports
