@@ -68,7 +68,7 @@ class LoraConfig:
     alpha: float = 4.0
     """LoRA scaling numerator (scale = alpha / rank)."""
     dropout: float = 0.0
-    """LoRA dropout during training (never at evaluation)."""
+    """LoRA dropout during training, in the student's and the teacher's passes (never at evaluation)."""
     start_block: int = 6
     """First image-encoder block whose attention `qkv` gets an adapter."""
 
@@ -107,7 +107,8 @@ class ResamConfig:
     pointsam_store_size: int = 256
     """method "pointsam": FIFO length of the point-feature store (PointSAM uses 128-512)."""
     pointsam_cluster_every: int = 30
-    """method "pointsam": iterations between FINCH clusterings of the store into prototypes."""
+    """method "pointsam": iterations (accepted micro-batches: with train.grad_accum_steps > 1, several
+    per optimizer step) between FINCH clusterings of the store into prototypes."""
     pointsam_target_images: int = 128
     """method "pointsam": the point features of this many first training images form the target prototypes."""
     pointsam_overlap_iou: float = 0.1
