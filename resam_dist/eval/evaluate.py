@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -49,11 +50,16 @@ import torch
 from torch.nn import functional as F
 
 from resam_dist.data.coco import masks_to_rle
+from resam_dist.durable import fsync_dir, fsync_file
 from resam_dist.eval.metrics import (
     AP_KEYS, SCORE_KEYS, ImagewiseMeter, batch_image_counts, coco_mask_ap,
     score_coco_results, scores_from_counts,
 )
 from resam_dist.resam.prompts import sample_points
+
+# the per-image scores of an image that is not evaluated (no ground-truth instance): zero counts
+_NOT_EVALUATED_SCORES = {key: float(value[0])
+                         for key, value in scores_from_counts(torch.zeros((1, 3), dtype=torch.int64)).items()}
 
 ADAPTER_SUBDIRS = ("export/adapter", "adapter")
 """Where a run directory may hold the exported LoRA adapter (relative to the run directory);
@@ -269,7 +275,8 @@ def evaluate_model(model: Any, split: Any, *, num_points: int, seed: int = 1337,
                     meter.update_counts(torch.zeros(1, 3), torch.zeros(1))  # skipped
                     info = split.image_info(image_id)
                     per_image[int(image_id)] = {"image_id": int(image_id), "file_name": info["file_name"],
-                                                "instances": 0, "evaluated": False}
+                                                "instances": 0, "evaluated": False, "tp": 0, "fp": 0, "fn": 0,
+                                                **_NOT_EVALUATED_SCORES}  # (the keys of evaluated rows)
                     continue
                 pending.append(item)
                 if len(pending) == batch_size:
@@ -381,8 +388,23 @@ def _json_ready(value: Any) -> Any:
 
 
 def _write_json(path: Path, payload: Any) -> None:
+    """Atomically: a report cut short (a full disk, a kill) never replaces an earlier one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_ready(payload), indent=1))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(_json_ready(payload), indent=1))
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+# flag -> argparse attribute of the model-mode options (refused in results mode)
+_MODEL_MODE_FLAGS = {"--checkpoint": "checkpoint", "--split-annotations": "split_annotations",
+                     "--split-images": "split_images", "--points": "points", "--seed": "seed",
+                     "--batch-size": "batch_size", "--device": "device", "--bf16": "bf16",
+                     "--max-images": "max_images", "--save-results": "save_results"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -467,13 +489,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("results mode needs both --gt and --pred")
     if not results_mode and args.config is None:
         parser.error("give --config (model mode) or --gt and --pred (results mode)")
+    if results_mode:
+        ignored = [flag for flag, value in _MODEL_MODE_FLAGS.items() if getattr(args, value) not in (None, False)]
+        if ignored:
+            parser.error(f"{', '.join(ignored)}: model-mode option(s), which results mode (--gt/--pred) does not use")
     try:
         report = _main_results(args) if results_mode else _main_model(args)
-    except ValueError as err:
+        print(format_table(report["scores"]))
+        if args.out:
+            _write_json(Path(args.out), report)
+            print(f"wrote {args.out}")
+    except (ValueError, OSError) as err:
         print(f"resam-eval: error: {err}", file=sys.stderr)
         return 2
-    print(format_table(report["scores"]))
-    if args.out:
-        _write_json(Path(args.out), report)
-        print(f"wrote {args.out}")
     return 0

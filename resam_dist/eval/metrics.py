@@ -18,7 +18,9 @@ Zero-division rules:
   predicts nothing earns no precision; its IoU, F1 and recall are 0 as well).
 
 COCO mask AP/AP50/AP75 come from pycocotools' COCOeval(iouType="segm") with its default
-parameters (IoU thresholds 0.50:0.95, maxDets 100 for AP).
+parameters (IoU thresholds 0.50:0.95), except that AP counts up to max(100, the most results of
+one image) detections per image instead of 100: dense scenes (HRSID, up to ~100 ships and more)
+are not capped below AP 1 for perfect masks.
 
 `score_coco_results` scores a COCO results list of any model with the micro-imagewise metrics; how
 results are paired with ground-truth instances is described there.
@@ -26,6 +28,7 @@ results are paired with ground-truth instances is described there.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import io
@@ -425,10 +428,21 @@ def coco_mask_ap(gt: str | Path | dict | COCO, results: str | Path | list,
         evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
         if image_ids is not None:
             evaluator.params.imgIds = sorted(set(image_ids))
+        most_per_image = max(collections.Counter(entry["image_id"] for entry in checked).values())
+        evaluator.params.maxDets = [1, 10, max(100, most_per_image)]
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
-    stats = evaluator.stats[:3]
+    # AP as COCOeval.summarize() computes it, at the last maxDets (summarize() itself reads its
+    # AP over 0.50:0.95 at a fixed 100): the mean of the defined precisions (> -1)
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # IoU thresholds x recalls x categories, area "all"
+    thresholds = evaluator.params.iouThrs
+
+    def mean_defined(values: np.ndarray) -> float:
+        defined = values[values > -1]
+        return float(defined.mean()) if defined.size else -1.0
+
+    stats = [mean_defined(precision), mean_defined(precision[np.isclose(thresholds, 0.5)]),
+             mean_defined(precision[np.isclose(thresholds, 0.75)])]
     if any(value < 0 for value in stats):
         warnings.warn("coco_mask_ap: the evaluated images hold no ground-truth annotation; AP is NaN",
                       stacklevel=2)

@@ -175,6 +175,23 @@ def test_coco_ap_perfect(tmp_path):
     assert ap == {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0), "ap75": pytest.approx(1.0)}
 
 
+def test_coco_ap_of_perfect_results_on_a_dense_image_is_1():
+    """150 instances on one image (HRSID has ~100 and more): COCOeval's default of 100 detections
+    per image capped perfect results at AP 0.66; AP counts as many as the densest image has."""
+    masks = np.zeros((150, 40, 40), dtype=bool)
+    for k in range(150):
+        masks[k, (k // 15) * 4:(k // 15) * 4 + 3, (k % 15) * 2 + 5] = True  # 150 separate 3-pixel bars
+    rles = masks_to_rle(masks)
+    gt = {"images": [{"id": 7, "file_name": "a.png", "height": 40, "width": 40}],
+          "annotations": [{"id": 10 + k, "image_id": 7, "category_id": 1, "segmentation": rle, "iscrowd": 0}
+                          for k, rle in enumerate(rles)],
+          "categories": [{"id": 1, "name": "thing"}]}
+    results = [{"image_id": 7, "category_id": 1, "segmentation": rle, "score": 1.0 - k / 1000}
+               for k, rle in enumerate(rles)]
+    assert coco_mask_ap(gt, results) == {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0),
+                                         "ap75": pytest.approx(1.0)}
+
+
 def test_coco_ap_known_partial_cases():
     # One of two instances found exactly: precision 1 up to recall 0.5 -> 51 of 101 recall points.
     ap = coco_mask_ap(_gt_dict(), _results(_gt_masks()[:1], [0.9]))

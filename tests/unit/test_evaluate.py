@@ -122,6 +122,8 @@ def test_evaluate_model_deterministic_and_consistent(coco_set, tiny_model):
         assert one["score"] == pytest.approx(two["score"], abs=1e-5)
     assert sorted(r["gt_id"] for r in first.coco_results) == [100, 101, 102]
     assert [row["evaluated"] for row in first.per_image] == [True, True, False]
+    assert first.per_image[2].keys() == first.per_image[0].keys()  # the same keys for skipped images
+    assert (first.per_image[2]["tp"], first.per_image[2]["fp"], first.per_image[2]["fn"]) == (0, 0, 0)
     # Re-scoring the written RLE results (paired by gt_id) reproduces the model-mode scores.
     rescored = score_coco_results(gt_file, first.coco_results)
     for key in ("miou", "f1", "precision", "recall"):
@@ -243,3 +245,28 @@ def test_cli_results_mode_malformed_file(coco_set, tmp_path, capsys):
     assert "broken.json: result #0 lacks the key 'segmentation'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--gt", str(gt_file)])  # --pred missing: usage error
+    # model-mode options are refused in results mode (they used to be ignored silently)
+    with pytest.raises(SystemExit):
+        main(["--gt", str(gt_file), "--pred", str(pred), "--save-results", str(tmp_path / "saved.json")])
+    assert "--save-results: model-mode option(s)" in capsys.readouterr().err
+
+
+def test_cli_report_is_written_atomically_and_write_errors_are_reported(coco_set, tmp_path, capsys):
+    """--out goes through a temporary file: a failed write reports exit 2 and leaves an earlier
+    report whole (before, it was truncated in place and the OSError escaped as a traceback)."""
+    gt_file, _ = coco_set
+    gt = json.loads(gt_file.read_text())
+    pred = tmp_path / "oracle.json"
+    pred.write_text(json.dumps([{"image_id": ann["image_id"], "category_id": ann["category_id"],
+                                 "segmentation": ann["segmentation"], "score": 1.0} for ann in gt["annotations"]]))
+    out = tmp_path / "scores.json"
+    assert main(["--gt", str(gt_file), "--pred", str(pred), "--out", str(out)]) == 0
+    earlier = out.read_text()
+    assert json.loads(earlier)["scores"]["miou"] == 1.0 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "oracle.json", "scores.json"]  # no temporary file left
+    (tmp_path / "a_file").write_text("")
+    assert main(["--gt", str(gt_file), "--pred", str(pred), "--out", str(tmp_path / "a_file" / "x.json")]) == 2
+    assert "resam-eval: error:" in capsys.readouterr().err
+    out.chmod(0o444)  # the report stays replaceable (a rename), and is replaced whole
+    assert main(["--gt", str(gt_file), "--pred", str(pred), "--out", str(out)]) == 0
+    assert out.read_text() == earlier
