@@ -15,7 +15,9 @@
 # trace = what is live at ReSAM-dist's memory peak and where it was allocated (checkpointing
 # MEMORY_CHECKPOINTING; $OUT/memory_trace/memory_peak_resam_dist.txt, benchmarks/memory_peak.py).
 # KERNEL_CASES="suppress_overlap ..." limits the kernel benchmark to those cases, GPU_TEST_K="..." the
-# GPU tests to a pytest -k expression; *_LIMIT variables set each step's time limit in seconds.
+# GPU tests to a pytest -k expression; *_LIMIT variables set each step's time limit in seconds, and
+# MAX_CALL_S refuses, before anything runs, CHECKS whose limits add up to more (a lent machine's
+# 600 s per command fits e.g. CHECKS="tests" or "kernels ckpt" with MAX_CALL_S=570, not the default four).
 #
 # Each step has its own time limit and a failing step does not stop the next, so one call gives
 # as much as it can: the log ($OUT/gpu_checks.log), the kernel benchmark ($OUT/kernels/) and the
@@ -32,6 +34,33 @@ REPO=$(pwd)
 PY=${PY:-python3}
 
 wanted() { [[ " $CHECKS " == *" $1 "* ]]; }
+
+# each step's time limit in seconds (override with the variable)
+MEMORY_LIMIT=${MEMORY_LIMIT:-240}
+CKPT_LIMIT=${CKPT_LIMIT:-75}
+GPU_TEST_LIMIT=${GPU_TEST_LIMIT:-360}
+KERNELS_LIMIT=${KERNELS_LIMIT:-280}
+OVERLAP_CONFIGS_LIMIT=${OVERLAP_CONFIGS_LIMIT:-300}
+PROFILE_LIMIT=${PROFILE_LIMIT:-90}
+TRACE_LIMIT=${TRACE_LIMIT:-120}
+CKPT_MODES=${CKPT_MODES:-off encoder decoder}
+PROFILE_MODES=${PROFILE_MODES:-on off}
+# MAX_CALL_S: the most seconds one call of this script may run (e.g. 570 under a lent machine's
+# 600 s per command; 0: no limit). The named checks' step limits must fit in it, else nothing runs.
+count() { set -- $1; echo $#; }
+budget=0
+wanted memory && budget=$((budget + MEMORY_LIMIT))
+wanted ckpt && budget=$((budget + CKPT_LIMIT * $(count "$CKPT_MODES")))
+wanted tests && budget=$((budget + GPU_TEST_LIMIT))
+wanted kernels && budget=$((budget + KERNELS_LIMIT))
+wanted overlap_configs && budget=$((budget + OVERLAP_CONFIGS_LIMIT))
+wanted profile && budget=$((budget + PROFILE_LIMIT * $(count "$PROFILE_MODES")))
+wanted trace && budget=$((budget + TRACE_LIMIT))
+if [ "${MAX_CALL_S:-0}" -gt 0 ] && [ "$budget" -gt "${MAX_CALL_S:-0}" ]; then
+    echo "error: CHECKS=\"$CHECKS\" may take up to ${budget}s (the sum of their step limits), over" \
+         "MAX_CALL_S=$MAX_CALL_S: run them in several calls, or lower their *_LIMIT"
+    exit 2
+fi
 
 FAILED=()  # the steps that did not exit 0 (the script's exit status is 1 when there are any)
 step() {  # step NAME SECONDS COMMAND...: run with a limit, report its status and duration
@@ -80,14 +109,14 @@ PYEOF
 # case), GPU tests (all but DALI's, 2026-11-27): 157 s with Triton's cache warm, over 240 s on a fresh
 # machine (run 14), one extra ReSAM-dist run 40-70 s. Results are written after every
 # variant / case, and ReSAM-dist runs first.
-wanted memory && step "memory benchmark (vit_b, 1024 px)" "${MEMORY_LIMIT:-240}" "$PY" benchmarks/memory_vs_pointsam.py \
+wanted memory && step "memory benchmark (vit_b, 1024 px)" "$MEMORY_LIMIT" "$PY" benchmarks/memory_vs_pointsam.py \
     --model vit_b --instances 50 --images-per-step 4 --steps 10 --warmup 2 --device cuda --out "$OUT/memory" \
     --variants resam_dist,resam_public,pointsam --dist-checkpointing "${MEMORY_CHECKPOINTING:-all}" \
     --note "benchmarks/gpu_checks.sh on a lent machine"
 # the trade-off: ReSAM-dist with the other checkpointing settings (charts dropped: fewer files come back)
 if wanted ckpt; then
-    for mode in ${CKPT_MODES:-off encoder decoder}; do
-        step "memory benchmark, ReSAM-dist, checkpointing $mode" "${CKPT_LIMIT:-75}" "$PY" benchmarks/memory_vs_pointsam.py \
+    for mode in $CKPT_MODES; do
+        step "memory benchmark, ReSAM-dist, checkpointing $mode" "$CKPT_LIMIT" "$PY" benchmarks/memory_vs_pointsam.py \
             --model vit_b --instances 50 --images-per-step 4 --steps 10 --warmup 2 --device cuda --variants resam_dist \
             --dist-checkpointing "$mode" --out "$OUT/memory_ckpt_$mode" && rm -f "$OUT"/memory_ckpt_$mode/*.png
     done
@@ -96,22 +125,22 @@ if wanted tests; then
     IGNORE=()
     "$PY" -c "import nvidia.dali" 2>/dev/null || IGNORE=(--ignore tests/gpu/test_pipeline_gpu.py --ignore tests/gpu/test_train_gpu.py)
     SELECT=(); [[ -n ${GPU_TEST_K:-} ]] && SELECT=(-k "$GPU_TEST_K")  # e.g. GPU_TEST_K="overlap or model"
-    step "pytest tests/gpu" "${GPU_TEST_LIMIT:-360}" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu "${IGNORE[@]}" \
+    step "pytest tests/gpu" "$GPU_TEST_LIMIT" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu "${IGNORE[@]}" \
         --deselect tests/gpu/test_bench_memory_gpu.py::test_benchmark_on_cuda -rA "${SELECT[@]}"
 fi
 ONLY=(); for case in ${KERNEL_CASES:-}; do ONLY+=(--only "$case"); done  # default: every case
-wanted kernels && step "kernel benchmark" "${KERNELS_LIMIT:-280}" "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels" "${ONLY[@]}"
-wanted overlap_configs && step "word-kernel configs of overlap suppression" "${OVERLAP_CONFIGS_LIMIT:-300}" \
+wanted kernels && step "kernel benchmark" "$KERNELS_LIMIT" "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels" "${ONLY[@]}"
+wanted overlap_configs && step "word-kernel configs of overlap suppression" "$OVERLAP_CONFIGS_LIMIT" \
     "$PY" benchmarks/bench_overlap_configs.py --out "$OUT/overlap_configs"
 if wanted profile; then
-    for ckpt in ${PROFILE_MODES:-on off}; do
+    for ckpt in $PROFILE_MODES; do
         extra=(); [[ $ckpt == off ]] && extra=(--dist-checkpointing off)
-        step "profile ReSAM-dist, checkpointing $ckpt" "${PROFILE_LIMIT:-90}" "$PY" benchmarks/memory_vs_pointsam.py \
+        step "profile ReSAM-dist, checkpointing $ckpt" "$PROFILE_LIMIT" "$PY" benchmarks/memory_vs_pointsam.py \
             --model vit_b --instances 50 --images-per-step 4 --steps 5 --warmup 2 --device cuda --variants resam_dist \
             "${extra[@]}" --profile "$OUT/profile_ckpt_$ckpt" --out "$OUT/profile_ckpt_$ckpt" && rm -f "$OUT"/profile_ckpt_$ckpt/*.png
     done
 fi
-wanted trace && step "memory trace of ReSAM-dist" "${TRACE_LIMIT:-120}" "$PY" benchmarks/memory_vs_pointsam.py \
+wanted trace && step "memory trace of ReSAM-dist" "$TRACE_LIMIT" "$PY" benchmarks/memory_vs_pointsam.py \
     --model vit_b --instances 50 --images-per-step 4 --steps 2 --warmup 2 --device cuda --variants resam_dist \
     --dist-checkpointing "${MEMORY_CHECKPOINTING:-all}" --memory-trace "$OUT/memory_trace" --out "$OUT/memory_trace" \
     && rm -f "$OUT"/memory_trace/*.png

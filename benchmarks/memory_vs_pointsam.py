@@ -493,6 +493,9 @@ class VariantProcess:
             # no Triton on CPU: the kernel dispatchers run their torch references (the interpreter
             # would time a simulation, not the kernels)
             env.pop("TRITON_INTERPRET", None)
+            # no GPU either: DeepSpeed (and resam_dist.distributed) take a visible GPU whatever
+            # device the module is on, which broke "--device cpu" on a GPU machine
+            env["CUDA_VISIBLE_DEVICES"] = ""
             if cpu_threads is not None:  # processes sharing the cores: no oversubscription
                 env["OMP_NUM_THREADS"] = str(cpu_threads)
         root = str(Path(__file__).resolve().parents[1])

@@ -9,8 +9,9 @@ also invalidates the capture).
 Fused backwards (`torch.autograd.Function`s) write their gradients with kernels that autograd does
 not record, so a backward asked to build a graph (`create_graph=True`, for a second derivative or a
 gradient penalty) would return gradients without one, and the second-order terms would silently go
-missing. `refuse_differentiable_backward` makes that a clear error; the SSA loss instead takes that
-gradient from autograd of its reference (it saves its inputs anyway).
+missing. `refuse_differentiable_backward` makes that a clear error (the dispatchers' use_triton=False
+runs the references, which autograd differentiates twice); the SSA loss instead takes that gradient
+from autograd of its reference (it saves its inputs anyway).
 
 Launch shape of the streaming kernels (instance counts, mask loss): one program per chunk of
 BLOCK x ITERS pixels of one instance, ITERS steps of BLOCK pixels each.
@@ -63,4 +64,4 @@ def refuse_differentiable_backward(function: str) -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(f"resam_kernels.{function}: the fused Triton backward is first-order only "
                            "(create_graph=True would silently lose the second-order terms); pass "
-                           "use_triton=False, or set kernels.enabled false, for higher-order gradients")
+                           "use_triton=False (the torch reference) for higher-order gradients")

@@ -71,20 +71,25 @@ def free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports found")
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without launcher variables, one thread per rank (2-core machines)."""
+def clean_env(*, cuda: bool = False, **extra: str) -> dict[str, str]:
+    """The test's environment without launcher variables, one thread per rank (2-core machines),
+    the repository first on the Python path (the caller's path after it). Without `cuda` the ranks
+    see no GPU (gloo on CPU, as these tests mean, also on a machine with GPUs)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                         "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS",
                         "SLURM_STEP_NUM_TASKS")}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}, **extra)
+    path = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}, **extra)
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
-def run(cmd: list[str], *, log: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a launcher to completion in its own process group; output to `log`."""
+def run(cmd: list[str], *, log: Path, timeout: float = 300, cuda: bool = False) -> subprocess.CompletedProcess:
+    """Run a launcher to completion in its own process group; output to `log` (`cuda`: see `clean_env`)."""
     with open(log, "w") as handle:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=handle, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(cuda=cuda), stdout=handle, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             proc.wait(timeout=timeout)

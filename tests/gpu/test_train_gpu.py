@@ -24,7 +24,7 @@ def test_training_on_cuda_devices(tmp_path):
     config = write_config(tmp_path / "config.json", shards=shards, output_dir=tmp_path / "run", overrides={
         "deepspeed.zero_optimization.stage": 2, "train.max_steps": 3, "train.precision": "auto",
         "kernels.enabled": True})
-    result = run(torchrun_cmd(config, nprocs=ranks), log=tmp_path / "train.log", timeout=600)
+    result = run(torchrun_cmd(config, nprocs=ranks), log=tmp_path / "train.log", timeout=600, cuda=True)
     assert result.returncode == 0, result.stdout[-4000:]
     records = read_jsonl(tmp_path / "run" / "train_log.jsonl")
     start = records[0]

@@ -150,3 +150,20 @@ def test_gpu_checks_runs_every_step_and_fails_when_one_did(tmp_path, benchmark_r
     assert f"=== [kernel benchmark] exit {benchmark_rc}" in result.stdout
     assert f"=== [word-kernel configs of overlap suppression] exit {benchmark_rc}" in result.stdout
     assert ("=== failed: kernel benchmark (exit 3)" in result.stdout) == (benchmark_rc != 0)
+
+
+def test_gpu_checks_refuses_checks_over_the_call_budget_before_running_anything(tmp_path):
+    """MAX_CALL_S: the named checks' step limits must fit in one call (a lent machine kills a
+    command at 600 s, losing the summary); "kernels ckpt" fits 570 s, "memory tests" does not."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    _stub(stubs / "nvidia-smi", "exit 0\n")
+    _stub(stubs / "py", "exit 0\n")
+    for checks, expected_rc in (("memory tests", 2), ("kernels ckpt", 0)):
+        env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PY": str(stubs / "py"),
+               "OUT": str(tmp_path / "out"), "CHECKS": checks, "MAX_CALL_S": "570"}
+        result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == expected_rc, result.stdout[-2000:] + result.stderr[-2000:]
+        refused = f'error: CHECKS="{checks}" may take up to 600s' in result.stdout
+        assert refused == (expected_rc == 2) and ("=== [" in result.stdout) == (expected_rc == 0)
