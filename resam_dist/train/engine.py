@@ -18,8 +18,10 @@ all-reduces one small vector [loss, loss parts, non-finite flag] before backward
 takes the same decision: a micro-batch whose loss is non-finite on any rank, or whose mean loss
 exceeds `resam.loss_spike_factor` times the mean of the last `resam.loss_window` accepted losses
 (once the window is full), is skipped on all ranks: no backward, no optimizer step, no queue
-push. Losses of micro-batches without an instance on any rank (zeros) stay out of that window. Its images count as read; the skip is counted (metric, log) and the step is retried with
-the next batch.
+push. Its images count as read; the skip is counted (metric, log) and the step is retried with
+the next batch. Losses of micro-batches without an instance on any rank (zeros) stay out of the
+spike window. An optimizer update that DeepSpeed skips for non-finite gradients is counted too
+(`nonfinite_grad`); the step still counts, and the schedule keeps the trainer's step numbers.
 
 Checkpoints (`train/checkpoint.py`): every `checkpoint.every_steps` optimizer steps and at the
 end: DeepSpeed engine state, the queue, the data position, RNG states, step, loss-guard window,
@@ -215,8 +217,8 @@ class Trainer:
         self.rank, self.world_size, self.device = self.info.rank, self.info.world_size, self.info.device
         faults = cfg.faults
         if (faults.nan_loss_step or faults.nan_grad_step) and faults.nan_loss_rank >= self.world_size:
-            raise ValueError(f"{cfg.source}: key 'faults.nan_loss_rank' ({faults.nan_loss_rank}) names no rank of "
-                             f"this world of {self.world_size}: the fault would never fire")
+            raise ValueError(f"{cfg.source or '<config>'}: key 'faults.nan_loss_rank' ({faults.nan_loss_rank}) names "
+                             f"no rank of this world of {self.world_size}: the fault would never fire")
         self.is_main = self.rank == 0
         self.output_dir = Path(cfg.train.output_dir)
         self.zero_stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
@@ -286,7 +288,8 @@ class Trainer:
                                          device=self.device, start_position=self.data_position)
         if self.resumed_from is not None:
             check_data_order(self.checkpoints.read_meta(self.resumed_from), self._data_order(),
-                             source=f"checkpoint {self.checkpoints.root / self.resumed_from}", config=str(cfg.source))
+                             source=f"checkpoint {self.checkpoints.root / self.resumed_from}",
+                             config=str(cfg.source or "<config>"))
         if cfg.train.max_steps > 0:
             self.total_steps = cfg.train.max_steps
         else:
