@@ -379,13 +379,14 @@ def _results(split: CocoSplit, options: TileOptions, workers: int) -> Iterator[I
     context = multiprocessing.get_context(method)
     # (a process pool of concurrent.futures fails when a worker dies, e.g. killed for memory, where
     # multiprocessing.Pool would wait for its result forever)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(split, options)) as pool:
-        try:
-            yield from pool.map(_process_in_worker, split.image_ids, chunksize=1)
-        except BrokenProcessPool as err:
-            raise WorkerDied("a worker process died (killed, e.g. for lack of memory?) while it prepared an "
-                             "image; no shard was completed from its output") from err
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(split, options))
+    try:
+        yield from pool.map(_process_in_worker, split.image_ids, chunksize=1)
+    except BrokenProcessPool as err:
+        raise WorkerDied("a worker process died (killed, e.g. for lack of memory?) while it prepared an "
+                         "image; no shard was completed from its output") from err
+    finally:  # a run that fails (or stops reading) drops the images not started yet
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prepare_shards(*, annotations: str | Path, images: str | Path, out_dir: str | Path, prefix: str = "train",
