@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -50,7 +49,7 @@ import torch
 from torch.nn import functional as F
 
 from resam_dist.data.coco import masks_to_rle
-from resam_dist.durable import fsync_dir, fsync_file
+from resam_dist.durable import atomic_write_text
 from resam_dist.eval.metrics import (
     AP_KEYS, SCORE_KEYS, ImagewiseMeter, batch_image_counts, coco_mask_ap,
     score_coco_results, scores_from_counts,
@@ -390,14 +389,7 @@ def _json_ready(value: Any) -> Any:
 def _write_json(path: Path, payload: Any) -> None:
     """Atomically: a report cut short (a full disk, a kill) never replaces an earlier one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(_json_ready(payload), indent=1))
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    atomic_write_text(path, json.dumps(_json_ready(payload), indent=1))
 
 
 # flag -> argparse attribute of the model-mode options (refused in results mode)

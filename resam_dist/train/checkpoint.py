@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from resam_dist import distributed
-from resam_dist.durable import fsync_dir, fsync_file
+from resam_dist.durable import atomic_write_text, fsync_dir, fsync_file
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -149,17 +149,6 @@ def load_trainable_state(source: dict[str, torch.Tensor], module: nn.Module, *, 
 
 def tag_for_step(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 # files of a checkpoint named for the rank that writes them: DeepSpeed's per-rank ZeRO files

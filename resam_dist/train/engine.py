@@ -286,8 +286,9 @@ class Trainer:
         self.loader = build_train_loader(cfg, image_size=sam.image_size, rank=self.rank,
                                          world_size=self.world_size, local_rank=self.info.local_rank,
                                          device=self.device, start_position=self.data_position)
+        self.data_order = self._data_order()  # recorded in every checkpoint's meta.json
         if self.resumed_from is not None:
-            check_data_order(self.checkpoints.read_meta(self.resumed_from), self._data_order(),
+            check_data_order(self.checkpoints.read_meta(self.resumed_from), self.data_order,
                              source=f"checkpoint {self.checkpoints.root / self.resumed_from}",
                              config=str(cfg.source or "<config>"))
         if cfg.train.max_steps > 0:
@@ -416,7 +417,7 @@ class Trainer:
         warm-up and milestones stay at the trainer's step numbers."""
         self.engine.lr_scheduler.step()
         self.skipped["nonfinite_grad"] += 1
-        self.metrics.observe_skip(reason="nonfinite_grad", images=0, duration_s=0.0, data_wait_s=0.0)
+        self.metrics.observe_skipped_update()
         if self.is_main:
             print(f"[train] step {self.step + 1}: DeepSpeed skipped the optimizer update (non-finite gradients)",
                   flush=True)
@@ -591,7 +592,7 @@ class Trainer:
                                     meta={"zero_stage": self.zero_stage, "bf16": self.bf16,
                                           "train.lr": self.cfg.train.lr,
                                           "train.weight_decay": self.cfg.train.weight_decay,
-                                          "data_order": self._data_order(),
+                                          "data_order": self.data_order,
                                           "data_position_rank0": self.data_position,
                                           "frozen_weights_sha256": self.frozen_digest})
         if self.is_main:

@@ -150,17 +150,17 @@ class TrainMetrics:
         return self.observe_memory()
 
     def observe_skip(self, *, reason: str, images: int, duration_s: float, data_wait_s: float) -> None:
-        """Record a step the loss guard skipped (its images were read, no optimizer step), or, with
-        images 0 and no durations, an optimizer step whose update was skipped (`observe_step`
-        records its micro-batches)."""
+        """Record a step the loss guard skipped (its images were read, no optimizer step)."""
         if reason not in self._skipped:
             raise ValueError(f"unknown skip reason {reason!r} (known: {SKIP_REASONS})")
         self._skipped[reason].inc()
-        if reason == "nonfinite_grad":
-            return
         self._samples.inc(images)
         self._step_duration.observe(duration_s)
         self._data_wait.observe(data_wait_s)
+
+    def observe_skipped_update(self) -> None:
+        """Record an optimizer update DeepSpeed skipped (`observe_step` records its micro-batches)."""
+        self._skipped["nonfinite_grad"].inc()
 
     def observe_memory(self) -> dict[str, int]:
         stats = memory_stats(self.device)
