@@ -659,16 +659,22 @@ _ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 # (benchmarks/results/h200_run13/README.md). 118-124 registers with the hints below, no spills.
 # In sm_90 SASS (triton 3.8 here) the pick's row loop sums the instances of a row across its four
 # warps through shared memory, with two barriers a row; one-warp strips ((256-1024, 16-32, 1-2, 1))
-# have no barrier there and do not spill. `benchmarks/bench_overlap_configs.py` times them next to
-# these configs; not yet run on a GPU, so they are not tuned here. So does STREAM (evict-first
-# loads, streaming stores; same registers in sm_90 SASS): no config here sets it.
+# have no barrier there and do not spill. STREAM (the fifth field): evict-first loads and streaming
+# stores, same registers in sm_90 SASS. H200 run 18 (`benchmarks/bench_overlap_configs.py`,
+# benchmarks/results/h200_run18/): at 2 x 50 x 1024 x 1024 no one-warp strip, wide strip or
+# STREAM variant beat the pick (0.0636 ms alone; the best of them 0.0657, one-warp strips
+# 0.068-0.22); at 8 x 50 x 256 x 256 the 16-row strip with STREAM ran back to back in 0.0179 ms
+# against 0.0220 without STREAM and 0.0222 for the best tile (alone, where timings of one config
+# vary between about 0.02 and 0.08 ms at this size: 0.0242 against 0.0261 for the best other), so
+# it is tuned here and was the autotuner's pick there.
 _WORD_CONFIGS = ([triton.Config({"TILE": tile}, num_warps=warps)
                   for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8),
                                       (8192, 4), (8192, 8))]
-                 + [triton.Config({"TILE": tile, "STRIP_ROWS": strip_rows, "PREFETCH": prefetch},
-                                  num_warps=warps)
-                    for tile, strip_rows, prefetch, warps in (
-                        (1024, 32, 2, 2), (2048, 16, 2, 4), (2048, 32, 1, 4), (2048, 32, 2, 4))])
+                 + [triton.Config({"TILE": tile, "STRIP_ROWS": strip_rows, "PREFETCH": prefetch,
+                                   **({"STREAM": True} if stream else {})}, num_warps=warps)
+                    for tile, strip_rows, prefetch, warps, stream in (
+                        (1024, 32, 2, 2, 0), (2048, 16, 2, 4, 0), (2048, 32, 1, 4, 0), (2048, 32, 2, 4, 0),
+                        (2048, 16, 2, 4, 1))])
 # The strip design's 64-bit offsets of every element cost registers unless the compiler knows
 # the row length and the pointers are multiples of 16 words / bytes (it specialises on that):
 # without, sm_90 ptxas spills several of its configs (336-376 bytes), so they run only there.

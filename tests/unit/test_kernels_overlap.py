@@ -358,11 +358,12 @@ def test_every_byte_config(config, mode):
         check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, mode, config=config)
 
 
-# the strip design with STREAM (evict-first loads, streaming stores): a benchmark candidate
-STREAM_STRIP_CONFIG = triton.Config({"TILE": 2048, "STRIP_ROWS": 16, "PREFETCH": 2, "STREAM": True}, num_warps=4)
+def test_word_configs_include_a_streaming_strip():
+    # STREAM (evict-first loads, streaming stores) is tuned (H200 run 18), so the tests below cover it
+    assert any(config.kwargs.get("STREAM") and config.kwargs.get("STRIP_ROWS") for config in _WORD_CONFIGS)
 
 
-@pytest.mark.parametrize("config", _WORD_CONFIGS + [STREAM_STRIP_CONFIG], ids=config_id)
+@pytest.mark.parametrize("config", _WORD_CONFIGS, ids=config_id)
 def test_every_word_config(config):
     for case in WORD_CONFIG_CASES:
         batch, num_instances, height, width, counts = case
