@@ -40,7 +40,7 @@ MEMORY_LIMIT=${MEMORY_LIMIT:-240}
 CKPT_LIMIT=${CKPT_LIMIT:-75}
 GPU_TEST_LIMIT=${GPU_TEST_LIMIT:-360}
 KERNELS_LIMIT=${KERNELS_LIMIT:-280}
-OVERLAP_CONFIGS_LIMIT=${OVERLAP_CONFIGS_LIMIT:-300}
+OVERLAP_CONFIGS_LIMIT=${OVERLAP_CONFIGS_LIMIT:-150}
 PROFILE_LIMIT=${PROFILE_LIMIT:-90}
 TRACE_LIMIT=${TRACE_LIMIT:-120}
 CKPT_MODES=${CKPT_MODES:-off encoder decoder}
@@ -107,7 +107,8 @@ PYEOF
 # alone ~70 s; on a fresh machine ReSAM-dist first compiles its Triton kernels, 30-40 s more),
 # kernel benchmark 80-150 s before its autotune spaces grew (autotuning and torch.compile of every
 # case), GPU tests (all but DALI's, 2026-11-27): 157 s with Triton's cache warm, over 240 s on a fresh
-# machine (run 14), one extra ReSAM-dist run 40-70 s. Results are written after every
+# machine (run 14), one extra ReSAM-dist run 40-70 s; overlap_configs 44 s and the overlap GPU
+# tests 106 s on a fresh machine (run 18). Results are written after every
 # variant / case, and ReSAM-dist runs first.
 wanted memory && step "memory benchmark (vit_b, 1024 px)" "$MEMORY_LIMIT" "$PY" benchmarks/memory_vs_pointsam.py \
     --model vit_b --instances 50 --images-per-step 4 --steps 10 --warmup 2 --device cuda --out "$OUT/memory" \
