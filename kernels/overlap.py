@@ -607,9 +607,8 @@ def _suppress_drop_words_jit(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals
     # "drop" mode on 32-bit words of 4 pixels (width % 4 == 0, so a word never straddles two
     # rows). words/out: B x K x (H W / 4) int32, each byte one pixel (0 = not kept),
     # counts: B int64, state/arrivals/boxes as in `_suppress_overlap_kernel`. Grid: (word spans
-    # of TILE / KP words, images). words_bucket (2 x log2 of words per image, rounded up, + 1 where
-    # the strip design is aligned) is only an autotuning key; ROW_TILES is set by
-    # the heuristic below from words_per_row and the tile.
+    # of TILE / KP words, images). words_bucket (`_words_bucket`) is only an autotuning key;
+    # ROW_TILES is set by the heuristic below from words_per_row and the tile.
     image = tl.program_id(1).to(tl.int64)
     count = tl.maximum(tl.minimum(tl.load(counts_ptr + image), num_instances), 0).to(tl.int32)
     if STRIP_ROWS > 0:
@@ -688,13 +687,26 @@ def _strip_aligned(words_per_row: int, *buffers) -> bool:
         not hasattr(buffer, "data_ptr") or buffer.data_ptr() % _STRIP_ALIGNMENT == 0 for buffer in buffers)
 
 
+def _one_row_8192_tiles(words_per_row: int, kp: int) -> bool:
+    """Whether every tile of TILE 8192 (8192 / KP words) lies in one image row."""
+    return words_per_row % (8192 // kp) == 0
+
+
+def _words_bucket(num_words: int, words_per_row: int, kp: int, aligned: bool) -> int:
+    """The word kernel's size class (with KP and ZERO_ONE, its autotuning key and pick key): log2
+    of words per image rounded up, and the two facts the pruner decides by, so that a pick is
+    never reused where the pruner would have dropped it (it would spill there): whether the
+    strip design is aligned, and whether TILE 8192 has one-row tiles."""
+    return 4 * (num_words - 1).bit_length() + 2 * aligned + _one_row_8192_tiles(words_per_row, kp)
+
+
 def _prune_word_configs(configs, named_args, **kwargs):
     """Drops TILE 8192 with 4 warps unless the masks are bool and every tile lies in one row, and
     the strip design unless rows are a multiple of 16 words and both buffers 16-byte aligned."""
     args = {**named_args, **kwargs}
     words_per_row, kp, zero_one = args["words_per_row"], args["KP"], args["ZERO_ONE"]
     aligned = _strip_aligned(words_per_row, args.get("words_ptr"), args.get("out_ptr"))
-    one_row_bool_tiles = zero_one and words_per_row % (8192 // kp) == 0
+    one_row_bool_tiles = zero_one and _one_row_8192_tiles(words_per_row, kp)
 
     def runs_here(config) -> bool:
         if "STRIP_ROWS" in config.kwargs:
@@ -917,9 +929,7 @@ def suppress_overlap_triton(masks: torch.Tensor, confidence: torch.Tensor | None
     if words or (not overridden and _use_words(masks, mode)):
         words_per_row, num_words = width // 4, num_pixels // 4
         zero_one = masks.dtype == torch.bool  # bool storage: every byte 0 or 1
-        # the size class, and whether the pruning keeps the strip design: a pick tuned on aligned
-        # rows is not reused on others (where it would spill)
-        words_bucket = 2 * (num_words - 1).bit_length() + _strip_aligned(words_per_row, masks, out)
+        words_bucket = _words_bucket(num_words, words_per_row, kp, _strip_aligned(words_per_row, masks, out))
         # flat int32 views: a contiguous tensor may carry any stride on a size-1 dimension,
         # which a dtype view refuses
         args = (masks.view(-1).view(torch.int32), counts, out.view(-1).view(torch.int32), state,

@@ -415,6 +415,30 @@ def test_word_configs_pruned_where_they_would_spill():
     assert len(shifted) == len(_WORD_CONFIGS) - len(strips)  # a buffer 4 bytes off 16-byte alignment
 
 
+
+def test_word_size_class_separates_what_the_pruner_separates():
+    # A pick is reused for every call of its (KP, words_bucket, ZERO_ONE): two shapes whose
+    # configs the pruner keeps differently must never share one (the pick could spill there).
+    # e.g. 32 rows of 128 words and 16 rows of 192 words (both 2^12 words after rounding up):
+    # at KP = 64 the 128-word tiles of TILE 8192 lie in one row of the first only.
+    from resam_kernels.overlap import _prune_word_configs, _words_bucket
+    shapes = [(words_per_row, rows) for words_per_row in (16, 48, 63, 64, 128, 192, 256, 320)
+              for rows in (1, 3, 7, 16, 40)]
+    for kp in (8, 64):
+        for zero_one in (False, True):
+            seen = {}
+            for words_per_row, rows in shapes:
+                num_words = words_per_row * rows
+                for aligned in (False, True):
+                    buffer = torch.zeros(64, dtype=torch.int32)
+                    args = {"words_per_row": words_per_row, "words_ptr": buffer if aligned else buffer[1:],
+                            "out_ptr": buffer}
+                    kept = tuple(map(id, _prune_word_configs(_WORD_CONFIGS, args, KP=kp, ZERO_ONE=zero_one)))
+                    strips_aligned = aligned and words_per_row % 16 == 0
+                    bucket = _words_bucket(num_words, words_per_row, kp, strips_aligned)
+                    assert seen.setdefault(bucket, kept) == kept, (kp, zero_one, words_per_row, rows, aligned)
+    assert _words_bucket(128 * 32, 128, 64, True) != _words_bucket(192 * 16, 192, 64, True)
+
 def test_config_override_is_checked():
     masks, confidence = random_instances(1, 2, 4, 6, seed=0)
     word_config = _WORD_CONFIGS[0]
