@@ -23,7 +23,8 @@
 # as much as it can: the log ($OUT/gpu_checks.log), the kernel benchmark ($OUT/kernels/) and the
 # ViT-B memory benchmark ($OUT/memory/, and ReSAM-dist with the other checkpointing settings in
 # $OUT/memory_ckpt_<setting>/). The DALI loader and trainer GPU tests need the DALI wheel
-# (too large to carry in one call) and are skipped when nvidia.dali is missing.
+# (too large to carry in one call: benchmarks/dali_parts.sh splits it for several calls) and are
+# skipped when nvidia.dali is missing.
 set -u
 OUT=${OUT:-benchmarks/results/gpu_run}
 CHECKS=${CHECKS:-memory kernels tests ckpt}
@@ -81,6 +82,22 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         $(ls .whl/*.whl | grep -v '/peft-') || echo "wheel install failed"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peft \
         .whl/peft-*.whl 2>/dev/null || true
+fi
+# DALI, carried in parts over several calls (benchmarks/dali_parts.sh): installed when every part
+# is here and they join to the tar that was split
+DALI_PARTS=${DALI_PARTS:-.dali}
+DALI_UNPACK=${DALI_UNPACK:-/tmp/dali}
+if [ -f "$DALI_PARTS/dali.sha256" ]; then
+    want=$(cut -d' ' -f1 "$DALI_PARTS/dali.sha256")
+    have=$(cat "$DALI_PARTS"/part-* 2>/dev/null | sha256sum | cut -d' ' -f1)
+    if [ "$want" = "$have" ]; then
+        rm -rf "$DALI_UNPACK" && mkdir -p "$DALI_UNPACK" && cat "$DALI_PARTS"/part-* | tar -x -C "$DALI_UNPACK" \
+            && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+                "$DALI_UNPACK"/wheels/*.whl && echo "DALI installed from $DALI_PARTS" || echo "DALI install failed"
+    else
+        echo "DALI not installed: the parts in $DALI_PARTS ($(ls "$DALI_PARTS" | grep -c '^part-') of them) do not" \
+             "join to the tar of dali.sha256 (a part not carried yet, or one from another download)"
+    fi
 fi
 mkdir -p /tmp/src && ln -sfn "$REPO/kernels" /tmp/src/resam_kernels
 export PYTHONPATH="$REPO:/tmp/src:/tmp/site"

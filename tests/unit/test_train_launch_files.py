@@ -152,6 +152,51 @@ def test_gpu_checks_runs_every_step_and_fails_when_one_did(tmp_path, benchmark_r
     assert ("=== failed: kernel benchmark (exit 3)" in result.stdout) == (benchmark_rc != 0)
 
 
+
+@pytest.mark.parametrize("carried", ["every part", "a part missing"])
+def test_gpu_checks_installs_dali_from_its_parts_only_when_they_join_to_the_split_tar(tmp_path, carried):
+    """DALI travels in parts over several calls (benchmarks/dali_parts.sh's layout: part-NN of a tar
+    of wheels/, and dali.sha256 of that tar). gpu_checks.sh joins, unpacks and installs them into
+    /tmp/site when they match the sha256, and says so when a part is missing."""
+    import hashlib
+    import tarfile
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("nvidia_dali_cuda130-2.4.0-py3-none-any.whl", "makefun-1.16.0-py2.py3-none-any.whl"):
+        (wheels / name).write_bytes(os.urandom(3000))
+    with tarfile.open(tmp_path / "dali.tar", "w") as tar:
+        tar.add(wheels, arcname="wheels")
+    data = (tmp_path / "dali.tar").read_bytes()
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "dali.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  dali.tar\n")
+    chunk = len(data) // 3 + 1
+    for index in range(3):
+        if carried == "a part missing" and index == 1:
+            continue
+        (parts / f"part-{index:02d}").write_bytes(data[index * chunk:(index + 1) * chunk])
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    _stub(stubs / "nvidia-smi", "exit 0\n")
+    calls = tmp_path / "py_calls.txt"
+    _stub(stubs / "py", f'echo "$@" >>{calls}\nexit 0\n')
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PY": str(stubs / "py"),
+           "OUT": str(tmp_path / "out"), "CHECKS": "none", "DALI_PARTS": str(parts),
+           "DALI_UNPACK": str(tmp_path / "unpack")}
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    installs = [line for line in calls.read_text().splitlines() if str(tmp_path / "unpack") in line]
+    if carried == "every part":
+        assert "DALI installed from" in result.stdout
+        assert len(installs) == 1 and "--target /tmp/site" in installs[0]
+        assert "nvidia_dali_cuda130-2.4.0" in installs[0] and "makefun-1.16.0" in installs[0]
+        assert (tmp_path / "unpack" / "wheels" / "makefun-1.16.0-py2.py3-none-any.whl").read_bytes() == (
+            wheels / "makefun-1.16.0-py2.py3-none-any.whl").read_bytes()
+    else:
+        assert "DALI not installed: the parts in" in result.stdout and "(2 of them)" in result.stdout
+        assert installs == []
+
 def test_gpu_checks_refuses_checks_over_the_call_budget_before_running_anything(tmp_path):
     """MAX_CALL_S: the named checks' step limits must fit in one call (a lent machine kills a
     command at 600 s, losing the summary); "kernels ckpt" fits 570 s, "memory tests" does not."""
