@@ -17,11 +17,14 @@ import traceback
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """--set KEY=VALUE pairs -> {key: value} in the order they apply (a value that is not JSON is a
+    string); a key given again moves to the end, so the last --set of a key wins."""
     overrides: dict[str, object] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {pair!r}")
+        overrides.pop(key, None)
         try:
             overrides[key] = json.loads(text)
         except json.JSONDecodeError:

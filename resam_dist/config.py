@@ -1,8 +1,8 @@
 """One typed config per run: project sections plus the DeepSpeed block.
 
 `load_config(path)` reads a JSON file into a `Config` dataclass tree. Keys are strict: an
-unknown key, a missing required key or a wrongly typed value raises `ValueError` naming the
-key and the file. The `"deepspeed"` block is kept as a dict for `deepspeed.initialize`; its
+unknown key, a key repeated in one object, a missing required key or a wrongly typed value
+raises `ValueError` naming the key and the file (with the keys that `overrides` set). The `"deepspeed"` block is kept as a dict for `deepspeed.initialize`; its
 `"auto"` batch keys are filled from the `train` section by `deepspeed_dict(cfg, world_size)`.
 """
 
@@ -227,6 +227,7 @@ class Config:
 
 
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+MAX_SEED = 2**63  # seeds stay below it: torch.manual_seed takes at most 2**64 - 1, and seeds get offsets added
 # The top-level keys of a DeepSpeed config that DeepSpeed 0.19.8 (the pinned version) reads; it
 # ignores any other, so a misspelt one would silently change nothing. Checked against the
 # installed DeepSpeed by tests/unit/test_config.py.
@@ -285,8 +286,13 @@ def _check_value(value: Any, annotation: Any, key: str, source: str) -> Any:
             return value
         raise bad
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                converted = float(value)  # OverflowError: an integer beyond float's range
+            except OverflowError:
+                raise bad from None
+            if math.isfinite(converted):
+                return converted
         raise bad
     if annotation is str:
         if isinstance(value, str):
@@ -348,6 +354,17 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ValueError(f"{src}: key '{key}' must be >= 0, got {value}")
+    for key, value in (("data.seed", cfg.data.seed), ("train.seed", cfg.train.seed), ("eval.seed", cfg.eval.seed)):
+        if value >= MAX_SEED:  # torch.manual_seed takes up to 2**64 - 1
+            raise ValueError(f"{src}: key '{key}' must be below 2**63, got {value}")
+    if cfg.resam.loss_spike_factor <= 1.0:
+        raise ValueError(f"{src}: key 'resam.loss_spike_factor' must be above 1 (a loss is skipped as a spike above "
+                         f"this many times the recent mean; at 1 or below, ordinary losses would be), got "
+                         f"{cfg.resam.loss_spike_factor}")
+    if not cfg.train.output_dir:
+        raise ValueError(f"{src}: key 'train.output_dir' is empty (it would write into the working directory)")
+    if cfg.model.checkpoint == "":
+        raise ValueError(f"{src}: key 'model.checkpoint' is empty; use null for a model without a checkpoint")
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
         raise ValueError(f"{src}: keys 'train.epochs' and 'train.max_steps' are both 0: nothing would be trained")
     if cfg.metrics.base_port > 65535 - 256:
@@ -407,6 +424,8 @@ def validate(cfg: Config) -> None:
     if "optimizer" in ds or "scheduler" in ds:
         raise ValueError(f"{src}: keys 'deepspeed.optimizer'/'deepspeed.scheduler' are not used: the trainer "
                          "builds a torch AdamW and the warm-up/milestone schedule from the train section")
+    if "bfloat16" in ds:  # DeepSpeed reads this alias only without "bf16", which the trainer always writes
+        raise ValueError(f"{src}: key 'deepspeed.bfloat16' would be ignored; use 'deepspeed.bf16' (or train.precision)")
     for key in ("zero_optimization", "bf16", "fp16", "checkpoint"):
         if key in ds and not isinstance(ds[key], dict):
             raise ValueError(f"{src}: key 'deepspeed.{key}' must be an object, got {ds[key]!r}")
@@ -430,7 +449,7 @@ def validate(cfg: Config) -> None:
                          "committed atomically when save_checkpoint returns, before a decoupled writer has "
                          "written them; drop the key")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ValueError(f"{src}: key 'deepspeed.zero_optimization.stage' must be 0-3, got {stage!r}")
     if stage == 3 and cfg.resam.teacher_ema > 0:
         raise ValueError(f"{src}: key 'resam.teacher_ema' is not supported with ZeRO stage 3 (it partitions the "
@@ -471,14 +490,28 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     """Read, type-check and validate a config file. `overrides` maps dotted keys to values."""
     path = Path(path)
     source = str(path)
+
+    def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        """One JSON object's keys; json.loads would keep only the last of a repeated key."""
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ValueError(f"{source}: key '{key}' appears twice in one object (the first would be ignored)")
+            seen[key] = value
+        return seen
+
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=refuse_duplicates)
     except FileNotFoundError:
         raise ValueError(f"{source}: config file not found") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{source}: not UTF-8 text ({err})") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{source}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: the config must be a JSON object, got {type(raw).__name__}")
+    if overrides:  # errors name the file and the keys set on the command line
+        source = f"{source} with --set {', '.join(overrides)}"
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, last = dotted.split(".")

@@ -140,7 +140,7 @@ class LossGuard:
         reason = None
         if nonfinite_ranks > 0:
             reason = "nonfinite"
-        elif (self.spike_factor > 0 and len(self.recent) == self.recent.maxlen
+        elif (len(self.recent) == self.recent.maxlen
               and mean_loss > self.spike_factor * (sum(self.recent) / len(self.recent))):
             reason = "spike"
         return GuardVerdict(skip_reason=reason, loss=mean_loss, parts=mean_parts, nonfinite_ranks=nonfinite_ranks,

@@ -159,6 +159,13 @@ def test_overrides_and_relative_paths(tmp_path, monkeypatch):
     ("train", "milestones", [-5], r"train.milestones' must hold optimizer steps >= 1, got \[-5\]"),
     ("lora", "alpha", 0, "lora.alpha' must be positive"),
     ("resam", "focal_weight", -20, "resam.focal_weight' must be >= 0"),
+    ("resam", "loss_spike_factor", 1.0, "resam.loss_spike_factor' must be above 1"),
+    ("resam", "loss_spike_factor", 0.9, "resam.loss_spike_factor' must be above 1"),
+    ("train", "seed", 2**63, r"train.seed' must be below 2\*\*63"),
+    ("data", "seed", 2**64, r"data.seed' must be below 2\*\*63"),
+    ("train", "output_dir", "", "train.output_dir' is empty"),
+    ("model", "checkpoint", "", "model.checkpoint' is empty; use null"),
+    ("train", "lr", 10**400, "train.lr' must be"),
 ])
 def test_out_of_range_values(tmp_path, section, key, value, pattern):
     data = demo_dict()
@@ -199,6 +206,8 @@ def test_nothing_to_train_and_nan_are_refused(tmp_path):
     ({"train_micro_batch_size_per_gpu": True}, "'deepspeed.train_micro_batch_size_per_gpu' must be an integer"),
     ({"train_batch_size": 4.0}, "'deepspeed.train_batch_size' must be an integer"),
     ({"gradient_clipping": True}, "'deepspeed.gradient_clipping' must be a number"),
+    ({"zero_optimization": {"stage": True}}, "'deepspeed.zero_optimization.stage' must be 0-3, got True"),
+    ({"bfloat16": {"enabled": True}}, "'deepspeed.bfloat16' would be ignored; use 'deepspeed.bf16'"),
     ({"zero_optimisation": {"stage": 2}},
      r"unknown key 'deepspeed.zero_optimisation': DeepSpeed would ignore it \(did you mean "
      r"'deepspeed.zero_optimization'\?\)"),
@@ -279,3 +288,31 @@ def test_bf16_asked_for_explicitly_on_a_device_without_it_is_refused(tmp_path):
     assert deepspeed_dict(cfg, world_size=1, bf16_supported=True)["bf16"]["enabled"] is True
     with pytest.raises(ValueError, match="'deepspeed.bf16.enabled' is true but this device does not support bf16"):
         deepspeed_dict(cfg, world_size=1, bf16_supported=False)
+
+
+def test_repeated_keys_and_non_utf8_files_are_refused_by_name(tmp_path):
+    # json.loads keeps the last of a repeated key: the first "train" section would vanish silently
+    path = tmp_path / "twice.json"
+    path.write_text(json.dumps(demo_dict())[:-1] + ', "train": {"max_steps": 5}}')
+    with pytest.raises(ValueError, match=r"twice.json: key 'train' appears twice in one object"):
+        load_config(path)
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps(demo_dict()).replace('"lr": 0.001', '"lr": 0.001, "lr": 0.1'))
+    with pytest.raises(ValueError, match=r"nested.json: key 'lr' appears twice"):
+        load_config(nested)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(json.dumps(demo_dict()).replace('"tiny"', '"t\xefny"').encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.json: not UTF-8 text"):
+        load_config(latin)
+
+
+def test_the_last_set_of_a_key_wins_and_errors_name_the_set_keys(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_entry", CONFIGS.parent / "launch" / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    overrides = entry.parse_overrides(["train.lr=0.1", 'train={"lr": 0.2}', "train.lr=0.3"])
+    assert list(overrides) == ["train", "train.lr"]
+    assert load_config(CONFIGS / "demo.json", overrides).train.lr == 0.3
+    with pytest.raises(ValueError, match=r"demo.json with --set train.max_steps, train.lr: key 'train.lr' must be"):
+        load_config(CONFIGS / "demo.json", entry.parse_overrides(["train.max_steps=3", "train.lr=NaN"]))
