@@ -53,7 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="DALI CPU threads (default: the number of CPU cores, at most 8)")
     parser.add_argument("--epochs", type=int, default=2, help="timed loader epochs (default 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (default 5)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("images", "scene_size", "tile_size", "batch", "epochs", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    return args
 
 
 def make_shards(folder: Path, *, kind: str, images: int, scene_size: int, tile_size: int) -> Path:

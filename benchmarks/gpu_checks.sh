@@ -49,6 +49,20 @@ PROFILE_MODES=${PROFILE_MODES:-on off}
 # MAX_CALL_S: the most seconds one call of this script may run (e.g. 570 under a lent machine's
 # 600 s per command; 0: no limit). The named checks' step limits must fit in it, else nothing runs.
 count() { set -- $1; echo $#; }
+for check in $CHECKS; do
+    case "$check" in
+        memory|kernels|tests|ckpt|profile|overlap_configs|trace) ;;
+        *) echo "error: unknown check '$check' in CHECKS (known: memory kernels tests ckpt profile overlap_configs trace)"
+           exit 2 ;;
+    esac
+done
+for mode in $PROFILE_MODES; do
+    [[ $mode == on || $mode == off ]] || { echo "error: PROFILE_MODES takes on and off, got '$mode'"; exit 2; }
+done
+if ! [[ ${MAX_CALL_S:-0} =~ ^[0-9]+$ ]]; then
+    echo "error: MAX_CALL_S must be a whole number of seconds, got '$MAX_CALL_S'"
+    exit 2
+fi
 budget=0
 wanted memory && budget=$((budget + MEMORY_LIMIT))
 wanted ckpt && budget=$((budget + CKPT_LIMIT * $(count "$CKPT_MODES")))

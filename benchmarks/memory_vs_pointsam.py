@@ -638,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+        print("memory_vs_pointsam.py: error: --device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
     # the workers get the user's options, minus the ones this process sets for them
     passthrough, skip = [], False
     for item in argv:

@@ -32,3 +32,15 @@ def test_benchmark_writes_three_variants(tmp_path):
         assert f"| {label} |" in markdown
     png = (tmp_path / "memory_vs_pointsam_cpu.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_cuda_asked_for_without_a_device_is_a_usage_error(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        import pytest
+        pytest.skip("a CUDA device is present")
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda", "--out", str(tmp_path)],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "error: --device cuda: no CUDA device is available" in completed.stderr
+    assert "Traceback" not in completed.stderr and not list(tmp_path.iterdir())

@@ -439,3 +439,9 @@ def test_bench_loader_smoke(tmp_path):
     assert results["ratio"] == pytest.approx(results["loader"]["images_per_s"] / results["training"]["images_per_s"])
     assert "resam_step" in results["training"]["what"]
     assert "Ratio loader / training" in (tmp_path / "loader_cpu.md").read_text()
+
+    for flag in ("--steps", "--epochs", "--batch", "--threads"):  # refused before anything runs or is written
+        with pytest.raises(SystemExit) as refused:
+            bench.main([flag, "0", "--out", str(tmp_path / "refused")])
+        assert refused.value.code == 2
+    assert not (tmp_path / "refused").exists()

@@ -104,6 +104,10 @@ def test_dashboard_queries_only_exported_metrics():
     exported |= {f"resam_device_memory_{key}_bytes" for key in CUDA_MEMORY}
     assert used and used <= exported, sorted(used - exported)
     assert {"resam_samples_total", "resam_step_duration_seconds_bucket", "resam_loss"} <= used
+    # every rank counts each skipped step (the guard's verdict is shared): panels take the largest
+    # count over ranks, not the sum (which would read 4 skips for one step on 4 ranks)
+    skipped = [expr for expr in exprs if "resam_skipped_steps_total" in expr]
+    assert skipped and all(expr.startswith("max by (reason) (") for expr in skipped), skipped
 
 
 def test_error_messages_name_the_srun_task_before_the_trainer_sets_rank(monkeypatch):
@@ -134,6 +138,25 @@ def test_extra_args_are_words_and_script_arguments_are_passed_on(tmp_path, scrip
         "launch/train.py --config configs/whu.json --set data.train_shards=config* --set train.seed=3")
 
 
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_torchrun.sbatch"])
+def test_extra_args_on_several_lines_are_all_passed_on(tmp_path, script):
+    result, record = _run_sbatch(script, tmp_path, EXTRA_ARGS="--set train.max_steps=7\n--set train.seed=3")
+    assert result.returncode == 0, result.stderr
+    assert record.read_text().strip().endswith(
+        "launch/train.py --config configs/whu.json --set train.max_steps=7 --set train.seed=3")
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_torchrun.sbatch"])
+@pytest.mark.parametrize("gpus", ["0", "4x", "-2"])
+def test_a_bad_gpus_per_node_is_refused_before_anything_launches(tmp_path, script, gpus):
+    # (train.sbatch's slurm launcher divides the node's cores by it: 0 was a swallowed bash error)
+    result, record = _run_sbatch(script, tmp_path, GPUS_PER_NODE=gpus, SLURM_GPUS_ON_NODE=gpus,
+                                 DS_LAUNCHER="slurm", SLURM_CPUS_ON_NODE="64")
+    assert result.returncode == 1
+    assert f"GPUS_PER_NODE must be a positive whole number, got '{gpus}'" in result.stderr
+    assert not record.exists()
+
 @pytest.mark.parametrize("benchmark_rc, expected_rc", [(0, 0), (3, 1)])
 def test_gpu_checks_runs_every_step_and_fails_when_one_did(tmp_path, benchmark_rc, expected_rc):
     """benchmarks/gpu_checks.sh against a stub nvidia-smi and a stub python whose benchmark scripts
@@ -143,7 +166,7 @@ def test_gpu_checks_runs_every_step_and_fails_when_one_did(tmp_path, benchmark_r
     _stub(stubs / "nvidia-smi", "exit 0\n")
     _stub(stubs / "py", f'case "${{1:-}}" in benchmarks/*) exit {benchmark_rc};; esac\nexit 0\n')
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PY": str(stubs / "py"),
-           "OUT": str(tmp_path / "out"), "CHECKS": "kernels overlap_configs"}
+           "OUT": str(tmp_path / "out"), "CHECKS": "kernels overlap_configs", "DALI_PARTS": str(tmp_path / "no_dali")}
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == expected_rc, result.stdout[-2000:] + result.stderr[-2000:]
@@ -181,7 +204,7 @@ def test_gpu_checks_installs_dali_from_its_parts_only_when_they_join_to_the_spli
     calls = tmp_path / "py_calls.txt"
     _stub(stubs / "py", f'echo "$@" >>{calls}\nexit 0\n')
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PY": str(stubs / "py"),
-           "OUT": str(tmp_path / "out"), "CHECKS": "none", "DALI_PARTS": str(parts),
+           "OUT": str(tmp_path / "out"), "CHECKS": "kernels", "DALI_PARTS": str(parts),
            "DALI_UNPACK": str(tmp_path / "unpack")}
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
@@ -206,9 +229,31 @@ def test_gpu_checks_refuses_checks_over_the_call_budget_before_running_anything(
     _stub(stubs / "py", "exit 0\n")
     for checks, expected_rc in (("memory tests", 2), ("kernels ckpt", 0)):
         env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PY": str(stubs / "py"),
-               "OUT": str(tmp_path / "out"), "CHECKS": checks, "MAX_CALL_S": "570"}
+               "OUT": str(tmp_path / "out"), "CHECKS": checks, "MAX_CALL_S": "570",
+               "DALI_PARTS": str(tmp_path / "no_dali")}
         result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == expected_rc, result.stdout[-2000:] + result.stderr[-2000:]
         refused = f'error: CHECKS="{checks}" may take up to 600s' in result.stdout
         assert refused == (expected_rc == 2) and ("=== [" in result.stdout) == (expected_rc == 0)
+
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"CHECKS": "kernel tests"}, "error: unknown check 'kernel' in CHECKS"),
+    ({"CHECKS": "tests", "MAX_CALL_S": "570s"}, "error: MAX_CALL_S must be a whole number of seconds, got '570s'"),
+    ({"CHECKS": "profile", "PROFILE_MODES": "encoder off"}, "error: PROFILE_MODES takes on and off, got 'encoder'"),
+])
+def test_gpu_checks_refuses_a_mistyped_setting_before_running_anything(tmp_path, variables, message):
+    """A typo would otherwise run nothing (or the wrong thing, or lift the call budget) and exit 0:
+    on a lent machine, a wasted call that looks like a success."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    _stub(stubs / "nvidia-smi", "exit 0\n")
+    _stub(stubs / "py", f'echo "$@" >> {tmp_path / "py_calls.txt"}\nexit 0\n')
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PY": str(stubs / "py"),
+           "OUT": str(tmp_path / "out"), "DALI_PARTS": str(tmp_path / "no_dali"), **variables}
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stdout, result.stdout[-2000:]
+    assert "=== environment" not in result.stdout and not (tmp_path / "py_calls.txt").exists()
