@@ -2,8 +2,9 @@
 
 `load_config(path)` reads a JSON file into a `Config` dataclass tree. Keys are strict: an
 unknown key, a key repeated in one object, a missing required key or a wrongly typed value
-raises `ValueError` naming the key and the file (with the keys that `overrides` set). The `"deepspeed"` block is kept as a dict for `deepspeed.initialize`; its
-`"auto"` batch keys are filled from the `train` section by `deepspeed_dict(cfg, world_size)`.
+raises `ValueError` naming the key and the file (with the keys that `overrides` set). The
+`"deepspeed"` block is kept as a dict for `deepspeed.initialize`; its `"auto"` batch keys are
+filled from the `train` section by `deepspeed_dict(cfg, world_size)`.
 """
 
 from __future__ import annotations
@@ -333,7 +334,7 @@ def validate(cfg: Config) -> None:
     }
     positive.update({
         "train.lr": cfg.train.lr, "resam.ssa_tau": cfg.resam.ssa_tau, "resam.loss_window": cfg.resam.loss_window,
-        "resam.loss_spike_factor": cfg.resam.loss_spike_factor, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "train.collective_timeout_s": cfg.train.collective_timeout_s, "lora.alpha": cfg.lora.alpha,
         "train.log_every": cfg.train.log_every,
     })
@@ -355,7 +356,7 @@ def validate(cfg: Config) -> None:
         if value < 0:
             raise ValueError(f"{src}: key '{key}' must be >= 0, got {value}")
     for key, value in (("data.seed", cfg.data.seed), ("train.seed", cfg.train.seed), ("eval.seed", cfg.eval.seed)):
-        if value >= MAX_SEED:  # torch.manual_seed takes up to 2**64 - 1
+        if value >= MAX_SEED:
             raise ValueError(f"{src}: key '{key}' must be below 2**63, got {value}")
     if cfg.resam.loss_spike_factor <= 1.0:
         raise ValueError(f"{src}: key 'resam.loss_spike_factor' must be above 1 (a loss is skipped as a spike above "
