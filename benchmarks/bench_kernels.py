@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from resam_kernels.relpos_attention import relpos_attention_reference
     from resam_kernels.ssa import ssa_loss_reference
     from resam_kernels.upsample import upsample4x_reference
+    from resam_dist.durable import atomic_write_text  # a run killed at its time limit leaves whole files
     from resam_dist.model.attention import augmented_sdpa_attention
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
@@ -198,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             "bytes_note": "minimum bytes moved: inputs read once, outputs written once",
             "rows": rows,
         }
-        (args.out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "kernels.md").write_text(markdown(result))
+        atomic_write_text(args.out / "kernels.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.out / "kernels.md", markdown(result))
 
     def best_config(tuned) -> str:
         """The config a `triton.autotune` kernel picked last (the GPU only)."""

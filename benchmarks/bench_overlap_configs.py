@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_overlap_configs: no CUDA device; this benchmark needs a GPU "
               "(use --cpu-smoke only to test this script on CPU)", file=sys.stderr)
         return 2
+    from resam_dist.durable import atomic_write_text  # a run killed at its time limit leaves whole files
     from resam_kernels import overlap
     from resam_kernels.entropy import entropy_filter_reference
 
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     result["mode"] = args.mode
 
     def save() -> None:
-        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / f"{stem}.md").write_text(markdown(result))
+        atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.out / f"{stem}.md", markdown(result))
 
     generator = torch.Generator(device=device).manual_seed(0)
     for batch, num_instances, height, width in SMOKE_SHAPES if args.cpu_smoke else SHAPES:

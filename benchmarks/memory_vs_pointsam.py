@@ -57,6 +57,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from resam_dist.durable import atomic_write_text  # results are rewritten after every variant: never half a file
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 VARIANTS = ("pointsam", "resam_public", "resam_dist")
 LABELS = {"pointsam": "PointSAM-style", "resam_public": "ReSAM (public code)", "resam_dist": "ReSAM-dist"}
@@ -588,7 +590,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines.append("- The targets are defined for ViT-B at 1024 px on a GPU; these figures are "
                      "not that setting and only show the method's relative behaviour.")
     lines.append("")
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def write_chart(results: dict[str, Any], path: Path) -> None:
@@ -681,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal stem
         results["summary"] = summarize(results)
         stem = args.out / f"memory_vs_pointsam_{device_slug(device, results['device'])}"
-        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(results, indent=1))
         write_markdown(results, stem.with_suffix(".md"))
 
     try:
