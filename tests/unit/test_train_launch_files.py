@@ -138,7 +138,6 @@ def test_extra_args_are_words_and_script_arguments_are_passed_on(tmp_path, scrip
         "launch/train.py --config configs/whu.json --set data.train_shards=config* --set train.seed=3")
 
 
-
 @pytest.mark.parametrize("script", ["train.sbatch", "train_torchrun.sbatch"])
 def test_extra_args_on_several_lines_are_all_passed_on(tmp_path, script):
     result, record = _run_sbatch(script, tmp_path, EXTRA_ARGS="--set train.max_steps=7\n--set train.seed=3")
@@ -157,23 +156,30 @@ def test_a_bad_gpus_per_node_is_refused_before_anything_launches(tmp_path, scrip
     assert f"GPUS_PER_NODE must be a positive whole number, got '{gpus}'" in result.stderr
     assert not record.exists()
 
+def _run_gpu_checks(tmp_path: Path, py_body: str, **variables: str) -> subprocess.CompletedProcess:
+    """benchmarks/gpu_checks.sh with a stub nvidia-smi and a stub python (`py_body`), `variables` in
+    its environment; no DALI parts unless `variables` names DALI_PARTS (the checkout's own .dali/
+    is never read)."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    _stub(stubs / "nvidia-smi", "exit 0\n")
+    _stub(stubs / "py", py_body)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PY": str(stubs / "py"),
+           "OUT": str(tmp_path / "out"), "DALI_PARTS": str(tmp_path / "no_dali"), **variables}
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.parametrize("benchmark_rc, expected_rc", [(0, 0), (3, 1)])
 def test_gpu_checks_runs_every_step_and_fails_when_one_did(tmp_path, benchmark_rc, expected_rc):
     """benchmarks/gpu_checks.sh against a stub nvidia-smi and a stub python whose benchmark scripts
     exit `benchmark_rc`: both steps run either way, and the script's status says whether one failed."""
-    stubs = tmp_path / "stubs"
-    stubs.mkdir()
-    _stub(stubs / "nvidia-smi", "exit 0\n")
-    _stub(stubs / "py", f'case "${{1:-}}" in benchmarks/*) exit {benchmark_rc};; esac\nexit 0\n')
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PY": str(stubs / "py"),
-           "OUT": str(tmp_path / "out"), "CHECKS": "kernels overlap_configs", "DALI_PARTS": str(tmp_path / "no_dali")}
-    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = _run_gpu_checks(tmp_path, f'case "${{1:-}}" in benchmarks/*) exit {benchmark_rc};; esac\nexit 0\n',
+                             CHECKS="kernels overlap_configs")
     assert result.returncode == expected_rc, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"=== [kernel benchmark] exit {benchmark_rc}" in result.stdout
     assert f"=== [word-kernel configs of overlap suppression] exit {benchmark_rc}" in result.stdout
     assert ("=== failed: kernel benchmark (exit 3)" in result.stdout) == (benchmark_rc != 0)
-
 
 
 @pytest.mark.parametrize("carried", ["every part", "a part missing"])
@@ -198,16 +204,9 @@ def test_gpu_checks_installs_dali_from_its_parts_only_when_they_join_to_the_spli
         if carried == "a part missing" and index == 1:
             continue
         (parts / f"part-{index:02d}").write_bytes(data[index * chunk:(index + 1) * chunk])
-    stubs = tmp_path / "stubs"
-    stubs.mkdir()
-    _stub(stubs / "nvidia-smi", "exit 0\n")
     calls = tmp_path / "py_calls.txt"
-    _stub(stubs / "py", f'echo "$@" >>{calls}\nexit 0\n')
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PY": str(stubs / "py"),
-           "OUT": str(tmp_path / "out"), "CHECKS": "kernels", "DALI_PARTS": str(parts),
-           "DALI_UNPACK": str(tmp_path / "unpack")}
-    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = _run_gpu_checks(tmp_path, f'echo "$@" >>{calls}\nexit 0\n', CHECKS="kernels", DALI_PARTS=str(parts),
+                             DALI_UNPACK=str(tmp_path / "unpack"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     installs = [line for line in calls.read_text().splitlines() if str(tmp_path / "unpack") in line]
     if carried == "every part":
@@ -223,20 +222,11 @@ def test_gpu_checks_installs_dali_from_its_parts_only_when_they_join_to_the_spli
 def test_gpu_checks_refuses_checks_over_the_call_budget_before_running_anything(tmp_path):
     """MAX_CALL_S: the named checks' step limits must fit in one call (a lent machine kills a
     command at 600 s, losing the summary); "kernels ckpt" fits 570 s, "memory tests" does not."""
-    stubs = tmp_path / "stubs"
-    stubs.mkdir()
-    _stub(stubs / "nvidia-smi", "exit 0\n")
-    _stub(stubs / "py", "exit 0\n")
     for checks, expected_rc in (("memory tests", 2), ("kernels ckpt", 0)):
-        env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PY": str(stubs / "py"),
-               "OUT": str(tmp_path / "out"), "CHECKS": checks, "MAX_CALL_S": "570",
-               "DALI_PARTS": str(tmp_path / "no_dali")}
-        result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=120)
+        result = _run_gpu_checks(tmp_path, "exit 0\n", CHECKS=checks, MAX_CALL_S="570")
         assert result.returncode == expected_rc, result.stdout[-2000:] + result.stderr[-2000:]
         refused = f'error: CHECKS="{checks}" may take up to 600s' in result.stdout
         assert refused == (expected_rc == 2) and ("=== [" in result.stdout) == (expected_rc == 0)
-
 
 
 @pytest.mark.parametrize("variables, message", [
@@ -247,13 +237,6 @@ def test_gpu_checks_refuses_checks_over_the_call_budget_before_running_anything(
 def test_gpu_checks_refuses_a_mistyped_setting_before_running_anything(tmp_path, variables, message):
     """A typo would otherwise run nothing (or the wrong thing, or lift the call budget) and exit 0:
     on a lent machine, a wasted call that looks like a success."""
-    stubs = tmp_path / "stubs"
-    stubs.mkdir()
-    _stub(stubs / "nvidia-smi", "exit 0\n")
-    _stub(stubs / "py", f'echo "$@" >> {tmp_path / "py_calls.txt"}\nexit 0\n')
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PY": str(stubs / "py"),
-           "OUT": str(tmp_path / "out"), "DALI_PARTS": str(tmp_path / "no_dali"), **variables}
-    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = _run_gpu_checks(tmp_path, f'echo "$@" >> {tmp_path / "py_calls.txt"}\nexit 0\n', **variables)
     assert result.returncode == 2 and message in result.stdout, result.stdout[-2000:]
     assert "=== environment" not in result.stdout and not (tmp_path / "py_calls.txt").exists()
