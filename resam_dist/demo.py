@@ -297,7 +297,8 @@ def _free_port() -> int:
 
 def training_stats(run_dir: Path) -> dict[str, float]:
     """Pseudo-label IoUs logged by the training step (rank 0), first and last quarter of the run."""
-    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    from resam_dist.train.metrics import read_jsonl  # (non-finite numbers as floats again)
+    rows = read_jsonl(run_dir / "train_log.jsonl")
     steps = [row for row in rows if row.get("event") == "step"]
     if not steps:
         return {}

@@ -11,6 +11,7 @@ units, counters ending in `_total`, one bounded `rank` label (the global rank).
 | resam_steps_total                        | counter   | rank          |
 | resam_skipped_steps_total                | counter   | rank, reason  |
 | resam_step_duration_seconds              | histogram | rank          |
+| resam_skipped_step_duration_seconds      | histogram | rank          |
 | resam_data_wait_seconds                  | histogram | rank          |
 | resam_images_per_second                  | gauge     | rank          |
 | resam_queue_entries                      | gauge     | rank          |
@@ -25,6 +26,7 @@ units, counters ending in `_total`, one bounded `rank` label (the global rank).
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -90,8 +92,13 @@ class TrainMetrics:
         self.steps = counter("resam_steps", "Optimizer steps taken.")
         self.skipped = counter("resam_skipped_steps", "Micro-steps the loss guard skipped (nonfinite, spike) and "
                                "optimizer updates DeepSpeed skipped (nonfinite_grad).", ("reason",))
-        self.step_duration = Histogram("resam_step_duration_seconds", "Wall time of one training step "
+        self.step_duration = Histogram("resam_step_duration_seconds", "Wall time of one optimizer step "
                                        "(data wait excluded).", ["rank"], buckets=STEP_BUCKETS, registry=registry)
+        # a skipped micro-batch is not an optimizer step (which may take several micro-batches):
+        # its own series, so the step histogram holds steps only
+        self.skipped_step_duration = Histogram(
+            "resam_skipped_step_duration_seconds", "Wall time of one micro-batch the loss guard skipped "
+            "(data wait excluded).", ["rank"], buckets=STEP_BUCKETS, registry=registry)
         self.data_wait = Histogram("resam_data_wait_seconds", "Time spent waiting for the next batch.",
                                    ["rank"], buckets=WAIT_BUCKETS, registry=registry)
         self.images_per_second = gauge("resam_images_per_second", "Training images per second on this rank "
@@ -110,6 +117,7 @@ class TrainMetrics:
         self._steps = self.steps.labels(**label)
         self._skipped = {reason: self.skipped.labels(reason=reason, **label) for reason in SKIP_REASONS}
         self._step_duration = self.step_duration.labels(**label)
+        self._skipped_step_duration = self.skipped_step_duration.labels(**label)
         self._data_wait = self.data_wait.labels(**label)
         self._images_per_second = self.images_per_second.labels(**label)
         self._queue_entries = self.queue_entries.labels(**label)
@@ -155,7 +163,7 @@ class TrainMetrics:
             raise ValueError(f"unknown skip reason {reason!r} (known: {SKIP_REASONS})")
         self._skipped[reason].inc()
         self._samples.inc(images)
-        self._step_duration.observe(duration_s)
+        self._skipped_step_duration.observe(duration_s)
         self._data_wait.observe(data_wait_s)
 
     def observe_skipped_update(self) -> None:
@@ -176,9 +184,37 @@ class TrainMetrics:
             self._server = None
 
 
+# Non-finite numbers in the JSON-lines log (a skipped step's NaN loss): strict JSON has none, so
+# they are written as these strings (jq and other strict readers accept every line), and
+# `read_jsonl` gives them back as floats.
+NONFINITE_NAMES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _strict_json_value(value: Any) -> Any:
+    """value with every non-finite float (in dicts and lists too) replaced by its name."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json_value(item) for item in value]
+    return value
+
+
+def _nonfinite_back(value: Any) -> Any:
+    if isinstance(value, str):
+        return NONFINITE_NAMES.get(value, value)
+    if isinstance(value, dict):
+        return {key: _nonfinite_back(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_nonfinite_back(item) for item in value]
+    return value
+
+
 class JsonlLog:
-    """Append-only JSON-lines log (rank 0): one object per line, flushed at once. A log whose last
-    line was torn (a killed writer) gets a line break first, so the next record stays whole."""
+    """Append-only JSON-lines log (rank 0): one object per line (strict JSON: non-finite numbers
+    as the strings of NONFINITE_NAMES), flushed at once. A log whose last line was torn (a killed
+    writer) gets a line break first, so the next record stays whole."""
 
     def __init__(self, path: str | Path | None) -> None:
         self.path = None if path is None else Path(path)
@@ -196,7 +232,8 @@ class JsonlLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self._handle is not None:
-            self._handle.write(json.dumps({"time": round(time.time(), 3), **record}, allow_nan=True) + "\n")
+            record = _strict_json_value({"time": round(time.time(), 3), **record})
+            self._handle.write(json.dumps(record, allow_nan=False) + "\n")
             self._handle.flush()
 
     def close(self) -> None:
@@ -206,11 +243,12 @@ class JsonlLog:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a JSON-lines log (a partial last line from a killed writer is ignored)."""
+    """All records of a JSON-lines log (a partial last line from a killed writer is ignored), with
+    non-finite numbers as floats again."""
     records = []
     for line in Path(path).read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            records.append(_nonfinite_back(json.loads(line)))
         except json.JSONDecodeError:
             continue
     return records

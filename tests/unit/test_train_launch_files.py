@@ -32,8 +32,9 @@ def _run_sbatch(script: str, tmp_path: Path, *args: str, **env_overrides: str
     for name, folder in (("srun", stubs), ("deepspeed", venv), ("torchrun", venv)):
         line = f"{name} MASTER_ADDR=${{MASTER_ADDR:-}} MASTER_PORT=${{MASTER_PORT:-}} $*"
         _stub(folder / name, f'echo "{line}" >> {record}\n')
+    # SLURM_NNODES 1 against two listed hosts: the node count comes from the host list
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
-           "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "REPO_DIR": str(REPO), "VENV_BIN": str(venv),
+           "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242", "REPO_DIR": str(REPO), "VENV_BIN": str(venv),
            "GPUS_PER_NODE": "4", "HOSTFILE": str(tmp_path / "hostfile"), "CONFIG": "configs/whu.json",
            "EXTRA_ARGS": "--set train.max_steps=7", **env_overrides}
     result = subprocess.run(["bash", str(REPO / "launch" / "slurm" / script), *args], env=env, capture_output=True,
@@ -61,6 +62,7 @@ def test_deepspeed_sbatch_with_the_slurm_launcher_needs_no_ssh_and_sizes_srun_it
     _stub(stubs / "sinfo", "exit 0\n")
     _stub(stubs / "ssh", f'echo "ssh $*" >> {tmp_path / "ssh.txt"}; exit 255\n')
     _stub(stubs / "srun", f'printf "%s\\n" "$@" > {record}\n')
+    # SLURM_NNODES 1 against two listed hosts: the node count comes from the host list
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
            "SLURM_JOB_ID": "4243", "SLURM_NTASKS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "32",
            "SLURM_CPUS_ON_NODE": "64", "REPO_DIR": str(REPO), "VENV_BIN": str(Path(sys.executable).parent),
