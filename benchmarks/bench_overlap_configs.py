@@ -11,20 +11,11 @@ graph), against a copy of the same bytes timed both ways. Every config's outputs
 checked against the torch reference before it is timed. Candidates: the configs of
 `overlap._WORD_CONFIGS` that its pruner lets run on these masks, then the `--extra` strip configs
 not among them. The default extras, in the order they run (a run cut short by its time limit keeps
-the first):
-- the pick (2048, 32, 2, 4) and a 4096-word strip with STREAM (a fifth field, 1): every load
-  marked evict-first (`ld.global.L1::evict_first` with an L2 evict-first policy in the PTX) and
-  every store streaming (`st.global.cs`), since each byte is read once and written once; the
-  same registers as without (124 for the pick);
-- one-warp strips: compiled for sm_90 by triton 3.8 (this machine's), their row loop has no
-  barrier and no shared-memory round trip and they do not spill, where the four-warp pick sums
-  each row's instances across warps through shared memory with two barriers a row;
-- two wide strips (TILE 4096 and 8192 over 8 warps): each program reads 256 or 512 contiguous
-  bytes of every instance plane a row instead of the pick's 128, in case the pick's short
-  segments cost DRAM efficiency; compiled the same way, they do not spill either (126 and 253
-  registers).
-On an H200 (triton 3.6, run 18, benchmarks/results/h200_run18/) none of them beat the pick at
-2 x 50 x 1024 x 1024; the 16-row strip with STREAM won at 8 x 50 x 256 x 256 and is now tuned.
+the first), vary the software-pipelined strip (PREFETCH 0, tuned since H200 run 19, whose sweep
+adopted its 16-row STREAM variant for 8 x 50 x 256 x 256): 32 rows with STREAM (every load
+evict-first and every store streaming), 8-row strips, and 2 and 8 warps. Run 18's
+extras (one-warp strips, wide strips, STREAM on the register prefetch) never beat the tuned
+configs at 2 x 50 x 1024 x 1024 (benchmarks/results/h200_run18/).
 
 Writes overlap_configs.json and overlap_configs.md into --out (default benchmarks/results, or
 benchmarks/results/smoke with --cpu-smoke) after every row, 1024 x 1024 first. Without CUDA it
@@ -43,9 +34,8 @@ from pathlib import Path
 from bench_kernels import compact_masks, copy_bandwidth_gbps, median_call_ms, overlap_bytes
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-DEFAULT_EXTRAS = ("2048,32,2,4,1", "4096,32,2,8,1", "256,32,2,1", "512,32,2,1",
-                  "512,16,2,1", "512,32,1,1", "1024,32,2,1", "1024,16,2,1", "1024,32,1,1", "4096,32,2,8",
-                  "8192,16,2,8")
+DEFAULT_EXTRAS = ("2048,32,0,4,1", "2048,8,0,4", "2048,8,0,4,1", "1024,32,0,2", "1024,16,0,2",
+                  "4096,32,0,8", "4096,16,0,8")
 # B x K x H x W: the kernel benchmark's overlap shapes (K = 50 on the ViT and the tiny canvas)
 SHAPES = ((2, 50, 1024, 1024), (8, 50, 256, 256))
 SMOKE_SHAPES = ((1, 3, 16, 64),)
@@ -53,7 +43,8 @@ SMOKE_SHAPES = ((1, 3, 16, 64),)
 
 def strip_config(text: str):
     """"TILE,STRIP_ROWS,PREFETCH,WARPS[,STREAM]" -> a triton.Config of the word kernel's strip design
-    (STREAM 1: evict-first loads and streaming stores; default 0). Exits with a message on anything
+    (PREFETCH 0: the row loop software-pipelined by Triton; STREAM 1: evict-first loads and
+    streaming stores; default 0). Exits with a message on anything
     the kernel cannot run."""
     import triton
     try:
@@ -65,10 +56,10 @@ def strip_config(text: str):
                          f"(4 or 5 integers), got {text!r}")
     stream = rest[0] if rest else 0
     power_of_two = lambda value: value > 0 and value & (value - 1) == 0  # noqa: E731
-    if not (power_of_two(tile) and 1 <= strip_rows <= 32 and prefetch in (1, 2) and power_of_two(warps)
+    if not (power_of_two(tile) and 1 <= strip_rows <= 32 and prefetch in (0, 1, 2) and power_of_two(warps)
             and warps <= 32 and stream in (0, 1)):
         raise SystemExit(f"bench_overlap_configs: --extra {text!r}: TILE and WARPS must be powers of two "
-                         "(WARPS <= 32), STRIP_ROWS 1 to 32, PREFETCH 1 or 2, STREAM 0 or 1")
+                         "(WARPS <= 32), STRIP_ROWS 1 to 32, PREFETCH 0, 1 or 2, STREAM 0 or 1")
     meta = {"TILE": tile, "STRIP_ROWS": strip_rows, "PREFETCH": prefetch}
     if stream:
         meta["STREAM"] = True

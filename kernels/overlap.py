@@ -36,7 +36,8 @@ column with its 4-bit mask of surviving lanes; tiles that lie in one image row (
 row reduction; bool masks (bytes 0 or 1, as torch keeps them) skip the byte test (ZERO_ONE).
 Other one-byte masks (uint8): any non-zero byte is kept. The word kernel's strip design
 (STRIP_ROWS > 0) runs the same tile over TILE / KP word columns of STRIP_ROWS image rows, one row
-at a time with the next PREFETCH rows' loads in flight, and reduces its boxes once per program:
+at a time with the next rows' loads in flight (PREFETCH 1-2 rows in registers, or with PREFETCH 0
+Triton's software pipeline through shared memory), and reduces its boxes once per program:
 each element keeps the or of its surviving words (x) and a bit per row with a survivor (y).
 (A rows design over words, with per-thread byte-lane counts and owners, never beat the tile on
 an H200 in run 11, at either benchmark size or mask kind, and was removed.)
@@ -124,6 +125,9 @@ def suppress_overlap_reference(masks: torch.Tensor, confidence: torch.Tensor | N
 # (-x0 + BIG, -y0 + BIG, x1, y1): 0 means "no surviving pixel yet" for every coordinate, so one
 # memset initialises it. BIG is above any pixel coordinate.
 BIG = tl.constexpr(1 << 30)
+# Stages of Triton's software pipeline of the word kernel's strip loop (PREFETCH 0): 3 ran faster
+# than 2, 4, 6 and 8 on an H200 (run 19, benchmarks/results/h200_run19/)
+PIPELINE_STAGES = tl.constexpr(3)
 
 
 @triton.jit
@@ -549,34 +553,57 @@ def _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instance
     plane = image * num_instances * num_words + instance.to(tl.int64) * num_words  # KP
     surviving_words = tl.zeros([KP, BLOCK_W], dtype=tl.int32)  # or over rows of surviving lanes
     surviving_rows = tl.zeros([KP, BLOCK_W], dtype=tl.int32)  # bit r: a survivor on row r
-    # PREFETCH rows ahead of the one being counted have their loads in flight (1 or 2; without,
-    # every config ran slower on an H200 in run 13)
-    tl.static_assert((PREFETCH == 1) | (PREFETCH == 2))
-    raw = _word_strip_load(words_ptr, plane, first_row, column, in_columns, valid, end_row,
-                           words_per_row, STREAM)  # KP x BLOCK_W
-    if PREFETCH == 2:
-        ahead = _word_strip_load(words_ptr, plane, first_row + 1, column, in_columns, valid,
-                                 end_row, words_per_row, STREAM)
+    if PREFETCH == 0:
+        # Triton's software pipeline: the loads of the next PIPELINE_STAGES - 1 rows go to shared
+        # memory (cp.async on sm_80+) instead of registers (H200 run 19: the register prefetch
+        # left 128 registers a thread, 4 programs an SM and 0.55 eligible warps a scheduler)
+        for step in tl.range(0, STRIP_ROWS, num_stages=PIPELINE_STAGES):
+            row = first_row + step
+            raw = _word_strip_load(words_ptr, plane, row, column, in_columns, valid, end_row,
+                                   words_per_row, STREAM)  # KP x BLOCK_W
+            survives = _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real,
+                                         end_row, words_per_row, ZERO_ONE, STREAM)
+            surviving_words = surviving_words | survives
+            surviving_rows = surviving_rows | tl.where(survives != 0, 1 << step, 0)
     else:
-        ahead = raw  # (unused)
-    for step in range(0, STRIP_ROWS):
-        row = first_row + step
-        if PREFETCH == 1:
-            next_raw = _word_strip_load(words_ptr, plane, row + 1, column, in_columns, valid,
-                                        end_row, words_per_row, STREAM)
-            survives = _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real,
-                                         end_row, words_per_row, ZERO_ONE, STREAM)
-            raw = next_raw
+        # PREFETCH rows ahead of the one being counted have their loads in flight in registers
+        # (1 or 2; without, every config ran slower on an H200 in run 13)
+        tl.static_assert((PREFETCH == 1) | (PREFETCH == 2))
+        raw = _word_strip_load(words_ptr, plane, first_row, column, in_columns, valid, end_row,
+                               words_per_row, STREAM)  # KP x BLOCK_W
+        if PREFETCH == 2:
+            ahead = _word_strip_load(words_ptr, plane, first_row + 1, column, in_columns, valid,
+                                     end_row, words_per_row, STREAM)
         else:
-            next_ahead = _word_strip_load(words_ptr, plane, row + 2, column, in_columns, valid,
-                                          end_row, words_per_row, STREAM)
-            survives = _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real,
-                                         end_row, words_per_row, ZERO_ONE, STREAM)
-            raw = ahead
-            ahead = next_ahead
-        surviving_words = surviving_words | survives
-        surviving_rows = surviving_rows | tl.where(survives != 0, 1 << step, 0)
-    # the box keys of `_word_tile_design`, once per program
+            ahead = raw  # (unused)
+        for step in range(0, STRIP_ROWS):
+            row = first_row + step
+            if PREFETCH == 1:
+                next_raw = _word_strip_load(words_ptr, plane, row + 1, column, in_columns, valid,
+                                            end_row, words_per_row, STREAM)
+                survives = _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real,
+                                             end_row, words_per_row, ZERO_ONE, STREAM)
+                raw = next_raw
+            else:
+                next_ahead = _word_strip_load(words_ptr, plane, row + 2, column, in_columns, valid,
+                                              end_row, words_per_row, STREAM)
+                survives = _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real,
+                                             end_row, words_per_row, ZERO_ONE, STREAM)
+                raw = ahead
+                ahead = next_ahead
+            surviving_words = surviving_words | survives
+            surviving_rows = surviving_rows | tl.where(survives != 0, 1 << step, 0)
+    _fold_strip_boxes(state_ptr, image, num_instances, instance, real, column, first_row,
+                      surviving_words, surviving_rows)
+
+
+@triton.jit
+def _fold_strip_boxes(state_ptr, image, num_instances, instance, real, column, first_row,
+                      surviving_words, surviving_rows):
+    """A strip's boxes, folded into the state once per program, from its KP x BLOCK_W
+    accumulators: surviving_words (the or of each element's surviving lanes over the strip's
+    rows) and surviving_rows (bit r: a survivor on row first_row + r); column: BLOCK_W word
+    columns. The box keys of `_word_tile_design`."""
     lanes = (surviving_words | (surviving_words >> 7) | (surviving_words >> 14)
              | (surviving_words >> 21)) & 0xF  # KP x BLOCK_W
     hit = lanes != 0
@@ -590,7 +617,6 @@ def _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instance
     y0 = first_row + _bit_index(rows & -rows)
     y1 = first_row + _bit_index(rows) + 1
     _fold_boxes(state_ptr, image, num_instances, instance, touched, x0, y0, x1, y1)
-
 
 @triton.jit
 def _highest_lane(nibble):
@@ -665,7 +691,15 @@ _ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 # 0.068-0.22); at 8 x 50 x 256 x 256 the 16-row strip with STREAM ran back to back in 0.0179 ms
 # against 0.0220 without STREAM and 0.0222 for the best tile (alone, where timings of one config
 # vary between about 0.02 and 0.08 ms at this size: 0.0242 against 0.0261 for the best other), so
-# it is tuned here and was the autotuner's pick there.
+# it is tuned here and was the autotuner's pick there. PREFETCH 0: the row loop software-pipelined
+# by Triton (PIPELINE_STAGES), the rows in flight in shared memory. H200 run 19
+# (benchmarks/results/h200_run19/), kernel launches at 2 x 50 x 1024 x 1024: (2048, 32, 0, 4)
+# 0.0619-0.0626 ms alone and 0.0593-0.0594 back to back, against 0.0638 and 0.0611-0.0613 for
+# (2048, 32, 2, 4) on the same machine; (2048, 16, 0, 4) 0.0632 and 0.0590; triton 3.6: 126-128
+# registers, 16.9 KB of shared memory, no spills. In run 19's config sweep (call 5) the
+# 16-row pipelined strip with STREAM ran 8 x 50 x 256 x 256 back to back in 0.0143 ms (random
+# masks) and 0.0151 (compact) against 0.0180 and 0.0198 for the best other config; the autotuner
+# picks (2048, 32, 0, 4) at 1024 x 1024 and a 16-row pipelined strip at 256 x 256.
 _WORD_CONFIGS = ([triton.Config({"TILE": tile}, num_warps=warps)
                   for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8),
                                       (8192, 4), (8192, 8))]
@@ -673,7 +707,7 @@ _WORD_CONFIGS = ([triton.Config({"TILE": tile}, num_warps=warps)
                                    **({"STREAM": True} if stream else {})}, num_warps=warps)
                     for tile, strip_rows, prefetch, warps, stream in (
                         (1024, 32, 2, 2, 0), (2048, 16, 2, 4, 0), (2048, 32, 1, 4, 0), (2048, 32, 2, 4, 0),
-                        (2048, 16, 2, 4, 1))])
+                        (2048, 16, 2, 4, 1), (2048, 32, 0, 4, 0), (2048, 16, 0, 4, 0), (2048, 16, 0, 4, 1))])
 # The strip design's 64-bit offsets of every element cost registers unless the compiler knows
 # the row length and the pointers are multiples of 16 words / bytes (it specialises on that):
 # without, sm_90 ptxas spills several of its configs (336-376 bytes), so they run only there.

@@ -215,5 +215,5 @@ def test_overlap_strip_and_word_configs_fit_sm90_without_spills():
     loads); so does the strip design without hints (336-376 bytes)."""
     results = compile_for_sm90(OVERLAP_CHECK)
     # byte strip configs x modes + word tile configs x cases - pruned + word strip configs x 2 cases
-    assert len(results) == 4 * 2 + (7 * 4 - 3) + 5 * 2
+    assert len(results) == 4 * 2 + (7 * 4 - 3) + 8 * 2
     assert not [row for row in results if row[-1] > 0], f"configurations that spill: {results}"

@@ -358,9 +358,12 @@ def test_every_byte_config(config, mode):
         check_against_reference(masks.to(DEVICE), confidence.to(DEVICE), counts, mode, config=config)
 
 
-def test_word_configs_include_a_streaming_strip():
-    # STREAM (evict-first loads, streaming stores) is tuned (H200 run 18), so the tests below cover it
-    assert any(config.kwargs.get("STREAM") and config.kwargs.get("STRIP_ROWS") for config in _WORD_CONFIGS)
+def test_word_configs_include_streaming_and_pipelined_strips():
+    # STREAM (evict-first loads, streaming stores; H200 run 18) and PREFETCH 0 (the row loop
+    # software-pipelined by Triton; run 19) are tuned, so the tests below cover them
+    strips = [config.kwargs for config in _WORD_CONFIGS if config.kwargs.get("STRIP_ROWS")]
+    assert any(kwargs.get("STREAM") for kwargs in strips)
+    assert any(kwargs["PREFETCH"] == 0 for kwargs in strips)
 
 
 @pytest.mark.parametrize("config", _WORD_CONFIGS, ids=config_id)
