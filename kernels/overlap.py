@@ -618,6 +618,7 @@ def _fold_strip_boxes(state_ptr, image, num_instances, instance, real, column, f
     y1 = first_row + _bit_index(rows) + 1
     _fold_boxes(state_ptr, image, num_instances, instance, touched, x0, y0, x1, y1)
 
+
 @triton.jit
 def _highest_lane(nibble):
     """Index of the highest set bit of a non-zero 4-bit value (0 to 3)."""
