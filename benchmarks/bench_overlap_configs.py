@@ -12,8 +12,9 @@ checked against the torch reference before it is timed. Candidates: the configs 
 `overlap._WORD_CONFIGS` that its pruner lets run on these masks, then the `--extra` strip configs
 not among them. The default extras, in the order they run (a run cut short by its time limit keeps
 the first), vary the software-pipelined strip (PREFETCH 0, tuned since H200 run 19, whose sweep
-adopted its 16-row STREAM variant for 8 x 50 x 256 x 256): 32 rows with STREAM (every load
-evict-first and every store streaming), 8-row strips, and 2 and 8 warps. Run 18's
+adopted its 16-row STREAM variant for 8 x 50 x 256 x 256): 32 rows with STREAM (every store
+streaming; the register prefetch's loads are evict-first too, the pipelined loads are cp.async),
+8-row strips, and 2 and 8 warps. Run 18's
 extras (one-warp strips, wide strips, STREAM on the register prefetch) never beat the tuned
 configs at 2 x 50 x 1024 x 1024 (benchmarks/results/h200_run18/).
 
@@ -43,8 +44,8 @@ SMOKE_SHAPES = ((1, 3, 16, 64),)
 
 def strip_config(text: str):
     """"TILE,STRIP_ROWS,PREFETCH,WARPS[,STREAM]" -> a triton.Config of the word kernel's strip design
-    (PREFETCH 0: the row loop software-pipelined by Triton; STREAM 1: evict-first loads and
-    streaming stores; default 0). Exits with a message on anything
+    (PREFETCH 0: the row loop software-pipelined by Triton; STREAM 1: streaming stores, and
+    evict-first loads with PREFETCH 1-2; default 0). Exits with a message on anything
     the kernel cannot run."""
     import triton
     try:

@@ -125,8 +125,9 @@ def suppress_overlap_reference(masks: torch.Tensor, confidence: torch.Tensor | N
 # (-x0 + BIG, -y0 + BIG, x1, y1): 0 means "no surviving pixel yet" for every coordinate, so one
 # memset initialises it. BIG is above any pixel coordinate.
 BIG = tl.constexpr(1 << 30)
-# Stages of Triton's software pipeline of the word kernel's strip loop (PREFETCH 0): 3 ran faster
-# than 2, 4, 6 and 8 on an H200 (run 19, benchmarks/results/h200_run19/)
+# Stages of Triton's software pipeline of the word kernel's strip loop (PREFETCH 0). On an H200
+# (run 19, benchmarks/results/h200_run19/), 32-row strips: 3 stages ran faster than 2, 4, 6 and 8;
+# 16-row strips: 3 as fast as 6 alone and faster back to back, and faster than 4
 PIPELINE_STAGES = tl.constexpr(3)
 
 
@@ -537,8 +538,10 @@ def _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instance
     """The word tile over a strip: BLOCK_W = TILE / KP word columns of STRIP_ROWS image rows,
     one row at a time. No reduction per row for the boxes: each element keeps the or of its
     surviving words over the strip's rows (x) and a bit per row with a survivor (y), reduced
-    across the columns once per program. STREAM: loads marked evict-first and streaming stores
-    (every byte is read once and written once)."""
+    across the columns once per program. STREAM: streaming stores and, with the register
+    prefetch (PREFETCH 1-2), loads marked evict-first (every byte is read once and written once;
+    the pipelined loads of PREFETCH 0 become cp.async, whose PTX carries no eviction hint in
+    triton 3.8)."""
     tl.static_assert(STRIP_ROWS <= 32)  # one bit per row in an int32
     BLOCK_W: tl.constexpr = TILE // KP
     height = num_words // words_per_row
@@ -555,8 +558,9 @@ def _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instance
     surviving_rows = tl.zeros([KP, BLOCK_W], dtype=tl.int32)  # bit r: a survivor on row r
     if PREFETCH == 0:
         # Triton's software pipeline: the loads of the next PIPELINE_STAGES - 1 rows go to shared
-        # memory (cp.async on sm_80+) instead of registers (H200 run 19: the register prefetch
-        # left 128 registers a thread, 4 programs an SM and 0.55 eligible warps a scheduler)
+        # memory (cp.async on sm_80+), not to registers, so more rows' bytes are in flight at the
+        # same registers and occupancy (H200 run 19: the register prefetch's kernel was
+        # latency-bound, 0.55 eligible warps a scheduler at 4 programs an SM)
         for step in tl.range(0, STRIP_ROWS, num_stages=PIPELINE_STAGES):
             row = first_row + step
             raw = _word_strip_load(words_ptr, plane, row, column, in_columns, valid, end_row,
@@ -685,8 +689,8 @@ _ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 # (benchmarks/results/h200_run13/README.md). 118-124 registers with the hints below, no spills.
 # In sm_90 SASS (triton 3.8 here) the pick's row loop sums the instances of a row across its four
 # warps through shared memory, with two barriers a row; one-warp strips ((256-1024, 16-32, 1-2, 1))
-# have no barrier there and do not spill. STREAM (the fifth field): evict-first loads and streaming
-# stores, same registers in sm_90 SASS. H200 run 18 (`benchmarks/bench_overlap_configs.py`,
+# have no barrier there and do not spill. STREAM (the fifth field): streaming stores and (with the
+# register prefetch) evict-first loads, same registers in sm_90 SASS. H200 run 18 (`benchmarks/bench_overlap_configs.py`,
 # benchmarks/results/h200_run18/): at 2 x 50 x 1024 x 1024 no one-warp strip, wide strip or
 # STREAM variant beat the pick (0.0636 ms alone; the best of them 0.0657, one-warp strips
 # 0.068-0.22); at 8 x 50 x 256 x 256 the 16-row strip with STREAM ran back to back in 0.0179 ms
@@ -699,7 +703,8 @@ _ROWS_BLOCK_P, _ROWS_CHUNK, _ROWS_UNROLL, _ROWS_WARPS = 1024, 8, 4, 8
 # (2048, 32, 2, 4) on the same machine; (2048, 16, 0, 4) 0.0632 and 0.0590; triton 3.6: 126-128
 # registers, 16.9 KB of shared memory, no spills. In run 19's config sweep (call 5) the
 # 16-row pipelined strip with STREAM ran 8 x 50 x 256 x 256 back to back in 0.0143 ms (random
-# masks) and 0.0151 (compact) against 0.0180 and 0.0198 for the best other config; the autotuner
+# masks) and 0.0151 (compact) against 0.0180 and 0.0198 for the best tuned config (the best other
+# extra, the 8-row pipelined strip: 0.0175 on both); the autotuner
 # picks (2048, 32, 0, 4) at 1024 x 1024 and a 16-row pipelined strip at 256 x 256.
 _WORD_CONFIGS = ([triton.Config({"TILE": tile}, num_warps=warps)
                   for tile, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8),

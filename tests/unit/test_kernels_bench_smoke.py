@@ -134,6 +134,12 @@ def test_overlap_configs_refuses_without_cuda(tmp_path, capsys):
     assert "no CUDA device" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
+def test_overlap_configs_takes_a_software_pipelined_extra():
+    # PREFETCH 0: the strip's row loop software-pipelined by Triton (tuned since H200 run 19)
+    config = load_overlap_configs().strip_config("2048,32,0,4,1")
+    assert config.kwargs == {"TILE": 2048, "STRIP_ROWS": 32, "PREFETCH": 0, "STREAM": True} and config.num_warps == 4
+
+
 @pytest.mark.parametrize("extra, message", [("512,32", "TILE,STRIP_ROWS,PREFETCH,WARPS[,STREAM] (4 or 5 integers)"),
                                             ("512,32,2,1,1,0", "(4 or 5 integers)"), ("512,32,2,x", "(4 or 5 integers)"),
                                             ("500,32,2,1", "powers of two"), ("512,33,2,1", "STRIP_ROWS 1 to 32"),

@@ -227,12 +227,18 @@ def test_drop_words_box_columns_within_a_word():
     check_against_reference(masks.to(DEVICE), None, counts.to(DEVICE), "drop", word_tile=8)
 
 
-def test_drop_words_strip_rows_at_the_strip_edges():
+# one 32-row strip config of each row-loop kind: the register prefetch of 1 and 2 rows, and Triton's
+# software pipeline (PREFETCH 0)
+STRIPS_32 = list({config.kwargs["PREFETCH"]: config for config in _WORD_CONFIGS
+                  if config.kwargs.get("STRIP_ROWS") == 32}.values())
+
+
+@pytest.mark.parametrize("strip", STRIPS_32, ids=lambda config: f"prefetch{config.kwargs['PREFETCH']}")
+def test_drop_words_strip_rows_at_the_strip_edges(strip):
     # the strip design's y bounds come from one bit per row of a 32-row strip: survivors only on
     # row 31 (bit 31, the int32 sign bit), on rows 0 and 31, across two strips (rows 30-33), and
     # on the last row of a partial strip
-    from resam_kernels.overlap import _WORD_CONFIGS
-    strip = next(config for config in _WORD_CONFIGS if config.kwargs.get("STRIP_ROWS") == 32)
+    assert sorted(config.kwargs["PREFETCH"] for config in STRIPS_32) == [0, 1, 2]
     masks = torch.zeros(1, 4, 45, 8, dtype=torch.bool)
     masks[0, 0, 31, 5] = True
     masks[0, 1, 0, 1] = masks[0, 1, 31, 2] = True

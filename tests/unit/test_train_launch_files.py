@@ -62,7 +62,6 @@ def test_deepspeed_sbatch_with_the_slurm_launcher_needs_no_ssh_and_sizes_srun_it
     _stub(stubs / "sinfo", "exit 0\n")
     _stub(stubs / "ssh", f'echo "ssh $*" >> {tmp_path / "ssh.txt"}; exit 255\n')
     _stub(stubs / "srun", f'printf "%s\\n" "$@" > {record}\n')
-    # SLURM_NNODES 1 against two listed hosts: the node count comes from the host list
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
            "SLURM_JOB_ID": "4243", "SLURM_NTASKS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "32",
            "SLURM_CPUS_ON_NODE": "64", "REPO_DIR": str(REPO), "VENV_BIN": str(Path(sys.executable).parent),

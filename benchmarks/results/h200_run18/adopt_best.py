@@ -42,6 +42,8 @@ def main() -> int:
         gain = 1 - best_extra["alone_ms"] / best_tuned["alone_ms"]
         # and no slower back to back than the best tuned config there: alone timings can all be
         # off in one run (run 19's 1024 x 1024 random masks), back-to-back ones less so
+        if any(row["back_to_back_ms"] is None for row in tuned + [best_extra]):
+            raise SystemExit(f"adopt_best: {shape} has no back-to-back timings (a --cpu-smoke result?)")
         best_together = min(row["back_to_back_ms"] for row in tuned)
         together_ok = best_extra["back_to_back_ms"] <= best_together
         adopt = gain >= MARGIN and together_ok
