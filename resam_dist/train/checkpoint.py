@@ -98,18 +98,17 @@ def check_engine_layout(meta: dict[str, Any], *, zero_stage: int, bf16: bool, so
                          f"with train.precision \"{names[saved_bf16]}\" or start a new train.output_dir")
 
 
-def check_optimizer_settings(meta: dict[str, Any], *, lr: float, weight_decay: float, source: str,
-                             config: str) -> None:
-    """ValueError unless a checkpoint (its meta.json: `meta`) was written with this train.lr and
-    train.weight_decay: DeepSpeed restores the optimizer's and the schedule's base values from the
-    checkpoint, so a changed value would be silently ignored (not checked for checkpoints written
-    without a record of them)."""
+def changed_optimizer_settings(meta: dict[str, Any], *, lr: float, weight_decay: float) -> list[str]:
+    """What a resumed run changes of the train.lr and train.weight_decay its checkpoint (meta.json:
+    `meta`) was written with, as "KEY OLD -> NEW" (nothing for checkpoints written without a record
+    of them). DeepSpeed restores the checkpoint's values; the trainer then applies the config's
+    (`schedule.set_peak_settings`), so the change is made, and said."""
+    changed = []
     for key, value in (("train.lr", lr), ("train.weight_decay", weight_decay)):
         saved = meta.get(key)
         if saved is not None and saved != value:
-            raise ValueError(f"{source} was written with {key} {saved}, {config} sets {value}: a resumed run keeps "
-                             f"the checkpoint's optimizer and schedule, so the change would be ignored; resume with "
-                             f"{key} {saved} or start a new train.output_dir")
+            changed.append(f"{key} {saved} -> {value}")
+    return changed
 
 
 def check_data_order(meta: dict[str, Any], data_order: dict[str, Any], *, source: str, config: str) -> None:

@@ -65,11 +65,11 @@ from resam_dist.model.lora import apply_lora, merge_lora, save_adapter
 from resam_dist.resam.queue import EmbeddingQueue
 from resam_dist.resam.step import StepResult, resam_step
 from resam_dist.train.checkpoint import (CheckpointManager, capture_rng_state, check_data_order, check_engine_layout,
-                                         check_frozen_weights, check_optimizer_settings, frozen_weights_digest,
+                                         changed_optimizer_settings, check_frozen_weights, frozen_weights_digest,
                                          load_trainable_state, restore_rng_state)
 from resam_dist.train.ema import EmaTeacher, resume_notice
 from resam_dist.train.metrics import SKIP_REASONS, JsonlLog, ProgressBar, TrainMetrics
-from resam_dist.train.schedule import build_scheduler
+from resam_dist.train.schedule import build_scheduler, set_peak_settings
 
 LOG_FILE = "train_log.jsonl"
 EXPORT_DIR = "export"
@@ -345,8 +345,10 @@ class Trainer:
         check_frozen_weights(meta, self.frozen_digest, source=source)
         check_engine_layout(meta, zero_stage=self.zero_stage, bf16=self.bf16, source=source,
                             config=str(self.cfg.source))
-        check_optimizer_settings(meta, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay,
-                                 source=source, config=str(self.cfg.source))
+        changed = changed_optimizer_settings(meta, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
+        if changed and self.is_main:
+            print(f"[train] resuming {source} with {', '.join(changed)} ({self.cfg.source}): the optimizer's "
+                  "moments and the schedule's step are kept", flush=True)
         if notice is not None and self.is_main:
             print(f"[train] warning: {notice}", flush=True)
 
@@ -357,6 +359,8 @@ class Trainer:
                                                    load_lr_scheduler_states=True, custom_load_fn=load_module)
         if load_path is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {self.checkpoints.root / tag}")
+        # DeepSpeed restored the checkpoint's peak lr and weight decay: the config's apply
+        set_peak_settings(self.scheduler, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
         self.step = int(client["step"])
         if int(self.engine.global_steps) != self.step:
             raise ValueError(f"checkpoint {tag}: trainer step {self.step} but DeepSpeed global_steps "

@@ -6,7 +6,9 @@ The factor applied to the peak lr before optimizer step `s + 1` (s optimizer ste
 
 so the first step runs at lr / warmup_steps, step `warmup_steps` reaches the peak, and the step
 after `m` optimizer steps runs decayed. DeepSpeed calls `scheduler.step()` once per optimizer
-step; its state (`last_epoch`) is saved in the checkpoint.
+step; its state (`last_epoch`) is saved in the checkpoint. A resumed run applies its config's
+peak lr and weight decay over the checkpoint's (`set_peak_settings`), and its warm-up, milestones
+and gamma (the factor is rebuilt from the config, not restored).
 """
 
 from __future__ import annotations
@@ -34,3 +36,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, mile
         raise ValueError(f"train.milestones must be strictly increasing, got {milestones}")
     factor = partial(lr_factor, warmup_steps=warmup_steps, milestones=list(milestones), gamma=gamma)
     return LambdaLR(optimizer, lr_lambda=factor)
+
+
+def set_peak_settings(scheduler: LambdaLR, *, lr: float, weight_decay: float) -> None:
+    """A resumed run's train.lr and train.weight_decay, over the ones its checkpoint restored: the
+    peak lr (the schedule's base) and the weight decay of every parameter group, and the lr of the
+    next optimizer step (the peak times the schedule's factor at the restored step). The
+    optimizer's moments and the schedule's step stay as restored; unchanged values leave the lr
+    as restored, bit for bit (LambdaLR computes it the same way)."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [lr] * len(groups)
+    for group, factor in zip(groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["weight_decay"] = weight_decay
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]  # (what get_last_lr() returns)

@@ -5,6 +5,7 @@ from `latest` and reproduces the uninterrupted losses bit for bit (CPU, fp32).""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 
 import pytest
@@ -35,6 +36,12 @@ def runs(train_shards, tmp_path_factory):
     # and one at another ZeRO stage group (DeepSpeed itself would fail on the optimizer files)
     restaged = run(torchrun_cmd(straight_cfg, "--set", "deepspeed.zero_optimization.stage=0", "--set",
                                 f"train.max_steps={2 * K + 1}"), log=base / "restaged.log")
+    # and one step more over a copy of it at a tenth of its lr
+    shutil.copytree(base / "straight", base / "relr")
+    trained_lr = json.loads((base / "straight" / "config.json").read_text())["train"]["lr"]
+    relr_cfg = write_config(base / "relr.json", shards=train_shards, output_dir=base / "relr",
+                            overrides={**common, "train.max_steps": 2 * K + 1, "train.lr": trained_lr / 10})
+    relr = run(torchrun_cmd(relr_cfg), log=base / "relr.log")
 
     # the killed run: two plain processes (no launcher that would end rank 0 for us); it would
     # run 50 steps, rank 1 is SIGKILLed once rank 0 logged step K + 1 (checkpoint K is complete)
@@ -46,6 +53,7 @@ def runs(train_shards, tmp_path_factory):
         procs, log_path=killed_dir / "train_log.jsonl", step=K + 1, sig=signal.SIGKILL, wait_s=TIMEOUT_S + 60)
     resumed = run(torchrun_cmd(killed_cfg, "--set", f"train.max_steps={2 * K}"), log=base / "resumed.log")
     return {"base": base, "straight": straight, "reseeded": reseeded, "restaged": restaged, "resumed": resumed,
+            "relr": relr, "trained_lr": trained_lr,
             "survivor_rc": survivor_rc,
             "survivor_seconds": survivor_seconds, "survivor_log": (base / "killed_rank0.log").read_text()}
 
@@ -107,6 +115,20 @@ def test_checkpoints_hold_the_trainable_weights_and_refuse_other_frozen_ones(run
         restaged.stdout[-3000:]
     assert step_losses(runs["base"] / "straight" / "train_log.jsonl").keys() == set(range(1, 2 * K + 1))
     assert (runs["base"] / "straight" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+
+def test_a_relaunch_with_another_lr_applies_it_from_the_resumed_step(runs):
+    """DeepSpeed restores the checkpoint's peak lr; the trainer sets the config's over it and says so."""
+    relr = runs["relr"]
+    assert relr.returncode == 0, relr.stdout[-4000:]
+    old, new = runs["trained_lr"], runs["trained_lr"] / 10
+    assert f"with train.lr {old} -> {new}" in relr.stdout, relr.stdout[-3000:]
+    straight = {r["step"]: r["lr"] for r in read_jsonl(runs["base"] / "straight" / "train_log.jsonl")
+                if r["event"] == "step"}
+    relaunched = {r["step"]: r["lr"] for r in read_jsonl(runs["base"] / "relr" / "train_log.jsonl")
+                  if r["event"] == "step"}
+    # steps 6 and 7 both run past the warm-up (2 steps) and the milestone (3): the same factor
+    assert relaunched[2 * K + 1] == pytest.approx(straight[2 * K] / 10, rel=1e-12)
 
 
 def test_a_dead_rank_ends_the_job_with_a_message(runs):
