@@ -98,13 +98,15 @@ def check_engine_layout(meta: dict[str, Any], *, zero_stage: int, bf16: bool, so
                          f"with train.precision \"{names[saved_bf16]}\" or start a new train.output_dir")
 
 
-def changed_optimizer_settings(meta: dict[str, Any], *, lr: float, weight_decay: float) -> list[str]:
-    """What a resumed run changes of the train.lr and train.weight_decay its checkpoint (meta.json:
-    `meta`) was written with, as "KEY OLD -> NEW" (nothing for checkpoints written without a record
-    of them). DeepSpeed restores the checkpoint's values; the trainer then applies the config's
-    (`schedule.set_peak_settings`), so the change is made, and said."""
+def changed_optimizer_settings(meta: dict[str, Any], *, lr: float, weight_decay: float,
+                               grad_clip: float) -> list[str]:
+    """What a resumed run changes of the train.lr, train.weight_decay and train.grad_clip its
+    checkpoint (meta.json: `meta`) was written with, as "KEY OLD -> NEW" (nothing for checkpoints
+    written without a record of them). DeepSpeed restores the checkpoint's values (gradient
+    clipping in ZeRO 1-2 and its bf16 optimizer); the trainer then applies the config's
+    (`schedule.set_peak_settings`, `Trainer._resume`), so the change is made, and said."""
     changed = []
-    for key, value in (("train.lr", lr), ("train.weight_decay", weight_decay)):
+    for key, value in (("train.lr", lr), ("train.weight_decay", weight_decay), ("train.grad_clip", grad_clip)):
         saved = meta.get(key)
         if saved is not None and saved != value:
             changed.append(f"{key} {saved} -> {value}")

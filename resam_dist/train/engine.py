@@ -345,7 +345,8 @@ class Trainer:
         check_frozen_weights(meta, self.frozen_digest, source=source)
         check_engine_layout(meta, zero_stage=self.zero_stage, bf16=self.bf16, source=source,
                             config=str(self.cfg.source))
-        changed = changed_optimizer_settings(meta, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
+        changed = changed_optimizer_settings(meta, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay,
+                                             grad_clip=self.cfg.train.grad_clip)
         if changed and self.is_main:
             print(f"[train] resuming {source} with {', '.join(changed)} ({self.cfg.source}): the optimizer's "
                   "moments and the schedule's step are kept", flush=True)
@@ -359,8 +360,11 @@ class Trainer:
                                                    load_lr_scheduler_states=True, custom_load_fn=load_module)
         if load_path is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {self.checkpoints.root / tag}")
-        # DeepSpeed restored the checkpoint's peak lr and weight decay: the config's apply
+        # DeepSpeed restored the checkpoint's peak lr and weight decay, and in ZeRO 1-2 and its bf16
+        # optimizer the gradient clipping (the other wrappers keep the config's): the config's apply
         set_peak_settings(self.scheduler, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
+        if hasattr(self.engine.optimizer, "clip_grad"):
+            self.engine.optimizer.clip_grad = self.cfg.train.grad_clip
         self.step = int(client["step"])
         if int(self.engine.global_steps) != self.step:
             raise ValueError(f"checkpoint {tag}: trainer step {self.step} but DeepSpeed global_steps "
@@ -596,6 +600,7 @@ class Trainer:
                                     meta={"zero_stage": self.zero_stage, "bf16": self.bf16,
                                           "train.lr": self.cfg.train.lr,
                                           "train.weight_decay": self.cfg.train.weight_decay,
+                                          "train.grad_clip": self.cfg.train.grad_clip,
                                           "data_order": self.data_order,
                                           "data_position_rank0": self.data_position,
                                           "frozen_weights_sha256": self.frozen_digest})

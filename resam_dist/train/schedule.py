@@ -44,7 +44,7 @@ def set_peak_settings(scheduler: LambdaLR, *, lr: float, weight_decay: float) ->
     next optimizer step (the peak times the schedule's factor at the restored step). The
     optimizer's moments and the schedule's step stay as restored; unchanged values leave the lr
     as restored, bit for bit (LambdaLR computes it the same way)."""
-    groups = scheduler.optimizer.param_groups
+    groups = scheduler.optimizer.param_groups  # (the trainer builds one group; all get the same values)
     scheduler.base_lrs = [lr] * len(groups)
     for group, factor in zip(groups, scheduler.lr_lambdas):
         group["initial_lr"] = lr

@@ -40,7 +40,8 @@ def runs(train_shards, tmp_path_factory):
     shutil.copytree(base / "straight", base / "relr")
     trained_lr = json.loads((base / "straight" / "config.json").read_text())["train"]["lr"]
     relr_cfg = write_config(base / "relr.json", shards=train_shards, output_dir=base / "relr",
-                            overrides={**common, "train.max_steps": 2 * K + 1, "train.lr": trained_lr / 10})
+                            overrides={**common, "train.max_steps": 2 * K + 1, "train.lr": trained_lr / 10,
+                                       "train.grad_clip": 0.5})
     relr = run(torchrun_cmd(relr_cfg), log=base / "relr.log")
 
     # the killed run: two plain processes (no launcher that would end rank 0 for us); it would
@@ -106,7 +107,8 @@ def test_checkpoints_hold_the_trainable_weights_and_refuse_other_frozen_ones(run
     meta = json.loads((step_dir / "meta.json").read_text())
     assert (meta["zero_stage"], meta["bf16"]) == (2, False)
     trained = json.loads((step_dir.parents[1] / "config.json").read_text())["train"]
-    assert (meta["train.lr"], meta["train.weight_decay"]) == (trained["lr"], trained["weight_decay"])
+    assert (meta["train.lr"], meta["train.weight_decay"], meta["train.grad_clip"]) == (
+        trained["lr"], trained["weight_decay"], trained["grad_clip"])
     assert sorted(meta["data_order"]) == ["data.seed", "data.shuffle", "data.shuffle_buffer", "shards_sha256",
                                           "train.images_per_rank"]
     restaged = runs["restaged"]
@@ -118,11 +120,13 @@ def test_checkpoints_hold_the_trainable_weights_and_refuse_other_frozen_ones(run
 
 
 def test_a_relaunch_with_another_lr_applies_it_from_the_resumed_step(runs):
-    """DeepSpeed restores the checkpoint's peak lr; the trainer sets the config's over it and says so."""
+    """DeepSpeed restores the checkpoint's peak lr (and, in ZeRO 2, gradient clipping); the trainer
+    sets the config's over them and says so."""
     relr = runs["relr"]
     assert relr.returncode == 0, relr.stdout[-4000:]
     old, new = runs["trained_lr"], runs["trained_lr"] / 10
-    assert f"with train.lr {old} -> {new}" in relr.stdout, relr.stdout[-3000:]
+    trained_clip = json.loads((runs["base"] / "straight" / "config.json").read_text())["train"]["grad_clip"]
+    assert f"with train.lr {old} -> {new}, train.grad_clip {trained_clip} -> 0.5 " in relr.stdout, relr.stdout[-3000:]
     straight = {r["step"]: r["lr"] for r in read_jsonl(runs["base"] / "straight" / "train_log.jsonl")
                 if r["event"] == "step"}
     relaunched = {r["step"]: r["lr"] for r in read_jsonl(runs["base"] / "relr" / "train_log.jsonl")

@@ -184,11 +184,12 @@ def test_a_resume_across_zero_stage_groups_or_precisions_is_refused():
 def test_a_resume_names_a_changed_lr_or_weight_decay():
     """DeepSpeed restores the checkpoint's optimizer values; the trainer applies the config's and
     says what changed."""
-    settings = dict(lr=1e-3, weight_decay=1e-4)
+    settings = dict(lr=1e-3, weight_decay=1e-4, grad_clip=1.0)
     assert changed_optimizer_settings({"step": 4}, **settings) == []  # no record: nothing to say
     assert changed_optimizer_settings({"train.lr": 1e-3, "train.weight_decay": 1e-4}, **settings) == []
-    assert changed_optimizer_settings({"train.lr": 1e-2, "train.weight_decay": 0.5}, **settings) == [
-        "train.lr 0.01 -> 0.001", "train.weight_decay 0.5 -> 0.0001"]
+    assert changed_optimizer_settings({"train.lr": 1e-2, "train.weight_decay": 0.5, "train.grad_clip": 0.0},
+                                      **settings) == ["train.lr 0.01 -> 0.001", "train.weight_decay 0.5 -> 0.0001",
+                                                      "train.grad_clip 0.0 -> 1.0"]
 
 
 def test_a_resume_over_another_data_order_is_refused_naming_what_changed():
