@@ -532,6 +532,19 @@ def _word_strip_store(out_ptr, raw, plane, row, column, in_columns, real, height
 
 
 @triton.jit
+def _strip_place(words_per_row, num_words, BLOCK_W: tl.constexpr, STRIP_ROWS: tl.constexpr):
+    """The strip of the word kernel's program (grid dim 0: BLOCK_W word columns of STRIP_ROWS
+    image rows, column strips fastest): (first_row, end_row (the image's last row + 1 at most),
+    column: BLOCK_W word columns, in_columns: column < words_per_row)."""
+    height = num_words // words_per_row
+    strips = tl.cdiv(words_per_row, BLOCK_W)
+    first_row = (tl.program_id(0) // strips) * STRIP_ROWS
+    end_row = tl.minimum(first_row + STRIP_ROWS, height)
+    column = (tl.program_id(0) % strips) * BLOCK_W + tl.arange(0, BLOCK_W)  # BLOCK_W
+    return first_row, end_row, column, column < words_per_row
+
+
+@triton.jit
 def _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instances, words_per_row,
                        num_words, KP: tl.constexpr, TILE: tl.constexpr, ZERO_ONE: tl.constexpr,
                        STRIP_ROWS: tl.constexpr, PREFETCH: tl.constexpr, STREAM: tl.constexpr):
@@ -544,12 +557,7 @@ def _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instance
     triton 3.8)."""
     tl.static_assert(STRIP_ROWS <= 32)  # one bit per row in an int32
     BLOCK_W: tl.constexpr = TILE // KP
-    height = num_words // words_per_row
-    strips = tl.cdiv(words_per_row, BLOCK_W)
-    first_row = (tl.program_id(0) // strips) * STRIP_ROWS
-    end_row = tl.minimum(first_row + STRIP_ROWS, height)
-    column = (tl.program_id(0) % strips) * BLOCK_W + tl.arange(0, BLOCK_W)  # BLOCK_W
-    in_columns = column < words_per_row
+    first_row, end_row, column, in_columns = _strip_place(words_per_row, num_words, BLOCK_W, STRIP_ROWS)
     instance = tl.arange(0, KP)  # KP
     valid = instance < count  # instances k >= count are padding: not read, written empty
     real = instance < num_instances

@@ -32,7 +32,8 @@ from resam_kernels import overlap  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from resam_kernels.overlap import _finish_image, _fold_strip_boxes, _single_keeper_lanes, _word_strip_load  # noqa: E402
+from resam_kernels.overlap import (_finish_image, _fold_strip_boxes, _single_keeper_lanes, _strip_place,  # noqa: E402
+                                   _word_strip_load)
 
 
 @triton.jit
@@ -43,12 +44,7 @@ def _ablation_kernel(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals_ptr, bo
     image = tl.program_id(1).to(tl.int64)
     count = tl.maximum(tl.minimum(tl.load(counts_ptr + image), num_instances), 0).to(tl.int32)
     BLOCK_W: tl.constexpr = TILE // KP
-    height = num_words // words_per_row
-    strips = tl.cdiv(words_per_row, BLOCK_W)
-    first_row = (tl.program_id(0) // strips) * STRIP_ROWS
-    end_row = tl.minimum(first_row + STRIP_ROWS, height)
-    column = (tl.program_id(0) % strips) * BLOCK_W + tl.arange(0, BLOCK_W)  # BLOCK_W
-    in_columns = column < words_per_row
+    first_row, end_row, column, in_columns = _strip_place(words_per_row, num_words, BLOCK_W, STRIP_ROWS)
     instance = tl.arange(0, KP)  # KP
     valid = instance < count
     real = instance < num_instances

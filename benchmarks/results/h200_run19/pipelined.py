@@ -24,7 +24,7 @@ from resam_kernels import overlap  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from resam_kernels.overlap import _finish_image, _fold_strip_boxes, _single_keeper_lanes  # noqa: E402
+from resam_kernels.overlap import _finish_image, _fold_strip_boxes, _single_keeper_lanes, _strip_place  # noqa: E402
 
 
 @triton.jit
@@ -38,12 +38,7 @@ def _pipelined_kernel(words_ptr, counts_ptr, out_ptr, state_ptr, arrivals_ptr, b
     program moves the planes of the same images (balanced when an image has fewer valid planes).
     FINISH 0: no last-program box finish (boxes wrong: timing only)."""
     BLOCK_W: tl.constexpr = TILE // KP
-    height = num_words // words_per_row
-    strips = tl.cdiv(words_per_row, BLOCK_W)
-    first_row = (tl.program_id(0) // strips) * STRIP_ROWS
-    end_row = tl.minimum(first_row + STRIP_ROWS, height)
-    column = (tl.program_id(0) % strips) * BLOCK_W + tl.arange(0, BLOCK_W)  # BLOCK_W
-    in_columns = column < words_per_row
+    first_row, end_row, column, in_columns = _strip_place(words_per_row, num_words, BLOCK_W, STRIP_ROWS)
     instance = tl.arange(0, KP)
     real = instance < num_instances
     first_image = tl.program_id(1) * IMAGES
