@@ -466,7 +466,8 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    header = f"{'method (1 point, target test)':32s} {'mIoU':>14s} {'F1':>14s} {'buildings':>10s} {'ships':>8s}  seeds"
+    header = (f"{'method (1 point, target test)':32s} {'mIoU':>14s} {'F1':>14s} {'inst-mean':>10s} "
+              f"{'buildings':>10s} {'ships':>8s}  seeds")
     lines = [header, "-" * len(header)]
     for name, row in rows.items():
         def cell(key: str, width: int) -> str:
@@ -474,7 +475,8 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
             return f"{100 * mean:6.2f} ± {100 * spread:4.2f}".rjust(width) if row["n"] > 1 else f"{100 * mean:6.2f}".rjust(width)
         def kind(key: str, width: int) -> str:  # a target without that kind shows "-"
             return f"{100 * row[key][0]:{width}.2f}" if key in row else "-".rjust(width)
-        lines.append(f"{name:32s} {cell('miou', 14)} {cell('f1', 14)} {kind('miou_buildings', 10)} "
+        lines.append(f"{name:32s} {cell('miou', 14)} {cell('f1', 14)} {kind('miou_instances', 10)} "
+                     f"{kind('miou_buildings', 10)} "
                      f"{kind('miou_sar_ships', 8)}  {row['n']}")
     return "\n".join(lines)
 
@@ -583,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, entry in results.items():
         seeds = list(entry["seeds"].values())
         rows[name] = {key: _mean_spread([s[key] for s in seeds]) for key in
-                      ("miou", "f1", "precision", "recall", "miou_buildings", "miou_sar_ships") if key in seeds[0]}
+                      ("miou", "f1", "precision", "recall", "miou_instances", "f1_instances", "miou_buildings",
+                       "miou_sar_ships") if all(key in s for s in seeds)}
         rows[name]["n"] = len(seeds)
     table = format_table(rows)
     overlays = write_overlays(out / "overlays", direct_model, adapted_model, test_split, cfg, args.overlays) \

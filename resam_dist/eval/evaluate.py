@@ -14,7 +14,7 @@ Protocol (SPEC "Evaluation"), per image:
 4. `model.decode` gives S x S logits per instance; they are cropped to the resized image area,
    resized back to H x W (bilinear on the logits) and thresholded at 0;
 5. the K predicted masks are scored against the K GT masks at the original resolution with
-   `resam_dist.eval.metrics` (micro-imagewise), and written as COCO results (RLE, score = the
+   `resam_dist.eval.metrics` (micro-imagewise, and the instance means), and written as COCO results (RLE, score = the
    model's predicted IoU, `gt_id` = the prompting annotation) for mask AP.
 
 `resam-eval` has two modes:
@@ -27,8 +27,10 @@ Protocol (SPEC "Evaluation"), per image:
   results file of any model (see `resam_dist.eval.metrics.score_coco_results` for how results
   are paired with GT instances).
 
-Both print a table and write a JSON with `scores` (miou, f1, precision, recall, ap, ap50, ap75
-as fractions in [0, 1]; images, instances, skipped_images), `settings` and `per_image` rows.
+Both print a table and write a JSON with `scores` (miou, f1, precision, recall, miou_instances,
+f1_instances, ap, ap50, ap75 as fractions in [0, 1]; images, instances, skipped_images),
+`settings` and `per_image` rows. miou_instances / f1_instances average each instance's own score
+per image, as the public PointSAM code's metric does (`resam_dist.eval.metrics`).
 """
 
 from __future__ import annotations
@@ -51,14 +53,15 @@ from torch.nn import functional as F
 from resam_dist.data.coco import masks_to_rle
 from resam_dist.durable import atomic_write_text
 from resam_dist.eval.metrics import (
-    AP_KEYS, SCORE_KEYS, ImagewiseMeter, batch_image_counts, coco_mask_ap,
+    AP_KEYS, SCORE_KEYS, ImagewiseMeter, coco_mask_ap, instance_counts, instance_means,
     score_coco_results, scores_from_counts,
 )
 from resam_dist.resam.prompts import sample_points
 
 # the per-image scores of an image that is not evaluated (no ground-truth instance): zero counts
-_NOT_EVALUATED_SCORES = {key: float(value[0])
-                         for key, value in scores_from_counts(torch.zeros((1, 3), dtype=torch.int64)).items()}
+_NOT_EVALUATED_SCORES = {**{key: float(value[0])
+                            for key, value in scores_from_counts(torch.zeros((1, 3), dtype=torch.int64)).items()},
+                         "iou_instances": 0.0, "f1_instances": 0.0}
 
 ADAPTER_SUBDIRS = ("export/adapter", "adapter")
 """Where a run directory may hold the exported LoRA adapter (relative to the run directory);
@@ -69,13 +72,14 @@ the trainer (resam_dist.train.engine) exports to `<output_dir>/export/adapter`."
 class EvalResult:
     """What `evaluate_model` returns."""
     scores: dict[str, float]
-    """miou, f1, precision, recall, ap, ap50, ap75 (fractions), images, instances, skipped_images."""
+    """miou, f1, precision, recall, miou_instances, f1_instances, ap, ap50, ap75 (fractions), images,
+    instances, skipped_images."""
     coco_results: list[dict[str, Any]] = field(default_factory=list)
     """One COCO result per evaluated instance: image_id, category_id, segmentation (RLE),
     score (predicted IoU), gt_id (the annotation that prompted it)."""
     per_image: list[dict[str, Any]] = field(default_factory=list)
     """One row per image: image_id, file_name, instances, evaluated, tp, fp, fn, iou, f1,
-    precision, recall."""
+    precision, recall, iou_instances, f1_instances."""
     meter: ImagewiseMeter | None = None
     """The micro-imagewise sums behind `scores`: ranks that evaluated different images can
     `meter.all_reduce()` and `meter.compute()` the scores of the whole split."""
@@ -198,19 +202,19 @@ def canvas_logits_to_masks(logits: torch.Tensor, resized_hw: tuple[int, int],
 
 def _score_image(item: _Prepared, logits: torch.Tensor, iou: torch.Tensor, *, chunk: int,
                  device: torch.device) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Counts (1 x 3: tp, fp, fn) and COCO results of one image.
+    """Counts of each instance (K x 3: tp, fp, fn) and COCO results of one image.
 
     logits: K' x S x S (K' >= K, padding beyond K), iou: K'. Instances are resized back in chunks
     of `chunk` so memory stays at chunk x H x W.
     """
     num_instances = item.gt_masks.shape[0]
-    counts = torch.zeros(1, 3, dtype=torch.int64, device=device)
+    counts = []  # chunks of k x 3
     results: list[dict[str, Any]] = []
     for start in range(0, num_instances, chunk):
         stop = min(start + chunk, num_instances)
         pred = canvas_logits_to_masks(logits[start:stop], item.resized_hw, item.original_hw)  # k x H x W
         gt = torch.from_numpy(item.gt_masks[start:stop]).to(device)  # k x H x W
-        counts += batch_image_counts(pred.unsqueeze(0), gt.unsqueeze(0))
+        counts.append(instance_counts(pred.unsqueeze(0), gt.unsqueeze(0))[0])
         rles = masks_to_rle(pred.cpu().numpy())
         scores = iou[start:stop].tolist()
         for offset, rle in enumerate(rles):
@@ -218,7 +222,7 @@ def _score_image(item: _Prepared, logits: torch.Tensor, iou: torch.Tensor, *, ch
             results.append({"image_id": item.image_id, "category_id": int(item.category_ids[k]),
                             "segmentation": rle, "score": float(scores[offset]),
                             "gt_id": int(item.instance_ids[k])})
-    return counts, results
+    return torch.cat(counts), results
 
 
 def evaluate_model(model: Any, split: Any, *, num_points: int, seed: int = 1337, batch_size: int = 4,
@@ -252,15 +256,18 @@ def evaluate_model(model: Any, split: Any, *, num_points: int, seed: int = 1337,
         logits, iou = _run_batch(model, batch, max_instances=max_instances, device=device,
                                  autocast_dtype=autocast_dtype)
         for b, item in enumerate(batch):
-            counts, results = _score_image(item, logits[b], iou[b], chunk=max_instances, device=device)
-            meter.update_counts(counts, torch.tensor([item.gt_masks.shape[0]]))
+            per_instance, results = _score_image(item, logits[b], iou[b], chunk=max_instances, device=device)
+            every = torch.ones((1, per_instance.shape[0]), dtype=torch.bool, device=per_instance.device)
+            counts = meter.update_instances(per_instance[None], every)  # 1 x 3
             coco_results.extend(results)
             evaluated_ids.append(item.image_id)
             row_scores = {key: float(value[0]) for key, value in scores_from_counts(counts).items()}
+            iou_instances, f1_instances = instance_means(per_instance[None], every)[0].tolist()
             tp, fp, fn = counts[0].tolist()
             per_image[item.image_id] = {"image_id": item.image_id, "file_name": item.file_name,
                                         "instances": int(item.gt_masks.shape[0]), "evaluated": True,
-                                        "tp": tp, "fp": fp, "fn": fn, **row_scores}
+                                        "tp": tp, "fp": fp, "fn": fn, **row_scores,
+                                        "iou_instances": iou_instances, "f1_instances": f1_instances}
 
     # the model's device is current for the call (Triton kernels launch on the current device)
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -360,6 +367,7 @@ def load_model(cfg: Any, checkpoint: str | Path | None = None) -> tuple[Any, str
 # --------------------------------------------------------------------------------------------
 
 TABLE_ROWS = (("mIoU", "miou"), ("F1", "f1"), ("precision", "precision"), ("recall", "recall"),
+              ("mIoU inst-mean", "miou_instances"), ("F1 inst-mean", "f1_instances"),
               ("AP", "ap"), ("AP50", "ap50"), ("AP75", "ap75"))
 
 

@@ -9,6 +9,17 @@ Micro-imagewise scores, as the paper and PointSAM report them:
 * mIoU, F1, precision and recall are the means of these over the evaluated images (not pooled
   over the data set: two images with IoU 1.0 and 0.0 give mIoU 0.5 whatever their sizes).
 
+Instance-mean scores (`miou_instances`, `f1_instances`), reported beside them: per image, the mean
+over its instances of each instance's own IoU (F1), then the mean over the evaluated images. This
+is what the public PointSAM / WeSAM code computes: its `validate` passes one image's K x H x W
+stack to segmentation_models_pytorch's `get_stats(mode="binary")`, which reads K as the batch
+axis, and reduces with "micro-imagewise", which scores each batch item (instance) and averages
+them. SPEC.md describes the pooled stack above as what PointSAM reports; it is not, and a large
+instance outweighs a small one only in the pooled score. Differences that remain from the public
+code: it thresholds logits at 0.5 (here 0) and scores on the padded S x S canvas (here at the
+original resolution). An instance with tp + fp + fn = 0 scores 1 (smp's zero_division=1.0); it
+only occurs for empty GT layers, which evaluated images never have (see below).
+
 Zero-division rules:
 
 * an image whose ground-truth stack has no foreground pixel (no GT instance, or only empty GT
@@ -53,6 +64,8 @@ from resam_dist.data.coco import _is_int, segmentation_problem  # (the COCO read
 
 SCORE_KEYS = ("miou", "f1", "precision", "recall")
 """Keys of the micro-imagewise scores (fractions in [0, 1])."""
+INSTANCE_SCORE_KEYS = ("miou_instances", "f1_instances")
+"""Keys of the instance-mean scores (fractions in [0, 1]; see the module docstring)."""
 AP_KEYS = ("ap", "ap50", "ap75")
 """Keys of the COCO mask AP scores (fractions in [0, 1])."""
 
@@ -90,6 +103,25 @@ def batch_image_counts(pred: torch.Tensor, gt: torch.Tensor,
         valid = valid_from_counts(counts.to(pred.device), pred.shape[1])  # B x K
         per_instance = per_instance * valid[:, :, None]
     return per_instance.sum(dim=1)  # B x 3
+
+
+def instance_means(per_instance: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per image, the mean over its valid instances of each instance's IoU and F1.
+
+    per_instance: B x K x 3 (tp, fp, fn); valid: B x K bool. Returns B x 2 float64 (iou, f1); an
+    instance with tp + fp + fn = 0 scores 1, an image without a valid instance 0 (it is not
+    evaluated: see the module docstring).
+    """
+    if per_instance.dim() != 3 or per_instance.shape[-1] != 3 or valid.shape != per_instance.shape[:2]:
+        raise ValueError(f"per_instance must be B x K x 3 and valid B x K, got {tuple(per_instance.shape)} "
+                         f"and {tuple(valid.shape)}")
+    tp, fp, fn = per_instance.to(torch.float64).unbind(dim=-1)  # B x K each
+    union = tp + fp + fn
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.ones_like(tp))  # B x K
+    f1 = torch.where(union > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), torch.ones_like(tp))
+    weight = valid.to(torch.float64)  # B x K
+    instances = weight.sum(dim=1).clamp(min=1)  # B
+    return torch.stack([(iou * weight).sum(dim=1) / instances, (f1 * weight).sum(dim=1) / instances], dim=1)
 
 
 def image_scores(pred: torch.Tensor, gt: torch.Tensor) -> tuple[int, int, int]:
@@ -133,7 +165,8 @@ class ImagewiseMeter:
     """
 
     FIELDS = ("iou_sum", "f1_sum", "precision_sum", "recall_sum",
-              "images", "instances", "skipped_images", "tp", "fp", "fn")
+              "images", "instances", "skipped_images", "tp", "fp", "fn",
+              "instance_iou_sum", "instance_f1_sum", "instance_images")
 
     def __init__(self, device: torch.device | str | None = None):
         self.state = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
@@ -141,8 +174,11 @@ class ImagewiseMeter:
     def _index(self, name: str) -> int:
         return self.FIELDS.index(name)
 
-    def update_counts(self, counts: torch.Tensor, instances: torch.Tensor) -> torch.Tensor:
-        """Add images given their counts (B x 3: tp, fp, fn) and GT instances (B).
+    def update_counts(self, counts: torch.Tensor, instances: torch.Tensor,
+                      instance_scores: torch.Tensor | None = None) -> torch.Tensor:
+        """Add images given their counts (B x 3: tp, fp, fn), GT instances (B) and, optionally,
+        their instance-mean IoU and F1 (B x 2, `instance_means`). Images added without them
+        leave `miou_instances` and `f1_instances` NaN in `compute()`.
 
         Returns B bool: which images were evaluated (the others have no GT foreground pixel).
         """
@@ -151,6 +187,12 @@ class ImagewiseMeter:
         evaluated = (counts[:, 0] + counts[:, 2]) > 0  # B: TP + FN > 0
         scores = scores_from_counts(counts)
         weight = evaluated.to(torch.float64)  # B
+        if instance_scores is None:
+            instance_scores = torch.zeros((counts.shape[0], 2), dtype=torch.float64, device=self.state.device)
+            instance_weight = torch.zeros_like(weight)
+        else:
+            instance_scores = instance_scores.to(self.state.device, torch.float64).reshape(-1, 2)  # B x 2
+            instance_weight = weight
         update = torch.stack([
             (scores["iou"] * weight).sum(),
             (scores["f1"] * weight).sum(),
@@ -162,9 +204,19 @@ class ImagewiseMeter:
             (counts[:, 0] * weight).sum(),
             (counts[:, 1] * weight).sum(),
             (counts[:, 2] * weight).sum(),
+            (instance_scores[:, 0] * instance_weight).sum(),
+            (instance_scores[:, 1] * instance_weight).sum(),
+            instance_weight.sum(),
         ])
         self.state += update
         return evaluated
+
+    def update_instances(self, per_instance: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Add images given the counts of each instance (B x K x 3: tp, fp, fn) and which
+        instances are real (B x K bool). Returns the per-image counts, B x 3 int64."""
+        image_counts = (per_instance * valid[:, :, None]).sum(dim=1)  # B x 3
+        self.update_counts(image_counts, valid.sum(dim=1), instance_means(per_instance, valid))
+        return image_counts
 
     def update(self, pred_masks: torch.Tensor, gt_masks: torch.Tensor,
                counts: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,13 +229,13 @@ class ImagewiseMeter:
             if counts is not None:
                 raise ValueError("counts only apply to batched B x K x H x W inputs")
             pred_masks, gt_masks = pred_masks.unsqueeze(0), gt_masks.unsqueeze(0)
-        image_counts = batch_image_counts(pred_masks, gt_masks, counts)  # B x 3
+        per_instance = instance_counts(pred_masks, gt_masks)  # B x K x 3
+        num_images, num_instances = per_instance.shape[:2]
         if counts is None:
-            instances = torch.full((pred_masks.shape[0],), pred_masks.shape[1], dtype=torch.int64)
+            valid = torch.ones((num_images, num_instances), dtype=torch.bool, device=per_instance.device)
         else:
-            instances = counts
-        self.update_counts(image_counts, instances)
-        return image_counts
+            valid = valid_from_counts(counts.to(per_instance.device), num_instances)  # B x K
+        return self.update_instances(per_instance, valid)
 
     def merge(self, other: "ImagewiseMeter") -> None:
         """Add the state of another meter (e.g. one gathered from another rank)."""
@@ -208,13 +260,17 @@ class ImagewiseMeter:
         """Means over evaluated images plus counts.
 
         Keys: miou, f1, precision, recall (fractions; NaN with a warning when no image was
-        evaluated), images, instances, skipped_images (ints).
+        evaluated), miou_instances, f1_instances (fractions; NaN as well when an evaluated image
+        was added without its instance scores), images, instances, skipped_images (ints).
         """
         values = self.state_dict()
         images = int(round(values["images"]))
         result: dict[str, float] = {}
         for key, sum_name in zip(SCORE_KEYS, ("iou_sum", "f1_sum", "precision_sum", "recall_sum")):
             result[key] = values[sum_name] / images if images > 0 else math.nan
+        every_image_has_instance_scores = images > 0 and int(round(values["instance_images"])) == images
+        for key, sum_name in zip(INSTANCE_SCORE_KEYS, ("instance_iou_sum", "instance_f1_sum")):
+            result[key] = values[sum_name] / images if every_image_has_instance_scores else math.nan
         if images == 0:
             warnings.warn("ImagewiseMeter.compute: no image was evaluated (no GT foreground); "
                           "scores are NaN", stacklevel=2)
@@ -489,7 +545,8 @@ def score_coco_results(gt: str | Path | dict | COCO, results: str | Path | list,
       pairs with IoU 0 stay unpaired.
 
     A result left unpaired adds all its pixels as false positives (a stack layer with an empty
-    GT). Mixing both modes in one list raises ValueError.
+    GT; in the instance-mean scores, an instance of IoU 0). Mixing both modes in one list
+    raises ValueError.
     """
     coco_gt = load_coco_gt(gt)
     checked = load_results(results, coco_gt)
@@ -531,7 +588,7 @@ def score_coco_results(gt: str | Path | dict | COCO, results: str | Path | list,
         gt_masks = _decode([coco_gt.annToRLE(ann) for ann in gt_anns], height, width)  # K x H x W
         pred_masks = np.zeros_like(gt_masks)  # K x H x W
         image_results = results_by_image[image_id]
-        unpaired_pixels = 0
+        unpaired_areas: list[int] = []  # pixels of each unpaired result
         if use_gt_id:
             layer_of = {ann["id"]: layer for layer, ann in enumerate(gt_anns)}
             for entry in image_results:
@@ -560,15 +617,19 @@ def score_coco_results(gt: str | Path | dict | COCO, results: str | Path | list,
                             paired.add(int(row))
                 for row, rle in enumerate(result_rles):
                     if row not in paired:
-                        unpaired_pixels += int(mask_utils.area(rle))
-        tp, fp, fn = image_scores(torch.from_numpy(pred_masks), torch.from_numpy(gt_masks))
-        fp += unpaired_pixels
-        counts = torch.tensor([[tp, fp, fn]], dtype=torch.int64)
-        evaluated = bool(meter.update_counts(counts, torch.tensor([len(gt_anns)]))[0])
+                        unpaired_areas.append(int(mask_utils.area(rle)))
+        layers = instance_counts(torch.from_numpy(pred_masks)[None], torch.from_numpy(gt_masks)[None])[0]  # K x 3
+        unpaired = torch.tensor([[0, area, 0] for area in unpaired_areas], dtype=torch.int64).reshape(-1, 3)
+        layers = torch.cat([layers, unpaired])  # (K + unpaired) x 3
+        counts = layers.sum(dim=0, keepdim=True)  # 1 x 3
+        means = instance_means(layers[None], torch.ones(1, len(layers), dtype=torch.bool))  # 1 x 2
+        evaluated = bool(meter.update_counts(counts, torch.tensor([len(gt_anns)]), means)[0])
+        tp, fp, fn = counts[0].tolist()
         row_scores = {key: float(value[0]) for key, value in scores_from_counts(counts).items()}
         per_image.append({"image_id": image_id, "file_name": image.get("file_name", ""),
                           "instances": len(gt_anns), "evaluated": evaluated,
-                          "tp": tp, "fp": fp, "fn": fn, **row_scores})
+                          "tp": tp, "fp": fp, "fn": fn, **row_scores,
+                          "iou_instances": float(means[0, 0]), "f1_instances": float(means[0, 1])})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scores = meter.compute()

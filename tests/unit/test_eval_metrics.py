@@ -10,7 +10,7 @@ import torch
 
 from resam_dist.data.coco import masks_to_rle
 from resam_dist.eval.metrics import (
-    ImagewiseMeter, batch_image_counts, coco_mask_ap, image_scores, instance_counts,
+    ImagewiseMeter, batch_image_counts, coco_mask_ap, image_scores, instance_counts, instance_means,
     micro_imagewise, score_coco_results, scores_from_counts,
 )
 
@@ -104,6 +104,67 @@ def test_scores_from_counts_zero_division():
     assert scores["precision"].tolist() == [0.0, 0.5]
     assert scores["iou"].tolist() == [0.0, 0.5]
     assert scores["recall"].tolist() == [0.0, 1.0]
+
+
+def test_instance_means_average_each_instance_not_the_stack():
+    # A 10,000-pixel instance found exactly and a 100-pixel one missed: the pooled stack scores
+    # 10000 / 10100, the mean of the two instances' own IoUs 0.5 (the public PointSAM code's metric).
+    gt = torch.zeros(2, 120, 120, dtype=torch.bool)
+    gt[0, :100, :100] = True
+    gt[1, 110:120, 110:120] = True
+    pred = gt.clone()
+    pred[1] = False
+    meter = ImagewiseMeter()
+    meter.update(pred, gt)
+    result = meter.compute()
+    assert result["miou"] == pytest.approx(10000 / 10100)
+    assert result["miou_instances"] == pytest.approx(0.5) and result["f1_instances"] == pytest.approx(0.5)
+    # Hand-counted images: PRED1 instances IoU 1/2 and 2/3, F1 2/3 and 4/5; PRED2 IoU 1/4, F1 2/5
+    meter = ImagewiseMeter()
+    meter.update(PRED1, GT1)
+    meter.update(PRED2, GT2)
+    result = meter.compute()
+    assert result["miou_instances"] == pytest.approx(((1 / 2 + 2 / 3) / 2 + 1 / 4) / 2)
+    assert result["f1_instances"] == pytest.approx(((2 / 3 + 4 / 5) / 2 + 2 / 5) / 2)
+
+
+def test_instance_means_against_a_per_instance_loop_with_padding():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 9, 11, generator=generator)  # B x K x H x W
+    gt = torch.rand(3, 5, 9, 11, generator=generator) > 0.6
+    counts = torch.tensor([5, 2, 0])  # image 2 has no instance: not evaluated
+    meter = ImagewiseMeter()
+    meter.update(logits, gt, counts)
+    expected_iou, expected_f1 = [], []
+    for b in range(2):
+        ious, f1s = [], []
+        for k in range(int(counts[b])):
+            pred, truth = logits[b, k] > 0, gt[b, k]
+            tp = int((pred & truth).sum())
+            fp, fn = int((pred & ~truth).sum()), int((~pred & truth).sum())
+            ious.append(tp / (tp + fp + fn))
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+        expected_iou.append(np.mean(ious))
+        expected_f1.append(np.mean(f1s))
+    result = meter.compute()
+    assert result["images"] == 2 and result["skipped_images"] == 1
+    assert result["miou_instances"] == pytest.approx(np.mean(expected_iou), abs=1e-12)
+    assert result["f1_instances"] == pytest.approx(np.mean(expected_f1), abs=1e-12)
+    # an instance with tp + fp + fn = 0 scores 1; a B x K x 3 / B x K shape mismatch is refused
+    means = instance_means(torch.tensor([[[0, 0, 0], [1, 1, 0]]]), torch.tensor([[True, True]]))
+    assert means.tolist() == [[pytest.approx(0.75), pytest.approx((1 + 2 / 3) / 2)]]
+    with pytest.raises(ValueError, match="B x K x 3"):
+        instance_means(torch.zeros(2, 3), torch.ones(2, dtype=torch.bool))
+
+
+def test_image_counts_without_instance_scores_leave_the_instance_means_nan():
+    meter = ImagewiseMeter()
+    meter.update(PRED1, GT1)
+    assert not math.isnan(meter.compute()["miou_instances"])
+    meter.update_counts(torch.tensor([[1, 0, 3]]), torch.tensor([1]))
+    result = meter.compute()
+    assert result["miou"] == pytest.approx((3 / 5 + 1 / 4) / 2)
+    assert math.isnan(result["miou_instances"]) and math.isnan(result["f1_instances"])
 
 
 def test_micro_imagewise_from_triples():
@@ -310,6 +371,9 @@ def test_score_results_partial_and_unpaired():
     row = scored.per_image[0]
     assert (row["tp"], row["fp"], row["fn"]) == (8, 4, 12)
     assert scored.scores["miou"] == pytest.approx(8 / 24)
+    # instance means: instance 10 IoU 1, instance 11 IoU 0, the stray result an instance of IoU 0
+    assert row["iou_instances"] == pytest.approx(1 / 3)
+    assert scored.scores["miou_instances"] == pytest.approx(1 / 3)
     # The same with gt_id: only instance 10 predicted, no stray -> tp 8 fp 0 fn 12.
     scored = score_coco_results(_gt_dict(), _results(masks[:1], [0.9], gt_ids=[10]))
     assert scored.scores["miou"] == pytest.approx(8 / 20)

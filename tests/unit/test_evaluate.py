@@ -17,7 +17,8 @@ from resam_dist.eval.metrics import score_coco_results
 from resam_dist.model.build import PIXEL_MEAN, PIXEL_STD, build_sam
 
 REPO = Path(__file__).resolve().parents[2]
-SCORE_KEYS = ("miou", "f1", "precision", "recall", "ap", "ap50", "ap75", "images", "instances")
+SCORE_KEYS = ("miou", "f1", "precision", "recall", "miou_instances", "f1_instances", "ap", "ap50", "ap75",
+              "images", "instances")
 
 
 def _write_coco(root: Path) -> Path:
@@ -163,6 +164,11 @@ def test_cli_model_mode_writes_all_keys(coco_set, tiny_model, tmp_path, capsys):
     assert main(["--gt", str(gt_file), "--pred", str(saved), "--out", str(out2)]) == 0
     report2 = json.loads(out2.read_text())
     assert report2["scores"]["miou"] == pytest.approx(report["scores"]["miou"], abs=1e-12)
+    assert report2["scores"]["miou_instances"] == pytest.approx(report["scores"]["miou_instances"], abs=1e-12)
+    assert "mIoU inst-mean" in table
+    evaluated = [row for row in report["per_image"] if row["evaluated"]]
+    assert report["scores"]["miou_instances"] == pytest.approx(
+        sum(row["iou_instances"] for row in evaluated) / len(evaluated), abs=1e-12)
     assert report2["scores"]["ap"] == pytest.approx(report["scores"]["ap"], abs=1e-12)
     # A missing checkpoint is a clear error, not a traceback.
     assert main(["--config", str(config), "--checkpoint", str(tmp_path / "nope")]) == 2
