@@ -9,7 +9,10 @@ shard by the GLOBAL rank.
 
 `init_distributed` creates the torch.distributed group itself (gloo on CPU, nccl on CUDA) with the
 configured timeout, so that a rank that dies ends the job with an error after at most that long
-instead of hanging it; DeepSpeed then reuses the group.
+instead of hanging it. DeepSpeed then makes its own groups from it (its data-parallel group, which
+carries ZeRO's gradient reduction and parameter gathers, is a `new_group` of all ranks) without a
+timeout, so they would wait torch's default (30 minutes on gloo, 10 on NCCL): the configured
+timeout is made the default of every group created after it as well.
 """
 
 from __future__ import annotations
@@ -138,11 +141,22 @@ def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> Di
 
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, rank=global_rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, rank=global_rank, world_size=world, timeout=timeout, **kwargs)
+        set_default_group_timeout(timeout)
     _INFO = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
                      device=device, backend=backend)
     return _INFO
+
+
+def set_default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Makes `timeout` the timeout of every process group created later without one (`new_group`
+    takes torch's module defaults then: DeepSpeed's groups are made that way)."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 # DeepSpeed options that take LOCAL_RANK as the rank within the node (which rank of a node writes

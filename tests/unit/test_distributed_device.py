@@ -80,6 +80,41 @@ def test_init_distributed_twice_returns_the_first_setup_until_closed(monkeypatch
         distributed.close()
 
 
+def test_deepspeeds_own_groups_get_the_configured_timeout(monkeypatch):
+    """DeepSpeed's data-parallel group (ZeRO's gradient reduction) is a group of its own, made
+    without a timeout: it takes the configured one, not torch's 30-minute default."""
+    import datetime
+
+    import deepspeed
+    from torch.distributed import distributed_c10d
+
+    from resam_dist import distributed
+    from resam_dist.train.engine import _disable_deepspeed_shm_build
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS",
+                 "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(distributed_c10d, "default_pg_timeout", distributed_c10d.default_pg_timeout)
+    monkeypatch.setattr(distributed_c10d, "default_pg_nccl_timeout", distributed_c10d.default_pg_nccl_timeout)
+    monkeypatch.setattr(deepspeed.utils.groups, "_WORLD_GROUP", None)  # (a group of an earlier world)
+    distributed.init_distributed(7, local_rank_arg=0)
+    try:
+        _disable_deepspeed_shm_build()
+        model = torch.nn.Linear(4, 1)
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
+                  "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                          config=config, dist_init_required=False)
+        group = engine.optimizer.dp_process_group
+        assert group is not torch.distributed.group.WORLD
+        timeout = group._get_backend(torch.device("cpu")).options._timeout  # (torch keeps it there)
+        assert timeout == datetime.timedelta(seconds=7)
+    finally:
+        distributed.close()
+
+
 def test_only_a_task_of_a_multi_task_srun_step_takes_its_rank_from_slurm():
     from resam_dist.distributed import srun_task_environment
 
