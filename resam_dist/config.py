@@ -130,9 +130,14 @@ class TrainConfig:
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     warmup_steps: int = 250
-    """Linear warm-up steps."""
+    """Linear warm-up length (optimizer steps, or images: `schedule_unit`)."""
     milestones: list[int] = field(default_factory=list)
     """Optimizer steps at which the lr is multiplied by `lr_gamma`."""
+    schedule_unit: Literal["steps", "images"] = "steps"
+    """What `warmup_steps` and `milestones` count: optimizer steps, or training images (each
+    optimizer step stands for images_per_rank x ranks x grad_accum_steps of them), so that a
+    schedule written for one global batch, such as the public code's batch 1, holds at any
+    cluster size."""
     lr_gamma: float = 0.1
     """LR decay factor at each milestone."""
     epochs: int = 10

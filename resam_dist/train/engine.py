@@ -69,7 +69,7 @@ from resam_dist.train.checkpoint import (CheckpointManager, capture_rng_state, c
                                          load_trainable_state, restore_rng_state)
 from resam_dist.train.ema import EmaTeacher, resume_notice
 from resam_dist.train.metrics import SKIP_REASONS, JsonlLog, ProgressBar, TrainMetrics
-from resam_dist.train.schedule import build_scheduler, set_peak_settings
+from resam_dist.train.schedule import build_scheduler, schedule_warnings, set_peak_settings
 
 LOG_FILE = "train_log.jsonl"
 EXPORT_DIR = "export"
@@ -196,6 +196,24 @@ def _bf16_supported(cfg: Config, device: torch.device) -> bool:
     return cfg.train.precision == "bf16"
 
 
+class FiniteStepAdamW(torch.optim.AdamW):
+    """AdamW that skips an update whose gradients are not all finite, and says so in `overflow`:
+    DeepSpeed's engine reads that attribute after `step()` for `was_step_applied()` and then
+    leaves its schedule alone, as when ZeRO 1-3 or its bf16 optimizer skip such an update
+    themselves. Only fp32 at ZeRO stage 0 hands the plain optimizer the gradients as they are
+    (an update of NaN gradients would make every later loss NaN); the trainer uses this class
+    there only (DeepSpeed's ZeRO optimizers refuse an AdamW subclass)."""
+
+    overflow = False
+
+    def step(self, closure=None):
+        grads = [param.grad for group in self.param_groups for param in group["params"] if param.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(grad).all() for grad in grads]).all())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 def _disable_deepspeed_shm_build() -> None:
     """deepspeed.comm JIT-builds its CPU shared-memory collective op (~35-50 s) when it wraps the
     process group, which training does not need (gloo does the work): mark it unavailable.
@@ -241,11 +259,16 @@ class Trainer:
         trainable = [p for p in module.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError(f"{cfg.source}: no trainable (LoRA) parameters; check the 'lora' section")
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        scheduler = build_scheduler(optimizer, warmup_steps=cfg.train.warmup_steps,
-                                    milestones=cfg.train.milestones, gamma=cfg.train.lr_gamma)
         self.ds_config = deepspeed_dict(cfg, self.world_size, _bf16_supported(cfg, self.device))
         self.bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
+        adamw = FiniteStepAdamW if self.zero_stage == 0 and not self.bf16 else torch.optim.AdamW
+        optimizer = adamw(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        # images one optimizer step stands for in the schedule (1: it counts optimizer steps)
+        self.schedule_images_per_step = (cfg.train.images_per_rank * self.world_size * cfg.train.grad_accum_steps
+                                         if cfg.train.schedule_unit == "images" else 1)
+        scheduler = build_scheduler(optimizer, warmup_steps=cfg.train.warmup_steps,
+                                    milestones=cfg.train.milestones, gamma=cfg.train.lr_gamma,
+                                    images_per_step=self.schedule_images_per_step)
         if self.device.type == "cpu":
             _disable_deepspeed_shm_build()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -326,6 +349,11 @@ class Trainer:
             print(f"[train] world {self.world_size}, ZeRO stage {self.zero_stage}, {precision}, "
                   f"{self.images_per_step} images/rank/step, {self.total_steps} steps, "
                   f"{'resumed from ' + self.resumed_from if self.resumed_from else 'fresh start'}", flush=True)
+            for note in schedule_warnings(total_steps=self.total_steps, warmup_steps=self.cfg.train.warmup_steps,
+                                          milestones=self.cfg.train.milestones,
+                                          images_per_step=self.schedule_images_per_step,
+                                          unit=self.cfg.train.schedule_unit):
+                print(f"[train] warning: {note}", flush=True)
             self.log.write({"event": "start", "world_size": self.world_size, "zero_stage": self.zero_stage,
                             "precision": precision, "step": self.step, "total_steps": self.total_steps,
                             "resumed_from": self.resumed_from, "data_position": self.data_position,
@@ -420,7 +448,7 @@ class Trainer:
 
     def _record_skipped_update(self) -> None:
         """DeepSpeed skipped the optimizer update of the step just ended: its gradients were not
-        finite (ZeRO 1-2 check them). The step counts (its data was read); the EMA teacher is not
+        finite (ZeRO 1-3 and the bf16 optimizer check them, `FiniteStepAdamW` at stage 0 in fp32). The step counts (its data was read); the EMA teacher is not
         updated; the schedule, which DeepSpeed did not advance, is stepped here so that its
         warm-up and milestones stay at the trainer's step numbers."""
         self.engine.lr_scheduler.step()

@@ -1,5 +1,6 @@
-"""A finite loss with a non-finite gradient (faults.nan_grad_step: rank 1, step 2) under ZeRO-2 on
-2 gloo ranks, with the EMA teacher: DeepSpeed skips that optimizer update. The trainer counts it
+"""A finite loss with a non-finite gradient (faults.nan_grad_step: rank 1, step 2) under ZeRO-2, and
+at stage 0 in fp32 (where the trainer's FiniteStepAdamW does what ZeRO's check does), on 2 gloo
+ranks, with the EMA teacher: DeepSpeed skips that optimizer update. The trainer counts it
 (`skipped.nonfinite_grad`, a "skip" record), leaves the EMA teacher alone, and keeps the schedule
 on its step numbers: the milestone at step 3 still divides the lr from step 4 on (before, every
 such skip pushed the schedule back one step, uncounted)."""
@@ -21,9 +22,10 @@ def checkpoint_file(run_dir, step, name):
     return torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / name, weights_only=False, map_location="cpu")
 
 
-def test_a_skipped_update_is_counted_and_keeps_the_schedule_and_the_teacher(train_shards, tmp_path):
+@pytest.mark.parametrize("stage", [2, 0])
+def test_a_skipped_update_is_counted_and_keeps_the_schedule_and_the_teacher(train_shards, tmp_path, stage):
     config = write_config(tmp_path / "config.json", shards=train_shards, output_dir=tmp_path / "run", overrides={
-        "deepspeed.zero_optimization.stage": 2, "train.max_steps": 4, "checkpoint.every_steps": 1,
+        "deepspeed.zero_optimization.stage": stage, "train.precision": "fp32", "train.max_steps": 4, "checkpoint.every_steps": 1,
         "checkpoint.keep_last": 4, "resam.teacher_ema": 0.5, "faults.nan_grad_step": 2, "faults.nan_loss_rank": 1})
     result = run(torchrun_cmd(config), log=tmp_path / "train.log")
     assert result.returncode == 0, (tmp_path / "train.log").read_text()[-4000:]
@@ -46,6 +48,7 @@ def test_a_skipped_update_is_counted_and_keeps_the_schedule_and_the_teacher(trai
         return checkpoint_file(tmp_path / "run", step, "client_rank00000.pt")["teacher_ema"]["averages"]
 
     assert all(torch.equal(a, b) for a, b in zip(lora(1), lora(2), strict=True))  # no update at step 2
+    assert all(bool(torch.isfinite(tensor).all()) for tensor in lora(4))
     assert all(torch.equal(a, b) for a, b in zip(averages(1), averages(2), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(lora(2), lora(3), strict=True))  # step 3 trains again
     assert not all(torch.equal(a, b) for a, b in zip(averages(2), averages(3), strict=True))

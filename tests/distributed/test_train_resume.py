@@ -24,8 +24,10 @@ TIMEOUT_S = 20         # collective timeout of the killed run
 @pytest.fixture(scope="module")
 def runs(train_shards, tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
+    # the schedule counts images: 2 ranks x 2 images a step, warm-up 8 images, the milestone at 12
     common = {"deepspeed.zero_optimization.stage": 2, "checkpoint.every_steps": K, "checkpoint.keep_last": 2,
-              "train.collective_timeout_s": TIMEOUT_S, "train.activation_checkpointing": "all"}
+              "train.collective_timeout_s": TIMEOUT_S, "train.activation_checkpointing": "all",
+              "train.schedule_unit": "images", "train.warmup_steps": 8, "train.milestones": [12]}
     straight_cfg = write_config(base / "straight.json", shards=train_shards, output_dir=base / "straight",
                                 overrides={**common, "train.max_steps": 2 * K})
     straight = run(deepspeed_cmd(straight_cfg), log=base / "straight.log")
@@ -79,6 +81,11 @@ def test_uninterrupted_run_checkpoints_atomically_and_exports(runs):
     assert not any("lora" in k for k in merged)
     records = read_jsonl(out / "train_log.jsonl")
     assert [r["event"] for r in records][0] == "start" and records[-1]["event"] == "end"
+    # warm-up and milestone in images, 4 a step: 4/8, then the peak, then decayed once 12 images are done
+    trained = json.loads((out / "config.json").read_text())["train"]
+    lrs = [r["lr"] for r in records if r["event"] == "step"]
+    gamma = trained["lr_gamma"]
+    assert lrs == pytest.approx([trained["lr"] * f for f in (0.5, 1.0, 1.0, gamma, gamma, gamma)], rel=1e-12)
     assert [r["rank"] for r in records[0]["ranks"]] == [0, 1]
     assert records[0]["activation_checkpointing"] == "all" and records[0]["attention"] == "sdpa"
     assert [r["local_rank"] for r in records[0]["ranks"]] == [0, 1]
@@ -131,7 +138,7 @@ def test_a_relaunch_with_another_lr_applies_it_from_the_resumed_step(runs):
                 if r["event"] == "step"}
     relaunched = {r["step"]: r["lr"] for r in read_jsonl(runs["base"] / "relr" / "train_log.jsonl")
                   if r["event"] == "step"}
-    # steps 6 and 7 both run past the warm-up (2 steps) and the milestone (3): the same factor
+    # steps 6 and 7 both run past the warm-up (8 images) and the milestone (12): the same factor
     assert relaunched[2 * K + 1] == pytest.approx(straight[2 * K] / 10, rel=1e-12)
 
 

@@ -1,12 +1,14 @@
 """Strict typed configs: every shipped config loads; bad keys, types and batch sizes are refused."""
 
 import json
+import math
 import os
 from pathlib import Path
 
 import pytest
 
 from resam_dist.config import deepspeed_dict, load_config
+from resam_dist.train.schedule import lr_factor, schedule_warnings
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -37,8 +39,34 @@ def test_dataset_configs_carry_spec_values():
         assert cfg.lora.start_block == start_block
         assert cfg.train.milestones == milestones
         assert cfg.train.lr == 5e-4 and cfg.train.warmup_steps == 250
+        assert cfg.train.schedule_unit == "images"  # the public code's batch-1 schedule, at any global batch
         assert cfg.lora.rank == 4 and cfg.data.max_instances == 50
         assert cfg.resam.ssa_weight == 0.1 and cfg.resam.ssa_tau == 0.07 and cfg.resam.queue_size == 128
+
+
+# training images of SPEC.md's splits (tiling only adds samples) and the epochs they train
+SPLIT_IMAGES = {"nwpu": 520, "whu": 4736, "hrsid": 459}
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_IMAGES))
+@pytest.mark.parametrize("world_size", [1, 8, 16, 64])
+def test_dataset_schedules_warm_up_and_decay_at_every_cluster_size(name, world_size):
+    """With 8 images per rank, milestones counted in optimizer steps (the public code's, written
+    for batch 1) would never fire; counted in images, every run reaches its peak and decays."""
+    cfg = load_config(CONFIGS / f"{name}.json")
+    per_rank = math.ceil(SPLIT_IMAGES[name] / world_size)
+    total_steps = cfg.train.epochs * math.ceil(per_rank / cfg.train.images_per_rank) // cfg.train.grad_accum_steps
+    images_per_step = cfg.train.images_per_rank * world_size * cfg.train.grad_accum_steps
+    assert schedule_warnings(total_steps=total_steps, warmup_steps=cfg.train.warmup_steps,
+                             milestones=cfg.train.milestones, images_per_step=images_per_step,
+                             unit=cfg.train.schedule_unit) == []
+    factors = [lr_factor(step, warmup_steps=cfg.train.warmup_steps, milestones=cfg.train.milestones,
+                         gamma=cfg.train.lr_gamma, images_per_step=images_per_step) for step in range(total_steps)]
+    assert max(factors) == 1.0 and factors[-1] == pytest.approx(cfg.train.lr_gamma ** len(cfg.train.milestones))
+    # the same schedule in optimizer steps misses both milestones at 8 ranks and more
+    if world_size >= 8:
+        assert schedule_warnings(total_steps=total_steps, warmup_steps=cfg.train.warmup_steps,
+                                 milestones=cfg.train.milestones, images_per_step=1, unit="steps")
 
 
 def test_unknown_key_names_key_and_file(tmp_path):
@@ -59,7 +87,7 @@ def test_unknown_section(tmp_path):
 @pytest.mark.parametrize("section,key,value", [
     ("train", "lr", "fast"), ("train", "images_per_rank", 2.5), ("train", "images_per_rank", True),
     ("kernels", "enabled", 1), ("resam", "overlap_mode", "max"), ("train", "milestones", [1, "2"]),
-    ("model", "name", "vit_x"),
+    ("model", "name", "vit_x"), ("train", "schedule_unit", "epochs"),
 ])
 def test_wrong_types_name_the_key(tmp_path, section, key, value):
     data = demo_dict()

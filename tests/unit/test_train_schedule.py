@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from resam_dist.train.schedule import build_scheduler, lr_factor, set_peak_settings
+from resam_dist.train.schedule import build_scheduler, lr_factor, schedule_warnings, set_peak_settings
 
 
 def test_factor_warms_up_linearly_then_decays_at_milestones():
@@ -13,6 +13,42 @@ def test_factor_warms_up_linearly_then_decays_at_milestones():
     assert factors[6:8] == pytest.approx([0.1, 0.1])
     assert factors[8:] == pytest.approx([0.01, 0.01])
     assert lr_factor(0, warmup_steps=0, milestones=[], gamma=0.1) == 1.0
+
+
+def test_factor_in_images_counts_each_step_as_its_global_batch():
+    # 64 images a step: warm-up 250 images -> 64/250, 128/250, 192/250, then the peak; milestone
+    # 2000 images fires at the first step taken after 2000 images (step 32: 32 * 64 = 2048 >= 2000)
+    factors = [lr_factor(s, warmup_steps=250, milestones=[2000, 4000], gamma=0.1, images_per_step=64)
+               for s in range(70)]
+    assert factors[:4] == pytest.approx([64 / 250, 128 / 250, 192 / 250, 1.0])
+    assert factors[31] == 1.0 and factors[32] == pytest.approx(0.1)
+    assert factors[62] == pytest.approx(0.1) and factors[63] == pytest.approx(0.01)
+    # one image a step: the same factors as counting optimizer steps
+    for step in range(12):
+        assert lr_factor(step, warmup_steps=4, milestones=[6, 8], gamma=0.1, images_per_step=1) == \
+            lr_factor(step, warmup_steps=4, milestones=[6, 8], gamma=0.1)
+    with pytest.raises(ValueError, match="images per optimizer step"):
+        build_scheduler(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), warmup_steps=1,
+                        milestones=[], gamma=0.1, images_per_step=0)
+
+
+def test_schedule_warnings_name_what_a_run_never_reaches():
+    # 90 steps of 64 images: warm-up and both milestones are reached in images, none in steps
+    assert schedule_warnings(total_steps=90, warmup_steps=250, milestones=[2000, 4000], images_per_step=64,
+                             unit="images") == []
+    notes = schedule_warnings(total_steps=90, warmup_steps=250, milestones=[2000, 4000], images_per_step=1,
+                              unit="steps")
+    assert len(notes) == 3
+    assert "warmup_steps 250 (optimizer steps) outlasts this run's 90 optimizer steps" in notes[0]
+    assert "milestones [2000, 4000] (optimizer steps) lie beyond" in notes[1]
+    assert 'schedule_unit "images"' in notes[2]
+    # a milestone fires when the last step is taken at or after it: 63 * 64 = 4032 >= 4000
+    assert schedule_warnings(total_steps=64, warmup_steps=250, milestones=[2000, 4000], images_per_step=64,
+                             unit="images") == []
+    notes = schedule_warnings(total_steps=63, warmup_steps=250, milestones=[2000, 4000], images_per_step=64,
+                              unit="images")
+    assert notes == ["train.milestones [4000] (images) lie beyond this run's 63 optimizer steps: those decays "
+                     "never happen"]
 
 
 def test_scheduler_drives_the_optimizer_and_resumes_from_its_state():
