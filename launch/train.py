@@ -24,9 +24,20 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {pair!r}")
+
+        def refuse_duplicates(items: list[tuple[str, object]], key: str = key) -> dict[str, object]:
+            """One JSON object's keys, refusing a repeated one (json.loads would keep the last)."""
+            seen: dict[str, object] = {}
+            for name, value in items:
+                if name in seen:
+                    raise ValueError(f"--set {key}: key '{name}' appears twice in one object (the first would be "
+                                     "ignored)")
+                seen[name] = value
+            return seen
+
         overrides.pop(key, None)
         try:
-            overrides[key] = json.loads(text)
+            overrides[key] = json.loads(text, object_pairs_hook=refuse_duplicates)
         except json.JSONDecodeError:
             overrides[key] = text
     return overrides

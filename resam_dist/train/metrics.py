@@ -89,7 +89,8 @@ class TrainMetrics:
             return Gauge(name, doc, ["rank", *extra], registry=registry)
 
         self.samples = counter("resam_samples", "Training images processed by this rank (skipped steps included).")
-        self.steps = counter("resam_steps", "Optimizer steps taken.")
+        self.steps = counter("resam_steps", "Optimizer steps counted, those whose update DeepSpeed skipped "
+                             "included (they are also in resam_skipped_steps_total{reason=\"nonfinite_grad\"}).")
         self.skipped = counter("resam_skipped_steps", "Micro-steps the loss guard skipped (nonfinite, spike) and "
                                "optimizer updates DeepSpeed skipped (nonfinite_grad).", ("reason",))
         self.step_duration = Histogram("resam_step_duration_seconds", "Wall time of one optimizer step "

@@ -344,3 +344,5 @@ def test_the_last_set_of_a_key_wins_and_errors_name_the_set_keys(tmp_path):
     assert load_config(CONFIGS / "demo.json", overrides).train.lr == 0.3
     with pytest.raises(ValueError, match=r"demo.json with --set train.max_steps, train.lr: key 'train.lr' must be"):
         load_config(CONFIGS / "demo.json", entry.parse_overrides(["train.max_steps=3", "train.lr=NaN"]))
+    with pytest.raises(ValueError, match=r"--set train: key 'lr' appears twice in one object"):
+        entry.parse_overrides(['train={"lr": 0.1, "lr": 0.2}'])
