@@ -267,6 +267,9 @@ class CocoSplit:
             if not _is_int(ann["category_id"]) or ann["category_id"] not in category_ids:
                 self._bad("annotation", ann_id, f"unknown or non-integer category id {ann['category_id']!r}")
                 continue
+            if ann.get("iscrowd", 0) not in (0, 1):  # (pycocotools reads int(iscrowd); a string "0" is truthy)
+                self._bad("annotation", ann_id, f"'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
+                continue
             problem = segmentation_problem(ann["segmentation"], record.info["height"], record.info["width"])
             if problem is not None:
                 self._bad("annotation", ann_id, problem)

@@ -85,9 +85,12 @@ def _expand_braces(pattern: str) -> list[str]:
 def _read_index(path: Path, tar: Path) -> list[dict[str, tuple[int, int]]]:
     """Parse a DALI webdataset index (v1.1/v1.2): per sample, extension -> (offset, size)."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="ascii").splitlines()
     except FileNotFoundError:
         raise ShardError(f"shard {tar}: index file {path} not found (run resam-prep or DALI's wds2idx)") from None
+    except UnicodeDecodeError:
+        raise ShardError(f"shard {tar}: index file {path} is not a text index (corrupt? recreate it with "
+                         "resam-prep or DALI's wds2idx)") from None
     header = lines[0].split() if lines else []
     if len(header) != 2 or not header[0].startswith("v1.") or not header[1].isdigit():
         raise ShardError(f"shard {tar}: index file {path} has no valid header ('v1.2 <samples>'), got {lines[:1]}")

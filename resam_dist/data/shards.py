@@ -24,8 +24,10 @@ an interrupted run never leaves a complete-looking shard set.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -380,8 +382,20 @@ def _results(split: CocoSplit, options: TileOptions, workers: int) -> Iterator[I
     # (a process pool of concurrent.futures fails when a worker dies, e.g. killed for memory, where
     # multiprocessing.Pool would wait for its result forever)
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(split, options))
+    # at most `ahead` images submitted and not yet handed on: finished results wait here for the
+    # writer in image order, so memory stays at a few images' tiles (pool.map would submit every
+    # image at once and keep every result the writer has not reached)
+    ahead = 2 * workers
+    pending: collections.deque = collections.deque()
+    image_ids = iter(split.image_ids)
     try:
-        yield from pool.map(_process_in_worker, split.image_ids, chunksize=1)
+        for image_id in itertools.islice(image_ids, ahead):
+            pending.append(pool.submit(_process_in_worker, image_id))
+        while pending:
+            result = pending.popleft().result()
+            for image_id in itertools.islice(image_ids, 1):
+                pending.append(pool.submit(_process_in_worker, image_id))
+            yield result
     except BrokenProcessPool as err:
         raise WorkerDied("a worker process died (killed, e.g. for lack of memory?) while it prepared an "
                          "image; no shard was completed from its output") from err

@@ -360,7 +360,8 @@ def load_coco_gt(gt: str | Path | dict | COCO) -> COCO:
 def _check_gt_entries(dataset: dict, source: str) -> None:
     """ValueError naming `source` and the entry for what pycocotools would fail on or mix up: an
     image without integer id, height and width, an annotation without integer id, image_id and
-    category_id or without segmentation, a category without integer id, and duplicate ids."""
+    category_id or without segmentation or with an 'iscrowd' other than 0 / 1, a category without
+    integer id, and duplicate ids."""
     required = {"images": ("id", "height", "width"), "annotations": ("id", "image_id", "category_id"),
                 "categories": ("id",)}
     for key, int_keys in required.items():
@@ -374,6 +375,9 @@ def _check_gt_entries(dataset: dict, source: str) -> None:
                     raise ValueError(f"{where} needs an integer '{int_key}', got {entry.get(int_key)!r}")
             if key == "annotations" and "segmentation" not in entry:
                 raise ValueError(f"{where} (id {entry['id']}) lacks 'segmentation'")
+            crowd = entry.get("iscrowd", 0) if key == "annotations" else 0
+            if crowd not in (0, 1):  # (pycocotools reads int(iscrowd); a string "0" is truthy here)
+                raise ValueError(f"{where} (id {entry['id']}): 'iscrowd' must be 0 or 1, got {crowd!r}")
             if entry["id"] in seen:
                 raise ValueError(f"{where}: duplicate {key[:-1]} id {entry['id']}")
             seen.add(entry["id"])

@@ -140,6 +140,8 @@ BAD_CASES = {
     "odd coordinates": (lambda d: d["annotations"][1].update(segmentation=[[1, 1, 5, 5, 9]]), "annotation id 11", "odd number"),
     "unknown category": (lambda d: d["annotations"][3].update(category_id=99), "annotation id 20", "unknown or non-integer category id 99"),
     "list as category": (lambda d: d["annotations"][3].update(category_id=[1]), "annotation id 20", "non-integer category id [1]"),
+    "null iscrowd": (lambda d: d["annotations"][3].update(iscrowd=None), "annotation id 20", "'iscrowd' must be 0 or 1, got None"),
+    "string iscrowd": (lambda d: d["annotations"][3].update(iscrowd="0"), "annotation id 20", "'iscrowd' must be 0 or 1, got '0'"),
     "duplicate annotation id": (lambda d: d["annotations"][4].update(id=10), "annotation id 10", "duplicate annotation id"),
     "missing segmentation": (lambda d: d["annotations"][5].pop("segmentation"), "annotation id 40", "missing key"),
     "unknown image": (lambda d: d["annotations"][5].update(image_id=77), "annotation id 40", "unknown image id 77"),

@@ -334,6 +334,7 @@ def test_results_whose_runs_do_not_cover_the_image_are_refused(counts, message):
     (lambda gt: gt["annotations"][0].pop("id"), "gt.json: annotations[0] needs an integer 'id', got None"),
     (lambda gt: gt["annotations"][1].update(id=10), "gt.json: annotations[1]: duplicate annotation id 10"),
     (lambda gt: gt["annotations"][0].pop("segmentation"), "gt.json: annotations[0] (id 10) lacks 'segmentation'"),
+    (lambda gt: gt["annotations"][0].update(iscrowd=None), "annotations[0] (id 10): 'iscrowd' must be 0 or 1, got None"),
     (lambda gt: gt["annotations"][0].update(image_id="7"), "annotations[0] needs an integer 'image_id', got '7'"),
     (lambda gt: gt["images"][0].pop("height"), "gt.json: images[0] needs an integer 'height', got None"),
     (lambda gt: gt["images"].append(dict(gt["images"][0])), "gt.json: images[1]: duplicate image id 7"),

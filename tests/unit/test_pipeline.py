@@ -415,6 +415,9 @@ def test_shard_specs_folder_list_and_brace_pattern(shards, shard_copy):
     with pytest.raises(ShardError, match=r"train-000001.tar: index file .*train-000001.idx line 2: component "
                                          r".* has offset '12x4'"):
         resolve_shards(shard_copy)
+    index.write_bytes(b"\xff\xfe garbage")  # not text at all
+    with pytest.raises(ShardError, match=r"train-000001.tar: index file .*train-000001.idx is not a text index"):
+        resolve_shards(shard_copy)
     index.write_text(original)
     (shard_copy / "train-000002.idx").unlink()
     with pytest.raises(ShardError, match="train-000002.tar: index file .* not found"):

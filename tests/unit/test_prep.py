@@ -160,6 +160,33 @@ def test_output_is_identical_for_any_worker_count(buildings, tmp_path):
         assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
 
+def test_workers_run_a_bounded_window_ahead_of_the_writer(tmp_path, monkeypatch):
+    """Workers take a new image only as the writer takes a result: at most 2 x workers images
+    wait (pool.map submitted every image at once and kept every result the writer had not
+    reached). The results come in image order, the same as one process's."""
+    import resam_dist.data.shards as shards
+    from resam_dist.data.shards import TileOptions, _results
+
+    submitted: list[int] = []
+
+    class CountingPool(shards.ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            submitted.append(args[0])
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "ProcessPoolExecutor", CountingPool)
+    annotation_file = write_synthetic_coco(tmp_path / "coco", "sar_ships", 12, 64, seed=5)
+    split = CocoSplit(annotation_file, annotation_file.parent / "images")
+    options = TileOptions(tile_size=64, overlap=0)
+    results = _results(split, options, 2)
+    first = next(results)
+    assert len(submitted) == 2 * 2 + 1  # the window, and one more for the result taken
+    rest = list(results)
+    assert submitted == list(split.image_ids)
+    serial = list(_results(split, options, 1))
+    assert [r.image_id for r in [first, *rest]] == [r.image_id for r in serial] == list(split.image_ids)
+
+
 def test_grayscale_rle_images_smaller_than_a_tile(tmp_path):
     annotation_file = write_synthetic_coco(tmp_path / "coco", "sar_ships", 2, 80, seed=3, segmentation="rle")
     assert _prep(annotation_file, tmp_path / "out", "--tile-size", "128", "--overlap", "0", "--min-area", "1") == 0
