@@ -4,6 +4,11 @@ Adapters go on `image_encoder.blocks.{i}.attn.qkv` for every block i >= start_bl
 parameter is frozen. peft's default initialisation (A random, B zero) leaves the model's output
 unchanged until training moves B.
 
+One adapter per fused qkv Linear, as SPEC.md's Model section words it: its rank-r A is shared by
+q, k and v, and B (3 x dim rows) adapts all three. The SAMed / PointSAM lineage (SPEC's "rank 4 on
+q, v") puts two independent rank-r adapters on q and v and leaves k frozen: the same parameter
+count (2 x r x (dim + dim) against r x (dim + 3 dim)), another function class.
+
 Adapter folder format (written by `save_adapter`, read by `load_adapter`):
 - `adapter_config.json`: peft's `LoraConfig` (r, lora_alpha, lora_dropout, target_modules, ...).
 - `adapter_model.safetensors`: the LoRA tensors, keyed like `lora_state_dict` (module path +
