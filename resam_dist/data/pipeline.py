@@ -85,7 +85,7 @@ def _expand_braces(pattern: str) -> list[str]:
 def _read_index(path: Path, tar: Path) -> list[dict[str, tuple[int, int]]]:
     """Parse a DALI webdataset index (v1.1/v1.2): per sample, extension -> (offset, size)."""
     try:
-        lines = path.read_text(encoding="ascii").splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise ShardError(f"shard {tar}: index file {path} not found (run resam-prep or DALI's wds2idx)") from None
     except UnicodeDecodeError:

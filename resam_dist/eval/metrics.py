@@ -18,7 +18,8 @@ them. SPEC.md describes the pooled stack above as what PointSAM reports; it is n
 instance outweighs a small one only in the pooled score. Differences that remain from the public
 code: it thresholds logits at 0.5 (here 0) and scores on the padded S x S canvas (here at the
 original resolution). An instance with tp + fp + fn = 0 scores 1 (smp's zero_division=1.0); it
-only occurs for empty GT layers, which evaluated images never have (see below).
+only occurs for empty GT layers, which no reader here produces (empty GT masks are left out, and
+`score_coco_results` leaves out empty unpaired results).
 
 Zero-division rules:
 
@@ -250,6 +251,9 @@ class ImagewiseMeter:
         return {name: float(value) for name, value in zip(self.FIELDS, self.state.tolist())}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        """A `state_dict()`; one written before the instance means existed loads with none recorded
+        (its miou_instances / f1_instances are NaN)."""
+        state = {"instance_iou_sum": 0.0, "instance_f1_sum": 0.0, "instance_images": 0.0, **state}
         missing = [name for name in self.FIELDS if name not in state]
         if missing:
             raise ValueError(f"ImagewiseMeter state lacks fields {missing}")
@@ -623,7 +627,8 @@ def score_coco_results(gt: str | Path | dict | COCO, results: str | Path | list,
                     if row not in paired:
                         unpaired_areas.append(int(mask_utils.area(rle)))
         layers = instance_counts(torch.from_numpy(pred_masks)[None], torch.from_numpy(gt_masks)[None])[0]  # K x 3
-        unpaired = torch.tensor([[0, area, 0] for area in unpaired_areas], dtype=torch.int64).reshape(-1, 3)
+        # (an empty unpaired result adds no pixel to the stack, and no instance here)
+        unpaired = torch.tensor([[0, area, 0] for area in unpaired_areas if area > 0], dtype=torch.int64).reshape(-1, 3)
         layers = torch.cat([layers, unpaired])  # (K + unpaired) x 3
         counts = layers.sum(dim=0, keepdim=True)  # 1 x 3
         means = instance_means(layers[None], torch.ones(1, len(layers), dtype=torch.bool))  # 1 x 2

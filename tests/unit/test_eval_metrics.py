@@ -186,6 +186,11 @@ def test_meter_state_merge_and_round_trip():
     assert restored.compute() == both.compute()
     with pytest.raises(ValueError, match="lacks fields"):
         restored.load_state_dict({"iou_sum": 1.0})
+    # a state written before the instance means existed: its pooled scores, no instance means
+    old = {name: value for name, value in both.state_dict().items() if not name.startswith("instance_")}
+    restored.load_state_dict(old)
+    assert restored.compute()["miou"] == both.compute()["miou"]
+    assert math.isnan(restored.compute()["miou_instances"])
     first.all_reduce()  # not initialised: a no-op
     assert torch.equal(first.state, both.state)
 
@@ -375,6 +380,10 @@ def test_score_results_partial_and_unpaired():
     # instance means: instance 10 IoU 1, instance 11 IoU 0, the stray result an instance of IoU 0
     assert row["iou_instances"] == pytest.approx(1 / 3)
     assert scored.scores["miou_instances"] == pytest.approx(1 / 3)
+    # an empty result pairs with nothing and adds nothing: not an instance (an empty one would score 1)
+    scored = score_coco_results(_gt_dict(), _results(np.concatenate([masks[:1], np.zeros_like(stray)]), [0.9, 0.5]))
+    assert scored.scores["miou"] == pytest.approx(8 / 20)
+    assert scored.scores["miou_instances"] == pytest.approx(1 / 2)
     # The same with gt_id: only instance 10 predicted, no stray -> tp 8 fp 0 fn 12.
     scored = score_coco_results(_gt_dict(), _results(masks[:1], [0.9], gt_ids=[10]))
     assert scored.scores["miou"] == pytest.approx(8 / 20)
