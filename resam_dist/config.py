@@ -132,7 +132,7 @@ class TrainConfig:
     warmup_steps: int = 250
     """Linear warm-up length (optimizer steps, or images: `schedule_unit`)."""
     milestones: list[int] = field(default_factory=list)
-    """Optimizer steps at which the lr is multiplied by `lr_gamma`."""
+    """Where the lr is multiplied by `lr_gamma`: optimizer steps, or images (`schedule_unit`)."""
     schedule_unit: Literal["steps", "images"] = "steps"
     """What `warmup_steps` and `milestones` count: optimizer steps, or training images (each
     optimizer step stands for images_per_rank x ranks x grad_accum_steps of them), so that a
@@ -251,6 +251,12 @@ DEEPSPEED_KEYS = frozenset({
     "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
     "zero_force_ds_cpu_optimizer", "zero_optimization",
 })
+# The keys of its "checkpoint" section that DeepSpeed 0.19.8 reads (with dict.get: a misspelt one is
+# ignored, e.g. tag_validation, which the trainer relies on, or use_node_local_storage, which it
+# checks); its sections read through pydantic models (zero_optimization, bf16, ...) refuse unknown
+# keys themselves, and the trainer names the config file then. Checked by tests/unit/test_config.py.
+DEEPSPEED_CHECKPOINT_KEYS = frozenset({"tag_validation", "load_universal", "use_node_local_storage",
+                                       "parallel_write", "writer", "checkpoint_serialization"})
 
 
 def _check_value(value: Any, annotation: Any, key: str, source: str) -> Any:
@@ -382,7 +388,8 @@ def validate(cfg: Config) -> None:
     if any(later <= earlier for earlier, later in zip(cfg.train.milestones, cfg.train.milestones[1:])):
         raise ValueError(f"{src}: key 'train.milestones' must be strictly increasing, got {cfg.train.milestones}")
     if cfg.train.milestones and cfg.train.milestones[0] < 1:
-        raise ValueError(f"{src}: key 'train.milestones' must hold optimizer steps >= 1, got {cfg.train.milestones}")
+        raise ValueError(f"{src}: key 'train.milestones' must hold counts >= 1 (optimizer steps or images: "
+                         f"train.schedule_unit), got {cfg.train.milestones}")
     if not 0.0 < cfg.train.lr_gamma <= 1.0:
         raise ValueError(f"{src}: key 'train.lr_gamma' must be in (0, 1] (the lr's factor at each milestone), got "
                          f"{cfg.train.lr_gamma}")
@@ -411,11 +418,14 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"{src}: key 'resam.pointsam_overlap_iou' must be in [0, 1], got "
                          f"{cfg.resam.pointsam_overlap_iou}")
     ds = cfg.deepspeed
-    for key in ds:
-        if key not in DEEPSPEED_KEYS:
-            close = difflib.get_close_matches(key, DEEPSPEED_KEYS, n=1)
-            raise ValueError(f"{src}: unknown key 'deepspeed.{key}': DeepSpeed would ignore it"
-                             + (f" (did you mean 'deepspeed.{close[0]}'?)" if close else ""))
+    checkpoint_keys = ds.get("checkpoint", {}) if isinstance(ds.get("checkpoint"), dict) else {}
+    for prefix, keys, allowed in (("deepspeed.", ds, DEEPSPEED_KEYS),
+                                  ("deepspeed.checkpoint.", checkpoint_keys, DEEPSPEED_CHECKPOINT_KEYS)):
+        for key in keys:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                raise ValueError(f"{src}: unknown key '{prefix}{key}': DeepSpeed would ignore it"
+                                 + (f" (did you mean '{prefix}{close[0]}'?)" if close else ""))
     for key in _BATCH_KEYS:
         if key in ds and ds[key] != "auto" and (isinstance(ds[key], bool) or not isinstance(ds[key], int)):
             raise ValueError(f"{src}: key 'deepspeed.{key}' must be an integer or \"auto\", got {ds[key]!r}")

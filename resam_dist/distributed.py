@@ -149,14 +149,19 @@ def init_distributed(timeout_s: int, *, local_rank_arg: int | None = None) -> Di
     return _INFO
 
 
+_TORCH_GROUP_TIMEOUTS: dict[str, datetime.timedelta] = {}  # torch's own defaults, until close() restores them
+
+
 def set_default_group_timeout(timeout: datetime.timedelta) -> None:
     """Makes `timeout` the timeout of every process group created later without one (`new_group`
-    takes torch's module defaults then: DeepSpeed's groups are made that way)."""
+    takes torch's module defaults then: DeepSpeed's groups are made that way), until `close()`."""
     from torch.distributed import distributed_c10d
 
-    distributed_c10d.default_pg_timeout = timeout
-    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
-        distributed_c10d.default_pg_nccl_timeout = timeout
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):  # (the NCCL one is None without NCCL)
+        current = getattr(distributed_c10d, name, None)
+        if isinstance(current, datetime.timedelta):
+            _TORCH_GROUP_TIMEOUTS.setdefault(name, current)
+            setattr(distributed_c10d, name, timeout)
 
 
 # DeepSpeed options that take LOCAL_RANK as the rank within the node (which rank of a node writes
@@ -221,8 +226,12 @@ def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def close() -> None:
-    """Destroy the process group (safe to call twice)."""
+    """Destroy the process group and give torch back its default group timeouts (safe to call twice)."""
     global _INFO
     _INFO = None
     if is_initialized():
         dist.destroy_process_group()
+    from torch.distributed import distributed_c10d
+    for name, value in _TORCH_GROUP_TIMEOUTS.items():
+        setattr(distributed_c10d, name, value)
+    _TORCH_GROUP_TIMEOUTS.clear()

@@ -113,6 +113,23 @@ def changed_optimizer_settings(meta: dict[str, Any], *, lr: float, weight_decay:
     return changed
 
 
+def changed_schedule_settings(meta: dict[str, Any], schedule: dict[str, Any]) -> list[str]:
+    """What a resumed run changes of the lr schedule its checkpoint (meta.json: `meta`) was written
+    with, as "KEY OLD -> NEW"; `schedule` maps train.schedule_unit, train.schedule_images_per_step
+    (the images one optimizer step stands for; 1 when the schedule counts steps),
+    train.warmup_steps, train.milestones and train.lr_gamma to this run's values. The factor is
+    rebuilt from the config at the restored step, so a change moves the lr at once: it is said. A
+    checkpoint without a record of the unit was written when schedules counted optimizer steps;
+    the other keys are compared only where recorded."""
+    written_before = {"train.schedule_unit": "steps", "train.schedule_images_per_step": 1}
+    changed = []
+    for key, value in schedule.items():
+        saved = meta.get(key, written_before.get(key))
+        if saved is not None and saved != value:
+            changed.append(f"{key} {saved} -> {value}")
+    return changed
+
+
 def check_data_order(meta: dict[str, Any], data_order: dict[str, Any], *, source: str, config: str) -> None:
     """ValueError unless a checkpoint (its meta.json: `meta`) was written over the same training
     data and data order (`data_order`, see `Trainer._data_order`): the resumed data position

@@ -65,8 +65,8 @@ from resam_dist.model.lora import apply_lora, merge_lora, save_adapter
 from resam_dist.resam.queue import EmbeddingQueue
 from resam_dist.resam.step import StepResult, resam_step
 from resam_dist.train.checkpoint import (CheckpointManager, capture_rng_state, check_data_order, check_engine_layout,
-                                         changed_optimizer_settings, check_frozen_weights, frozen_weights_digest,
-                                         load_trainable_state, restore_rng_state)
+                                         changed_optimizer_settings, changed_schedule_settings, check_frozen_weights,
+                                         frozen_weights_digest, load_trainable_state, restore_rng_state)
 from resam_dist.train.ema import EmaTeacher, resume_notice
 from resam_dist.train.metrics import SKIP_REASONS, JsonlLog, ProgressBar, TrainMetrics
 from resam_dist.train.schedule import build_scheduler, schedule_warnings, set_peak_settings
@@ -214,6 +214,19 @@ class FiniteStepAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def initialize_deepspeed(cfg: Config, **kwargs: Any) -> tuple:
+    """deepspeed.initialize(**kwargs); a key of the config's "deepspeed" block that DeepSpeed refuses
+    (its pydantic sections, e.g. zero_optimization and bf16, allow no unknown key) is a ValueError
+    naming the config file."""
+    import deepspeed
+    from pydantic import ValidationError
+
+    try:
+        return deepspeed.initialize(**kwargs)
+    except ValidationError as err:
+        raise ValueError(f"{cfg.source or '<config>'}: DeepSpeed refuses the 'deepspeed' block: {err}") from None
+
+
 def _disable_deepspeed_shm_build() -> None:
     """deepspeed.comm JIT-builds its CPU shared-memory collective op (~35-50 s) when it wraps the
     process group, which training does not need (gloo does the work): mark it unavailable.
@@ -271,8 +284,8 @@ class Trainer:
                                     images_per_step=self.schedule_images_per_step)
         if self.device.type == "cpu":
             _disable_deepspeed_shm_build()
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+        self.engine, self.optimizer, _, self.scheduler = initialize_deepspeed(
+            cfg, model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
         self.images_per_step = cfg.train.images_per_rank * cfg.train.grad_accum_steps
         # the EMA teacher averages the module's own LoRA tensors (cast to the engine's dtype by now)
@@ -361,6 +374,15 @@ class Trainer:
                             "activation_checkpointing": self.cfg.train.activation_checkpointing,
                             "ranks": ranks})
 
+    def _schedule_record(self) -> dict[str, Any]:
+        """The schedule's settings, recorded in every checkpoint's meta.json (a resume says which
+        it changes: `changed_schedule_settings`)."""
+        train = self.cfg.train
+        return {"train.schedule_unit": train.schedule_unit,
+                "train.schedule_images_per_step": self.schedule_images_per_step,
+                "train.warmup_steps": train.warmup_steps, "train.milestones": list(train.milestones),
+                "train.lr_gamma": train.lr_gamma}
+
     def _resume(self) -> str | None:
         tag = self.checkpoints.latest_tag()
         if tag is None:
@@ -375,6 +397,7 @@ class Trainer:
                             config=str(self.cfg.source))
         changed = changed_optimizer_settings(meta, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay,
                                              grad_clip=self.cfg.train.grad_clip)
+        changed += changed_schedule_settings(meta, self._schedule_record())
         if changed and self.is_main:
             print(f"[train] resuming {source} with {', '.join(changed)} ({self.cfg.source}): the optimizer's "
                   "moments and the schedule's step are kept", flush=True)
@@ -629,6 +652,7 @@ class Trainer:
                                           "train.lr": self.cfg.train.lr,
                                           "train.weight_decay": self.cfg.train.weight_decay,
                                           "train.grad_clip": self.cfg.train.grad_clip,
+                                          **self._schedule_record(),
                                           "data_order": self.data_order,
                                           "data_position_rank0": self.data_position,
                                           "frozen_weights_sha256": self.frozen_digest})

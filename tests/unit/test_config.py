@@ -184,7 +184,8 @@ def test_overrides_and_relative_paths(tmp_path, monkeypatch):
     ("resam", "teacher_ema", -0.1, r"resam.teacher_ema' must be in \[0, 1\)"),
     ("train", "lr_gamma", -0.1, r"train.lr_gamma' must be in \(0, 1\]"),
     ("train", "lr_gamma", 0, r"train.lr_gamma' must be in \(0, 1\]"),
-    ("train", "milestones", [-5], r"train.milestones' must hold optimizer steps >= 1, got \[-5\]"),
+    ("train", "milestones", [-5], r"train.milestones' must hold counts >= 1 \(optimizer steps or images: "
+                                  r"train.schedule_unit\), got \[-5\]"),
     ("lora", "alpha", 0, "lora.alpha' must be positive"),
     ("resam", "focal_weight", -20, "resam.focal_weight' must be >= 0"),
     ("resam", "loss_spike_factor", 1.0, "resam.loss_spike_factor' must be above 1"),
@@ -273,7 +274,7 @@ def test_deepspeed_keys_cover_what_the_installed_deepspeed_reads():
     recorded while it parses a full block."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from resam_dist.config import DEEPSPEED_KEYS
+    from resam_dist.config import DEEPSPEED_CHECKPOINT_KEYS, DEEPSPEED_KEYS
 
     class Recording(dict):
         read: set = set()
@@ -290,9 +291,25 @@ def test_deepspeed_keys_cover_what_the_installed_deepspeed_reads():
             self.read.add(key)
             return super().__contains__(key)
 
+    class RecordingSection(Recording):
+        read: set = set()
+
     block = Recording(deepspeed_dict(load_config(CONFIGS / "nwpu.json"), world_size=1, bf16_supported=False))
+    block["checkpoint"] = RecordingSection()
     DeepSpeedConfig(block)
     assert len(block.read) > 40 and block.read <= DEEPSPEED_KEYS, sorted(block.read - DEEPSPEED_KEYS)
+    # and every key of its checkpoint section
+    assert RecordingSection.read == DEEPSPEED_CHECKPOINT_KEYS, sorted(RecordingSection.read ^ DEEPSPEED_CHECKPOINT_KEYS)
+
+
+def test_a_misspelt_deepspeed_checkpoint_key_is_refused(tmp_path):
+    data = demo_dict()
+    data["deepspeed"]["checkpoint"] = {"tag_validaton": "FAIL"}
+    with pytest.raises(ValueError, match=r"run\.json: unknown key 'deepspeed\.checkpoint\.tag_validaton': DeepSpeed "
+                                         r"would ignore it \(did you mean 'deepspeed\.checkpoint\.tag_validation'\?\)"):
+        load_config(write(tmp_path, data))
+    data["deepspeed"]["checkpoint"] = {"tag_validation": "FAIL", "use_node_local_storage": False}
+    assert load_config(write(tmp_path, data)).deepspeed["checkpoint"]["tag_validation"] == "FAIL"
 
 
 def test_an_object_given_for_a_section_sets_its_keys_and_keeps_the_others(tmp_path, monkeypatch):

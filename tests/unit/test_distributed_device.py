@@ -84,12 +84,14 @@ def test_deepspeeds_own_groups_get_the_configured_timeout(monkeypatch):
     """DeepSpeed's data-parallel group (ZeRO's gradient reduction) is a group of its own, made
     without a timeout: it takes the configured one, not torch's 30-minute default."""
     import datetime
+    from pathlib import Path
 
     import deepspeed
     from torch.distributed import distributed_c10d
 
     from resam_dist import distributed
-    from resam_dist.train.engine import _disable_deepspeed_shm_build
+    from resam_dist.config import load_config
+    from resam_dist.train.engine import _disable_deepspeed_shm_build, initialize_deepspeed
     if torch.distributed.is_initialized():
         pytest.skip("a process group is already up in this process")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS",
@@ -111,8 +113,14 @@ def test_deepspeeds_own_groups_get_the_configured_timeout(monkeypatch):
         assert group is not torch.distributed.group.WORLD
         timeout = group._get_backend(torch.device("cpu")).options._timeout  # (torch keeps it there)
         assert timeout == datetime.timedelta(seconds=7)
+        # a key DeepSpeed's own config models refuse names the config file
+        cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.json")
+        with pytest.raises(ValueError, match=r"(?s)demo\.json: DeepSpeed refuses the 'deepspeed' block: .*stgae"):
+            initialize_deepspeed(cfg, model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                 config={**config, "zero_optimization": {"stgae": 2}}, dist_init_required=False)
     finally:
         distributed.close()
+    assert distributed_c10d.default_pg_timeout == datetime.timedelta(minutes=30)  # torch's own, back
 
 
 def test_only_a_task_of_a_multi_task_srun_step_takes_its_rank_from_slurm():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from resam_dist.train.checkpoint import (LATEST, CheckpointManager, atomic_write_text, capture_rng_state,
-                                         changed_optimizer_settings, check_data_order, check_engine_layout,
+                                         changed_optimizer_settings, changed_schedule_settings, check_data_order,
+                                         check_engine_layout,
                                          check_frozen_weights, files_to_sync,
                                          frozen_weights_digest, load_trainable_state, restore_rng_state,
                                          tag_for_step)
@@ -190,6 +191,20 @@ def test_a_resume_names_a_changed_lr_or_weight_decay():
     assert changed_optimizer_settings({"train.lr": 1e-2, "train.weight_decay": 0.5, "train.grad_clip": 0.0},
                                       **settings) == ["train.lr 0.01 -> 0.001", "train.weight_decay 0.5 -> 0.0001",
                                                       "train.grad_clip 0.0 -> 1.0"]
+
+
+def test_a_resume_names_a_changed_schedule():
+    """The factor is rebuilt from the config at the restored step: a changed unit, global batch,
+    warm-up, milestones or gamma moves the lr at once, and is said. A checkpoint without a record
+    of the unit counted optimizer steps."""
+    schedule = {"train.schedule_unit": "images", "train.schedule_images_per_step": 64, "train.warmup_steps": 250,
+                "train.milestones": [2000, 4000], "train.lr_gamma": 0.1}
+    assert changed_schedule_settings(dict(schedule), schedule) == []
+    assert changed_schedule_settings({"step": 100, "train.lr": 5e-4}, schedule) == [
+        "train.schedule_unit steps -> images", "train.schedule_images_per_step 1 -> 64"]
+    assert changed_schedule_settings({**schedule, "train.schedule_images_per_step": 32, "train.milestones": [2000]},
+                                     schedule) == ["train.schedule_images_per_step 32 -> 64",
+                                                   "train.milestones [2000] -> [2000, 4000]"]
 
 
 def test_a_resume_over_another_data_order_is_refused_naming_what_changed():
