@@ -19,7 +19,8 @@ instance outweighs a small one only in the pooled score. Differences that remain
 code: it thresholds logits at 0.5 (here 0) and scores on the padded S x S canvas (here at the
 original resolution). An instance with tp + fp + fn = 0 scores 1 (smp's zero_division=1.0); it
 only occurs for empty GT layers, which no reader here produces (empty GT masks are left out, and
-`score_coco_results` leaves out empty unpaired results).
+`score_coco_results` leaves out empty unpaired results; a COCO object given to it directly is used
+as it is, empty annotations included).
 
 Zero-division rules:
 
@@ -553,7 +554,8 @@ def score_coco_results(gt: str | Path | dict | COCO, results: str | Path | list,
       pairs with IoU 0 stay unpaired.
 
     A result left unpaired adds all its pixels as false positives (a stack layer with an empty
-    GT; in the instance-mean scores, an instance of IoU 0). Mixing both modes in one list
+    GT; in the instance-mean scores, an instance of IoU 0; an empty one adds nothing: no pixel, no
+    instance). Mixing both modes in one list
     raises ValueError.
     """
     coco_gt = load_coco_gt(gt)

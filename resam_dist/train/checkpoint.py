@@ -115,18 +115,20 @@ def changed_optimizer_settings(meta: dict[str, Any], *, lr: float, weight_decay:
 
 def changed_schedule_settings(meta: dict[str, Any], schedule: dict[str, Any]) -> list[str]:
     """What a resumed run changes of the lr schedule its checkpoint (meta.json: `meta`) was written
-    with, as "KEY OLD -> NEW"; `schedule` maps train.schedule_unit, train.schedule_images_per_step
-    (the images one optimizer step stands for; 1 when the schedule counts steps),
-    train.warmup_steps, train.milestones and train.lr_gamma to this run's values. The factor is
+    with, as "KEY OLD -> NEW"; `schedule` maps train.schedule_unit, schedule_images_per_step (the
+    images one optimizer step stands for: images_per_rank x ranks x grad_accum_steps, or 1 when
+    the schedule counts steps; said as "the schedule's images per step"), train.warmup_steps,
+    train.milestones and train.lr_gamma to this run's values. The factor is
     rebuilt from the config at the restored step, so a change moves the lr at once: it is said. A
     checkpoint without a record of the unit was written when schedules counted optimizer steps;
     the other keys are compared only where recorded."""
-    written_before = {"train.schedule_unit": "steps", "train.schedule_images_per_step": 1}
+    written_before = {"train.schedule_unit": "steps", "schedule_images_per_step": 1}
+    labels = {"schedule_images_per_step": "the schedule's images per step"}
     changed = []
     for key, value in schedule.items():
         saved = meta.get(key, written_before.get(key))
         if saved is not None and saved != value:
-            changed.append(f"{key} {saved} -> {value}")
+            changed.append(f"{labels.get(key, key)} {saved} -> {value}")
     return changed
 
 

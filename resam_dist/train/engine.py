@@ -240,8 +240,6 @@ class Trainer:
     """One rank of a ReSAM training run (see the module docstring)."""
 
     def __init__(self, cfg: Config, *, local_rank_arg: int | None = None) -> None:
-        import deepspeed
-
         self.cfg = cfg
         self.info = distributed.init_distributed(cfg.train.collective_timeout_s, local_rank_arg=local_rank_arg)
         distributed.check_node_local_options(cfg.deepspeed, self.info, cfg.source or "<config>")
@@ -379,7 +377,7 @@ class Trainer:
         it changes: `changed_schedule_settings`)."""
         train = self.cfg.train
         return {"train.schedule_unit": train.schedule_unit,
-                "train.schedule_images_per_step": self.schedule_images_per_step,
+                "schedule_images_per_step": self.schedule_images_per_step,
                 "train.warmup_steps": train.warmup_steps, "train.milestones": list(train.milestones),
                 "train.lr_gamma": train.lr_gamma}
 

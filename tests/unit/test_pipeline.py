@@ -418,6 +418,11 @@ def test_shard_specs_folder_list_and_brace_pattern(shards, shard_copy):
     index.write_bytes(b"\xff\xfe garbage")  # not text at all
     with pytest.raises(ShardError, match=r"train-000001.tar: index file .*train-000001.idx is not a text index"):
         resolve_shards(shard_copy)
+    assert lines[0].startswith("v1.2")  # v1.2 lines end in the component's file name, which may be UTF-8
+    parts = lines[1].split()
+    parts[3] = "b\u00e2timent_1.png"
+    index.write_text("\n".join([lines[0], " ".join(parts), *lines[2:]]) + "\n", encoding="utf-8")
+    resolve_shards(shard_copy)
     index.write_text(original)
     (shard_copy / "train-000002.idx").unlink()
     with pytest.raises(ShardError, match="train-000002.tar: index file .* not found"):

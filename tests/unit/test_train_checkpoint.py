@@ -197,13 +197,13 @@ def test_a_resume_names_a_changed_schedule():
     """The factor is rebuilt from the config at the restored step: a changed unit, global batch,
     warm-up, milestones or gamma moves the lr at once, and is said. A checkpoint without a record
     of the unit counted optimizer steps."""
-    schedule = {"train.schedule_unit": "images", "train.schedule_images_per_step": 64, "train.warmup_steps": 250,
+    schedule = {"train.schedule_unit": "images", "schedule_images_per_step": 64, "train.warmup_steps": 250,
                 "train.milestones": [2000, 4000], "train.lr_gamma": 0.1}
     assert changed_schedule_settings(dict(schedule), schedule) == []
     assert changed_schedule_settings({"step": 100, "train.lr": 5e-4}, schedule) == [
-        "train.schedule_unit steps -> images", "train.schedule_images_per_step 1 -> 64"]
-    assert changed_schedule_settings({**schedule, "train.schedule_images_per_step": 32, "train.milestones": [2000]},
-                                     schedule) == ["train.schedule_images_per_step 32 -> 64",
+        "train.schedule_unit steps -> images", "the schedule's images per step 1 -> 64"]
+    assert changed_schedule_settings({**schedule, "schedule_images_per_step": 32, "train.milestones": [2000]},
+                                     schedule) == ["the schedule's images per step 32 -> 64",
                                                    "train.milestones [2000] -> [2000, 4000]"]
 
 
