@@ -257,12 +257,14 @@ def evaluate_model(model: Any, split: Any, *, num_points: int, seed: int = 1337,
                                  autocast_dtype=autocast_dtype)
         for b, item in enumerate(batch):
             per_instance, results = _score_image(item, logits[b], iou[b], chunk=max_instances, device=device)
-            every = torch.ones((1, per_instance.shape[0]), dtype=torch.bool, device=per_instance.device)
-            counts = meter.update_instances(per_instance[None], every)  # 1 x 3
+            counts = per_instance.sum(dim=0, keepdim=True)  # 1 x 3
+            means = instance_means(per_instance[None], torch.ones((1, per_instance.shape[0]), dtype=torch.bool,
+                                                                  device=per_instance.device))  # 1 x 2
+            meter.update_counts(counts, torch.tensor([item.gt_masks.shape[0]]), means)
             coco_results.extend(results)
             evaluated_ids.append(item.image_id)
             row_scores = {key: float(value[0]) for key, value in scores_from_counts(counts).items()}
-            iou_instances, f1_instances = instance_means(per_instance[None], every)[0].tolist()
+            iou_instances, f1_instances = means[0].tolist()
             tp, fp, fn = counts[0].tolist()
             per_image[item.image_id] = {"image_id": item.image_id, "file_name": item.file_name,
                                         "instances": int(item.gt_masks.shape[0]), "evaluated": True,
