@@ -1,6 +1,7 @@
 """Evaluation metrics: micro-imagewise mIoU/F1/precision/recall (SPEC "Evaluation") and COCO mask AP.
 
-Micro-imagewise scores, as the paper and PointSAM report them:
+Micro-imagewise scores, as SPEC.md defines them (it attributes them to the paper and PointSAM; see
+the instance means below for what PointSAM's code computes):
 
 * per image, the K instance masks are stacked (prediction = logit > 0) and TP, FP and FN are
   counted over the whole K x H x W stack (pixel-instance pairs);
@@ -555,8 +556,7 @@ def score_coco_results(gt: str | Path | dict | COCO, results: str | Path | list,
 
     A result left unpaired adds all its pixels as false positives (a stack layer with an empty
     GT; in the instance-mean scores, an instance of IoU 0; an empty one adds nothing: no pixel, no
-    instance). Mixing both modes in one list
-    raises ValueError.
+    instance). Mixing both modes in one list raises ValueError.
     """
     coco_gt = load_coco_gt(gt)
     checked = load_results(results, coco_gt)

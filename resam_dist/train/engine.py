@@ -469,9 +469,10 @@ class Trainer:
 
     def _record_skipped_update(self) -> None:
         """DeepSpeed skipped the optimizer update of the step just ended: its gradients were not
-        finite (ZeRO 1-3 and the bf16 optimizer check them, `FiniteStepAdamW` at stage 0 in fp32). The step counts (its data was read); the EMA teacher is not
-        updated; the schedule, which DeepSpeed did not advance, is stepped here so that its
-        warm-up and milestones stay at the trainer's step numbers."""
+        finite (ZeRO 1-3 and the bf16 optimizer check them, `FiniteStepAdamW` at stage 0 in fp32).
+        The step counts (its data was read); the EMA teacher is not updated; the schedule, which
+        DeepSpeed did not advance, is stepped here so that its warm-up and milestones stay at the
+        trainer's step numbers."""
         self.engine.lr_scheduler.step()
         self.skipped["nonfinite_grad"] += 1
         self.metrics.observe_skipped_update()
