@@ -18,3 +18,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def one_rank_world(monkeypatch):
+    """A one-rank gloo world in this process (resam_dist.distributed.init_distributed with the
+    given collective timeout, no launcher variables), closed afterwards; skipped where a process
+    group is already up."""
+    from torch.distributed import distributed_c10d
+
+    import deepspeed
+    from resam_dist import distributed
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS",
+                 "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed_c10d, "default_pg_timeout", distributed_c10d.default_pg_timeout)
+    monkeypatch.setattr(distributed_c10d, "default_pg_nccl_timeout", distributed_c10d.default_pg_nccl_timeout)
+    monkeypatch.setattr(deepspeed.utils.groups, "_WORLD_GROUP", None)  # (a group of an earlier world)
+
+    def start(timeout_s: float):
+        return distributed.init_distributed(timeout_s, local_rank_arg=0)
+
+    try:
+        yield start
+    finally:
+        distributed.close()

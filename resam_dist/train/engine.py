@@ -197,21 +197,51 @@ def _bf16_supported(cfg: Config, device: torch.device) -> bool:
 
 
 class FiniteStepAdamW(torch.optim.AdamW):
-    """AdamW that skips an update whose gradients are not all finite, and says so in `overflow`:
+    """AdamW that clips the gradients to a total norm of `clip_grad` (0: no clipping) and skips an
+    update whose gradients, or their total norm, are not finite, saying so in `overflow`:
     DeepSpeed's engine reads that attribute after `step()` for `was_step_applied()` and then
     leaves its schedule alone, as when ZeRO 1-3 or its bf16 optimizer skip such an update
     themselves. Only fp32 at ZeRO stage 0 hands the plain optimizer the gradients as they are
     (an update of NaN gradients would make every later loss NaN); the trainer uses this class
-    there only (DeepSpeed's ZeRO optimizers refuse an AdamW subclass)."""
+    there only (DeepSpeed's ZeRO optimizers refuse an AdamW subclass), with DeepSpeed's own
+    clipping off: DeepSpeed would clip first, and finite gradients whose total norm overflows
+    fp32 would reach this check as zeros and still be stepped (weight decay, moments). The norm
+    is DeepSpeed's at stage 0 (the 2-norm of the per-tensor 2-norms, in fp32; the gradients are
+    already averaged over the ranks), kept in `_global_grad_norm` for the engine."""
 
     overflow = False
 
+    def __init__(self, params, *, clip_grad: float = 0.0, **adamw_kwargs: Any) -> None:
+        super().__init__(params, **adamw_kwargs)
+        self.clip_grad = clip_grad
+        self._global_grad_norm: torch.Tensor | None = None
+
+    @torch.no_grad()
     def step(self, closure=None):
         grads = [param.grad for group in self.param_groups for param in group["params"] if param.grad is not None]
-        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(grad).all() for grad in grads]).all())
+        if not grads:
+            self.overflow = False
+            return super().step(closure)
+        total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grad.float()) for grad in grads]))
+        self._global_grad_norm = total_norm
+        self.overflow = not bool(torch.isfinite(total_norm))  # (a NaN or infinite element makes it so too)
         if self.overflow:
             return None
+        if self.clip_grad > 0:
+            coefficient = torch.clamp(self.clip_grad / (total_norm + 1e-6), max=1.0)  # DeepSpeed's
+            torch._foreach_mul_(grads, coefficient)
         return super().step(closure)
+
+
+def build_optimizer(trainable: list[torch.nn.Parameter], cfg: Config, *, zero_stage: int, bf16: bool
+                    ) -> tuple[torch.optim.Optimizer, float]:
+    """AdamW over the trainable (LoRA) tensors, and the "gradient_clipping" DeepSpeed is to apply:
+    train.grad_clip, except at ZeRO stage 0 in fp32, where `FiniteStepAdamW` clips after its own
+    finiteness check (and DeepSpeed is given 0)."""
+    if zero_stage == 0 and not bf16:
+        return (FiniteStepAdamW(trainable, clip_grad=cfg.train.grad_clip, lr=cfg.train.lr,
+                                weight_decay=cfg.train.weight_decay), 0.0)
+    return torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay), cfg.train.grad_clip
 
 
 def initialize_deepspeed(cfg: Config, **kwargs: Any) -> tuple:
@@ -272,8 +302,9 @@ class Trainer:
             raise ValueError(f"{cfg.source}: no trainable (LoRA) parameters; check the 'lora' section")
         self.ds_config = deepspeed_dict(cfg, self.world_size, _bf16_supported(cfg, self.device))
         self.bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
-        adamw = FiniteStepAdamW if self.zero_stage == 0 and not self.bf16 else torch.optim.AdamW
-        optimizer = adamw(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        # (the resolved config written beside the run shows gradient_clipping 0 at stage 0 in fp32)
+        optimizer, self.ds_config["gradient_clipping"] = build_optimizer(trainable, cfg, zero_stage=self.zero_stage,
+                                                                         bf16=self.bf16)
         # images one optimizer step stands for in the schedule (1: it counts optimizer steps)
         self.schedule_images_per_step = (cfg.train.images_per_rank * self.world_size * cfg.train.grad_accum_steps
                                          if cfg.train.schedule_unit == "images" else 1)

@@ -80,7 +80,7 @@ def test_init_distributed_twice_returns_the_first_setup_until_closed(monkeypatch
         distributed.close()
 
 
-def test_deepspeeds_own_groups_get_the_configured_timeout(monkeypatch):
+def test_deepspeeds_own_groups_get_the_configured_timeout(one_rank_world):
     """DeepSpeed's data-parallel group (ZeRO's gradient reduction) is a group of its own, made
     without a timeout: it takes the configured one, not torch's 30-minute default."""
     import datetime
@@ -92,16 +92,7 @@ def test_deepspeeds_own_groups_get_the_configured_timeout(monkeypatch):
     from resam_dist import distributed
     from resam_dist.config import load_config
     from resam_dist.train.engine import _disable_deepspeed_shm_build, initialize_deepspeed
-    if torch.distributed.is_initialized():
-        pytest.skip("a process group is already up in this process")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS",
-                 "SLURM_PROCID", "SLURM_LOCALID"):
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
-    monkeypatch.setattr(distributed_c10d, "default_pg_timeout", distributed_c10d.default_pg_timeout)
-    monkeypatch.setattr(distributed_c10d, "default_pg_nccl_timeout", distributed_c10d.default_pg_nccl_timeout)
-    monkeypatch.setattr(deepspeed.utils.groups, "_WORLD_GROUP", None)  # (a group of an earlier world)
-    distributed.init_distributed(7, local_rank_arg=0)
+    one_rank_world(7)
     try:
         _disable_deepspeed_shm_build()
         model = torch.nn.Linear(4, 1)
