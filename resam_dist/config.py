@@ -447,6 +447,11 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"{src}: key 'deepspeed.{key}' must be an object, got {ds[key]!r}")
     if ds.get("fp16", {}).get("enabled", False) not in (False,):
         raise ValueError(f"{src}: key 'deepspeed.fp16.enabled': fp16 is not supported, use train.precision bf16")
+    autocast = ds.get("torch_autocast", {})
+    if (isinstance(autocast, dict) and autocast.get("enabled", False) is not False
+            and str(autocast.get("dtype", "")).removeprefix("torch.") in ("fp16", "float16", "half")):
+        # (at stage 0 DeepSpeed's GradScaler would skip inf steps without the trainer knowing)
+        raise ValueError(f"{src}: key 'deepspeed.torch_autocast.dtype': fp16 is not supported, use train.precision bf16")
     bf16 = ds.get("bf16", {}).get("enabled", "auto")
     if not (isinstance(bf16, bool) or bf16 == "auto"):
         raise ValueError(f"{src}: key 'deepspeed.bf16.enabled' must be true, false or \"auto\", got {bf16!r}")

@@ -33,7 +33,8 @@ def one_rank_world(monkeypatch):
         pytest.skip("a process group is already up in this process")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS",
                  "SLURM_PROCID", "SLURM_LOCALID"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that teardown also undoes what init_distributed sets
+        monkeypatch.delenv(name)
     monkeypatch.setattr(distributed_c10d, "default_pg_timeout", distributed_c10d.default_pg_timeout)
     monkeypatch.setattr(distributed_c10d, "default_pg_nccl_timeout", distributed_c10d.default_pg_nccl_timeout)
     monkeypatch.setattr(deepspeed.utils.groups, "_WORLD_GROUP", None)  # (a group of an earlier world)

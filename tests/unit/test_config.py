@@ -227,6 +227,8 @@ def test_nothing_to_train_and_nan_are_refused(tmp_path):
 @pytest.mark.parametrize("block,pattern", [
     ({"bf16": {"enabled": True}}, "contradicts 'train.precision'"),
     ({"fp16": {"enabled": "auto"}}, "fp16 is not supported"),
+    ({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}}, "'deepspeed.torch_autocast.dtype': fp16 is not"),
+    ({"torch_autocast": {"enabled": True, "dtype": "half"}}, "'deepspeed.torch_autocast.dtype': fp16 is not"),
     ({"gradient_clipping": 5.0}, "gradient_clipping"),
     ({"zero_optimization": 2}, "'deepspeed.zero_optimization' must be an object"),
     ({"checkpoint": True}, "'deepspeed.checkpoint' must be an object"),

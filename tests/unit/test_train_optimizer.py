@@ -87,7 +87,8 @@ def test_the_trainer_hands_clipping_to_deepspeed_except_at_stage_0_in_fp32():
 def test_a_stage_0_engine_skips_an_overflowing_norm_and_clips_the_others(one_rank_world):
     """A real DeepSpeed engine at stage 0 in fp32: finite gradients whose total norm overflows
     leave the weights alone (with DeepSpeed's clipping on, they were clipped to zeros and stepped);
-    ordinary ones are clipped once, to train.grad_clip."""
+    ordinary ones are clipped once, to train.grad_clip. Two applied steps of different gradient
+    scales (AdamW's first step alone hardly depends on the scale)."""
     import deepspeed
 
     from resam_dist.train.engine import _disable_deepspeed_shm_build
@@ -100,19 +101,25 @@ def test_a_stage_0_engine_skips_an_overflowing_norm_and_clips_the_others(one_ran
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
               "zero_optimization": {"stage": 0}, "gradient_clipping": clipping, "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
-    inputs = torch.ones(1, 6)
+    inputs = torch.ones(1, 6, device=engine.device)
+
+    def weights(module):
+        return [param.detach().cpu() for param in module.parameters()]
 
     engine.backward(engine(inputs).sum() * 1e19)  # weight grads 1e19 each: the total norm overflows fp32
     engine.step()
     assert not engine.was_step_applied()
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), weights(reference), strict=True))
 
-    engine.backward(engine(inputs).sum() * 100.0)  # norm 100 x sqrt(14): clipped to grad_clip
-    engine.step()
-    assert engine.was_step_applied()
     reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    (reference(inputs).sum() * 100.0).backward()
-    torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.train.grad_clip)
-    reference_optimizer.step()
-    for param, expected in zip(model.parameters(), reference.parameters(), strict=True):
+    for scale in (100.0, 3.0):  # gradient norms scale x sqrt(14): 374 and 11, both clipped to grad_clip
+        engine.backward(engine(inputs).sum() * scale)
+        engine.step()
+        assert engine.was_step_applied()
+        assert float(optimizer._global_grad_norm) == pytest.approx(scale * 14**0.5, rel=1e-6)
+        (reference(inputs.cpu()).sum() * scale).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.train.grad_clip)
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+    for param, expected in zip(weights(model), weights(reference), strict=True):
         torch.testing.assert_close(param, expected, rtol=1e-6, atol=1e-7)
