@@ -171,14 +171,21 @@ def _zero_bytes(words):
 
 @triton.jit
 def _finish_image(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, KP: tl.constexpr):
-    """Called by every program after its folds. The image's last program to arrive (an atomic
-    counter per image, arrivals: B int32) writes the image's float32 boxes (B x K x 4; empty ->
-    zeros) from the state, then zeroes its state and counter, so a re-run (autotuning) starts
-    clean. The barrier orders the program's box atomics before its arrival; the last program
-    reads the state from L2 (".cg"), where the atomics were performed."""
+    """Called by every program after its folds; the image's programs: grid dim 0 (see
+    `_finish_image_of`)."""
+    _finish_image_of(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, tl.num_programs(0), KP)
+
+
+@triton.jit
+def _finish_image_of(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, programs, KP: tl.constexpr):
+    """Called by every one of the image's `programs` after its folds. The image's last program to
+    arrive (an atomic counter per image, arrivals: B int32) writes the image's float32 boxes
+    (B x K x 4; empty -> zeros) from the state, then zeroes its state and counter, so a re-run
+    (autotuning) starts clean. The barrier orders the program's box atomics before its arrival;
+    the last program reads the state from L2 (".cg"), where the atomics were performed."""
     tl.debug_barrier()
     arrived = tl.atomic_add(arrivals_ptr + image, 1, sem="acq_rel")
-    if arrived == tl.num_programs(0) - 1:
+    if arrived == programs - 1:
         instance = tl.arange(0, KP)  # KP
         real = instance < num_instances
         state = state_ptr + (image * num_instances + instance) * 4  # KP
@@ -186,15 +193,22 @@ def _finish_image(state_ptr, arrivals_ptr, boxes_ptr, image, num_instances, KP: 
         top = tl.load(state + 1, mask=real, other=0, cache_modifier=".cg")
         right = tl.load(state + 2, mask=real, other=0, cache_modifier=".cg")
         bottom = tl.load(state + 3, mask=real, other=0, cache_modifier=".cg")
-        empty = right == 0
-        out = boxes_ptr + (image * num_instances + instance) * 4  # KP
-        tl.store(out + 0, tl.where(empty, 0, -left + BIG).to(tl.float32), mask=real)
-        tl.store(out + 1, tl.where(empty, 0, -top + BIG).to(tl.float32), mask=real)
-        tl.store(out + 2, right.to(tl.float32), mask=real)
-        tl.store(out + 3, bottom.to(tl.float32), mask=real)
+        _write_boxes(boxes_ptr, image, num_instances, instance, real, left, top, right, bottom)
         for coordinate in tl.static_range(4):
             tl.store(state + coordinate, tl.zeros([KP], dtype=tl.int32), mask=real)
         tl.store(arrivals_ptr + image, 0)
+
+
+@triton.jit
+def _write_boxes(boxes_ptr, image, num_instances, instance, real, left, top, right, bottom):
+    """An image's float32 boxes (B x K x 4) from its box state's four coordinates (KP each, as
+    folded by `_fold_boxes`; empty -> zeros)."""
+    empty = right == 0
+    out = boxes_ptr + (image * num_instances + instance) * 4  # KP
+    tl.store(out + 0, tl.where(empty, 0, -left + BIG).to(tl.float32), mask=real)
+    tl.store(out + 1, tl.where(empty, 0, -top + BIG).to(tl.float32), mask=real)
+    tl.store(out + 2, right.to(tl.float32), mask=real)
+    tl.store(out + 3, bottom.to(tl.float32), mask=real)
 
 
 @triton.jit
@@ -612,10 +626,17 @@ def _word_strip_design(words_ptr, out_ptr, state_ptr, image, count, num_instance
 @triton.jit
 def _fold_strip_boxes(state_ptr, image, num_instances, instance, real, column, first_row,
                       surviving_words, surviving_rows):
-    """A strip's boxes, folded into the state once per program, from its KP x BLOCK_W
-    accumulators: surviving_words (the or of each element's surviving lanes over the strip's
-    rows) and surviving_rows (bit r: a survivor on row first_row + r); column: BLOCK_W word
-    columns. The box keys of `_word_tile_design`."""
+    """A strip's boxes (`_strip_boxes`), folded into the state once per program."""
+    touched, x0, y0, x1, y1 = _strip_boxes(real, column, first_row, surviving_words, surviving_rows)
+    _fold_boxes(state_ptr, image, num_instances, instance, touched, x0, y0, x1, y1)
+
+
+@triton.jit
+def _strip_boxes(real, column, first_row, surviving_words, surviving_rows):
+    """A strip's boxes from its KP x BLOCK_W accumulators: surviving_words (the or of each
+    element's surviving lanes over the strip's rows) and surviving_rows (bit r: a survivor on row
+    first_row + r); column: BLOCK_W word columns. The box keys of `_word_tile_design`. -> (touched:
+    a real instance with a survivor in the strip, x0, y0, x1, y1), KP each."""
     lanes = (surviving_words | (surviving_words >> 7) | (surviving_words >> 14)
              | (surviving_words >> 21)) & 0xF  # KP x BLOCK_W
     hit = lanes != 0
@@ -628,7 +649,7 @@ def _fold_strip_boxes(state_ptr, image, num_instances, instance, real, column, f
     rows = tl.where(touched, rows, 1)  # (untouched instances are not folded)
     y0 = first_row + _bit_index(rows & -rows)
     y1 = first_row + _bit_index(rows) + 1
-    _fold_boxes(state_ptr, image, num_instances, instance, touched, x0, y0, x1, y1)
+    return touched, x0, y0, x1, y1
 
 
 @triton.jit
