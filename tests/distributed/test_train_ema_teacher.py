@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from resam_dist.train.metrics import read_jsonl
-from train_helpers import deepspeed_cmd, run, step_losses, write_config
+from train_helpers import run, step_losses, torchrun_cmd, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -34,16 +34,16 @@ def test_ema_teacher_averages_once_per_step_on_every_rank_and_resumes_bitwise(tr
               "checkpoint.keep_last": 4, "resam.teacher_ema": DECAY}
     straight_cfg = write_config(tmp_path / "straight.json", shards=train_shards, output_dir=tmp_path / "straight",
                                 overrides={**common, "train.max_steps": 4})
-    straight = run(deepspeed_cmd(straight_cfg), log=tmp_path / "straight.log")
+    straight = run(torchrun_cmd(straight_cfg), log=tmp_path / "straight.log")
     assert straight.returncode == 0, straight.stdout[-4000:]
     for max_steps in (2, 4):  # the same run in two launches
         split_cfg = write_config(tmp_path / f"split{max_steps}.json", shards=train_shards,
                                  output_dir=tmp_path / "split", overrides={**common, "train.max_steps": max_steps})
-        done = run(deepspeed_cmd(split_cfg), log=tmp_path / f"split{max_steps}.log")
+        done = run(torchrun_cmd(split_cfg), log=tmp_path / f"split{max_steps}.log")
         assert done.returncode == 0, done.stdout[-4000:]
     plain_cfg = write_config(tmp_path / "plain.json", shards=train_shards, output_dir=tmp_path / "plain",
                              overrides={**common, "resam.teacher_ema": 0.0, "train.max_steps": 2})
-    plain = run(deepspeed_cmd(plain_cfg), log=tmp_path / "plain.log")
+    plain = run(torchrun_cmd(plain_cfg), log=tmp_path / "plain.log")
     assert plain.returncode == 0, plain.stdout[-4000:]
 
     straight_losses = step_losses(tmp_path / "straight" / "train_log.jsonl")
@@ -73,13 +73,13 @@ def test_ema_teacher_averages_once_per_step_on_every_rank_and_resumes_bitwise(tr
     # a checkpoint written without one is refused before any step
     dropped_cfg = write_config(tmp_path / "dropped.json", shards=train_shards, output_dir=tmp_path / "straight",
                                overrides={**common, "resam.teacher_ema": 0.0, "train.max_steps": 5})
-    dropped = run(deepspeed_cmd(dropped_cfg), log=tmp_path / "dropped.log")
+    dropped = run(torchrun_cmd(dropped_cfg), log=tmp_path / "dropped.log")
     assert dropped.returncode == 0, dropped.stdout[-4000:]
     assert "holds an EMA teacher (decay 0.5) but resam.teacher_ema is 0" in dropped.stdout
     assert "teacher_ema" not in client(tmp_path / "straight", 5, 0)
     refused_cfg = write_config(tmp_path / "refused.json", shards=train_shards, output_dir=tmp_path / "plain",
                                overrides={**common, "train.max_steps": 3})
-    refused = run(deepspeed_cmd(refused_cfg), log=tmp_path / "refused.log")
+    refused = run(torchrun_cmd(refused_cfg), log=tmp_path / "refused.log")
     assert refused.returncode != 0
     assert "has no EMA teacher (written with resam.teacher_ema 0)" in refused.stdout
     assert sorted(step_losses(tmp_path / "plain" / "train_log.jsonl")) == [1, 2]

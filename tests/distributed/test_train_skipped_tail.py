@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from resam_dist.train.metrics import read_jsonl
-from train_helpers import deepspeed_cmd, run, write_config
+from train_helpers import run, torchrun_cmd, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -22,13 +22,13 @@ def test_a_skipped_epoch_tail_after_a_resume_does_not_stop_the_run(train_shards,
     common = {"deepspeed.zero_optimization.stage": 3, "checkpoint.every_steps": 3}
     first = write_config(tmp_path / "first.json", shards=train_shards, output_dir=tmp_path / "run",
                          overrides={**common, "train.max_steps": 3})
-    done = run(deepspeed_cmd(first), log=tmp_path / "first.log")
+    done = run(torchrun_cmd(first), log=tmp_path / "first.log")
     assert done.returncode == 0, done.stdout[-4000:]
     # the relaunch: one batch of epoch 0 is left, and its loss is NaN on rank 1
     second = write_config(tmp_path / "second.json", shards=train_shards, output_dir=tmp_path / "run",
                           overrides={**common, "train.max_steps": 5, "faults.nan_loss_step": 4,
                                      "faults.nan_loss_rank": 1})
-    resumed = run(deepspeed_cmd(second), log=tmp_path / "second.log")
+    resumed = run(torchrun_cmd(second), log=tmp_path / "second.log")
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     records = read_jsonl(tmp_path / "run" / "train_log.jsonl")
     assert [r["resumed_from"] for r in records if r["event"] == "start"] == [None, "step_00000003"]

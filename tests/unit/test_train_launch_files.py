@@ -127,6 +127,17 @@ def test_error_messages_name_the_srun_task_before_the_trainer_sets_rank(monkeypa
     assert entry.rank_label() == "5"
 
 
+def test_a_finished_rank_skips_the_interpreter_teardown_unless_a_monitor_needs_it():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_entry", REPO / "launch" / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    assert not entry.finishes_at_exit({"zero_optimization": {"stage": 2}})
+    assert not entry.finishes_at_exit({"wandb": {"enabled": False}, "tensorboard": {}})
+    assert entry.finishes_at_exit({"wandb": {"enabled": True, "project": "resam"}})
+    assert entry.finishes_at_exit({"csv_monitor": {"enabled": True, "output_path": "x"}})
+
+
 @pytest.mark.parametrize("script", ["train.sbatch", "train_torchrun.sbatch"])
 def test_extra_args_are_words_and_script_arguments_are_passed_on(tmp_path, script):
     """EXTRA_ARGS is split at whitespace without glob expansion ('config*' would match the checkout's
