@@ -10,6 +10,7 @@ A rank that fails ends the job with a message and a non-zero exit status, never 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -54,13 +55,27 @@ MONITORS = ("wandb", "comet", "tensorboard", "csv_monitor")
 
 
 def finishes_at_exit(deepspeed_block: dict) -> bool:
-    """Whether the "deepspeed" block enables a monitor that finishes its work when the interpreter
-    exits (a successful rank otherwise ends without the interpreter's teardown)."""
-    return any(isinstance(deepspeed_block.get(name), dict) and deepspeed_block[name].get("enabled", False)
-               for name in MONITORS)
+    """Whether something must run when the interpreter exits: a monitor of the "deepspeed" block, or
+    a profiler, tracer or coverage measurement of this process (a successful rank otherwise ends
+    without the interpreter's teardown)."""
+    monitors = any(isinstance(deepspeed_block.get(name), dict) and deepspeed_block[name].get("enabled", False)
+                   for name in MONITORS)
+    return monitors or sys.getprofile() is not None or sys.gettrace() is not None or "coverage" in sys.modules
 
 
-def main(argv: list[str] | None = None) -> int:
+def end_process(status: int) -> None:
+    """Ends the process at once with `status`, after flushing Python's and the C library's buffered
+    output (DALI and NCCL write to the C streams)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ctypes.CDLL(None).fflush(None)
+    os._exit(status)
+
+
+def main(argv: list[str] | None = None, *, fast_exit: bool = False) -> int:
+    """Runs one rank; returns 0 when it finished. `fast_exit` (the script): a finished rank ends
+    the process without the interpreter's teardown unless `finishes_at_exit`. A failed rank always
+    ends the process, status 2 for a user error and 1 otherwise."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="JSON config file (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -78,18 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, local_rank_arg=args.local_rank)
         trainer.train()
         trainer.close()
-        if not finishes_at_exit(cfg.deepspeed):
+        if fast_exit and not finishes_at_exit(cfg.deepspeed):
             # logs, metrics and the process group are closed, checkpoints and exports written: skip the
             # interpreter's teardown of torch, DeepSpeed and DALI (about 2 s a rank on 2 CPU cores)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+            end_process(0)
     except ValueError as error:  # a user error (config, data, checkpoint) or a failed internal check
         traceback.print_exc()
         rank = rank_label()
         print(f"[rank {rank}] error: {error}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(2)  # the other ranks, if any, stop at their collective timeout
+        end_process(2)  # the other ranks, if any, stop at their collective timeout
     except Exception as error:  # noqa: BLE001 - every other failure ends this rank loudly
         traceback.print_exc()
         rank = rank_label()
@@ -100,10 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"(collective timeout {timeout}). Cause: {error}", file=sys.stderr, flush=True)
         else:
             print(f"[rank {rank}] training stopped: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)  # no clean-up: a broken process group can hang at exit
+        end_process(1)  # no clean-up: a broken process group can hang at exit
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(fast_exit=True))

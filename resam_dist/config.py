@@ -469,6 +469,12 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"{src}: key 'deepspeed.checkpoint.writer.decoupled' is not supported: checkpoints are "
                          "committed atomically when save_checkpoint returns, before a decoupled writer has "
                          "written them; drop the key")
+    if "datastates_ckpt" in ds:
+        # its presence alone (even {"enabled": false}) makes DeepSpeed 0.19.8 save through the
+        # asynchronous DataStates engine where that package is installed: the same half-written files
+        raise ValueError(f"{src}: key 'deepspeed.datastates_ckpt' is not supported: its checkpoint engine returns from "
+                         "save_checkpoint before the files are written, and checkpoints are committed atomically "
+                         "when it returns; drop the key")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ValueError(f"{src}: key 'deepspeed.zero_optimization.stage' must be 0-3, got {stage!r}")

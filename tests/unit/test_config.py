@@ -233,6 +233,7 @@ def test_nothing_to_train_and_nan_are_refused(tmp_path):
     ({"zero_optimization": 2}, "'deepspeed.zero_optimization' must be an object"),
     ({"checkpoint": True}, "'deepspeed.checkpoint' must be an object"),
     ({"checkpoint": {"writer": {"decoupled": True}}}, "'deepspeed.checkpoint.writer.decoupled' is not supported"),
+    ({"datastates_ckpt": {"enabled": False}}, "'deepspeed.datastates_ckpt' is not supported"),
     ({"bf16": {"enabled": 1}}, r"'deepspeed.bf16.enabled' must be true, false or \"auto\", got 1"),
     ({"train_micro_batch_size_per_gpu": True}, "'deepspeed.train_micro_batch_size_per_gpu' must be an integer"),
     ({"train_batch_size": 4.0}, "'deepspeed.train_batch_size' must be an integer"),

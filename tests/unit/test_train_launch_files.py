@@ -136,6 +136,12 @@ def test_a_finished_rank_skips_the_interpreter_teardown_unless_a_monitor_needs_i
     assert not entry.finishes_at_exit({"wandb": {"enabled": False}, "tensorboard": {}})
     assert entry.finishes_at_exit({"wandb": {"enabled": True, "project": "resam"}})
     assert entry.finishes_at_exit({"csv_monitor": {"enabled": True, "output_path": "x"}})
+    previous = sys.getprofile()
+    sys.setprofile(lambda *args: None)  # (a profiler's output is written at exit)
+    try:
+        assert entry.finishes_at_exit({})
+    finally:
+        sys.setprofile(previous)
 
 
 @pytest.mark.parametrize("script", ["train.sbatch", "train_torchrun.sbatch"])
