@@ -65,10 +65,17 @@ def finishes_at_exit(deepspeed_block: dict) -> bool:
 
 def end_process(status: int) -> None:
     """Ends the process at once with `status`, after flushing Python's and the C library's buffered
-    output (DALI and NCCL write to the C streams)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    ctypes.CDLL(None).fflush(None)
+    output (DALI and NCCL write to the C streams). A stream that cannot be flushed (closed, or
+    None when its file descriptor was closed at start) does not change the status."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (AttributeError, OSError, TypeError):
+        pass
     os._exit(status)
 
 
@@ -93,10 +100,6 @@ def main(argv: list[str] | None = None, *, fast_exit: bool = False) -> int:
         trainer = Trainer(cfg, local_rank_arg=args.local_rank)
         trainer.train()
         trainer.close()
-        if fast_exit and not finishes_at_exit(cfg.deepspeed):
-            # logs, metrics and the process group are closed, checkpoints and exports written: skip the
-            # interpreter's teardown of torch, DeepSpeed and DALI (about 2 s a rank on 2 CPU cores)
-            end_process(0)
     except ValueError as error:  # a user error (config, data, checkpoint) or a failed internal check
         traceback.print_exc()
         rank = rank_label()
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None, *, fast_exit: bool = False) -> int:
         else:
             print(f"[rank {rank}] training stopped: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         end_process(1)  # no clean-up: a broken process group can hang at exit
+    if fast_exit and not finishes_at_exit(cfg.deepspeed):
+        # logs, metrics and the process group are closed, checkpoints and exports written: skip the
+        # interpreter's teardown of torch, DeepSpeed and DALI (about 2 s a rank on 2 CPU cores)
+        end_process(0)
     return 0
 
 

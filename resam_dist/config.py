@@ -442,16 +442,18 @@ def validate(cfg: Config) -> None:
                          "builds a torch AdamW and the warm-up/milestone schedule from the train section")
     if "bfloat16" in ds:  # DeepSpeed reads this alias only without "bf16", which the trainer always writes
         raise ValueError(f"{src}: key 'deepspeed.bfloat16' would be ignored; use 'deepspeed.bf16' (or train.precision)")
-    for key in ("zero_optimization", "bf16", "fp16", "checkpoint"):
+    for key in ("zero_optimization", "bf16", "fp16", "checkpoint", "torch_autocast"):
         if key in ds and not isinstance(ds[key], dict):
             raise ValueError(f"{src}: key 'deepspeed.{key}' must be an object, got {ds[key]!r}")
     if ds.get("fp16", {}).get("enabled", False) not in (False,):
         raise ValueError(f"{src}: key 'deepspeed.fp16.enabled': fp16 is not supported, use train.precision bf16")
     autocast = ds.get("torch_autocast", {})
-    if (isinstance(autocast, dict) and autocast.get("enabled", False) is not False
-            and str(autocast.get("dtype", "")).removeprefix("torch.") in ("fp16", "float16", "half")):
-        # (at stage 0 DeepSpeed's GradScaler would skip inf steps without the trainer knowing)
-        raise ValueError(f"{src}: key 'deepspeed.torch_autocast.dtype': fp16 is not supported, use train.precision bf16")
+    if autocast.get("enabled", False) and (str(autocast.get("dtype", "")).removeprefix("torch.")
+                                           not in ("bf16", "bfloat16", "fp32", "float32", "float")):
+        # fp16 is not supported (at stage 0 DeepSpeed's GradScaler would skip inf steps without the
+        # trainer knowing), and without a dtype torch.autocast takes float16 on CUDA
+        raise ValueError(f"{src}: key 'deepspeed.torch_autocast.dtype' must be bfloat16 or float32 when autocast is "
+                         f"enabled (fp16 is not supported), got {autocast.get('dtype')!r}")
     bf16 = ds.get("bf16", {}).get("enabled", "auto")
     if not (isinstance(bf16, bool) or bf16 == "auto"):
         raise ValueError(f"{src}: key 'deepspeed.bf16.enabled' must be true, false or \"auto\", got {bf16!r}")

@@ -23,14 +23,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def one_rank_world(monkeypatch):
     """A one-rank gloo world in this process (resam_dist.distributed.init_distributed with the
-    given collective timeout, no launcher variables), closed afterwards; skipped where a process
-    group is already up."""
+    given collective timeout, no launcher variables), closed afterwards. A process group already up
+    (left by another test) fails the test."""
     from torch.distributed import distributed_c10d
 
     import deepspeed
     from resam_dist import distributed
     if torch.distributed.is_initialized():
-        pytest.skip("a process group is already up in this process")
+        pytest.fail("a process group is already up in this process (left by an earlier test)")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS",
                  "SLURM_PROCID", "SLURM_LOCALID"):
         monkeypatch.setenv(name, "")  # recorded, so that teardown also undoes what init_distributed sets

@@ -20,8 +20,8 @@ bandwidth; 80% needs 0.0597 ms), on the product's pick, the pipelined strip (TIL
   moves (its valid planes read + all K written), computed on the device from the counts (no
   host sync), every image keeping cdiv(H, STRIP_ROWS) places at least so that no program has more
   than STRIP_ROWS rows (at most 32: one bit a row in the box fold), and each program floor(u H / n)
-  to floor((u + 1) H / n) rows of its image. R 64 is the product's program count at this shape;
-  66 fills the 528 program slots of a 132-SM H100/H200 at 4 programs an SM.
+  to floor((u + 1) H / n) rows of its image. At this shape R = 64 places a column strip are the
+  product's 512 programs; 66 fill the 528 program slots of a 132-SM H100/H200 at 4 programs an SM.
 
 Every variant is checked against `suppress_overlap_reference` (masks and, with a finish, boxes and
 the state left zeroed) after its first launch, then timed as a kernel launch on preallocated buffers, alone
@@ -223,10 +223,12 @@ def main() -> int:
                 (16, 3, 1, 2 * batch * row_strips + 4, 1), (16, 3, 1, 2 * batch * row_strips + 4, 2)]
     tile, warps = (2048, 4) if not smoke else (kp * 4, 4)
     column_strips = triton.cdiv(held.words_per_row, tile // kp)
-    assert num_instances > 0
+    if num_instances == 0:
+        raise ValueError("the balanced places need K > 0")
     for strip_rows, stages, balance, per_column, finish in variants:
         # (fewer places would give some more than strip_rows rows, of which only strip_rows are moved)
-        assert not balance or per_column >= batch * triton.cdiv(height, strip_rows), "too few places"
+        if balance and per_column < batch * triton.cdiv(height, strip_rows):
+            raise ValueError(f"{per_column} places a column strip: fewer than cdiv(H, {strip_rows}) an image")
         grid = ((column_strips * per_column, 1) if balance
                 else (column_strips * triton.cdiv(height, strip_rows), batch))
 

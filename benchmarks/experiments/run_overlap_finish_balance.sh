@@ -12,7 +12,10 @@ nvidia-smi -L | tee "$OUT/device.txt"
 mkdir -p /tmp/src && ln -sfn "$PWD/kernels" /tmp/src/resam_kernels
 export PYTHONPATH="$PWD:/tmp/src"
 timeout 300 python3 benchmarks/experiments/overlap_finish_balance.py "$OUT" 2>&1 | tee "$OUT/finish_balance.log"
-echo "=== experiment exit ${PIPESTATUS[0]} after ${SECONDS}s"
-# (carry .whl/ for gpu_checks.sh's installs; run 19 call 5: 14 overlap GPU tests in 123.8 s)
+experiment=${PIPESTATUS[0]}
+echo "=== experiment exit $experiment after ${SECONDS}s"
+# (run 19 call 5: 14 overlap GPU tests in 123.8 s)
 OUT="$OUT/checks" CHECKS="tests" GPU_TEST_K="overlap" GPU_TEST_LIMIT=200 bash benchmarks/gpu_checks.sh
-echo "=== done after ${SECONDS}s"
+checks=$?
+echo "=== done after ${SECONDS}s (experiment $experiment, checks $checks)"
+[ "$experiment" -eq 0 ] && [ "$checks" -eq 0 ]

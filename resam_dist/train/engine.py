@@ -442,6 +442,7 @@ class Trainer:
             raise ValueError(f"DeepSpeed could not load checkpoint {self.checkpoints.root / tag}")
         # DeepSpeed restored the checkpoint's peak lr and weight decay, and in ZeRO 1-2 and its bf16
         # optimizer the gradient clipping (the other wrappers keep the config's): the config's apply
+        # (FiniteStepAdamW's clip_grad, at stage 0 in fp32, is the config's already)
         set_peak_settings(self.scheduler, lr=self.cfg.train.lr, weight_decay=self.cfg.train.weight_decay)
         if hasattr(self.engine.optimizer, "clip_grad"):
             self.engine.optimizer.clip_grad = self.cfg.train.grad_clip
@@ -499,8 +500,9 @@ class Trainer:
         return loss
 
     def _record_skipped_update(self) -> None:
-        """DeepSpeed skipped the optimizer update of the step just ended: its gradients were not
-        finite (ZeRO 1-3 and the bf16 optimizer check them, `FiniteStepAdamW` at stage 0 in fp32).
+        """DeepSpeed skipped the optimizer update of the step just ended: its gradients, or their
+        total norm, were not finite (ZeRO 1-3 and the bf16 optimizer check them, `FiniteStepAdamW`
+        at stage 0 in fp32).
         The step counts (its data was read); the EMA teacher is not updated; the schedule, which
         DeepSpeed did not advance, is stepped here so that its warm-up and milestones stay at the
         trainer's step numbers."""
@@ -508,7 +510,8 @@ class Trainer:
         self.skipped["nonfinite_grad"] += 1
         self.metrics.observe_skipped_update()
         if self.is_main:
-            print(f"[train] step {self.step + 1}: DeepSpeed skipped the optimizer update (non-finite gradients)",
+            print(f"[train] step {self.step + 1}: DeepSpeed skipped the optimizer update (non-finite gradients "
+                  "or gradient norm)",
                   flush=True)
             self.log.write({"event": "skip", "step": self.step + 1, "reason": "nonfinite_grad",
                             "skipped": dict(self.skipped), "data_position": self.data_position})

@@ -227,8 +227,10 @@ def test_nothing_to_train_and_nan_are_refused(tmp_path):
 @pytest.mark.parametrize("block,pattern", [
     ({"bf16": {"enabled": True}}, "contradicts 'train.precision'"),
     ({"fp16": {"enabled": "auto"}}, "fp16 is not supported"),
-    ({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}}, "'deepspeed.torch_autocast.dtype': fp16 is not"),
-    ({"torch_autocast": {"enabled": True, "dtype": "half"}}, "'deepspeed.torch_autocast.dtype': fp16 is not"),
+    ({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}}, "'deepspeed.torch_autocast.dtype' must be bf"),
+    ({"torch_autocast": {"enabled": True, "dtype": "half"}}, r"torch_autocast.dtype' must be .*, got 'half'"),
+    ({"torch_autocast": {"enabled": True}}, r"'deepspeed.torch_autocast.dtype' must be .*, got None"),
+    ({"torch_autocast": True}, "'deepspeed.torch_autocast' must be an object"),
     ({"gradient_clipping": 5.0}, "gradient_clipping"),
     ({"zero_optimization": 2}, "'deepspeed.zero_optimization' must be an object"),
     ({"checkpoint": True}, "'deepspeed.checkpoint' must be an object"),
@@ -250,6 +252,14 @@ def test_deepspeed_block_conflicts(tmp_path, block, pattern):
     data["deepspeed"].update(block)
     with pytest.raises(ValueError, match=pattern):
         load_config(write(tmp_path, data))
+
+
+@pytest.mark.parametrize("autocast", [{"enabled": True, "dtype": "bfloat16"}, {"enabled": True, "dtype": "torch.float32"},
+                                      {"enabled": False, "dtype": "fp16"}])
+def test_torch_autocast_in_bf16_or_fp32_or_off_is_accepted(tmp_path, autocast):
+    data = demo_dict()
+    data["deepspeed"]["torch_autocast"] = autocast
+    assert load_config(write(tmp_path, data)).deepspeed["torch_autocast"] == autocast
 
 
 def test_override_through_a_value_is_refused():

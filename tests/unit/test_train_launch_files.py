@@ -127,21 +127,20 @@ def test_error_messages_name_the_srun_task_before_the_trainer_sets_rank(monkeypa
     assert entry.rank_label() == "5"
 
 
-def test_a_finished_rank_skips_the_interpreter_teardown_unless_a_monitor_needs_it():
+def test_a_finished_rank_skips_the_interpreter_teardown_unless_a_monitor_needs_it(monkeypatch):
     import importlib.util
     spec = importlib.util.spec_from_file_location("train_entry", REPO / "launch" / "train.py")
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
+    monkeypatch.setattr(sys, "gettrace", lambda: None)  # (the same under a debugger or coverage)
+    monkeypatch.setattr(sys, "getprofile", lambda: None)
+    monkeypatch.delitem(sys.modules, "coverage", raising=False)
     assert not entry.finishes_at_exit({"zero_optimization": {"stage": 2}})
     assert not entry.finishes_at_exit({"wandb": {"enabled": False}, "tensorboard": {}})
     assert entry.finishes_at_exit({"wandb": {"enabled": True, "project": "resam"}})
     assert entry.finishes_at_exit({"csv_monitor": {"enabled": True, "output_path": "x"}})
-    previous = sys.getprofile()
-    sys.setprofile(lambda *args: None)  # (a profiler's output is written at exit)
-    try:
-        assert entry.finishes_at_exit({})
-    finally:
-        sys.setprofile(previous)
+    monkeypatch.setattr(sys, "getprofile", lambda: print)  # a profiler's output is written at exit
+    assert entry.finishes_at_exit({})
 
 
 @pytest.mark.parametrize("script", ["train.sbatch", "train_torchrun.sbatch"])
