@@ -180,3 +180,20 @@ def test_overlap_configs_argmax_mode_checks_and_times_every_byte_config(tmp_path
     assert "Byte-kernel configs of \"argmax\"" in (tmp_path / "overlap_configs_argmax.md").read_text()
     with pytest.raises(SystemExit):
         load_overlap_configs().parse_args(["--mode", "argmax", "--extra", "512,32,2,1"])
+
+
+def test_the_prepared_overlap_experiment_builds_on_the_products_helpers():
+    """benchmarks/experiments/overlap_finish_balance.py waits for a GPU; its own --cpu-smoke checks
+    every variant against the reference (about 2.5 minutes here, so not run in the suite). Here: it
+    still imports, and shares the product's helpers rather than copies of them."""
+    import importlib.util
+
+    from resam_kernels import overlap
+    path = SCRIPT.parent / "experiments" / "overlap_finish_balance.py"
+    spec = importlib.util.spec_from_file_location("overlap_finish_balance", path)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    for name in ("_finish_image_of", "_fold_strip_boxes", "_strip_boxes", "_word_strip_load", "_word_strip_store",
+                 "_write_boxes"):
+        assert getattr(experiment, name) is getattr(overlap, name), name
+    assert callable(experiment.main) and experiment.RACE_LAUNCHES > 0
