@@ -12,9 +12,10 @@ them (the global batch: images_per_rank x ranks x grad_accum_steps), so
     min(1, (s + 1) * images_per_step / warmup_steps) * gamma ** (number of m with m <= s * images_per_step)
 
 and a schedule written for batch 1 (the public code's) holds at any global batch. DeepSpeed
-calls `scheduler.step()` once per optimizer step; its state (`last_epoch`) is saved in the checkpoint. A resumed run applies its config's
-peak lr and weight decay over the checkpoint's (`set_peak_settings`), and its warm-up, milestones
-and gamma (the factor is rebuilt from the config, not restored).
+calls `scheduler.step()` once per optimizer step; its state (`last_epoch`) is saved in the
+checkpoint. A resumed run applies its config's peak lr and weight decay over the checkpoint's
+(`set_peak_settings`), and its warm-up, milestones and gamma (the factor is rebuilt from the
+config, not restored).
 """
 
 from __future__ import annotations

@@ -254,7 +254,8 @@ def test_deepspeed_block_conflicts(tmp_path, block, pattern):
         load_config(write(tmp_path, data))
 
 
-@pytest.mark.parametrize("autocast", [{"enabled": True, "dtype": "bfloat16"}, {"enabled": True, "dtype": "torch.float32"},
+@pytest.mark.parametrize("autocast", [{"enabled": True, "dtype": "bfloat16"},
+                                      {"enabled": True, "dtype": "torch.float32"},
                                       {"enabled": False, "dtype": "fp16"}])
 def test_torch_autocast_in_bf16_or_fp32_or_off_is_accepted(tmp_path, autocast):
     data = demo_dict()

@@ -111,7 +111,8 @@ def test_a_stage_0_engine_skips_an_overflowing_norm_and_clips_the_others(one_ran
     assert not engine.was_step_applied()
     assert all(torch.equal(a, b) for a, b in zip(weights(model), weights(reference), strict=True))
 
-    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=cfg.train.lr,
+                                            weight_decay=cfg.train.weight_decay)
     for scale in (100.0, 3.0):  # gradient norms scale x sqrt(14): 374 and 11, both clipped to grad_clip
         engine.backward(engine(inputs).sum() * scale)
         engine.step()
